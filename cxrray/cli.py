@@ -1,0 +1,172 @@
+"""`cxrray` command line. Each stage is a subcommand over a function of the package; bad input
+prints what was wrong and where, and exits with status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from cxrray.config import ConfigError, load_config
+
+DEMO_SALT = "cxrray-demo-salt-phantoms-only"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="preset (tiny, small, paper) or YAML file; default tiny")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set ingest.size=128 (repeatable)")
+
+
+def _parse_options(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--source-option {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        out[key] = yaml.safe_load(raw)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxrray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the resolved config as JSON")
+    _add_config_args(p)
+
+    p = sub.add_parser("phantoms", help="write procedural CXR phantoms as DICOM + labels.csv")
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--confounder", default=None, help="DEVICE:FINDING:P1:P0, e.g. tube:effusion:0.9:0.05")
+    p.add_argument("--seed", type=int, default=None)
+    _add_config_args(p)
+
+    p = sub.add_parser("ingest", help="DICOM/PNG inputs -> de-identified WebDataset shards + manifest")
+    p.add_argument("--input", required=True, help="folder of inputs (image root for --source)")
+    p.add_argument("--output", required=True, help="file://PATH or s3://bucket/prefix")
+    p.add_argument("--size", type=int, default=None, help="square output side (overrides ingest.size)")
+    p.add_argument("--labels", default=None, help="CSV for the folder source (path, patient, ..., findings)")
+    p.add_argument("--source", default=None, help="dataset adapter: padchest, chexpert, mimic, nih, chexchonet, folder")
+    p.add_argument("--metadata", default=None, help="the dataset's metadata file (with --source)")
+    p.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE")
+    _add_config_args(p)
+
+    p = sub.add_parser("sources", help="dataset metadata tools")
+    ssub = p.add_subparsers(dest="sources_command", required=True)
+    s = ssub.add_parser("summary", help="print counts of a dataset's metadata as JSON")
+    s.add_argument("--source", required=True)
+    s.add_argument("--metadata", required=True)
+    s.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE")
+
+    p = sub.add_parser("demo", help="the main job on the embedded default (phantoms -> ingest -> summary)")
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--workdir", default="demo_out")
+    p.add_argument("--output", default="file://data_shards/demo")
+    _add_config_args(p)
+    return parser
+
+
+def cmd_config(args) -> int:
+    print(load_config(args.config, args.overrides).model_dump_json(indent=1))
+    return 0
+
+
+def cmd_phantoms(args) -> int:
+    from cxrray.data.phantom import generate
+
+    overrides = list(args.overrides)
+    if args.confounder:
+        overrides.append(f"phantom.confounder={args.confounder}")
+    if args.seed is not None:
+        overrides.append(f"phantom.seed={args.seed}")
+    cfg = load_config(args.config, overrides)
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {args.n}")
+    step = max(1, args.n // 10)
+    table = generate(args.n, args.out, cfg.phantom,
+                     progress=lambda done, total: (done % step == 0 or done == total)
+                     and print(f"[phantoms] {done}/{total}", flush=True))
+    print(json.dumps({"images": len(table), "patients": int(table["patient"].nunique()),
+                      "out": str(Path(args.out).resolve()), "labels": str(Path(args.out, "labels.csv").resolve())}))
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from cxrray.data.ingest import ingest
+    from cxrray.runtime import ensure_ray
+
+    overrides = list(args.overrides) + ([f"ingest.size={args.size}"] if args.size else [])
+    cfg = load_config(args.config, overrides)
+    source, metadata = args.source, args.metadata
+    if args.labels:
+        if source and source != "folder":
+            raise ConfigError("--labels is the folder source's CSV; do not combine it with --source")
+        source, metadata = "folder", args.labels
+    if source and not metadata:
+        raise ConfigError(f"--source {source} needs --metadata FILE")
+    ensure_ray()
+    manifest = ingest(args.input, args.output, cfg.ingest, source=source, metadata=metadata,
+                      source_options=_parse_options(args.source_option))
+    print(json.dumps(_summary(manifest, args.output)))
+    return 0
+
+
+def _summary(manifest: dict, uri: str) -> dict:
+    return {"output": uri, "samples": manifest["samples"], "shards": len(manifest["shards"]),
+            "rejected": manifest["rejected"], "rejects_by_reason": manifest["rejects_by_reason"],
+            "splits": manifest["splits"], "findings": len(manifest["label_vocabulary"])}
+
+
+def cmd_sources(args) -> int:
+    from cxrray.data.sources import load_source
+
+    table = load_source(args.source, args.metadata, **_parse_options(args.source_option))
+    print(json.dumps(table.summary(), sort_keys=True))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from cxrray.data.ingest import ingest
+    from cxrray.data.phantom import generate
+    from cxrray.runtime import ensure_ray
+
+    cfg = load_config(args.config, args.overrides)
+    if not os.environ.get(cfg.ingest.salt_env) and cfg.ingest.salt is None:
+        print(f"[demo] {cfg.ingest.salt_env} not set: using a fixed demo salt (phantoms carry no real identities)")
+        os.environ[cfg.ingest.salt_env] = DEMO_SALT
+    workdir = Path(args.workdir)
+    phantoms = workdir / "phantoms"
+    print(f"[demo] 1/2 phantoms: {args.n} DICOMs -> {phantoms}", flush=True)
+    step = max(1, args.n // 5)
+    generate(args.n, phantoms, cfg.phantom,
+             progress=lambda d, t: (d % step == 0 or d == t) and print(f"[phantoms] {d}/{t}", flush=True))
+    print(f"[demo] 2/2 ingest -> {args.output}", flush=True)
+    ensure_ray()
+    manifest = ingest(phantoms, args.output, cfg.ingest, source="folder", metadata=phantoms / "labels.csv")
+    summary = {"stage": "ingest", **_summary(manifest, args.output), "positives": manifest["positives"]}
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    print(f"[demo] summary written to {workdir / 'summary.json'}")
+    return 0
+
+
+COMMANDS = {"config": cmd_config, "phantoms": cmd_phantoms, "ingest": cmd_ingest, "sources": cmd_sources,
+            "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError) as err:
+        print(f"cxrray {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

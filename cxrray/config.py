@@ -1,0 +1,143 @@
+"""Typed, validated configuration: named presets, a YAML file, then `--set key=value` overrides.
+
+Each stage owns its section's schema; this module composes them and is the only place presets
+live. Precedence: preset < YAML < overrides. A YAML file may name its base with `preset: NAME`.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from cxrray.data.phantom import PhantomConfig
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field and what is allowed."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DecodeConfig(StrictModel):
+    """How pixels become a float image in [0, 1] (MONOCHROME2: bright = dense)."""
+
+    voi: Literal["auto", "none"] = "auto"  # auto: VOI LUT or window from the header when present
+    color: Literal["reject", "luminance"] = "reject"  # RGB/YBR inputs
+    multiframe: Literal["reject", "first"] = "reject"
+    burned_in_annotation: Literal["reject", "keep"] = "reject"  # BurnedInAnnotation == YES
+    max_pixels: int = Field(64_000_000, ge=1)  # rows*cols above this is rejected before decoding
+    min_side: int = Field(32, ge=1)
+
+
+class IngestConfig(StrictModel):
+    size: int = Field(64, ge=16, le=4096)  # output square side, pixels
+    fit: Literal["pad", "crop"] = "pad"  # pad: keep aspect, zero-pad (DiffChest); crop: centre crop (Cheff)
+    shard_samples: int = Field(1000, ge=1)  # target samples per shard
+    dataset: str = "custom"
+    split_seed: int = 0
+    split_fractions: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    salt: SecretStr | None = None  # de-identification salt; never written out
+    salt_env: str = "CXRRAY_SALT"
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+
+
+class Config(StrictModel):
+    preset: str = "tiny"
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    phantom: PhantomConfig = Field(default_factory=PhantomConfig)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"ingest": {"size": 64}, "phantom": {"size": 128}},
+    "small": {"ingest": {"size": 128}, "phantom": {"size": 192}},
+    "paper": {"ingest": {"size": 256}, "phantom": {"size": 320}},
+}
+
+
+def _deep_merge(base: dict, update: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _parse_override(item: str) -> dict:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. ingest.size=128)")
+    dotted, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    tree: dict = {}
+    node = tree
+    keys = dotted.strip().split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+    return tree
+
+
+def _allowed_fields(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    """Field names of the model that `loc` (minus its last element) points into."""
+    for key in loc[:-1]:
+        field = model.model_fields.get(str(key))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_fields(Config, e["loc"]))
+            lines.append(f"{where}: unknown field (allowed: {allowed})")
+        else:
+            lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config: " + "; ".join(lines)
+
+
+def load_config(source: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Preset name or YAML path (None -> "tiny"), then dotted overrides like `ingest.size=128`."""
+    source = "tiny" if source is None else str(source)
+    if source in PRESETS:
+        tree = {"preset": source, **copy.deepcopy(PRESETS[source])}
+    elif Path(source).is_file():
+        loaded = yaml.safe_load(Path(source).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: top level must be a mapping, got {type(loaded).__name__}")
+        base = loaded.get("preset", "tiny")
+        if base not in PRESETS:
+            raise ConfigError(f"{source}: preset: unknown {base!r} (allowed: {', '.join(PRESETS)})")
+        tree = _deep_merge({"preset": base, **PRESETS[base]}, loaded)
+    else:
+        raise ConfigError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
+    for item in overrides:
+        tree = _deep_merge(tree, _parse_override(item))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def resolve_salt(cfg: IngestConfig) -> str:
+    """The de-identification salt from the config or the environment; it is never written out."""
+    if cfg.salt is not None and cfg.salt.get_secret_value():
+        return cfg.salt.get_secret_value()
+    value = os.environ.get(cfg.salt_env, "")
+    if not value:
+        raise ConfigError(
+            f"no de-identification salt: set the environment variable {cfg.salt_env} "
+            "(or ingest.salt) to a secret string; keep it to make reruns produce the same hashes"
+        )
+    return value

@@ -1,0 +1,1 @@
+"""Data plane: DICOM decoding and de-identification, dataset sources, phantoms, shards, streams."""

@@ -1,0 +1,234 @@
+"""Ingest: inputs (a folder, optionally with a dataset's metadata table) -> de-identified shards.
+
+Plan (driver): list inputs in a fixed order, group them by split (when the metadata gives it)
+into shard tasks of `shard_samples` inputs, each with a fingerprint of its inputs and settings.
+Build (Ray Data `map`, one task per shard, in parallel): read -> decode -> de-identify -> fit to
+a square -> PNG-16 -> tar -> atomic write -> part record. A shard whose part record carries the
+same fingerprint is reused, so reruns and resumed crashed runs redo only missing work.
+Finish (driver): manifest.json + rejects.jsonl from the part records, then drop stale objects.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Callable
+
+import ray
+
+from cxrray import __version__
+from cxrray.config import IngestConfig, resolve_salt
+from cxrray.data import shards
+from cxrray.data.deid import salted_hash, sample_key
+from cxrray.data.dicom import RejectError, decode_file
+from cxrray.data.imaging import encode_png16, fit_square
+from cxrray.data.splits import patient_split
+from cxrray.data.storage import Storage
+
+Progress = Callable[[str], None]
+
+
+def ingest(input_dir: str | os.PathLike, output_uri: str, cfg: IngestConfig, *, source: str | None = None,
+           metadata: str | os.PathLike | None = None, source_options: dict | None = None,
+           progress: Progress = print) -> dict:
+    """Run one ingest; returns the manifest written to `output_uri`."""
+    root = Path(input_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise NotADirectoryError(f"--input {input_dir}: not a directory")
+    salt = resolve_salt(cfg)
+    store = Storage(output_uri)
+    table = None
+    if source:
+        from cxrray.data.sources import load_source
+
+        table = load_source(source, metadata, seed=cfg.split_seed, fractions=cfg.split_fractions,
+                            **(source_options or {}))
+    findings = list(table.findings) if table is not None else []
+    covariates = sorted({k for c in table.meta["covariates"] for k in c}) if table is not None else []
+    dataset = table.name if table is not None and cfg.dataset == "custom" else cfg.dataset
+    preprocessing = {"size": cfg.size, "fit": cfg.fit, "decode": cfg.decode.model_dump(mode="json"),
+                     "png_bits": 16, "photometric": "MONOCHROME2", "model_range": [-1.0, 1.0]}
+    split_rule = {"level": "patient", "seed": cfg.split_seed, "fractions": cfg.split_fractions,
+                  "from_metadata": table is not None}
+    items = _list_inputs(root, table)
+    context = {"root": str(root), "out": store.uri, "salt": salt, "dataset": dataset, "findings": findings,
+               "size": cfg.size, "fit": cfg.fit, "decode": cfg.decode.model_dump(),
+               "split_seed": cfg.split_seed, "split_fractions": cfg.split_fractions}
+    tasks = _plan(items, root, cfg.shard_samples, fingerprint_base={
+        "format": shards.FORMAT, "preprocessing": preprocessing, "split_rule": split_rule, "dataset": dataset,
+        "findings": findings, "salt_tag": salted_hash("fingerprint", salt, "salt")})
+    progress(f"[ingest] {len(items)} inputs -> {len(tasks)} shards at {store.uri}")
+    parts = _run_tasks(tasks, context, progress)
+    meta_rejects = [{"path": None, "row": r["row"], "code": "metadata_row", "reason": f"metadata_row: {r['reason']}"}
+                    for r in (table.rejects if table is not None else [])]
+    manifest, rejects = shards.build_manifest(
+        parts, meta_rejects, dataset=dataset, findings=findings, covariates=covariates,
+        preprocessing=preprocessing, split_rule=split_rule, version=__version__)
+    _write_if_changed(store, shards.REJECTS, b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in rejects))
+    _write_if_changed(store, shards.MANIFEST, shards.dumps(manifest))
+    removed = _remove_stale(store, {t["shard"] for t in tasks})
+    progress(f"[ingest] wrote {manifest['samples']} samples in {len(manifest['shards'])} shards, "
+             f"{manifest['rejected']} rejected {manifest['rejects_by_reason']}"
+             + (f", removed {removed} stale objects" if removed else ""))
+    return manifest
+
+
+def _list_inputs(root: Path, table) -> list[dict]:
+    """Without a table every regular, non-hidden file under root is an input; with one, its rows."""
+    if table is None:
+        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        return [{"rel": rel, "row": None} for rel in files]
+    items = []
+    for i, row in enumerate(table.meta.to_dict("records")):
+        row = {k: (None if _is_nan(v) else v) for k, v in row.items()}
+        row["labels"] = [float(x) for x in table.labels[i]]
+        items.append({"rel": row.pop("path"), "row": row})
+    return sorted(items, key=lambda it: it["rel"])
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and value != value
+
+
+def _plan(items: list[dict], root: Path, shard_samples: int, fingerprint_base: dict) -> list[dict]:
+    groups: dict[str, list[dict]] = {}
+    for item in items:
+        split = (item["row"] or {}).get("split") or "all"
+        groups.setdefault(split, []).append(item)
+    tasks = []
+    for split in sorted(groups):
+        group = groups[split]
+        for n, start in enumerate(range(0, len(group), shard_samples)):
+            chunk = group[start : start + shard_samples]
+            name = f"{split}-{n:06d}.tar"
+            stats = [(it["rel"], *_stat(root / it["rel"])) for it in chunk]
+            fp = shards.sha256(json.dumps({"base": fingerprint_base, "name": name, "stats": stats,
+                                           "rows": [it["row"] for it in chunk]}, sort_keys=True, default=str).encode())
+            tasks.append({"shard": name, "fingerprint": fp, "items": chunk})
+    return tasks
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    """(size, mtime_ns) of an input, (-1, -1) if missing: part of the shard fingerprint."""
+    try:
+        st = path.stat()
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def _run_tasks(tasks: list[dict], context: dict, progress: Progress) -> list[dict]:
+    if not tasks:
+        return []
+    started = time.time()
+    ds = ray.data.from_items([{"task": json.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
+    ds = ds.map(build_shard, fn_kwargs={"context": context}, num_cpus=1)
+    parts, done_inputs = [], 0
+    for row in ds.iter_rows():
+        part = json.loads(row["part"])
+        parts.append(part)
+        done_inputs += part["samples"] + len(part["rejects"])
+        rate = done_inputs / max(time.time() - started, 1e-9)
+        progress(f"[ingest] {part['name']}: {part['samples']} samples, {len(part['rejects'])} rejected"
+                 f"{' (reused)' if part.get('reused') else ''} [{len(parts)}/{len(tasks)} shards, {rate:.0f} inputs/s]")
+    return sorted(parts, key=lambda p: p["name"])
+
+
+def build_shard(row: dict, context: dict) -> dict:
+    """Ray Data map function: one shard task (JSON) -> its part record (JSON)."""
+    task = json.loads(row["task"])
+    store = Storage(context["out"])
+    name = task["shard"]
+    existing = shards.load_part(store, name)
+    if existing and existing["fingerprint"] == task["fingerprint"] and (
+        existing["samples"] == 0 or (store.exists(name) and store.size(name) == existing["bytes"])):
+        return {"part": json.dumps({**existing, "reused": True})}
+    samples, rejects = [], []
+    for item in task["items"]:
+        try:
+            samples.append(_make_sample(item, context))
+        except RejectError as err:
+            rejects.append({"path": item["rel"], "code": err.code, "reason": err.reason})
+        except Exception as exc:  # never lose the rest of the shard to one input
+            rejects.append({"path": item["rel"], "code": "internal_error",
+                            "reason": f"internal_error: {type(exc).__name__}: {str(exc)[:200]}"})
+    part = {"name": name, "fingerprint": task["fingerprint"], "samples": len(samples), "rejects": rejects,
+            "sha256": None, "bytes": 0, "splits": {}, "patients": {}, "positives": {}}
+    if samples:
+        data = shards.write_tar(samples)
+        store.write_bytes(name, data)
+        part.update(sha256=shards.sha256(data), bytes=len(data))
+        for _, _, meta in samples:
+            split = meta["split"]
+            part["splits"][split] = part["splits"].get(split, 0) + 1
+            part["patients"].setdefault(split, set()).add(meta["patient"])
+            for finding, value in zip(context["findings"], meta["labels"]):
+                if value == 1:
+                    part["positives"][finding] = part["positives"].get(finding, 0) + 1
+        part["patients"] = {s: sorted(p) for s, p in part["patients"].items()}
+    store.write_bytes(shards.part_name(name), shards.dumps(part))
+    return {"part": json.dumps(part)}
+
+
+def _make_sample(item: dict, context: dict) -> tuple[str, bytes, dict]:
+    from cxrray.config import DecodeConfig
+
+    rel, row = item["rel"], item["row"] or {}
+    try:
+        data = Path(context["root"], rel).read_bytes()
+    except FileNotFoundError:
+        raise RejectError("missing_file", "listed in the metadata but not found under --input") from None
+    except IsADirectoryError:
+        raise RejectError("missing_file", "is a directory") from None
+    decoded = decode_file(data, DecodeConfig(**context["decode"]))
+    pixels = fit_square(decoded.pixels, context["size"], context["fit"])
+    salt, header, identity = context["salt"], decoded.header, decoded.identity
+    patient_raw = row.get("patient") or identity.get("patient") or rel
+    study_raw = row.get("study") or identity.get("study") or rel
+    split = row.get("split") or patient_split(str(patient_raw), context["split_fractions"], context["split_seed"])
+    meta = {
+        "key": sample_key(rel, salt),
+        "dataset": context["dataset"],
+        "patient": salted_hash(str(patient_raw), salt, "patient"),
+        "study": salted_hash(str(study_raw), salt, "study"),
+        "view": row.get("view") or header.get("view"),
+        "sex": row.get("sex") or header.get("sex"),
+        "age": row.get("age") if row.get("age") is not None else header.get("age"),
+        "labels": row.get("labels", []),
+        "covariates": row.get("covariates") or {},
+        "report": _scrub(row.get("report"), identity.get("scrub", [])),
+        "split": split,
+        "source": {"sha256": shards.sha256(data), "shape": header.get("source_shape"),
+                   "photometric": header.get("photometric"), "transfer_syntax": header.get("transfer_syntax")},
+    }
+    return meta["key"], encode_png16(pixels), meta
+
+
+def _scrub(text: str | None, identifiers: list[str]) -> str | None:
+    """Replace header identifiers that appear in free text with '___' (MIMIC's convention)."""
+    if not text:
+        return text
+    for ident in identifiers:
+        text = re.sub(re.escape(ident), "___", text, flags=re.IGNORECASE)
+    return text
+
+
+def _write_if_changed(store: Storage, name: str, data: bytes) -> None:
+    try:
+        if store.read_bytes(name) == data:
+            return
+    except (FileNotFoundError, OSError):
+        pass
+    store.write_bytes(name, data)
+
+
+def _remove_stale(store: Storage, shard_names: set[str]) -> int:
+    """Delete shard tars / part records of earlier plans that this manifest does not list."""
+    keep = shard_names | {shards.part_name(s) for s in shard_names}
+    stale = [n for n in store.list() if (n.endswith(".tar") or n.startswith(shards.PARTS + "/")) and n not in keep]
+    for name in stale:
+        store.delete(name)
+    return len(stale)

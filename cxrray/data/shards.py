@@ -1,0 +1,109 @@
+"""Shard format: WebDataset tars of `{key}.png` (16-bit, MONOCHROME2) + `{key}.json` (meta), plus
+`manifest.json` and `rejects.jsonl` beside them, and one `_parts/{shard}.json` record per shard.
+
+A part record is written only after its shard object is complete, and the manifest only from part
+records, so the manifest never counts an incomplete shard. Everything is byte-deterministic
+(fixed tar mtime/owner, sorted JSON) so a rerun of the same ingest rewrites identical bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from collections import Counter
+from typing import Any, Iterable
+
+import webdataset as wds
+
+from cxrray.data.storage import Storage
+
+FORMAT = "cxrray-shards/1"
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+PARTS = "_parts"
+
+
+def dumps(obj: Any) -> bytes:
+    """Canonical JSON (sorted keys, no NaN: NaN/inf become null)."""
+    return json.dumps(_nan_to_none(obj), sort_keys=True, indent=1, allow_nan=False).encode("utf-8")
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def write_tar(samples: Iterable[tuple[str, bytes, dict]]) -> bytes:
+    """(key, png_bytes, meta) -> tar bytes, deterministic."""
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, user="cxrray", group="cxrray", encoder=False, mtime=0.0) as sink:
+        for key, png, meta in samples:
+            sink.write({"__key__": key, "png": png, "json": json.dumps(_nan_to_none(meta), sort_keys=True).encode()})
+    return buf.getvalue()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def part_name(shard: str) -> str:
+    return f"{PARTS}/{shard}.json"
+
+
+def load_part(store: Storage, shard: str) -> dict | None:
+    try:
+        return json.loads(store.read_bytes(part_name(shard)))
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def build_manifest(parts: list[dict], meta_rejects: list[dict], *, dataset: str, findings: list[str],
+                   covariates: list[str], preprocessing: dict, split_rule: dict, version: str) -> tuple[dict, list[dict]]:
+    """Manifest + sorted reject records from the part records of one ingest plan."""
+    rejects = sorted(meta_rejects + [r for p in parts for r in p["rejects"]],
+                     key=lambda r: (r.get("path") or "", r.get("row") or 0))
+    split_images: Counter = Counter()
+    split_patients: dict[str, set] = {}
+    positives: Counter = Counter()
+    for part in parts:
+        split_images.update(part["splits"])
+        for split, patients in part["patients"].items():
+            split_patients.setdefault(split, set()).update(patients)
+        positives.update(part["positives"])
+    shards = [{k: p[k] for k in ("name", "samples", "sha256", "bytes", "splits")} for p in parts if p["samples"]]
+    manifest = {
+        "format": FORMAT,
+        "cxrray_version": version,
+        "dataset": dataset,
+        "samples": sum(p["samples"] for p in parts),
+        "inputs": sum(p["samples"] for p in parts) + len(rejects),
+        "rejected": len(rejects),
+        "rejects_by_reason": dict(sorted(Counter(r["code"] for r in rejects).items())),
+        "shards": shards,
+        "label_vocabulary": findings,
+        "vocabulary_version": sha256(json.dumps(findings).encode())[:12],
+        "covariates": covariates,
+        "positives": {f: positives.get(f, 0) for f in findings},
+        "splits": {s: {"images": split_images[s], "patients": len(split_patients.get(s, ()))}
+                   for s in sorted(split_images)},
+        "split_rule": split_rule,
+        "preprocessing": preprocessing,
+    }
+    return manifest, rejects
+
+
+def read_manifest(uri: str | Storage) -> dict:
+    store = uri if isinstance(uri, Storage) else Storage(uri)
+    try:
+        manifest = json.loads(store.read_bytes(MANIFEST))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {MANIFEST} under {store.uri}: run `cxrray ingest` first") from None
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{store.url(MANIFEST)}: format {manifest.get('format')!r}, expected {FORMAT}")
+    return manifest

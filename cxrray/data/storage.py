@@ -1,0 +1,102 @@
+"""Object-store URIs: `file://PATH` (or a plain path) and `s3://bucket/prefix`, through pyarrow.fs.
+
+S3 endpoint, region and credentials come from the standard AWS environment (`AWS_ENDPOINT_URL`,
+`AWS_DEFAULT_REGION`, `AWS_ACCESS_KEY_ID`, ...). Transient S3 errors (5xx, throttling, resets) are
+retried by the AWS SDK's standard retry strategy. Writes are atomic: a reader sees either nothing
+or the whole object (local: temp file + rename; S3: a single PUT becomes visible on completion).
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+S3_MAX_ATTEMPTS = int(os.environ.get("CXRRAY_S3_MAX_ATTEMPTS", "8"))
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    """pyarrow S3 filesystem configured from the standard AWS environment."""
+    kwargs: dict = {
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        "region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+    }
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+class Storage:
+    """A root URI and relative object names below it ("shard-000000.tar", "manifest.json")."""
+
+    def __init__(self, uri: str | os.PathLike):
+        text = str(uri)
+        parsed = urlparse(text)
+        if parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise ValueError(f"{text!r}: an s3 URI needs a bucket (s3://bucket/prefix)")
+            self.scheme = "s3"
+            self.root = posixpath.join(parsed.netloc, parsed.path.strip("/")).rstrip("/")
+            self.fs: pafs.FileSystem = s3_filesystem()
+        elif parsed.scheme in ("", "file"):
+            local = text[len("file://"):] if parsed.scheme == "file" else text
+            self.scheme = "file"
+            self.root = str(Path(local).expanduser().resolve())
+            self.fs = pafs.LocalFileSystem()
+        else:
+            raise ValueError(f"{text!r}: unsupported storage scheme {parsed.scheme!r} (use file:// or s3://)")
+
+    @property
+    def uri(self) -> str:
+        return f"{self.scheme}://{self.root}"
+
+    def path(self, name: str = "") -> str:
+        """Filesystem path (no scheme) of an object, for pyarrow/Ray Data readers."""
+        return posixpath.join(self.root, name) if name else self.root
+
+    def url(self, name: str) -> str:
+        return f"{self.scheme}://{self.path(name)}"
+
+    def child(self, name: str) -> "Storage":
+        return Storage(self.url(name))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        target = self.path(name)
+        if self.scheme == "file":
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        else:
+            with self.fs.open_output_stream(target) as f:
+                f.write(data)
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self.path(name)) as f:
+            return f.read()
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(self.path(name)).type == pafs.FileType.File
+
+    def size(self, name: str) -> int:
+        return self.fs.get_file_info(self.path(name)).size
+
+    def delete(self, name: str) -> None:
+        if self.exists(name):
+            self.fs.delete_file(self.path(name))
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Names of objects below `prefix` (recursive), relative to the root, sorted."""
+        base = self.path(prefix)
+        info = self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        start = len(self.root) + 1
+        return sorted(i.path[start:] for i in info if i.type == pafs.FileType.File)

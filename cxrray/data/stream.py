@@ -1,0 +1,80 @@
+"""Stream shards into training: Ray Data `read_webdataset` with this project's own decoder.
+
+The decoder accepts only `.png` (16-bit) and `.json` members and refuses anything else, so nothing
+is ever unpickled. Batches (`batch_format="numpy"`, or torch via `iter_torch_batches`) hold:
+
+| column     | dtype / shape                 | meaning                                   |
+|------------|-------------------------------|-------------------------------------------|
+| image      | float32 [B, 1, S, S], [-1, 1] | MONOCHROME2 radiograph                    |
+| labels     | float32 [B, F]                | 1 / 0 / NaN, F = manifest label vocabulary |
+| covariates | float32 [B, C]                | manifest covariates order, NaN if missing  |
+| key        | str [B]                       | sample key                                 |
+
+The dataset is lazy and streamed: shards are read by parallel tasks as the consumer pulls batches.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import ray
+
+from cxrray.data.imaging import decode_png16, png16_to_model
+from cxrray.data.shards import read_manifest
+from cxrray.data.storage import Storage
+
+ALLOWED_MEMBERS = {"png", "json"}
+
+
+def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Ray `read_webdataset` decoder: PNG -> uint16 array, JSON kept as text; any other member raises."""
+    out = {"__key__": sample["__key__"]}
+    for name, value in sample.items():
+        if name.startswith("__"):
+            continue
+        if name == "png":
+            out["png"] = decode_png16(value)
+        elif name == "json":
+            out["json"] = value.decode("utf-8") if isinstance(value, bytes) else value
+        else:
+            raise ValueError(f"refusing shard member {sample['__key__']}.{name}: only .png and .json are read")
+    return out
+
+
+def to_batch(batch: dict[str, np.ndarray], split: str | None, covariates: list[str]) -> dict[str, np.ndarray]:
+    """Decoded rows -> model-ready numpy batch (see module docstring); rows of other splits dropped."""
+    metas = [json.loads(m) for m in batch["json"]]
+    keep = [i for i, m in enumerate(metas) if split is None or m["split"] == split]
+    images = np.stack([batch["png"][i] for i in keep]) if keep else np.zeros((0, 1, 1), np.uint16)
+    labels = [[np.nan if v is None else v for v in metas[i]["labels"]] for i in keep]
+    covs = [[_num(metas[i]["covariates"].get(c)) for c in covariates] for i in keep]
+    return {
+        "image": png16_to_model(images)[:, None],
+        "labels": np.asarray(labels, dtype=np.float32).reshape(len(keep), -1),
+        "covariates": np.asarray(covs, dtype=np.float32).reshape(len(keep), len(covariates)),
+        "key": np.asarray([metas[i]["key"] for i in keep], dtype=object),
+    }
+
+
+def _num(value) -> float:
+    return np.nan if value is None else float(value)
+
+
+def shard_paths(store: Storage, manifest: dict, split: str | None) -> list[str]:
+    return [store.path(s["name"]) for s in manifest["shards"] if split is None or s["splits"].get(split)]
+
+
+def stream(data_uri: str, split: str | None = None, *, batch_size: int = 64,
+           shuffle_files: bool = False) -> ray.data.Dataset:
+    """Lazy Ray Dataset of model-ready batches from the shards under `data_uri` (see module doc)."""
+    store = Storage(data_uri)
+    manifest = read_manifest(store)
+    paths = shard_paths(store, manifest, split)
+    if not paths:
+        raise ValueError(f"{store.uri}: no shard holds split {split!r} (splits: {sorted(manifest['splits'])})")
+    ds = ray.data.read_webdataset(
+        paths, filesystem=store.fs, decoder=decode_sample,
+        shuffle="files" if shuffle_files else None, override_num_blocks=len(paths))
+    return ds.map_batches(to_batch, batch_size=batch_size, batch_format="numpy",
+                          fn_kwargs={"split": split, "covariates": manifest["covariates"]})

@@ -1,0 +1,63 @@
+"""Shared fixtures: loopback-only local Ray, a de-identification salt, DICOM construction."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ["CXRRAY_SALT"] = "test-salt-not-secret"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session, 2 CPUs, bound to 127.0.0.1."""
+    import ray
+
+    from cxrray.runtime import ensure_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ensure_ray(num_cpus=2, object_store_mb=512)
+    yield ray
+    ray.shutdown()
+
+
+def make_dicom(pixels: np.ndarray, path=None, *, photometric="MONOCHROME2", bits_stored=12, **attrs) -> bytes:
+    """A minimal valid DICOM (Explicit VR LE) holding `pixels` (uint16 [rows, cols] or [frames, rows, cols])."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.PatientName = "TEST^PATIENT"
+    ds.PatientID = "ID0001"
+    ds.StudyInstanceUID = generate_uid()
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits_stored, bits_stored - 1
+    ds.PixelRepresentation = 0
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
+    import io
+
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    if path is not None:
+        with open(path, "wb") as f:
+            f.write(data)
+    return data
