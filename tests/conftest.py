@@ -15,6 +15,38 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ["CXRRAY_SALT"] = "test-salt-not-secret"
 
+# S3 endpoint for every process of the session (Ray workers inherit it): the fault proxy in front
+# of moto, both on loopback; started lazily by the `s3` fixture.
+from s3_fixture import FaultProxy, free_port  # noqa: E402
+
+MOTO_PORT, PROXY_PORT = free_port(), free_port()
+os.environ.update({
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{PROXY_PORT}", "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+    "CXRRAY_S3_MAX_ATTEMPTS": "6",
+})
+for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(var, None)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto S3 server + fault proxy on 127.0.0.1; yields the proxy (set `fail_next_puts`)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=MOTO_PORT, verbose=False)
+    server.start()
+    proxy = FaultProxy(PROXY_PORT, MOTO_PORT).start()
+    yield proxy
+    proxy.stop()
+    server.stop()
+
+
+def make_bucket(name: str) -> None:
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=name)
+
 
 @pytest.fixture(scope="session")
 def ray_local():

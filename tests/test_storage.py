@@ -1,0 +1,41 @@
+"""Object-store URIs: file:// and s3:// (moto on loopback, with injected transient failures)."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import make_bucket
+from cxrray.data.storage import Storage
+
+
+def _roundtrip(store: Storage) -> None:
+    store.write_bytes("a/one.bin", b"1" * 10)
+    store.write_bytes("two.json", b"{}")
+    assert store.read_bytes("a/one.bin") == b"1" * 10
+    assert store.list() == ["a/one.bin", "two.json"] and store.list("a") == ["a/one.bin"]
+    assert store.exists("two.json") and not store.exists("three") and store.size("a/one.bin") == 10
+    store.delete("two.json")
+    assert store.list() == ["a/one.bin"]
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("missing")
+
+
+def test_file_storage(tmp_path):
+    store = Storage(f"file://{tmp_path}/root")
+    _roundtrip(store)
+    assert not list((tmp_path / "root").rglob("*.tmp-*")), "atomic writes leave no temp files"
+    assert Storage(str(tmp_path / "root")).uri == store.uri
+
+
+def test_s3_storage_retries_transient_failures(s3):
+    make_bucket("roundtrip")
+    store = Storage("s3://roundtrip/prefix")
+    s3.fail_next_puts = 2
+    before = s3.injected
+    _roundtrip(store)
+    assert s3.injected - before == 2 and s3.fail_next_puts == 0
+
+
+@pytest.mark.parametrize("uri,message", [("s3://", "needs a bucket"), ("gs://b/x", "unsupported storage scheme")])
+def test_bad_uris(uri, message):
+    with pytest.raises(ValueError, match=message):
+        Storage(uri)
