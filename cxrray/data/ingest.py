@@ -1,7 +1,7 @@
 """Ingest: inputs (a folder, optionally with a dataset's metadata table) -> de-identified shards.
 
 Plan (driver): list inputs in a fixed order, group them by split (when the metadata gives it)
-into shard tasks of `shard_samples` inputs, each with a fingerprint of its inputs and settings.
+into shard tasks of `shard_samples` inputs, each named by a fingerprint of its inputs and settings.
 Build (Ray Data `map`, one task per shard, in parallel): read -> decode -> de-identify -> fit to
 a square -> PNG-16 -> tar -> atomic write -> part record. A shard whose part record carries the
 same fingerprint is reused, so reruns and resumed crashed runs redo only missing work.
@@ -103,11 +103,11 @@ def _plan(items: list[dict], root: Path, shard_samples: int, fingerprint_base: d
         group = groups[split]
         for n, start in enumerate(range(0, len(group), shard_samples)):
             chunk = group[start : start + shard_samples]
-            name = f"{split}-{n:06d}.tar"
             stats = [(it["rel"], *_stat(root / it["rel"])) for it in chunk]
-            fp = shards.sha256(json.dumps({"base": fingerprint_base, "name": name, "stats": stats,
+            fp = shards.sha256(json.dumps({"base": fingerprint_base, "stats": stats,
                                            "rows": [it["row"] for it in chunk]}, sort_keys=True, default=str).encode())
-            tasks.append({"shard": name, "fingerprint": fp, "items": chunk})
+            # content-addressed name: an older manifest never points at a shard a later run rewrote
+            tasks.append({"shard": f"{split}-{n:06d}-{fp[:12]}.tar", "fingerprint": fp, "items": chunk})
     return tasks
 
 

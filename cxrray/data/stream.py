@@ -8,7 +8,7 @@ is ever unpickled. Batches (`batch_format="numpy"`, or torch via `iter_torch_bat
 | image      | float32 [B, 1, S, S], [-1, 1] | MONOCHROME2 radiograph                    |
 | labels     | float32 [B, F]                | 1 / 0 / NaN, F = manifest label vocabulary |
 | covariates | float32 [B, C]                | manifest covariates order, NaN if missing  |
-| key        | str [B]                       | sample key                                 |
+| key        | str [B]                       | sample key (unless `with_keys=False`)      |
 
 The dataset is lazy and streamed: shards are read by parallel tasks as the consumer pulls batches.
 """
@@ -42,19 +42,22 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def to_batch(batch: dict[str, np.ndarray], split: str | None, covariates: list[str]) -> dict[str, np.ndarray]:
+def to_batch(batch: dict[str, np.ndarray], split: str | None, covariates: list[str],
+             with_keys: bool = True) -> dict[str, np.ndarray]:
     """Decoded rows -> model-ready numpy batch (see module docstring); rows of other splits dropped."""
     metas = [json.loads(m) for m in batch["json"]]
     keep = [i for i, m in enumerate(metas) if split is None or m["split"] == split]
     images = np.stack([batch["png"][i] for i in keep]) if keep else np.zeros((0, 1, 1), np.uint16)
     labels = [[np.nan if v is None else v for v in metas[i]["labels"]] for i in keep]
     covs = [[_num(metas[i]["covariates"].get(c)) for c in covariates] for i in keep]
-    return {
+    out = {
         "image": png16_to_model(images)[:, None],
         "labels": np.asarray(labels, dtype=np.float32).reshape(len(keep), -1),
         "covariates": np.asarray(covs, dtype=np.float32).reshape(len(keep), len(covariates)),
-        "key": np.asarray([metas[i]["key"] for i in keep], dtype=object),
     }
+    if with_keys:
+        out["key"] = np.asarray([metas[i]["key"] for i in keep], dtype=object)
+    return out
 
 
 def _num(value) -> float:
@@ -65,9 +68,10 @@ def shard_paths(store: Storage, manifest: dict, split: str | None) -> list[str]:
     return [store.path(s["name"]) for s in manifest["shards"] if split is None or s["splits"].get(split)]
 
 
-def stream(data_uri: str, split: str | None = None, *, batch_size: int = 64,
-           shuffle_files: bool = False) -> ray.data.Dataset:
-    """Lazy Ray Dataset of model-ready batches from the shards under `data_uri` (see module doc)."""
+def stream(data_uri: str, split: str | None = None, *, batch_size: int = 64, shuffle_files: bool = False,
+           with_keys: bool = True) -> ray.data.Dataset:
+    """Lazy Ray Dataset of model-ready batches from the shards under `data_uri` (see module doc).
+    `with_keys=False` drops the string column so `iter_torch_batches` yields tensors only."""
     store = Storage(data_uri)
     manifest = read_manifest(store)
     paths = shard_paths(store, manifest, split)
@@ -77,4 +81,4 @@ def stream(data_uri: str, split: str | None = None, *, batch_size: int = 64,
         paths, filesystem=store.fs, decoder=decode_sample,
         shuffle="files" if shuffle_files else None, override_num_blocks=len(paths))
     return ds.map_batches(to_batch, batch_size=batch_size, batch_format="numpy",
-                          fn_kwargs={"split": split, "covariates": manifest["covariates"]})
+                          fn_kwargs={"split": split, "covariates": manifest["covariates"], "with_keys": with_keys})

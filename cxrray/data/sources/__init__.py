@@ -9,6 +9,7 @@ and `uncertain` ("nan" / "positive" / "negative": what an uncertain label become
 """
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Callable
@@ -37,7 +38,12 @@ def load_source(name: str, metadata: str | os.PathLike, **options) -> SourceTabl
         raise ValueError(f"unknown source {name!r}; allowed: {sorted(SOURCES)}")
     if not Path(metadata).is_file():
         raise FileNotFoundError(f"{name} metadata file not found: {metadata}")
-    return SOURCES[name](metadata, **options)
+    adapter = SOURCES[name]
+    allowed = [p for p in inspect.signature(adapter).parameters if p != "metadata"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{name}: unknown option(s) {unknown}; allowed: {allowed}")
+    return adapter(metadata, **options)
 
 
 __all__ = ["SOURCES", "SourceTable", "load_source"]

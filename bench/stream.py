@@ -1,0 +1,74 @@
+"""Shards -> torch batches throughput: cxrray's Ray Data stream vs a plain `webdataset` loop over the
+same shards (PNG-16 decode, JSON parse, batch to float [-1, 1]) in the same run.
+
+    python bench/stream.py [--data URI] [--batch 64]   (without --data: ingests 800 phantoms at 256²)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from _common import phantoms, report
+
+
+def plain_loop(urls: list[str], batch: int) -> tuple[int, float]:
+    """Baseline: webdataset in one process; returns (images, images/s)."""
+    import numpy as np
+    import torch
+    import webdataset as wds
+
+    from cxrray.data.imaging import decode_png16, png16_to_model
+
+    start, n, buf = time.perf_counter(), 0, []
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        buf.append(decode_png16(sample["png"]))
+        json.loads(sample["json"])
+        if len(buf) == batch:
+            n += torch.from_numpy(png16_to_model(np.stack(buf))[:, None]).shape[0]
+            buf = []
+    n += len(buf)
+    return n, n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "cxrray-bench-stream"))
+    args = parser.parse_args()
+
+    from cxrray.config import load_config
+    from cxrray.data.ingest import ingest
+    from cxrray.data.shards import read_manifest
+    from cxrray.data.storage import Storage
+    from cxrray.data.stream import stream
+    from cxrray.runtime import ensure_ray
+
+    ensure_ray()
+    data = args.data
+    if data is None:
+        root = phantoms(Path(args.workdir) / "dicom", 800, 320)
+        data = f"file://{Path(args.workdir) / 'shards-256'}"
+        ingest(root, data, load_config("paper", ["ingest.shard_samples=100"]).ingest, source="folder",
+               metadata=root / "labels.csv", progress=lambda line: None)
+    store = Storage(data)
+    manifest = read_manifest(store)
+    urls = [store.url(s["name"]) if store.scheme == "s3" else store.path(s["name"]) for s in manifest["shards"]]
+    plain_n, plain = plain_loop(urls, args.batch)
+    for _ in stream(data, with_keys=False).iter_torch_batches(batch_size=args.batch):  # warm-up
+        break
+    start, n = time.perf_counter(), 0
+    for batch in stream(data, with_keys=False).iter_torch_batches(batch_size=args.batch):
+        n += batch["image"].shape[0]
+    ours = n / (time.perf_counter() - start)
+    assert n == plain_n == manifest["samples"], (n, plain_n, manifest["samples"])
+    report({"bench": "stream", "images": n, "size": manifest["preprocessing"]["size"], "batch": args.batch,
+            "plain_webdataset_img_s": round(plain, 1), "cxrray_img_s": round(ours, 1), "ratio": round(ours / plain, 3)})
+
+
+if __name__ == "__main__":
+    main()

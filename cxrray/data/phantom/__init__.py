@@ -1,0 +1,68 @@
+"""Procedural chest-radiograph phantoms with planted, labelled findings, written as real DICOM.
+
+Every image is a pure function of ``(PhantomConfig, index)``: ``sample_case`` draws identity,
+demographics, echo covariates, labels and pose; ``render`` draws the density image; ``write_dicom``
+encodes it (MONOCHROME1/2, uncompressed explicit/implicit VR, RLE or JPEG 2000 lossless). So any
+image can be regenerated on its own and sets can be generated in parallel by index ranges.
+
+Modules: ``config`` (labels, config, confounders), ``cases`` (sampling), ``anatomy`` / ``findings``
+/ ``render`` (drawing), ``dicom`` (writing), ``names`` (fictional identity pools).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from .cases import DLV_CM, SLVH_CM, Patient, PhantomCase, Pose, sample_case
+from .config import DEVICES, FINDINGS, LABELS, Confounder, PhantomConfig, parse_confounder
+from .dicom import BITS_STORED, MAX_VALUE, build_dataset, decode, quantize, stored_values, write_dicom
+from .render import image_shape, render
+
+__all__ = [
+    "BITS_STORED", "COLUMNS", "DEVICES", "DLV_CM", "FINDINGS", "LABELS", "MAX_VALUE", "SLVH_CM",
+    "Confounder", "Patient", "PhantomCase", "PhantomConfig", "Pose",
+    "build_dataset", "decode", "generate", "image_name", "image_shape", "parse_confounder",
+    "quantize", "render", "sample_case", "stored_values", "write_dicom",
+]
+
+#: labels.csv columns, in order
+COLUMNS = ("path", "patient", "study", "sex", "age", "view", "ivsd", "lvidd", "lvpwd") + LABELS
+
+
+def image_name(index: int) -> str:
+    """Relative path of image `index` inside a generated set (carries no identifiers)."""
+    return f"images/phantom_{index:06d}.dcm"
+
+
+def generate(
+    n: int,
+    out_dir: str | os.PathLike,
+    cfg: PhantomConfig | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    start: int = 0,
+) -> pd.DataFrame:
+    """Write images ``start .. start+n-1`` to ``out_dir/images/`` plus ``out_dir/labels.csv``.
+
+    labels.csv plays the role of a hospital label export: `patient` / `study` are the raw
+    PatientID / AccessionNumber exactly as in the DICOM headers. Returns the table."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    cfg = cfg or PhantomConfig()
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, index in enumerate(range(start, start + n)):
+        case = sample_case(index, cfg)
+        rel = image_name(index)
+        write_dicom(case, render(case, cfg), out / rel, cfg)
+        rows.append({"path": rel, **case.row()})
+        if progress is not None:
+            progress(k + 1, n)
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    for col in LABELS + ("age",):
+        table[col] = table[col].astype(int)
+    table.to_csv(out / "labels.csv", index=False)
+    return table
