@@ -97,7 +97,6 @@ def cmd_phantoms(args) -> int:
 
 def cmd_ingest(args) -> int:
     from cxrray.data.ingest import ingest
-    from cxrray.runtime import ensure_ray
 
     overrides = list(args.overrides) + ([f"ingest.size={args.size}"] if args.size else [])
     cfg = load_config(args.config, overrides)
@@ -108,7 +107,6 @@ def cmd_ingest(args) -> int:
         source, metadata = "folder", args.labels
     if source and not metadata:
         raise ConfigError(f"--source {source} needs --metadata FILE")
-    ensure_ray()
     manifest = ingest(args.input, args.output, cfg.ingest, source=source, metadata=metadata,
                       source_options=_parse_options(args.source_option))
     print(json.dumps(_summary(manifest, args.output)))
@@ -132,7 +130,6 @@ def cmd_sources(args) -> int:
 def cmd_demo(args) -> int:
     from cxrray.data.ingest import ingest
     from cxrray.data.phantom import generate
-    from cxrray.runtime import ensure_ray
 
     cfg = load_config(args.config, args.overrides)
     if not os.environ.get(cfg.ingest.salt_env) and cfg.ingest.salt is None:
@@ -145,7 +142,6 @@ def cmd_demo(args) -> int:
     generate(args.n, phantoms, cfg.phantom,
              progress=lambda d, t: (d % step == 0 or d == t) and print(f"[phantoms] {d}/{t}", flush=True))
     print(f"[demo] 2/2 ingest -> {args.output}", flush=True)
-    ensure_ray()
     manifest = ingest(phantoms, args.output, cfg.ingest, source="folder", metadata=phantoms / "labels.csv")
     summary = {"stage": "ingest", **_summary(manifest, args.output), "positives": manifest["positives"]}
     workdir.mkdir(parents=True, exist_ok=True)

@@ -6,10 +6,21 @@ import logging
 import os
 
 import ray
+import ray.data
+
+
+def configure_data() -> None:
+    """Ray Data settings for this driver. Per-operator resource reservation is off: on small nodes it
+    holds back half the CPUs, so a read -> map pipeline ran one task at a time (8 one-second tasks on
+    2 CPUs: 7.5 s with it, 4.1 s without; bench/stream.py: 0.35x -> >1x of a plain webdataset loop)."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.op_resource_reservation_enabled = False
+    ctx.enable_progress_bars = os.environ.get("CXRRAY_PROGRESS_BARS", "0") == "1"
 
 
 def ensure_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None:
     """Idempotent. RAY_ADDRESS (set by `ray job submit`) joins that cluster; otherwise local Ray."""
+    configure_data()
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -26,6 +26,7 @@ from cxrray.data.dicom import RejectError, decode_file
 from cxrray.data.imaging import encode_png16, fit_square
 from cxrray.data.splits import patient_split
 from cxrray.data.storage import Storage
+from cxrray.runtime import ensure_ray
 
 Progress = Callable[[str], None]
 
@@ -53,6 +54,7 @@ def ingest(input_dir: str | os.PathLike, output_uri: str, cfg: IngestConfig, *, 
     split_rule = {"level": "patient", "seed": cfg.split_seed, "fractions": cfg.split_fractions,
                   "from_metadata": table is not None}
     items = _list_inputs(root, table)
+    ensure_ray()
     context = {"root": str(root), "out": store.uri, "salt": salt, "dataset": dataset, "findings": findings,
                "size": cfg.size, "fit": cfg.fit, "decode": cfg.decode.model_dump(),
                "split_seed": cfg.split_seed, "split_fractions": cfg.split_fractions}

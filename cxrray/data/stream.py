@@ -23,6 +23,7 @@ import ray
 from cxrray.data.imaging import decode_png16, png16_to_model
 from cxrray.data.shards import read_manifest
 from cxrray.data.storage import Storage
+from cxrray.runtime import ensure_ray
 
 ALLOWED_MEMBERS = {"png", "json"}
 
@@ -72,6 +73,7 @@ def stream(data_uri: str, split: str | None = None, *, batch_size: int = 64, shu
            with_keys: bool = True) -> ray.data.Dataset:
     """Lazy Ray Dataset of model-ready batches from the shards under `data_uri` (see module doc).
     `with_keys=False` drops the string column so `iter_torch_batches` yields tensors only."""
+    ensure_ray()
     store = Storage(data_uri)
     manifest = read_manifest(store)
     paths = shard_paths(store, manifest, split)
