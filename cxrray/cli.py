@@ -55,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE")
     _add_config_args(p)
 
+    p = sub.add_parser("pretrain", help="diffusion-autoencoder pretraining on Ray Train + DeepSpeed")
+    p.add_argument("--data", required=True, help="shards URI (file:// or s3://) written by `cxrray ingest`")
+    p.add_argument("--output", required=True, help="run output URI: checkpoints, latest.json")
+    p.add_argument("--images", type=int, default=None, help="train until this many images shown (train.images)")
+    _add_config_args(p)
+
+    p = sub.add_parser("status", help="print the training status of an output URI as JSON")
+    p.add_argument("--output", required=True)
+
     p = sub.add_parser("sources", help="dataset metadata tools")
     ssub = p.add_subparsers(dest="sources_command", required=True)
     s = ssub.add_parser("summary", help="print counts of a dataset's metadata as JSON")
@@ -62,10 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metadata", required=True)
     s.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE")
 
-    p = sub.add_parser("demo", help="the main job on the embedded default (phantoms -> ingest -> summary)")
-    p.add_argument("--n", type=int, default=300)
+    p = sub.add_parser("demo", help="the main job on the embedded default: phantoms -> ingest -> pretrain -> report")
+    p.add_argument("--n", type=int, default=600)
     p.add_argument("--workdir", default="demo_out")
-    p.add_argument("--output", default="file://data_shards/demo")
+    p.add_argument("--output", default="file://data_shards/demo", help="shards URI")
+    p.add_argument("--run", default="file://data_shards/demo-pretrain", help="pretraining output URI")
     _add_config_args(p)
     return parser
 
@@ -119,6 +129,22 @@ def _summary(manifest: dict, uri: str) -> dict:
             "splits": manifest["splits"], "findings": len(manifest["label_vocabulary"])}
 
 
+def cmd_pretrain(args) -> int:
+    from cxrray.train.pretrain import pretrain
+
+    overrides = list(args.overrides) + ([f"train.images={args.images}"] if args.images else [])
+    cfg = load_config(args.config, overrides)
+    print(json.dumps(pretrain(cfg, args.data, args.output)))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from cxrray.train.pretrain import status_summary
+
+    print(json.dumps(status_summary(args.output)))
+    return 0
+
+
 def cmd_sources(args) -> int:
     from cxrray.data.sources import load_source
 
@@ -128,31 +154,19 @@ def cmd_sources(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from cxrray.data.ingest import ingest
-    from cxrray.data.phantom import generate
+    from cxrray.demo import run_demo
 
     cfg = load_config(args.config, args.overrides)
     if not os.environ.get(cfg.ingest.salt_env) and cfg.ingest.salt is None:
         print(f"[demo] {cfg.ingest.salt_env} not set: using a fixed demo salt (phantoms carry no real identities)")
         os.environ[cfg.ingest.salt_env] = DEMO_SALT
-    workdir = Path(args.workdir)
-    phantoms = workdir / "phantoms"
-    print(f"[demo] 1/2 phantoms: {args.n} DICOMs -> {phantoms}", flush=True)
-    step = max(1, args.n // 5)
-    generate(args.n, phantoms, cfg.phantom,
-             progress=lambda d, t: (d % step == 0 or d == t) and print(f"[phantoms] {d}/{t}", flush=True))
-    print(f"[demo] 2/2 ingest -> {args.output}", flush=True)
-    manifest = ingest(phantoms, args.output, cfg.ingest, source="folder", metadata=phantoms / "labels.csv")
-    summary = {"stage": "ingest", **_summary(manifest, args.output), "positives": manifest["positives"]}
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary = run_demo(cfg, n=args.n, workdir=Path(args.workdir), shards=args.output, run=args.run)
     print(json.dumps(summary, indent=1))
-    print(f"[demo] summary written to {workdir / 'summary.json'}")
     return 0
 
 
 COMMANDS = {"config": cmd_config, "phantoms": cmd_phantoms, "ingest": cmd_ingest, "sources": cmd_sources,
-            "demo": cmd_demo}
+            "pretrain": cmd_pretrain, "status": cmd_status, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

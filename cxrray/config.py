@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from cxrray.data.phantom import PhantomConfig
+from cxrray.models.diffae import PRESETS as MODEL_PRESETS
+from cxrray.models.diffae import DiffAEConfig
 
 
 class ConfigError(ValueError):
@@ -47,16 +49,61 @@ class IngestConfig(StrictModel):
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
 
 
+class TrainConfig(StrictModel):
+    """Pretraining schedule, counted in images shown with an explicit global batch, so the schedule
+    does not change with the number of workers."""
+
+    strategy: Literal["deepspeed", "ddp"] = "deepspeed"  # ddp: plain PyTorch DDP baseline
+    zero_stage: int = Field(1, ge=0, le=2)  # 3 partitions parameters, which the EMA needs whole
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0)  # fractional on small machines: leaves CPU for Ray Data
+    gpus_per_worker: float = Field(1.0, gt=0)
+    global_batch: int = Field(16, ge=1)  # images per optimizer step over all workers
+    images: int = Field(20_000, ge=1)  # training length (the paper: 200M)
+    lr: float = Field(1e-4, gt=0)  # Adam, no weight decay (DiffChest)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    channels_last: bool = False
+    compile: bool = False
+    checkpoint_every: int = Field(5_000, ge=1)  # images
+    eval_every: int = Field(10_000, ge=1)  # images
+    log_every: int = Field(500, ge=1)  # images
+    keep_checkpoints: int = Field(3, ge=1)
+    max_failures: int = Field(3, ge=0)  # worker failures survived by restoring the last checkpoint
+    split: str | None = "train"  # shard split to train on (PadChest DiffChest protocol: "pretrain")
+    eval_split: str | None = "val"
+    eval_images: int = Field(8, ge=1)
+    sample_steps: int = Field(50, ge=1)  # DDIM steps for the eval grids
+    seed: int = 0
+
+
+class TrackingConfig(StrictModel):
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str = "cxrray-pretrain"
+    registered_model: str = "cxrray-diffae"
+
+
 class Config(StrictModel):
     preset: str = "tiny"
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     phantom: PhantomConfig = Field(default_factory=PhantomConfig)
+    model: DiffAEConfig = Field(default_factory=lambda: DiffAEConfig(**MODEL_PRESETS["tiny"]))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"ingest": {"size": 64}, "phantom": {"size": 128}},
-    "small": {"ingest": {"size": 128}, "phantom": {"size": 192}},
-    "paper": {"ingest": {"size": 256}, "phantom": {"size": 320}},
+    "tiny": {"ingest": {"size": 64}, "phantom": {"size": 128}, "model": MODEL_PRESETS["tiny"],
+             "train": {"global_batch": 16, "images": 4_000, "ema_decay": 0.995,
+                       "checkpoint_every": 1_000, "eval_every": 2_000, "log_every": 128, "sample_steps": 25}},
+    "small": {"ingest": {"size": 128}, "phantom": {"size": 192}, "model": MODEL_PRESETS["small"],
+              "train": {"global_batch": 64, "images": 2_000_000, "ema_decay": 0.9995}},
+    "paper": {"ingest": {"size": 256}, "phantom": {"size": 320}, "model": MODEL_PRESETS["paper"],
+              "train": {"global_batch": 128, "images": 200_000_000, "use_gpu": True, "num_workers": 8,
+                        "checkpoint_every": 1_000_000, "eval_every": 5_000_000, "log_every": 50_000,
+                        "cpus_per_worker": 8, "sample_steps": 100}},
 }
 
 

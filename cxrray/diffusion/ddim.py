@@ -1,0 +1,116 @@
+"""Deterministic DDIM decoding and inversion for the diffusion autoencoder (eta = 0).
+
+Stateless functions over diffusers' `DDIMScheduler` / `DDIMInverseScheduler` (see `schedule.py` for
+why the two are exact mirrors). Every function runs under `torch.no_grad()`, puts the model in eval
+mode for the call (and restores its previous mode), keeps the latent in float32 (the model may run
+under bf16 autocast; its output is upcast before the scheduler step) and works on batches.
+
+`progress`, when given, is called as `progress(done, total)` after each denoising/inversion step.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+
+from cxrray.diffusion.schedule import T, make_scheduler
+
+Progress = Callable[[int, int], None] | None
+
+
+@contextlib.contextmanager
+def _eval(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _check_steps(steps: int) -> int:
+    steps = int(steps)
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in 1..{T}, got {steps}")
+    return steps
+
+
+def _eps(model, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+    return model(x, tt, z).float()
+
+
+def ddim_sample(model, z: torch.Tensor, x_T: torch.Tensor, steps: int = 100, progress: Progress = None) -> torch.Tensor:
+    """Decode x_T -> x0 with deterministic DDIM (eta 0), conditioned on z [B, z_dim]. Returns float32."""
+    steps = _check_steps(steps)
+    sched = make_scheduler("ddim")
+    sched.set_timesteps(steps, device=x_T.device)
+    x = x_T.float()
+    with _eval(model):
+        for i, t in enumerate(sched.timesteps):
+            x = sched.step(_eps(model, x, t, z), int(t), x, eta=0.0, return_dict=False)[0]
+            if progress is not None:
+                progress(i + 1, steps)
+    return x
+
+
+def ddim_invert(model, x0: torch.Tensor, z: torch.Tensor, steps: int = 250, progress: Progress = None) -> torch.Tensor:
+    """Deterministic DDIM inversion x0 -> x_T given z (the model is queried at each step's target timestep,
+    the mirror of `ddim_sample` with the same `steps`). Returns float32."""
+    steps = _check_steps(steps)
+    sched = make_scheduler("ddim_inverse")
+    sched.set_timesteps(steps, device=x0.device)
+    x = x0.float()
+    with _eval(model):
+        for i, t in enumerate(sched.timesteps):
+            x = sched.step(_eps(model, x, t, z), int(t), x, return_dict=False)[0]
+            if progress is not None:
+                progress(i + 1, steps)
+    return x
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def sample(model, n: int, steps: int = 100, generator: torch.Generator | None = None, z: torch.Tensor | None = None,
+           images: torch.Tensor | None = None, progress: Progress = None) -> torch.Tensor:
+    """Draw n images from random x_T ~ N(0, I), each decoded with a semantic code from a given set.
+
+    The codes come from `z` [m, z_dim] or, when `z` is None, from encoding `images` [m, C, S, S] in [-1, 1].
+    If m == n the codes are used in order (one per sample); otherwise n codes are drawn from the set with
+    replacement using `generator`. (Diff-AE's unconditional sampling of z via a latent DDIM is out of scope.)
+    Returns float32 images [n, C, S, S], not clamped.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    device = _model_device(model)
+    if z is None:
+        if images is None:
+            raise ValueError("sample needs semantic codes: pass z [m, z_dim] or images [m, C, S, S] to encode")
+        with _eval(model):
+            z = model.encode(images.to(device)).float()
+    z = z.to(device)
+    gen_device = generator.device if generator is not None else device
+    if z.shape[0] != n:
+        idx = torch.randint(0, z.shape[0], (n,), generator=generator, device=gen_device).to(device)
+        z = z[idx]
+    cfg = model.cfg
+    shape = (n, cfg.in_channels, cfg.image_size, cfg.image_size)
+    x_T = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+    return ddim_sample(model, z, x_T, steps=steps, progress=progress)
+
+
+def reconstruct(model, x0: torch.Tensor, steps: int = 100, progress: Progress = None) -> torch.Tensor:
+    """Autoencode x0: z = encode(x0), x_T = ddim_invert(x0, z, steps), x0_hat = ddim_sample(x_T, z, steps).
+
+    `progress` sees one count over both passes (total = 2 * steps)."""
+    steps = _check_steps(steps)
+    with _eval(model):
+        z = model.encode(x0).float()
+    inv_progress = None if progress is None else (lambda i, _n: progress(i, 2 * steps))
+    dec_progress = None if progress is None else (lambda i, _n: progress(steps + i, 2 * steps))
+    x_T = ddim_invert(model, x0, z, steps=steps, progress=inv_progress)
+    return ddim_sample(model, z, x_T, steps=steps, progress=dec_progress)

@@ -1,0 +1,54 @@
+"""Noise schedule and the diffusion-autoencoder training objective (stateless functions over diffusers schedulers).
+
+All three schedulers share one beta table (default: linear 1e-4 -> 0.02 over T = 1000, as DDPM / Diff-AE).
+The DDIM pair uses "leading" spacing with `steps_offset=0` and `set_alpha_to_one=True`, so for n steps
+both walk the grid {0, r, 2r, ..., (n-1)r} (r = T // n) and x0 sits at alpha_bar = 1: every inverse step
+t_k-r -> t_k is exactly the sampling step t_k -> t_k-r run backwards (same alphas, same model timestep t_k).
+"leading" is used because diffusers' `step` derives the neighbouring timestep as t -/+ T // n; "trailing"
+disagrees with that when n does not divide T. The price: when n does not divide T the top step is
+(n-1)r < T-1 (e.g. 894 for n = 150), alpha_bar there is 3e-4 (vs 4e-5 at T-1): still effectively pure noise.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler
+
+T = 1000
+
+SchedulerKind = Literal["ddpm", "ddim", "ddim_inverse"]
+
+
+def make_scheduler(kind: SchedulerKind = "ddpm", beta_schedule: str = "linear", beta_start: float = 1e-4,
+                   beta_end: float = 0.02):
+    """A fresh diffusers scheduler (they are stateful after `set_timesteps`, so never share one across calls)."""
+    common = dict(num_train_timesteps=T, beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end,
+                  clip_sample=False, prediction_type="epsilon")
+    if kind == "ddpm":
+        return DDPMScheduler(**common)
+    ddim = dict(common, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+    if kind == "ddim":
+        return DDIMScheduler(**ddim)
+    if kind == "ddim_inverse":
+        return DDIMInverseScheduler(**ddim)
+    raise ValueError(f"scheduler kind must be 'ddpm', 'ddim' or 'ddim_inverse', got {kind!r}")
+
+
+def training_loss(model, x0: torch.Tensor, generator: torch.Generator | None = None,
+                  scheduler: DDPMScheduler | None = None) -> torch.Tensor:
+    """Diff-AE's L_simple: z = encode(x0) (gradients reach the encoder), t ~ U{0..T-1}, eps ~ N(0, I),
+    x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, loss = mean ||model(x_t, t, z) - eps||^2 (a scalar).
+
+    `generator` draws t and eps (it may live on the CPU while x0 is on an accelerator).
+    """
+    scheduler = scheduler or make_scheduler("ddpm")
+    b, device = x0.shape[0], x0.device
+    gen_device = generator.device if generator is not None else device
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=gen_device).to(device)
+    noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=torch.float32).to(device, x0.dtype)
+    z = model.encode(x0)
+    x_t = scheduler.add_noise(x0, noise, t)
+    eps = model(x_t, t, z)
+    return F.mse_loss(eps.float(), noise.float())

@@ -1,0 +1,1 @@
+"""Training: Ray Train loop, DeepSpeed/DDP engines, EMA, checkpoint I/O."""

@@ -1,0 +1,160 @@
+"""Ray Train worker loop for diffusion-autoencoder pretraining.
+
+Every rank runs the same schedule, counted in images shown (`global_batch` per optimizer step), so
+the metric/eval/checkpoint reports (which are barriers) line up across ranks. Restore order: the
+checkpoint Ray hands back after a worker failure, else `resume_from` (the output's latest pointer).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from cxrray.config import Config
+from cxrray.diffusion.schedule import training_loss
+from cxrray.models.diffae import DiffAE
+from cxrray.train import state as ckpt_io
+from cxrray.train.engine import LossModule, build_engine
+from cxrray.train.evaluate import evaluate
+
+
+def crossed(before: int, after: int, every: int) -> bool:
+    """True when a multiple of `every` lies in (before, after]."""
+    return after // every > before // every
+
+
+def train_loop_per_worker(config: dict) -> None:
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    cfg = Config.model_validate(config["config"])
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(tc.seed * 1000 + rank)
+    np.random.seed(tc.seed * 1000 + rank)
+
+    model = DiffAE(cfg.model)
+    checkpoint = ray.train.get_checkpoint() or _checkpoint_at(config.get("resume_from"))
+    progress = {"images_shown": 0, "step": 0, "ema_updates": 0}
+    with (checkpoint.as_directory() if checkpoint else _no_dir()) as folder:
+        saved = json.loads((Path(folder) / "state.json").read_text()) if folder else None
+        if saved:
+            ckpt_io.load_weights(model, Path(folder) / "model.safetensors")
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+        engine = build_engine(LossModule(model, training_loss), tc, world, device)
+        ema.to(device)
+        if saved:
+            progress.update({k: saved[k] for k in progress})
+            ckpt_io.load_weights(ema.module, Path(folder) / "ema.safetensors")
+            ema.n_averaged.fill_(max(1, saved["ema_updates"]))
+            same_layout = (saved["world_size"], saved["strategy"], saved["zero_stage"]) == (world, tc.strategy, tc.zero_stage)
+            if same_layout and (Path(folder) / f"optimizer-rank{rank}.json").exists():
+                engine.optimizer.load_state_dict(ckpt_io.load_state(Path(folder), f"optimizer-rank{rank}"))
+                ckpt_io.set_rng_state(ckpt_io.load_state(Path(folder), f"rng-rank{rank}"))
+            elif rank == 0:
+                print(f"[pretrain] optimizer state not restored: layout changed from {saved['world_size']} "
+                      f"{saved['strategy']} workers (ZeRO {saved['zero_stage']}) to {world} {tc.strategy} (ZeRO {tc.zero_stage})")
+            if rank == 0:
+                print(f"[pretrain] resumed at {progress['images_shown']:,} images shown", flush=True)
+
+    logger = config.get("logger")
+    eval_batch = torch.as_tensor(config["eval_images"]) if config.get("eval_images") is not None else None
+    micro = tc.global_batch // world
+    shard = ray.train.get_dataset_shard("train")
+    window = {"loss": 0.0, "steps": 0, "wait": 0.0, "busy": 0.0, "start": time.perf_counter(), "grad": 0.0}
+    last_metrics: dict = {}
+    epoch = 0
+    while progress["images_shown"] < tc.images:
+        epoch += 1
+        fetched = time.perf_counter()
+        for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True, local_shuffle_buffer_size=4 * micro,
+                                              local_shuffle_seed=tc.seed + epoch + progress["step"]):
+            started = time.perf_counter()
+            window["wait"] += started - fetched
+            loss, grad = engine.step(batch["image"].to(device, non_blocking=True))
+            ema.update_parameters(engine.model)
+            before = progress["images_shown"]
+            progress["images_shown"] += tc.global_batch
+            progress["step"] += 1
+            progress["ema_updates"] += 1
+            window["loss"] += loss
+            window["grad"] += grad if math.isfinite(grad) else 0.0
+            window["steps"] += 1
+            fetched = time.perf_counter()
+            window["busy"] += fetched - started
+            now, done = progress["images_shown"], progress["images_shown"] >= tc.images
+            if crossed(before, now, tc.log_every) or done:
+                last_metrics = _window_metrics(window, progress, tc)
+                if rank == 0:
+                    _print_progress(last_metrics, tc.images)
+                    if logger:
+                        logger.metrics(last_metrics, step=now)
+            if rank == 0 and eval_batch is not None and (crossed(before, now, tc.eval_every) or done):
+                scores = evaluate(ema.module, eval_batch, cfg, now, logger)
+                last_metrics.update(scores)
+            if crossed(before, now, tc.checkpoint_every) or done:
+                _save_and_report(engine, ema, progress, last_metrics, cfg, rank, world)
+            elif crossed(before, now, tc.log_every):
+                ray.train.report(last_metrics)
+            if done:
+                break
+
+
+def _window_metrics(window: dict, progress: dict, tc) -> dict:
+    elapsed = max(time.perf_counter() - window["start"], 1e-9)
+    steps = max(window["steps"], 1)
+    metrics = {"loss": window["loss"] / steps, "images_per_s": steps * tc.global_batch / elapsed,
+               "data_wait_fraction": window["wait"] / max(window["wait"] + window["busy"], 1e-9),
+               "grad_norm": window["grad"] / steps, "lr": tc.lr,
+               "images_shown": progress["images_shown"], "step": progress["step"]}
+    window.update(loss=0.0, steps=0, wait=0.0, busy=0.0, grad=0.0, start=time.perf_counter())
+    return metrics
+
+
+def _print_progress(m: dict, target: int) -> None:
+    print(f"[pretrain] {m['images_shown']:,}/{target:,} images  loss {m['loss']:.4f}  "
+          f"{m['images_per_s']:.1f} img/s  data-wait {100 * m['data_wait_fraction']:.0f}%", flush=True)
+
+
+def _save_and_report(engine, ema, progress: dict, metrics: dict, cfg: Config, rank: int, world: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="cxrray-ckpt-") as tmp:
+        folder = Path(tmp)
+        ckpt_io.save_state(engine.optimizer.state_dict(), folder, f"optimizer-rank{rank}")
+        ckpt_io.save_state(ckpt_io.rng_state(), folder, f"rng-rank{rank}")
+        if rank == 0:
+            ckpt_io.save_weights(engine.model, folder / "model.safetensors")
+            ckpt_io.save_weights(ema.module, folder / "ema.safetensors")
+            state = {**progress, "world_size": world, "strategy": cfg.train.strategy,
+                     "zero_stage": cfg.train.zero_stage, "metrics": metrics,
+                     "model": cfg.model.model_dump(mode="json"), "config": cfg.model_dump(mode="json")}
+            (folder / "state.json").write_text(json.dumps(state, indent=1))
+            (folder / "COMPLETE").write_text(str(progress["images_shown"]))
+        ray.train.report({**metrics, "images_shown": progress["images_shown"]},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint-{progress['images_shown']:012d}")
+
+
+def _checkpoint_at(uri: str | None):
+    if not uri:
+        return None
+    from cxrray.data.storage import Storage
+
+    store = Storage(uri)
+    return ray.train.Checkpoint(path=store.path(), filesystem=store.fs)
+
+
+class _no_dir:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

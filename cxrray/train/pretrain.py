@@ -1,0 +1,118 @@
+"""Pretraining driver: `cxrray pretrain` / `jobs/pretrain.py`.
+
+Output layout under the output URI:
+    latest.json          the status pointer: images shown + URI of the newest *persisted* checkpoint
+    ray/pretrain-<time>/ Ray Train run storage, checkpoints `checkpoint-<images shown>`
+`latest.json` moves only in the controller's `after_report` callback, which Ray calls after every
+rank's checkpoint files are persisted, so a partially written checkpoint is never pointed at.
+A re-submitted job (or a larger `--images`) continues from `latest.json`; a failed worker inside
+one run is replaced by Ray Train, which restores the last checkpoint (`FailureConfig`).
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+
+from cxrray.config import Config
+from cxrray.data.shards import read_manifest
+from cxrray.data.storage import Storage
+from cxrray.runtime import ensure_ray
+from cxrray.tracking import RunLogger, start_run, tracking_uri
+
+LATEST = "latest.json"
+
+
+def read_status(output_uri: str) -> dict | None:
+    try:
+        return json.loads(Storage(output_uri).read_bytes(LATEST))
+    except (FileNotFoundError, OSError):
+        return None
+
+
+class LatestPointer(UserCallback):
+    """Runs on the Ray Train controller: records progress and the newest persisted checkpoint."""
+
+    def __init__(self, output_uri: str, run_id: str):
+        self.output_uri, self.run_id = output_uri, run_id
+
+    def after_report(self, run_context, metrics, checkpoint):
+        status = read_status(self.output_uri) or {}
+        report = metrics[0] if metrics else {}
+        status.update(mlflow_run_id=self.run_id, last_report=report, updated=time.time())
+        if checkpoint is not None:
+            scheme = "file" if type(checkpoint.filesystem).__name__ == "LocalFileSystem" else "s3"
+            status.update(latest_checkpoint=f"{scheme}://{checkpoint.path}", images_shown=report.get("images_shown"))
+        Storage(self.output_uri).write_bytes(LATEST, json.dumps(status, indent=1, sort_keys=True).encode())
+
+
+def status_summary(output_uri: str) -> dict:
+    """What `cxrray status` prints."""
+    status = read_status(output_uri)
+    if status is None:
+        raise FileNotFoundError(f"no {LATEST} under {Storage(output_uri).uri}: nothing trained there yet")
+    report = status.get("last_report", {})
+    return {"images_shown": status.get("images_shown", 0), "latest_checkpoint": status.get("latest_checkpoint"),
+            "loss": report.get("loss"), "images_per_s": report.get("images_per_s"),
+            "mlflow_run_id": status.get("mlflow_run_id"), "target_images": status.get("target_images")}
+
+
+def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[str], None] = print) -> dict:
+    """Train (or continue training) to `cfg.train.images`; returns the status summary."""
+    tc = cfg.train
+    out = Storage(output_uri)
+    previous = read_status(out.uri)
+    if previous and (previous.get("images_shown") or 0) >= tc.images:
+        progress(f"[pretrain] {out.uri} already at {previous['images_shown']:,} >= {tc.images:,} images: nothing to do")
+        return status_summary(out.uri)
+    manifest = read_manifest(data_uri)
+    if manifest["preprocessing"]["size"] != cfg.model.image_size:
+        raise ValueError(f"shards at {data_uri} are {manifest['preprocessing']['size']}² but model.image_size is "
+                         f"{cfg.model.image_size}: ingest with --size {cfg.model.image_size} or pick another preset")
+    ensure_ray()
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cxrray.data.stream import stream
+    from cxrray.train.loop import train_loop_per_worker
+
+    eval_images = None
+    if tc.eval_split and tc.eval_split in manifest["splits"]:
+        eval_images = stream(data_uri, tc.eval_split).take_batch(tc.eval_images)["image"]
+    run_id = start_run(cfg.tracking, {**cfg.model_dump(mode="json"), "data": data_uri, "output": out.uri},
+                       run_name=f"pretrain-{cfg.preset}", run_id=(previous or {}).get("mlflow_run_id"))
+    logger = RunLogger(tracking_uri(cfg.tracking), run_id)
+    initial = {"target_images": tc.images, "mlflow_run_id": run_id, "images_shown": 0, **(previous or {})}
+    initial["target_images"] = tc.images
+    out.write_bytes(LATEST, json.dumps(initial, indent=1, sort_keys=True).encode())
+    resume = (previous or {}).get("latest_checkpoint")
+    progress(f"[pretrain] {tc.strategy} x{tc.num_workers} workers, global batch {tc.global_batch}, "
+             f"target {tc.images:,} images" + (f", resuming from {resume}" if resume else ""))
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "resume_from": resume, "logger": logger,
+                           "eval_images": eval_images},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        datasets={"train": stream(data_uri, tc.split, with_keys=False, shuffle_files=True)},
+        run_config=RunConfig(
+            name=f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=out.path("ray"),
+            storage_filesystem=out.fs, failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            callbacks=[LatestPointer(out.uri, run_id)]),
+    )
+    try:
+        trainer.fit()
+    except Exception:
+        logger.finish("FAILED")
+        raise
+    summary = status_summary(out.uri)
+    from cxrray.train.registry import register_model
+
+    version = register_model(cfg, summary["latest_checkpoint"], logger)
+    logger.finish()
+    progress(f"[pretrain] done: {summary['images_shown']:,} images shown, checkpoint {summary['latest_checkpoint']}, "
+             f"MLflow run {run_id}, registered {cfg.tracking.registered_model} v{version}")
+    return {**summary, "registered_version": version}

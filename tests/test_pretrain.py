@@ -1,0 +1,146 @@
+"""Pretraining on Ray Train + DeepSpeed: MLflow server, checkpoints, status, resume, worker failure."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cxrray.cli import main
+from cxrray.data.phantom import PhantomConfig, generate
+from s3_fixture import free_port
+
+# a 32² model small enough for CPU tests; the schedule is in images shown
+TINY32 = ["model.image_size=32", "model.base_channels=16", "model.channel_mult=[1,2]", "model.norm_groups=8",
+          "model.z_dim=64", "train.global_batch=8", "train.cpus_per_worker=0.5", "train.log_every=16",
+          "train.eval_images=4", "train.sample_steps=4", "train.lr=0.001", "train.ema_decay=0.9"]
+
+
+def _sets(items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def shards(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    generate(96, root / "in", PhantomConfig(size=64, seed=21))
+    assert main(["ingest", "--input", str(root / "in"), "--labels", str(root / "in" / "labels.csv"),
+                 "--output", str(root / "shards"), "--size", "32", "--set", "ingest.shard_samples=24"]) == 0
+    return f"file://{root / 'shards'}"
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not answer /health within 90 s")
+    yield uri
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+def test_deepspeed_pretraining_logs_to_mlflow_server_then_resumes(shards, mlflow_server, tmp_path, capfd):
+    out = f"file://{tmp_path / 'run'}"
+    args = ["pretrain", "--data", shards, "--output", out, "--images", "96",
+            *_sets(TINY32 + ["train.strategy=deepspeed", "train.zero_stage=1", "train.checkpoint_every=32",
+                             "train.eval_every=96", f"tracking.uri={mlflow_server}"])]
+    assert main(args) == 0
+    logs = capfd.readouterr().out
+    assert "[pretrain] 96/96 images" in logs and "reconstruction SSIM" in logs
+
+    assert main(["status", "--output", out]) == 0
+    status = json.loads(capfd.readouterr().out)
+    assert status["images_shown"] == 96 and status["latest_checkpoint"].endswith("checkpoint-000000000096")
+    folder = Path(status["latest_checkpoint"][len("file://"):])
+    assert {"model.safetensors", "ema.safetensors", "state.json", "COMPLETE", "optimizer-rank0.safetensors",
+            "optimizer-rank1.safetensors", "rng-rank1.json"} <= {p.name for p in folder.iterdir()}
+    assert not list(folder.glob("*.pt")) and not list(folder.glob("*.pkl")), "no pickles in checkpoints"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(status["mlflow_run_id"])
+    assert run.data.params["train.lr"] == "0.001" and run.data.params["train.strategy"] == "deepspeed"
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert len(losses) >= 5 and losses[-1] < losses[0], f"loss must fall on phantoms: {losses}"
+    for metric in ("images_per_s", "images_shown", "lr", "recon_ssim", "data_wait_fraction"):
+        assert client.get_metric_history(run.info.run_id, metric), metric
+    artifacts = {a.path for folder_ in ("samples", "reconstructions") for a in client.list_artifacts(run.info.run_id, folder_)}
+    assert "samples/samples_000000000096.png" in artifacts and "reconstructions/recon_000000000096.png" in artifacts
+    versions = client.search_model_versions("name='cxrray-diffae'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
+
+    # continue the same output to more images with the DDP baseline: weights carry over, the
+    # optimizer layout changed (so it restarts), images shown continue from 96, same MLflow run
+    assert main([*args[:5], "--images", "128", *_sets(TINY32 + ["train.strategy=ddp", "train.checkpoint_every=32",
+                                                   "train.eval_every=1000", f"tracking.uri={mlflow_server}"])]) == 0
+    logs = capfd.readouterr().out
+    assert "resumed at 96 images shown" in logs and "optimizer state not restored" in logs
+    assert main(["status", "--output", out]) == 0
+    status2 = json.loads(capfd.readouterr().out)
+    assert status2["images_shown"] == 128 and status2["mlflow_run_id"] == status["mlflow_run_id"]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "images_shown")]
+    assert steps == sorted(steps) and steps[-1] == 128
+
+
+def _kill_a_worker_after_first_checkpoint(status_file: Path, killed: list) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if status_file.exists() and (json.loads(status_file.read_text()).get("images_shown") or 0) >= 32:
+            break
+        time.sleep(0.2)
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+            proc.kill()
+            killed.append(proc.info["pid"])
+            return
+
+
+def test_killed_worker_resumes_from_last_checkpoint_and_partial_checkpoint_is_ignored(shards, tmp_path, capfd):
+    run = tmp_path / "run"
+    common = ["--data", shards, "--output", f"file://{run}",
+              *_sets(TINY32 + ["train.zero_stage=2", "train.checkpoint_every=32", "train.eval_every=100000",
+                               "train.max_failures=2"])]
+    killed: list = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(run / "latest.json", killed))
+    killer.start()
+    assert main(["pretrain", "--images", "160", *common]) == 0
+    killer.join()
+    logs = capfd.readouterr().out
+    assert killed, "no Ray Train worker was found to kill"
+    resumed = [int(line.split("resumed at ")[1].split()[0].replace(",", "")) for line in logs.splitlines()
+               if "resumed at" in line]
+    assert resumed and resumed[0] >= 32 and resumed[0] % 32 == 0, logs
+    status = json.loads((run / "latest.json").read_text())
+    assert status["images_shown"] == 160, "the target is reached exactly once, not overshot"
+
+    # a checkpoint directory that was never completed (no state.json / COMPLETE, not registered by Ray)
+    partial = Path(status["latest_checkpoint"][len("file://"):]).parent / "checkpoint-000000999999"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"torn write")
+    assert main(["pretrain", "--images", "192", *common]) == 0
+    logs = capfd.readouterr().out
+    assert "resumed at 160 images shown" in logs
+    final = json.loads((run / "latest.json").read_text())
+    assert final["images_shown"] == 192 and "999999" not in final["latest_checkpoint"]
