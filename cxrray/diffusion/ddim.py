@@ -42,33 +42,32 @@ def _eps(model, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tens
     return model(x, tt, z).float()
 
 
-def ddim_sample(model, z: torch.Tensor, x_T: torch.Tensor, steps: int = 100, progress: Progress = None) -> torch.Tensor:
-    """Decode x_T -> x0 with deterministic DDIM (eta 0), conditioned on z [B, z_dim]. Returns float32."""
+def _walk(model, kind: str, x: torch.Tensor, z: torch.Tensor, steps: int, progress: Progress,
+          clip: bool = False, **step_kwargs) -> torch.Tensor:
+    """Run one DDIM direction ("ddim": x_T -> x0, "ddim_inverse": x0 -> x_T) over `steps` steps."""
     steps = _check_steps(steps)
-    sched = make_scheduler("ddim")
-    sched.set_timesteps(steps, device=x_T.device)
-    x = x_T.float()
+    sched = make_scheduler(kind, clip_sample=clip)
+    sched.set_timesteps(steps, device=x.device)
+    x = x.float()
     with _eval(model):
         for i, t in enumerate(sched.timesteps):
-            x = sched.step(_eps(model, x, t, z), int(t), x, eta=0.0, return_dict=False)[0]
+            x = sched.step(_eps(model, x, t, z), int(t), x, return_dict=False, **step_kwargs)[0]
             if progress is not None:
                 progress(i + 1, steps)
     return x
+
+
+def ddim_sample(model, z: torch.Tensor, x_T: torch.Tensor, steps: int = 100, progress: Progress = None,
+                clip: bool = False) -> torch.Tensor:
+    """Decode x_T -> x0 with deterministic DDIM (eta 0), conditioned on z [B, z_dim]. Returns float32.
+    `clip` clips each step's predicted x0 to [-1, 1] (random x_T only; keep it off to decode an inversion)."""
+    return _walk(model, "ddim", x_T, z, steps, progress, clip=clip, eta=0.0)
 
 
 def ddim_invert(model, x0: torch.Tensor, z: torch.Tensor, steps: int = 250, progress: Progress = None) -> torch.Tensor:
     """Deterministic DDIM inversion x0 -> x_T given z (the model is queried at each step's target timestep,
     the mirror of `ddim_sample` with the same `steps`). Returns float32."""
-    steps = _check_steps(steps)
-    sched = make_scheduler("ddim_inverse")
-    sched.set_timesteps(steps, device=x0.device)
-    x = x0.float()
-    with _eval(model):
-        for i, t in enumerate(sched.timesteps):
-            x = sched.step(_eps(model, x, t, z), int(t), x, return_dict=False)[0]
-            if progress is not None:
-                progress(i + 1, steps)
-    return x
+    return _walk(model, "ddim_inverse", x0, z, steps, progress)
 
 
 def _model_device(model) -> torch.device:
@@ -82,7 +81,8 @@ def sample(model, n: int, steps: int = 100, generator: torch.Generator | None = 
     The codes come from `z` [m, z_dim] or, when `z` is None, from encoding `images` [m, C, S, S] in [-1, 1].
     If m == n the codes are used in order (one per sample); otherwise n codes are drawn from the set with
     replacement using `generator`. (Diff-AE's unconditional sampling of z via a latent DDIM is out of scope.)
-    Returns float32 images [n, C, S, S], not clamped.
+    Each step's predicted x0 is clipped to [-1, 1] (DDPM/DDIM practice for sampling from noise).
+    Returns float32 images [n, C, S, S].
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -100,7 +100,7 @@ def sample(model, n: int, steps: int = 100, generator: torch.Generator | None = 
     cfg = model.cfg
     shape = (n, cfg.in_channels, cfg.image_size, cfg.image_size)
     x_T = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
-    return ddim_sample(model, z, x_T, steps=steps, progress=progress)
+    return ddim_sample(model, z, x_T, steps=steps, progress=progress, clip=True)
 
 
 def reconstruct(model, x0: torch.Tensor, steps: int = 100, progress: Progress = None) -> torch.Tensor:

@@ -22,10 +22,12 @@ SchedulerKind = Literal["ddpm", "ddim", "ddim_inverse"]
 
 
 def make_scheduler(kind: SchedulerKind = "ddpm", beta_schedule: str = "linear", beta_start: float = 1e-4,
-                   beta_end: float = 0.02):
-    """A fresh diffusers scheduler (they are stateful after `set_timesteps`, so never share one across calls)."""
+                   beta_end: float = 0.02, clip_sample: bool = False):
+    """A fresh diffusers scheduler (they are stateful after `set_timesteps`, so never share one across calls).
+    `clip_sample` clips the predicted x0 to [-1, 1] at each step: for sampling from random x_T only, since
+    it breaks the exact mirror between inversion and decoding."""
     common = dict(num_train_timesteps=T, beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end,
-                  clip_sample=False, prediction_type="epsilon")
+                  clip_sample=clip_sample, prediction_type="epsilon")
     if kind == "ddpm":
         return DDPMScheduler(**common)
     ddim = dict(common, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")

@@ -9,7 +9,7 @@ import torch
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
 from cxrray.config import Config
-from cxrray.diffusion.ddim import ddim_sample, reconstruct
+from cxrray.diffusion.ddim import reconstruct, sample
 from cxrray.eval.grids import save_grid
 
 
@@ -22,9 +22,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, cfg: Config, images_s
     x0 = images.to(device)
     steps = cfg.train.sample_steps
     generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
-    x_t = torch.randn(x0.shape, generator=generator).to(device)
-    z = model.encode(x0)
-    samples = ddim_sample(model, z, x_t, steps=steps)
+    samples = sample(model, x0.shape[0], steps=steps, generator=generator, images=x0)
     recon = reconstruct(model, x0, steps=steps)
     score = float(ssim((recon.clamp(-1, 1) + 1) / 2, (x0 + 1) / 2, data_range=1.0))
     model.train(was_training)

@@ -17,12 +17,12 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cxrray.config import Config
 from cxrray.diffusion.schedule import training_loss
 from cxrray.models.diffae import DiffAE
 from cxrray.train import state as ckpt_io
+from cxrray.train.ema import ema_model
 from cxrray.train.engine import LossModule, build_engine
 from cxrray.train.evaluate import evaluate
 
@@ -49,7 +49,7 @@ def train_loop_per_worker(config: dict) -> None:
         saved = json.loads((Path(folder) / "state.json").read_text()) if folder else None
         if saved:
             ckpt_io.load_weights(model, Path(folder) / "model.safetensors")
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+        ema = ema_model(model, tc.ema_decay)
         engine = build_engine(LossModule(model, training_loss), tc, world, device)
         ema.to(device)
         if saved:

@@ -1,0 +1,146 @@
+"""`ray job submit` of the jobs/ entry points against a real `ray start --head` cluster on loopback,
+the way an operator runs them (README: "Jobs are submitted with `ray job submit --runtime-env
+cluster/runtime_env.yaml --working-dir . -- python jobs/<stage>.py ...`")."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ray_head import LOOPBACK, RAY_CLI, ray_head, ray_head_address  # noqa: F401 (session fixtures)
+
+REPO = Path(__file__).resolve().parents[1]
+RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
+JOB_TIMEOUT_S = 90
+
+
+def ray_cli(*args: str, head, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in head.env.items() if k not in ("RAY_ADDRESS", "CXRRAY_SALT")}
+    return subprocess.run([RAY_CLI, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def submit(head, *entrypoint: str) -> str:
+    """`ray job submit --no-wait` as in the README; returns the submission id."""
+    job_id = f"test-{uuid.uuid4().hex[:10]}"
+    res = ray_cli("job", "submit", "--address", head.address, "--submission-id", job_id,
+                  "--working-dir", str(REPO), "--runtime-env", str(RUNTIME_ENV), "--no-wait",
+                  "--", *entrypoint, head=head)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return job_id
+
+
+def wait_for(head, job_id: str, timeout: float = JOB_TIMEOUT_S, sockets: set | None = None) -> str:
+    """Poll the job's status (bounded) until it is terminal; returns it. With `sockets`, also
+    collects what the cluster listens on meanwhile (driver, job supervisor, workers)."""
+    from ray.job_submission import JobStatus
+
+    client = head.job_client()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        if status.is_terminal():
+            return status.value
+        if sockets is not None:
+            sockets.update(head.listening())
+        time.sleep(0.5)
+    client.stop_job(job_id)
+    pytest.fail(f"job {job_id} still {status} after {timeout}s:\n{client.get_job_logs(job_id)[-3000:]}")
+    return JobStatus.PENDING.value  # unreachable
+
+
+def job_logs(head, job_id: str) -> str:
+    res = ray_cli("job", "logs", "--address", head.address, job_id, head=head)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def assert_loopback_only(sockets) -> None:
+    exposed = sorted(s for s in sockets if s[0] not in LOOPBACK)
+    assert not exposed, f"Ray sockets bound beyond loopback (ip, port, pid, process): {exposed}"
+
+
+def test_head_listens_on_loopback_only(ray_head):
+    sockets = ray_head.listening()
+    ports = {port for _, port, _, _ in sockets}
+    # not vacuous: the GCS and the dashboard (Jobs API) are among the sockets inspected
+    assert ray_head.ports["port"] in ports and ray_head.ports["dashboard-port"] in ports, sockets
+    assert_loopback_only(sockets)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    from cxrray.data.phantom import PhantomConfig, generate
+
+    root = tmp_path_factory.mktemp("phantoms")
+    generate(20, root, PhantomConfig(size=64))
+    return root
+
+
+def test_ingest_job_succeeds(ray_head, phantoms, tmp_path):
+    shards = tmp_path / "shards"
+    job_id = submit(ray_head, "python", "jobs/ingest.py", "--input", str(phantoms),
+                    "--labels", str(phantoms / "labels.csv"), "--output", f"file://{shards}", "--size", "32")
+    sockets: set = set()
+    status = wait_for(ray_head, job_id, sockets=sockets)
+    logs = job_logs(ray_head, job_id)
+    assert status == "SUCCEEDED", logs[-3000:]
+    # while the job ran, its driver and workers stayed on loopback too
+    assert any("JobSupervisor" in name for *_, name in sockets), sockets  # the job's processes were seen
+    assert_loopback_only(sockets)
+    assert "[ingest]" in logs
+    summaries = [json.loads(line) for line in logs.splitlines()
+                 if line.startswith("{") and '"samples"' in line]
+    assert summaries and summaries[-1]["samples"] == 20, logs[-3000:]
+    assert summaries[-1]["output"] == f"file://{shards}"
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert manifest["samples"] == 20
+    info = ray_head.job_client().get_job_info(job_id)
+    assert info.driver_exit_code == 0
+    # cluster/runtime_env.yaml was applied, and the salt did not travel with the job (cluster env)
+    assert {".venv", "data_shards"} <= set(info.runtime_env["excludes"])
+    assert "CXRRAY_SALT" not in info.runtime_env.get("env_vars", {})
+    # the shards were built by this cluster's workers (the driver joined RAY_ADDRESS, set by the
+    # job supervisor), not by a private local Ray
+    from ray.util.state import list_tasks
+
+    tasks = list_tasks(address=ray_head.address, filters=[("job_id", "=", info.job_id)], limit=1000)
+    assert any(t.name == "Map(build_shard)" and t.state == "FINISHED" for t in tasks), tasks
+
+
+def test_failing_job_reports_cli_error(ray_head, phantoms, tmp_path):
+    job_id = submit(ray_head, "python", "jobs/ingest.py", "--input", "/nonexistent",
+                    "--labels", str(phantoms / "labels.csv"), "--output", f"file://{tmp_path}/shards")
+    status = wait_for(ray_head, job_id)
+    logs = job_logs(ray_head, job_id)
+    assert status == "FAILED", logs
+    assert "cxrray ingest: error:" in logs and "/nonexistent" in logs, logs
+    assert "Traceback" not in logs  # a clear message, not a crash
+    assert "exit code 2" in (ray_head.job_client().get_job_info(job_id).message or "")
+    assert not (tmp_path / "shards" / "manifest.json").exists()
+
+
+def test_pretrain_job_succeeds_and_resubmission_continues(ray_head, phantoms, tmp_path):
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    status = wait_for(ray_head, submit(ray_head, "python", "jobs/ingest.py", "--input", str(phantoms),
+                                       "--labels", str(phantoms / "labels.csv"), "--output", str(shards),
+                                       "--size", "32"))
+    assert status == "SUCCEEDED"
+    sets = ["model.image_size=32", "model.base_channels=16", "model.channel_mult=[1,2]", "model.norm_groups=8",
+            "model.z_dim=64", "train.global_batch=4", "train.log_every=8", "train.checkpoint_every=8",
+            "train.eval_split=null", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    command = ["python", "jobs/pretrain.py", "--data", f"file://{shards}", "--output", f"file://{run}",
+               *[a for s in sets for a in ("--set", s)]]
+    for images in (16, 24):  # a re-submitted job with a larger target continues from the checkpoint
+        job_id = submit(ray_head, *command, "--images", str(images))
+        status = wait_for(ray_head, job_id, timeout=240)
+        logs = job_logs(ray_head, job_id)
+        assert status == "SUCCEEDED", logs[-3000:]
+        assert f"[pretrain] {images}/{images} images" in logs, logs[-3000:]
+    assert "resumed at 16 images shown" in logs
+    latest = json.loads((run / "latest.json").read_text())
+    assert latest["images_shown"] == 24 and latest["latest_checkpoint"].endswith("checkpoint-000000000024")
