@@ -25,10 +25,10 @@ demo: install
 	$(BIN)/cxrray demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 test-slow: install
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow --durations=10
 
 clean:
 	rm -rf $(VENV) data_shards/* mlflow.db mlruns demo_out
