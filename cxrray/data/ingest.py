@@ -19,7 +19,7 @@ from typing import Callable
 import ray
 
 from cxrray import __version__
-from cxrray.config import IngestConfig, resolve_salt
+from cxrray.config import DecodeConfig, IngestConfig, resolve_salt
 from cxrray.data import shards
 from cxrray.data.deid import salted_hash, sample_key
 from cxrray.data.dicom import RejectError, decode_file
@@ -176,8 +176,6 @@ def build_shard(row: dict, context: dict) -> dict:
 
 
 def _make_sample(item: dict, context: dict) -> tuple[str, bytes, dict]:
-    from cxrray.config import DecodeConfig
-
     rel, row = item["rel"], item["row"] or {}
     try:
         data = Path(context["root"], rel).read_bytes()

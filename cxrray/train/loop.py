@@ -6,6 +6,7 @@ checkpoint Ray hands back after a worker failure, else `resume_from` (the output
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -45,7 +46,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = DiffAE(cfg.model)
     checkpoint = ray.train.get_checkpoint() or _checkpoint_at(config.get("resume_from"))
     progress = {"images_shown": 0, "step": 0, "ema_updates": 0}
-    with (checkpoint.as_directory() if checkpoint else _no_dir()) as folder:
+    with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as folder:
         saved = json.loads((Path(folder) / "state.json").read_text()) if folder else None
         if saved:
             ckpt_io.load_weights(model, Path(folder) / "model.safetensors")
@@ -151,10 +152,3 @@ def _checkpoint_at(uri: str | None):
     store = Storage(uri)
     return ray.train.Checkpoint(path=store.path(), filesystem=store.fs)
 
-
-class _no_dir:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -83,8 +83,7 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
     run_id = start_run(cfg.tracking, {**cfg.model_dump(mode="json"), "data": data_uri, "output": out.uri},
                        run_name=f"pretrain-{cfg.preset}", run_id=(previous or {}).get("mlflow_run_id"))
     logger = RunLogger(tracking_uri(cfg.tracking), run_id)
-    initial = {"target_images": tc.images, "mlflow_run_id": run_id, "images_shown": 0, **(previous or {})}
-    initial["target_images"] = tc.images
+    initial = {"images_shown": 0, **(previous or {}), "target_images": tc.images, "mlflow_run_id": run_id}
     out.write_bytes(LATEST, json.dumps(initial, indent=1, sort_keys=True).encode())
     resume = (previous or {}).get("latest_checkpoint")
     progress(f"[pretrain] {tc.strategy} x{tc.num_workers} workers, global batch {tc.global_batch}, "
