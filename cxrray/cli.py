@@ -71,6 +71,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metadata", required=True)
     s.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE")
 
+    p = sub.add_parser("encode", help="shards -> z (and x_T by DDIM inversion) as Parquet, on a Ray actor pool")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory or pretraining output URI")
+    p.add_argument("--data", required=True, help="shards URI")
+    p.add_argument("--output", required=True, help="encodings URI (file:// or s3://)")
+    p.add_argument("--invert", action="store_true", help="also store x_T (deterministic DDIM inversion)")
+    p.add_argument("--invert-steps", type=int, default=None, help="inversion steps (encode.invert_steps)")
+    _add_config_args(p)
+
+    p = sub.add_parser("explain", help="counterfactual explanations for a file or for the images of a shards URI")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--probe", required=True, help="probe directory written by `cxrray probe`")
+    p.add_argument("--input", required=True, help="a DICOM/PNG file, or a shards URI (batch fan-out)")
+    p.add_argument("--finding", action="append", required=True, help="target finding (repeatable)")
+    p.add_argument("--output", required=True, help="output folder or URI")
+    p.add_argument("--away", action="store_true", help="move away from the finding instead of toward it")
+    p.add_argument("--split", default=None, help="shards input: only this split")
+    p.add_argument("--limit", type=int, default=None, help="shards input: at most this many images (seeded)")
+    _add_config_args(p)
+
+    p = sub.add_parser("audit", help="confounder audit: what counterfactuals toward a finding drag along")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--probe", required=True)
+    p.add_argument("--data", required=True, help="shards URI")
+    p.add_argument("--finding", action="append", required=True, help="finding to audit (repeatable)")
+    p.add_argument("--output", required=True, help="report folder")
+    _add_config_args(p)
+
+    p = sub.add_parser("probe", help="linear probe on encodings: fit per data fraction, evaluate with CIs, report")
+    p.add_argument("--encodings", required=True, help="encodings URI (file:// or s3://) written by the encode job")
+    p.add_argument("--output", required=True, help="local output directory: heads, metrics, tables, roc.png")
+    p.add_argument("--fraction", type=float, action="append", default=None, metavar="F",
+                   help="fraction of fit-split patients, in (0, 1] (repeatable; default probe.fractions)")
+    _add_config_args(p)
+
     p = sub.add_parser("demo", help="the main job on the embedded default: phantoms -> ingest -> pretrain -> report")
     p.add_argument("--n", type=int, default=600)
     p.add_argument("--workdir", default="demo_out")
@@ -153,6 +187,45 @@ def cmd_sources(args) -> int:
     return 0
 
 
+def cmd_encode(args) -> int:
+    from cxrray.pipelines.encode import encode
+
+    overrides = list(args.overrides) + (["encode.invert=true"] if args.invert else [])
+    overrides += [f"encode.invert_steps={args.invert_steps}"] if args.invert_steps else []
+    index = encode(args.checkpoint, args.data, args.output, load_config(args.config, overrides).encode)
+    print(json.dumps({k: index[k] for k in ("checkpoint", "rows", "z_dim", "invert_steps")} | {"output": args.output}))
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from cxrray.pipelines.explain import explain
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(explain(args.checkpoint, args.probe, args.input, args.finding, args.output, cfg,
+                             split=args.split, limit=args.limit, toward=-1 if args.away else 1), indent=1))
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from cxrray.pipelines.audit import audit
+
+    result = audit(args.checkpoint, args.probe, args.data, args.finding, Path(args.output),
+                   load_config(args.config, args.overrides))
+    print(json.dumps({f: {"top": r["candidates"][:3], "flagged": r["flagged"]} for f, r in result["findings"].items()},
+                     indent=1))
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from cxrray.pipelines.probe import run_probe
+
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(run_probe(args.encodings, Path(args.output), cfg, args.fraction), indent=1))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from cxrray.demo import run_demo
 
@@ -166,7 +239,8 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"config": cmd_config, "phantoms": cmd_phantoms, "ingest": cmd_ingest, "sources": cmd_sources,
-            "pretrain": cmd_pretrain, "status": cmd_status, "demo": cmd_demo}
+            "pretrain": cmd_pretrain, "status": cmd_status, "demo": cmd_demo,
+            "probe": cmd_probe, "encode": cmd_encode, "explain": cmd_explain, "audit": cmd_audit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,6 +79,86 @@ class TrainConfig(StrictModel):
     seed: int = 0
 
 
+class EncodeConfig(StrictModel):
+    """Encode job: z from the EMA encoder and, optionally, x_T by deterministic DDIM inversion."""
+
+    invert: bool = False
+    invert_steps: int = Field(250, ge=1, le=1000)  # DiffChest: 250
+    batch_size: int = Field(16, ge=1)
+    actors: int | None = Field(None, ge=1)  # actor-pool size; None: one per GPU / two CPU actors locally
+    use_gpu: bool = False
+
+
+class ProbeConfig(StrictModel):
+    """Linear (logistic-regression) probe on z and its evaluation."""
+
+    fit_splits: list[str] = Field(default_factory=lambda: ["finetune", "train"])  # first present is used
+    test_split: str = "test"
+    fractions: list[float] = Field(default_factory=lambda: [0.03, 0.1, 1.0])  # of fine-tune patients
+    C: float = Field(10.0, gt=0)  # inverse L2 strength of sklearn's LogisticRegression
+    min_positives: int = Field(30, ge=1)  # test positives needed to report a finding's AUROC
+    bootstrap: int = Field(1000, ge=10)  # redraws for per-finding CIs
+    paired_bootstrap: int = Field(10_000, ge=10)  # redraws for the paired model comparison
+    age_bins: list[float] = Field(default_factory=lambda: [0, 40, 60, 80, 200])  # years, right-open
+    seed: int = 0
+
+
+class ExplainConfig(StrictModel):
+    """Counterfactual explanations: z* = z + eps * y_t * w (DiffChest eq. 5) or the closed form (eq. 4)."""
+
+    mode: Literal["linear", "closed_form"] = "linear"
+    eps: float = Field(0.3, gt=0, le=10)  # step along the unit probe direction, in units of sqrt(z_dim)
+    target_probability: float = Field(0.9, gt=0, lt=1)  # closed form: probe probability to reach
+    steps: int = Field(100, ge=1, le=1000)  # DDIM decode steps (paper: 100-200)
+    invert_steps: int = Field(250, ge=1, le=1000)
+    batch_size: int = Field(8, ge=1)
+    actors: int | None = Field(None, ge=1)
+    use_gpu: bool = False
+
+
+class AuditConfig(StrictModel):
+    """Confounder audit: counterfactuals toward a finding from images negative for it."""
+
+    images: int = Field(32, ge=2)  # negatives per audited finding
+    split: str = "test"
+    # image: probe on the re-encoded counterfactual minus on the plain reconstruction (what the image shows);
+    # latent: probe on z* minus on z (what the probe direction drags along; cheap, exact for a linear probe)
+    measure: Literal["image", "latent"] = "image"
+    # closed_form: the smallest move that makes the probe say the finding (explain.target_probability); a fixed
+    # linear step saturates every correlated probe and hides the ranking (measured on phantoms)
+    mode: Literal["linear", "closed_form"] = "closed_form"
+    min_effect: float = Field(0.05, ge=0)  # a candidate is flagged when its CI lower bound exceeds this
+    bootstrap: int = Field(1000, ge=10)
+    seed: int = 0
+
+
+class ServeConfig(StrictModel):
+    """`cxrray serve` (Ray Serve): request limits, dynamic batching and the replicas of its three
+    deployments: ingress (HTTP, upload checks and decoding), classifier (encoder + probe, batched),
+    explainer (counterfactuals and generation). Replica ranges are (min, max) for the autoscaler."""
+
+    host: str = "127.0.0.1"  # HTTP proxy address; anything wider only behind an authenticating gateway
+    port: int = Field(8000, ge=1, le=65535)
+    api_key_env: str = "CXRRAY_API_KEY"  # when this variable is set, /v1 needs `Authorization: Bearer <key>`
+    max_upload_bytes: int = Field(32 * 2**20, ge=1024)  # larger uploads: 413
+    max_pixels: int = Field(40_000_000, ge=1)  # rows*cols of an upload (and <= ingest.decode.max_pixels): 413
+    max_batch_size: int = Field(8, ge=1)  # classifier @serve.batch
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+    max_steps: int = Field(100, ge=1, le=1000)  # DDIM decode steps a request may ask for (explain, generate)
+    max_invert_steps: int = Field(250, ge=1, le=1000)
+    max_generate: int = Field(8, ge=1, le=64)  # images per /v1/generate request
+    ingress_replicas: tuple[int, int] = (1, 2)
+    classifier_replicas: tuple[int, int] = (1, 2)
+    explainer_replicas: tuple[int, int] = (1, 1)
+    target_ongoing_requests: float = Field(4, gt=0)  # ingress and classifier, per replica (explainer: 1)
+    ingress_num_cpus: float = Field(0.25, ge=0)
+    classifier_num_cpus: float = Field(1.0, ge=0)
+    classifier_num_gpus: float = Field(0.0, ge=0)  # fractional: replicas share a GPU (e.g. 0.25)
+    explainer_num_cpus: float = Field(1.0, ge=0)
+    explainer_num_gpus: float = Field(0.0, ge=0)
+    explainer_max_queued: int = Field(32, ge=-1)  # explain/generate calls queued beyond this: 503 (-1: no limit)
+
+
 class TrackingConfig(StrictModel):
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "cxrray-pretrain"
@@ -92,6 +172,11 @@ class Config(StrictModel):
     model: DiffAEConfig = Field(default_factory=lambda: DiffAEConfig(**MODEL_PRESETS["tiny"]))
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -99,7 +184,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 159M-param model at batch 128): on phantoms, 200 steps at 1e-3 give chest-like samples, at 1e-4 noise.
     "tiny": {"ingest": {"size": 64}, "phantom": {"size": 128}, "model": MODEL_PRESETS["tiny"],
              "train": {"global_batch": 16, "images": 3_200, "lr": 1e-3, "ema_decay": 0.995,
-                       "checkpoint_every": 800, "eval_every": 1_600, "log_every": 160, "sample_steps": 25}},
+                       "checkpoint_every": 800, "eval_every": 1_600, "log_every": 160, "sample_steps": 25},
+             # the tiny CPU model's decoder barely follows z given an inverted x_T (|counterfactual - reconstruction|
+             # ~0.001 at eps 0.3), so its audit measures in latent space; trained models use the image measure
+             "audit": {"measure": "latent"}},
     "small": {"ingest": {"size": 128}, "phantom": {"size": 192}, "model": MODEL_PRESETS["small"],
               "train": {"global_batch": 64, "images": 2_000_000, "ema_decay": 0.9995}},
     "paper": {"ingest": {"size": 256}, "phantom": {"size": 320}, "model": MODEL_PRESETS["paper"],

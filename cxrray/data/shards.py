@@ -107,3 +107,23 @@ def read_manifest(uri: str | Storage) -> dict:
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{store.url(MANIFEST)}: format {manifest.get('format')!r}, expected {FORMAT}")
     return manifest
+
+
+def read_tar(data: bytes, source: str = "shard") -> list[tuple[str, bytes, dict]]:
+    """Tar bytes written by `write_tar` -> [(key, png_bytes, meta)] in stored order. Only `.png` and
+    `.json` members are accepted (anything else raises: nothing is ever unpickled)."""
+    import tarfile
+
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            if ext not in ("png", "json"):
+                raise ValueError(f"refusing {source} member {member.name}: only .png and .json are read")
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    missing = [k for k, v in samples.items() if set(v) != {"png", "json"}]
+    if missing:
+        raise ValueError(f"{source}: samples without both .png and .json: {missing[:5]}")
+    return [(k, v["png"], json.loads(v["json"])) for k, v in samples.items()]

@@ -1,0 +1,144 @@
+"""Confounder audit: what does moving an image toward a finding drag along?
+
+For each audited finding F: take up to `audit.images` images negative for F (labels[F] == 0) from a
+split, make counterfactuals toward F (`audit.mode`, by default the closed form: the smallest move
+that makes the probe say F) (the explain job, with the plain reconstruction as reference),
+and for every other label L measure the per-image change of the probe's probability of L:
+
+- image measure:  p_L(encode(counterfactual)) - p_L(encode(reconstruction))
+- latent measure: p_L(z*) - p_L(z)
+
+The effect is the mean change with a 95% percentile bootstrap CI over images; candidates are ranked
+by effect and flagged when the CI's lower bound exceeds `audit.min_effect`. Where the image changes
+is summarised as the share of |counterfactual - reconstruction| in a 3x3 grid.
+Outputs: `audit.json` ({findings: {F: {candidates: [{label, effect, ci, flagged, ...}], ...}}}),
+`audit.html` (tables + grids), grids as PNG; all logged to MLflow.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxrray.config import Config
+from cxrray.data.imaging import decode_png16, png16_to_model
+from cxrray.data.storage import Storage
+from cxrray.eval import html
+from cxrray.eval.grids import save_grid
+from cxrray.pipelines.explain import explain_shards, select
+from cxrray.pipelines.head import load_head
+
+GRID_IMAGES = 8
+
+
+def mean_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """Mean and 95% percentile-bootstrap CI of per-image changes."""
+    values = np.asarray(values, np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+    return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def candidates(records: list[dict], finding: str, labels: list[str], cfg: Config) -> list[dict]:
+    """Every label but `finding`, ranked by effect (see module docstring)."""
+    out = []
+    for label in labels:
+        if label == finding:
+            continue
+        image = np.array([r["probs_after"][label] - r["probs_reference"][label] for r in records])
+        latent = np.array([r["probs_latent"][label] - r["probs_before"][label] for r in records])
+        if not np.isfinite(image).all():  # label without a fitted probe
+            continue
+        chosen = image if cfg.audit.measure == "image" else latent
+        effect, low, high = mean_ci(chosen, cfg.audit.bootstrap, cfg.audit.seed)
+        out.append({"label": label, "effect": effect, "ci": [low, high], "flagged": low > cfg.audit.min_effect,
+                    "effect_image": float(image.mean()), "effect_latent": float(latent.mean())})
+    return sorted(out, key=lambda c: c["effect"], reverse=True)
+
+
+def _grid(records: list[dict], store: Storage, path: Path, finding: str) -> str:
+    """Rows: original, counterfactual, |difference| amplified (grey), for the first GRID_IMAGES images."""
+    def load(name):
+        return torch.as_tensor(png16_to_model(decode_png16(store.read_bytes(name))))[None, None]
+
+    picked = records[:GRID_IMAGES]
+    orig = torch.cat([load(r["files"]["original"]) for r in picked])
+    cf = torch.cat([load(r["files"]["counterfactual"]) for r in picked])
+    diff = (cf - orig).abs()
+    diff = diff / (diff.amax() + 1e-8) * 2 - 1
+    return str(save_grid([orig, cf, diff], path, f"counterfactuals toward {finding}: original / counterfactual / |diff|"))
+
+
+def audit_finding(checkpoint: str, probe: str, data_uri: str, finding: str, out: Path, cfg: Config) -> dict:
+    head = load_head(probe)
+    head.index(finding)
+    cfg = cfg.model_copy(update={"explain": cfg.explain.model_copy(update={"mode": cfg.audit.mode})})
+    samples, manifest = select(data_uri, cfg.audit.split, label=finding, value=0.0, limit=cfg.audit.images,
+                               seed=cfg.audit.seed)
+    if len(samples) < 2:
+        raise ValueError(f"audit of {finding!r}: only {len(samples)} images negative for it in split "
+                         f"{cfg.audit.split!r}; need at least 2")
+    cf_store = Storage(str((out / "counterfactuals").resolve()))
+    print(f"[audit] {finding}: counterfactuals toward it from {len(samples)} negative images", flush=True)
+    explain_shards(checkpoint, probe, data_uri, [finding], cf_store.uri, cfg, samples, toward=1, reference=True)
+    records = [json.loads(cf_store.read_bytes(f"{s['key']}.{finding}.toward.json")) for s in samples]
+    ranked = candidates(records, finding, [f for f, ok in zip(head.findings, head.fitted) if ok], cfg)
+    shares = {k: float(np.mean([r["regions_vs_reference"][k] for r in records])) for k in records[0]["regions_vs_reference"]}
+    target = np.array([r["probs_latent" if cfg.audit.measure == "latent" else "probs_after"][finding]
+                       - r["probs_before" if cfg.audit.measure == "latent" else "probs_reference"][finding]
+                       for r in records])
+    return {"finding": finding, "images": len(records), "measure": cfg.audit.measure,
+            "target_effect": float(target.mean()), "candidates": ranked,
+            "flagged": [c["label"] for c in ranked if c["flagged"]],
+            "regions": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
+            "grid": _grid(records, cf_store, out / f"audit_{finding}.png", finding)}
+
+
+def report_html(result: dict) -> str:
+    sections = []
+    for finding, r in result["findings"].items():
+        rows = [{"label": c["label"], "effect": c["effect"], "ci low": c["ci"][0], "ci high": c["ci"][1],
+                 "flagged": "yes" if c["flagged"] else "", "image effect": c["effect_image"],
+                 "latent effect": c["effect_latent"]} for c in r["candidates"]]
+        top = ", ".join(f"{k} {v:.0%}" for k, v in list(r["regions"].items())[:3])
+        body = (f"<p>{r['images']} images negative for {html.esc(finding)}; measure: {r['measure']}; "
+                f"change of the target's own probability: {r['target_effect']:+.3f}. "
+                f"Flagged: {html.esc(', '.join(r['flagged']) or 'none')}. Where the image changes: {html.esc(top)}.</p>"
+                + html.table(rows, list(rows[0]) if rows else ["label"]) + html.image(r["grid"], "original / counterfactual / |difference|"))
+        sections.append((f"Counterfactuals toward {finding}", body))
+    return html.page("cxrray confounder audit", sections,
+                     "Candidate confounders: labels whose probe probability rises when an image is moved toward the "
+                     "finding. Synthetic images: not acquired radiographs.")
+
+
+def audit(checkpoint: str, probe: str, data_uri: str, findings: list[str], output_dir: Path, cfg: Config) -> dict:
+    """Audit each finding; writes audit.json, audit.html and grids under `output_dir` and logs to MLflow."""
+    from cxrray.tracking import RunLogger, start_run, tracking_uri
+
+    if not findings:
+        raise ValueError("give at least one --finding")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"checkpoint": checkpoint, "probe": str(probe), "data": data_uri,
+              "audit": cfg.audit.model_dump(mode="json"), "explain": cfg.explain.model_dump(mode="json"),
+              "findings": {f: audit_finding(checkpoint, probe, data_uri, f, out, cfg) for f in findings}}
+    (out / "audit.json").write_text(json.dumps(result, indent=1))
+    (out / "audit.html").write_text(report_html(result))
+    run_id = start_run(cfg.tracking, {"audit": cfg.audit.model_dump(mode="json"), "checkpoint": checkpoint,
+                                      "findings": ",".join(findings)}, run_name="audit")
+    logger = RunLogger(tracking_uri(cfg.tracking), run_id)
+    for f, r in result["findings"].items():
+        if r["candidates"]:
+            logger.metrics({f"audit_top_effect/{f}": r["candidates"][0]["effect"]}, step=0)
+        logger.artifact(r["grid"], "audit")
+    for name in ("audit.json", "audit.html"):
+        logger.artifact(out / name, "audit")
+    logger.finish()
+    result["mlflow_run_id"] = run_id
+    for f, r in result["findings"].items():
+        top = r["candidates"][0] if r["candidates"] else None
+        print(f"[audit] {f}: top candidate {top['label'] if top else '-'} effect {top['effect'] if top else 0:+.3f}; "
+              f"flagged: {', '.join(r['flagged']) or 'none'}", flush=True)
+    return result

@@ -1,0 +1,91 @@
+"""Encodings: the encode job's output, one Parquet part per (shard, chunk), plus `encodings.json`.
+
+Columns of every part (one row per sample, keyed by the shard's sample key):
+
+| column     | type               | meaning                                                  |
+|------------|--------------------|----------------------------------------------------------|
+| key        | string             | sample key (salted hash, as in the shards)               |
+| split      | string             | patient-level split from the manifest                    |
+| patient    | string             | salted patient hash (for patient-level subsampling)      |
+| sex, view  | string (nullable)  |                                                          |
+| age        | float64 (NaN)      | years                                                    |
+| labels     | list<float32>      | aligned with `label_vocabulary`; 1 / 0 / NaN             |
+| covariates | list<float32>      | aligned with `covariates`; NaN if missing                |
+| z          | list<float32>      | semantic code, length `z_dim`                            |
+| x_T        | list<float32>      | DDIM-inverted noise map, C*S*S values (only with invert) |
+
+A part is written in one atomic object write, so a reader sees whole parts or none; parts are
+named by their input shard, chunk index and a fingerprint of the encoding settings, so a rerun
+with the same settings skips them and writes every key exactly once.
+"""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cxrray.data.storage import Storage
+
+FORMAT = "cxrray-encodings/1"
+INDEX = "encodings.json"
+PARTS = "parts"
+META_COLUMNS = ("key", "split", "patient", "sex", "view", "age")
+
+
+def part_table(metas: list[dict], z: np.ndarray, x_T: np.ndarray | None, covariates: list[str]) -> pa.Table:
+    """Build one part: `metas` are the shards' meta.json dicts, z [N, D], x_T [N, C, S, S] or None."""
+    f32 = pa.list_(pa.float32())
+    columns = {
+        "key": pa.array([m["key"] for m in metas], pa.string()),
+        "split": pa.array([m.get("split") for m in metas], pa.string()),
+        "patient": pa.array([m.get("patient") for m in metas], pa.string()),
+        "sex": pa.array([m.get("sex") for m in metas], pa.string()),
+        "view": pa.array([m.get("view") for m in metas], pa.string()),
+        "age": pa.array([np.nan if m.get("age") is None else float(m["age"]) for m in metas], pa.float64()),
+        "labels": pa.array([[np.nan if v is None else float(v) for v in m["labels"]] for m in metas], f32),
+        "covariates": pa.array([[np.nan if (m.get("covariates") or {}).get(c) is None else float(m["covariates"][c])
+                                 for c in covariates] for m in metas], f32),
+        "z": pa.array(list(np.asarray(z, np.float32)), f32),
+    }
+    if x_T is not None:
+        columns["x_T"] = pa.array(list(np.asarray(x_T, np.float32).reshape(len(metas), -1)), f32)
+    return pa.table(columns)
+
+
+def write_part(store: Storage, name: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    store.write_bytes(f"{PARTS}/{name}", buf.getvalue())
+
+
+def finished_parts(store: Storage) -> set[str]:
+    """Names of complete parts (temporary files of an interrupted write are not listed)."""
+    return {n.rsplit("/", 1)[-1] for n in store.list(PARTS) if n.endswith(".parquet")}
+
+
+def read_index(uri: str | Storage) -> dict:
+    store = uri if isinstance(uri, Storage) else Storage(uri)
+    if not store.exists(INDEX):
+        raise FileNotFoundError(f"{store.uri}: no {INDEX} (not an encodings output, or the encode job has not finished)")
+    return json.loads(store.read_bytes(INDEX))
+
+
+def read_encodings(uri: str | Storage, columns: list[str] | None = None) -> tuple[pd.DataFrame, dict]:
+    """All parts listed in the index as one DataFrame (list columns as numpy arrays), and the index.
+    Use `stack(df, "z")` to get a float32 matrix."""
+    store = uri if isinstance(uri, Storage) else Storage(uri)
+    index = read_index(store)
+    tables = [pq.read_table(io.BytesIO(store.read_bytes(f"{PARTS}/{p}")), columns=columns) for p in index["parts"]]
+    frame = pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame(columns=columns or [])
+    return frame.reset_index(drop=True), index
+
+
+def stack(frame: pd.DataFrame, column: str) -> np.ndarray:
+    """A list column -> float32 [N, L]."""
+    if len(frame) == 0:
+        return np.zeros((0, 0), np.float32)
+    return np.stack(frame[column].to_numpy()).astype(np.float32)

@@ -1,0 +1,223 @@
+"""Explain job: counterfactuals for many images x findings, fanned out over a Ray Data actor pool.
+
+Input is either one file (DICOM/PNG/JPEG, processed in-process) or a shards URI (every sample of a
+split, optionally filtered to negatives/positives of a label and capped). Work units are groups of
+up to `explain.batch_size` samples of one shard; an actor inverts each image once (x_T) and decodes
+one counterfactual per finding. For each (key, finding, direction) it writes, under the output URI:
+
+  {key}.{finding}.{direction}.original.png        PNG-16 (model input, not synthetic)
+  {key}.{finding}.{direction}.counterfactual.png  PNG-16 with provenance
+  {key}.{finding}.{direction}.counterfactual.dcm  DICOM Secondary Capture, ImageType DERIVED
+  {key}.{finding}.{direction}.difference.png      colour-coded signed difference (counterfactual - original)
+  {key}.{finding}.{direction}.json                record: probabilities before/after for every finding, ...
+
+The JSON record is written last, so it marks a complete output; a rerun skips keys that have it,
+which makes a killed job, rerun, produce every output exactly once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from cxrray.config import Config, ExplainConfig
+from cxrray.data.shards import read_manifest, read_tar
+from cxrray.data.storage import Storage
+from cxrray.models.loading import load_ema, model_identity
+from cxrray.pipelines import derived
+from cxrray.pipelines.counterfactual import counterfactuals
+from cxrray.pipelines.encode import load_images, pool_args
+from cxrray.pipelines.head import load_head
+from cxrray.runtime import configure_data, ensure_ray
+
+DIRECTIONS = {1: "toward", -1: "away"}
+
+
+def regions(difference: np.ndarray) -> dict[str, float]:
+    """Share of |difference| mass in a 3x3 grid (image orientation: the patient's right is image left)."""
+    a = np.abs(np.asarray(difference, np.float64))
+    total = a.sum() or 1.0
+    rows, cols = np.array_split(np.arange(a.shape[0]), 3), np.array_split(np.arange(a.shape[1]), 3)
+    names = (("upper", "middle", "lower"), ("image-left", "centre", "image-right"))
+    return {f"{names[0][i]} {names[1][j]}": float(a[np.ix_(r, c)].sum() / total)
+            for i, r in enumerate(rows) for j, c in enumerate(cols)}
+
+
+class Explainer:
+    """Loads the EMA model and the probe once; turns image batches into written counterfactual outputs."""
+
+    def __init__(self, checkpoint: str, probe: str, output_uri: str, cfg: dict, findings: list[str], toward: int,
+                 reference: bool = False):
+        self.cfg = ExplainConfig(**cfg)
+        self.device = torch.device("cuda" if self.cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)
+        self.model = load_ema(checkpoint).to(self.device)
+        self.head = load_head(probe)
+        for finding in findings:
+            self.head.index(finding)  # unknown/unfitted findings fail here, before any work
+        self.identity, self.out = model_identity(checkpoint), Storage(output_uri)
+        self.findings, self.toward, self.reference = findings, toward, reference
+
+    def stem(self, key: str, finding: str) -> str:
+        return f"{key}.{finding}.{DIRECTIONS[self.toward]}"
+
+    def run(self, keys: list[str], x0: torch.Tensor, extra: list[dict] | None = None) -> list[dict]:
+        """x0 [B, 1, S, S] in [-1, 1] with their keys; writes outputs for the findings not done yet."""
+        todo = [f for f in self.findings if any(not self.out.exists(f"{self.stem(k, f)}.json") for k in keys)]
+        if not todo:
+            return []
+        x0 = x0.to(self.device)
+        with torch.no_grad():
+            z = self.model.encode(x0).float()
+        from cxrray.diffusion.ddim import ddim_invert
+
+        x_T = ddim_invert(self.model, x0, z, steps=self.cfg.invert_steps)
+        records, reference = [], None
+        for finding in todo:
+            result = counterfactuals(self.model, self.head, x0, finding, self.cfg, self.toward, x_T=x_T,
+                                     with_reference=self.reference and reference is None)
+            if self.reference and reference is None:
+                reference = {"image": result["reference"], "probs": result["probs_reference"]}
+            for i, key in enumerate(keys):
+                if not self.out.exists(f"{self.stem(key, finding)}.json"):
+                    records.append(self._write(key, finding, result, i, reference, (extra or [{}] * len(keys))[i]))
+        return records
+
+    def _write(self, key: str, finding: str, r: dict, i: int, reference: dict | None, extra: dict) -> dict:
+        stem, what = self.stem(key, finding), f"counterfactual {DIRECTIONS[self.toward]} {finding}"
+        text = derived.provenance(self.identity, what)
+        cf, original = r["counterfactual"][i, 0].numpy(), r["original"][i, 0].numpy()
+        files = {"original": f"{stem}.original.png", "counterfactual": f"{stem}.counterfactual.png",
+                 "dicom": f"{stem}.counterfactual.dcm", "difference": f"{stem}.difference.png"}
+        self.out.write_bytes(files["original"], derived.image_png(original, "model input (preprocessed original)"))
+        self.out.write_bytes(files["counterfactual"], derived.image_png(cf, text))
+        self.out.write_bytes(files["dicom"], derived.derived_dicom(cf, self.identity, what))
+        self.out.write_bytes(files["difference"], derived.difference_png(r["difference"][i, 0].numpy(), text))
+        names = self.head.findings
+        record = {"key": key, "finding": finding, "direction": DIRECTIONS[self.toward], "model": self.identity,
+                  "explain": self.cfg.model_dump(mode="json"), "files": files,
+                  "probs_before": dict(zip(names, r["probs_before"][i].tolist())),
+                  "probs_after": dict(zip(names, r["probs_after"][i].tolist())),
+                  "probs_latent": dict(zip(names, r["probs_latent"][i].tolist())),
+                  "difference_mean_abs": float(np.abs(r["difference"][i, 0].numpy()).mean()),
+                  "regions": regions(r["difference"][i, 0].numpy()), **extra}
+        if reference is not None:
+            ref = reference["image"][i, 0].numpy()
+            record["probs_reference"] = dict(zip(names, reference["probs"][i].tolist()))
+            record["regions_vs_reference"] = regions(cf - ref)
+        self.out.write_bytes(f"{stem}.json", json.dumps(record, indent=1, allow_nan=True).encode())
+        return record
+
+
+class ShardExplainer(Explainer):
+    """Ray Data actor: units {shard, keys (JSON list)} -> records written; returns counts."""
+
+    def __init__(self, data_uri: str, **kwargs):
+        super().__init__(**kwargs)
+        self.data = Storage(data_uri)
+
+    def __call__(self, batch: dict) -> dict:
+        written = []
+        for shard, keys_json in zip(batch["shard"], batch["keys"]):
+            wanted = json.loads(keys_json)
+            samples = {k: (png, meta) for k, png, meta in read_tar(self.data.read_bytes(shard), source=shard)}
+            x0 = load_images([samples[k][0] for k in wanted])
+            extra = [{"labels": samples[k][1]["labels"], "split": samples[k][1]["split"]} for k in wanted]
+            written.append(len(self.run(wanted, x0, extra)))
+        return {"written": np.array(written)}
+
+
+def select(data_uri: str, split: str | None, label: str | None = None, value: float | None = None,
+           limit: int | None = None, seed: int = 0) -> tuple[list[dict], dict]:
+    """Samples of `split` (optionally with labels[label] == value), seeded subsample of `limit`:
+    [{shard, key}] in a stable order, and the manifest."""
+    store, manifest = Storage(data_uri), read_manifest(data_uri)
+    vocab = manifest["label_vocabulary"]
+    if label is not None and label not in vocab:
+        raise ValueError(f"unknown label {label!r}; the shards have: {', '.join(vocab)}")
+    chosen = []
+    for shard in manifest["shards"]:
+        if split is not None and not shard["splits"].get(split):
+            continue
+        for key, _, meta in read_tar(store.read_bytes(shard["name"]), source=shard["name"]):
+            if split is not None and meta["split"] != split:
+                continue
+            if label is not None and meta["labels"][vocab.index(label)] != value:
+                continue
+            chosen.append({"shard": shard["name"], "key": key})
+    if limit is not None and len(chosen) > limit:
+        pick = np.sort(np.random.default_rng(seed).choice(len(chosen), size=limit, replace=False))
+        chosen = [chosen[i] for i in pick]
+    return chosen, manifest
+
+
+def explain_shards(checkpoint: str, probe: str, data_uri: str, findings: list[str], output_uri: str, cfg: Config,
+                   samples: list[dict], toward: int = 1, reference: bool = False) -> int:
+    """Fan out counterfactuals for `samples` ([{shard, key}]) x findings; returns records written now."""
+    ensure_ray()
+    configure_data()
+    out = Storage(output_uri)
+    done = set(out.list())
+    stem = lambda k, f: f"{k}.{f}.{DIRECTIONS[toward]}.json"  # noqa: E731
+    pending = [s for s in samples if any(stem(s["key"], f) not in done for f in findings)]
+    units, by_shard = [], {}
+    for s in pending:
+        by_shard.setdefault(s["shard"], []).append(s["key"])
+    for shard, keys in by_shard.items():
+        for i in range(0, len(keys), cfg.explain.batch_size):
+            units.append({"shard": shard, "keys": json.dumps(keys[i:i + cfg.explain.batch_size])})
+    print(f"[explain] {len(samples) - len(pending)}/{len(samples)} images already complete; "
+          f"{len(pending)} images x {len(findings)} findings in {len(units)} units -> {out.uri}", flush=True)
+    if not units:
+        return 0
+    ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+        ShardExplainer, batch_size=1, **pool_args(cfg.explain.use_gpu, cfg.explain.actors),
+        fn_constructor_kwargs={"data_uri": data_uri, "checkpoint": checkpoint, "probe": probe,
+                               "output_uri": out.uri, "cfg": cfg.explain.model_dump(), "findings": findings,
+                               "toward": toward, "reference": reference})
+    start, written = time.perf_counter(), 0
+    for i, row in enumerate(ds.iter_rows(), start=1):
+        written += int(row["written"])
+        print(f"[explain] {i}/{len(units)} units  {written} counterfactuals  "
+              f"{written / (time.perf_counter() - start):.2f}/s", flush=True)
+    return written
+
+
+def explain_file(checkpoint: str, probe: str, path: Path, findings: list[str], output_uri: str, cfg: Config,
+                 toward: int = 1) -> list[dict]:
+    """One DICOM/PNG/JPEG file, in-process: preprocess exactly like ingest, then counterfactuals."""
+    from cxrray.data.ingest import prepare_image
+
+    identity = model_identity(checkpoint)
+    data = Path(path).read_bytes()
+    image = prepare_image(data, cfg.ingest.model_copy(update={"size": identity["image_size"]}))
+    key = "file-" + hashlib.sha256(data).hexdigest()[:16]  # the file name may identify the patient
+    explainer = Explainer(checkpoint, probe, output_uri, cfg.explain.model_dump(), findings, toward)
+    return explainer.run([key], torch.as_tensor(image)[None, None]) or [
+        json.loads(Storage(output_uri).read_bytes(f"{explainer.stem(key, f)}.json")) for f in findings]
+
+
+def explain(checkpoint: str, probe: str, input: str, findings: list[str], output_uri: str, cfg: Config,
+            split: str | None = None, limit: int | None = None, toward: int = 1) -> dict:
+    """`cxrray explain`: a file or a shards URI (optionally one split, capped at `limit` images)."""
+    if not findings:
+        raise ValueError("give at least one --finding")
+    head = load_head(probe)
+    for finding in findings:
+        head.index(finding)
+    if Path(input).is_file():
+        records = explain_file(checkpoint, probe, Path(input), findings, output_uri, cfg, toward)
+        return {"input": "file", "records": len(records), "output": Storage(output_uri).uri,
+                "probabilities": {r["finding"]: {"before": r["probs_before"][r["finding"]],
+                                                 "after": r["probs_after"][r["finding"]]} for r in records}}
+    samples, _ = select(input, split, limit=limit, seed=cfg.audit.seed)
+    written = explain_shards(checkpoint, probe, input, findings, output_uri, cfg, samples, toward)
+    total = sum(1 for n in Storage(output_uri).list() if n.endswith(f".{DIRECTIONS[toward]}.json"))
+    return {"input": "shards", "images": len(samples), "findings": findings, "written_now": written,
+            "records": total, "output": Storage(output_uri).uri}

@@ -1,0 +1,100 @@
+"""The linear probe head on z: logits = W @ ((z - mean) / std) + b, one row per finding.
+
+Stored as a directory: `head.safetensors` (weight [F, D], bias [F], z_mean [D], z_std [D], all float32)
+and `head.json` (findings, which rows are fitted, training facts). No pickle. A finding whose row is
+not fitted (too few positives/negatives in the fit set) has weight 0 and bias NaN and is refused as a
+counterfactual target.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from cxrray.data.storage import Storage
+
+WEIGHTS = "head.safetensors"
+META = "head.json"
+
+
+@dataclass
+class LinearHead:
+    findings: list[str]
+    weight: np.ndarray  # [F, D] in normalised-z space
+    bias: np.ndarray  # [F]; NaN where not fitted
+    z_mean: np.ndarray  # [D], fine-tune set
+    z_std: np.ndarray  # [D], fine-tune set (> 0)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def fitted(self) -> np.ndarray:
+        return np.isfinite(self.bias)
+
+    def index(self, finding: str) -> int:
+        if finding not in self.findings:
+            raise ValueError(f"unknown finding {finding!r}; the probe knows: {', '.join(self.findings)}")
+        i = self.findings.index(finding)
+        if not self.fitted[i]:
+            raise ValueError(f"finding {finding!r} has no fitted probe (too few positives or negatives in the fit set)")
+        return i
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self._t(self.z_mean, z)) / self._t(self.z_std, z)
+
+    def denormalize(self, zn: torch.Tensor) -> torch.Tensor:
+        return zn * self._t(self.z_std, zn) + self._t(self.z_mean, zn)
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, D] (raw encoder output) -> logits [B, F] (NaN for unfitted findings)."""
+        return self.normalize(z.float()) @ self._t(self.weight, z).T + self._t(self.bias, z)
+
+    def probabilities(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logits(z))
+
+    def direction(self, finding: str, z_like: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(w [D], b) of one finding, in normalised-z space, on z_like's device."""
+        i = self.index(finding)
+        return self._t(self.weight[i], z_like), float(self.bias[i])
+
+    @staticmethod
+    def _t(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(a, dtype=torch.float32, device=like.device)
+
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({"weight": self.weight.astype(np.float32), "bias": self.bias.astype(np.float32),
+                   "z_mean": self.z_mean.astype(np.float32), "z_std": self.z_std.astype(np.float32)},
+                  str(out / WEIGHTS))
+        (out / META).write_text(json.dumps({"format": "cxrray-probe/1", "findings": self.findings,
+                                            "fitted": self.fitted.tolist(), **self.info}, indent=1))
+        return out
+
+
+def load_head(uri: str | Path) -> LinearHead:
+    """Load a head directory (local path, file:// or s3://)."""
+    store = Storage(str(uri))
+    for name in (WEIGHTS, META):
+        if not store.exists(name):
+            raise FileNotFoundError(f"{store.uri} is not a probe directory (no {name})")
+    meta = json.loads(store.read_bytes(META))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / WEIGHTS
+        path.write_bytes(store.read_bytes(WEIGHTS))
+        arrays = load_file(str(path))
+    head = LinearHead(list(meta["findings"]), arrays["weight"], arrays["bias"], arrays["z_mean"], arrays["z_std"],
+                      {k: v for k, v in meta.items() if k not in ("findings", "fitted", "format")})
+    if head.weight.shape != (len(head.findings), head.z_mean.shape[0]):
+        raise ValueError(f"{store.uri}: weight shape {head.weight.shape} does not match "
+                         f"{len(head.findings)} findings x z_dim {head.z_mean.shape[0]}")
+    return head
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
