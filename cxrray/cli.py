@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of fit-split patients, in (0, 1] (repeatable; default probe.fractions)")
     _add_config_args(p)
 
+    p = sub.add_parser("serve", help="HTTP API on Ray Serve: /v1/classify, /v1/explain, /v1/generate (Ctrl-C stops)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint or pretraining-output URI, or models:/NAME/VERSION")
+    p.add_argument("--probe", required=True, help="probe head directory written by `cxrray probe` (path, file://, s3://)")
+    p.add_argument("--host", default=None, help="HTTP address (serve.host; default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (serve.port; default 8000)")
+    _add_config_args(p)
+
     p = sub.add_parser("demo", help="the main job on the embedded default: phantoms -> ingest -> pretrain -> report")
     p.add_argument("--n", type=int, default=600)
     p.add_argument("--workdir", default="demo_out")
@@ -238,9 +245,18 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from cxrray.serve.app import run_server
+
+    overrides = list(args.overrides) + ([f"serve.host={args.host}"] if args.host else []) + (
+        [f"serve.port={args.port}"] if args.port else [])
+    return run_server(args.checkpoint, args.probe, load_config(args.config, overrides))
+
+
 COMMANDS = {"config": cmd_config, "phantoms": cmd_phantoms, "ingest": cmd_ingest, "sources": cmd_sources,
             "pretrain": cmd_pretrain, "status": cmd_status, "demo": cmd_demo,
-            "probe": cmd_probe, "encode": cmd_encode, "explain": cmd_explain, "audit": cmd_audit}
+            "probe": cmd_probe, "encode": cmd_encode, "explain": cmd_explain, "audit": cmd_audit,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

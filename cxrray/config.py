@@ -85,6 +85,7 @@ class EncodeConfig(StrictModel):
     invert: bool = False
     invert_steps: int = Field(250, ge=1, le=1000)  # DiffChest: 250
     batch_size: int = Field(16, ge=1)
+    chunk: int = Field(256, ge=1)  # samples per Parquet part: the unit of resumption
     actors: int | None = Field(None, ge=1)  # actor-pool size; None: one per GPU / two CPU actors locally
     use_gpu: bool = False
 

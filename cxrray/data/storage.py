@@ -94,6 +94,13 @@ class Storage:
         if self.exists(name):
             self.fs.delete_file(self.path(name))
 
+    def remove_partial(self, prefix: str = "") -> int:
+        """Delete temporary files left by writes interrupted by a kill (local only; S3 PUTs are atomic)."""
+        partial = [n for n in self.list(prefix) if ".tmp-" in n.rsplit("/", 1)[-1]] if self.scheme == "file" else []
+        for name in partial:
+            self.delete(name)
+        return len(partial)
+
     def list(self, prefix: str = "") -> list[str]:
         """Names of objects below `prefix` (recursive), relative to the root, sorted."""
         base = self.path(prefix)

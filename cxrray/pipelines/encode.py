@@ -25,9 +25,6 @@ from cxrray.models.loading import load_ema, model_identity
 from cxrray.pipelines.encodings import FORMAT, INDEX, finished_parts, part_table, write_part
 from cxrray.runtime import configure_data, ensure_ray
 
-CHUNK = 256  # samples per part: the unit of resumption
-
-
 def pool_args(use_gpu: bool, actors: int | None) -> dict:
     """Ray Data actor-pool arguments: one GPU each on a cluster, else one CPU each (two locally)."""
     if use_gpu:
@@ -61,7 +58,8 @@ class ChunkEncoder:
         done = []
         for shard, chunk, part in zip(batch["shard"], batch["chunk"], batch["part"]):
             start = time.perf_counter()
-            samples = self._samples(shard)[int(chunk) * CHUNK:(int(chunk) + 1) * CHUNK]
+            size = self.cfg.chunk
+            samples = self._samples(shard)[int(chunk) * size:(int(chunk) + 1) * size]
             zs, xts = [], []
             for i in range(0, len(samples), self.cfg.batch_size):
                 x0 = load_images([png for _, png, _ in samples[i:i + self.cfg.batch_size]]).to(self.device)
@@ -81,14 +79,14 @@ class ChunkEncoder:
                 "seconds": np.array([d[2] for d in done])}
 
 
-def plan(manifest: dict, fingerprint: str) -> list[dict]:
-    """Every (shard, chunk) unit of the manifest with its part name."""
+def plan(manifest: dict, fingerprint: str, size: int) -> list[dict]:
+    """Every (shard, chunk of `size` samples) unit of the manifest with its part name."""
     units = []
     for shard in manifest["shards"]:
         stem = shard["name"].rsplit(".", 1)[0]
-        for chunk in range(math.ceil(shard["samples"] / CHUNK)):
+        for chunk in range(math.ceil(shard["samples"] / size)):
             units.append({"shard": shard["name"], "chunk": chunk, "part": f"{stem}-c{chunk:04d}-{fingerprint}.parquet",
-                          "rows": min(CHUNK, shard["samples"] - chunk * CHUNK)})
+                          "rows": min(size, shard["samples"] - chunk * size)})
     return units
 
 
@@ -99,10 +97,12 @@ def encode(checkpoint: str, data_uri: str, output_uri: str, cfg: EncodeConfig) -
     identity = model_identity(checkpoint)
     manifest = read_manifest(data_uri)
     settings = {"checkpoint": identity["checkpoint"], "invert": cfg.invert,
-                "invert_steps": cfg.invert_steps if cfg.invert else None, "data": manifest.get("vocabulary_version")}
+                "invert_steps": cfg.invert_steps if cfg.invert else None, "chunk": cfg.chunk,
+                "data": [s["name"] for s in manifest["shards"]]}
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     out = Storage(output_uri)
-    units = plan(manifest, fingerprint)
+    units = plan(manifest, fingerprint, cfg.chunk)
+    out.remove_partial()
     finished = finished_parts(out)
     todo = [u for u in units if u["part"] not in finished]
     total_rows = sum(u["rows"] for u in units)

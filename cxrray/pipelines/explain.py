@@ -163,6 +163,7 @@ def explain_shards(checkpoint: str, probe: str, data_uri: str, findings: list[st
     ensure_ray()
     configure_data()
     out = Storage(output_uri)
+    out.remove_partial()
     done = set(out.list())
     stem = lambda k, f: f"{k}.{f}.{DIRECTIONS[toward]}.json"  # noqa: E731
     pending = [s for s in samples if any(stem(s["key"], f) not in done for f in findings)]

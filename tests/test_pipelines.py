@@ -1,0 +1,217 @@
+"""Encode, explain and audit jobs on a small random-init model over real phantom shards: exact values
+against direct model calls, kill-and-rerun yields every output exactly once, provenance, errors.
+(Quality on a trained model — probe AUROC, the planted confounder — is in test_pipelines_slow.py.)"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+
+from cxrray.config import load_config
+from cxrray.data.imaging import decode_png16, png16_to_model
+from cxrray.data.ingest import ingest
+from cxrray.data.phantom import generate
+from cxrray.data.shards import read_manifest, read_tar
+from cxrray.data.storage import Storage
+from cxrray.diffusion.ddim import ddim_invert
+from cxrray.models import DiffAE, DiffAEConfig
+from cxrray.pipelines.encodings import read_encodings, stack
+from cxrray.pipelines.head import LinearHead
+from cxrray.train.state import save_weights
+
+MINI = DiffAEConfig(image_size=32, base_channels=32, channel_mult=(1, 2), layers_per_block=1,
+                    attention_resolutions=(16,), z_dim=64)
+N = 24
+LIMIT = 8  # images of the explain kill test
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Phantom DICOMs -> 32px shards (4 shards), a random-init checkpoint, a random probe head."""
+    root = tmp_path_factory.mktemp("pipelines")
+    cfg = load_config("tiny", ["ingest.size=32", "ingest.shard_samples=6", "phantom.size=64", "phantom.seed=3"])
+    generate(N, root / "phantoms", cfg.phantom)
+    shards = f"file://{root}/shards"
+    manifest = ingest(root / "phantoms", shards, cfg.ingest, source="folder", metadata=root / "phantoms/labels.csv")
+    torch.manual_seed(0)
+    model = DiffAE(MINI).eval()
+    ckpt = root / "ckpt"
+    ckpt.mkdir()
+    save_weights(model, ckpt / "ema.safetensors")
+    save_weights(model, ckpt / "model.safetensors")
+    (ckpt / "state.json").write_text(json.dumps({"images_shown": 123, "model": MINI.model_dump(mode="json")}))
+    (ckpt / "COMPLETE").write_text("123")
+    vocab = manifest["label_vocabulary"]
+    world = {"shards": shards, "manifest": manifest}
+    x0 = torch.as_tensor(np.stack([img for img, _ in _all_samples(world).values()]))[:, None]
+    with torch.no_grad():
+        z = model.encode(x0).numpy()
+    rng = np.random.default_rng(0)  # logits ~ N(-1, 1): no probe saturated; chest_tube's direction = effusion's
+    weight = (rng.normal(size=(len(vocab), MINI.z_dim)) / np.sqrt(MINI.z_dim)).astype(np.float32)
+    weight[vocab.index("chest_tube")] = weight[vocab.index("effusion")] * 0.95 + 0.05 * weight[vocab.index("chest_tube")]
+    head = LinearHead(vocab, weight, np.full(len(vocab), -1.0, np.float32), z.mean(0), z.std(0) + 1e-6,
+                      {"fit_split": "train"})
+    head.save(root / "probe")
+    return {**world, "root": root, "model": model, "ckpt": f"file://{ckpt}",
+            "probe": str(root / "probe"), "cfg": cfg, "vocab": vocab, "head": head}
+
+
+def _all_samples(world) -> dict[str, tuple[np.ndarray, dict]]:
+    store = Storage(world["shards"])
+    return {k: (png16_to_model(decode_png16(png)), meta) for s in world["manifest"]["shards"]
+            for k, png, meta in read_tar(store.read_bytes(s["name"]))}
+
+
+def _cli_env(ray_local) -> dict:
+    return {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+
+
+def _run_until(cmd: list[str], env: dict, ready, timeout: float = 120) -> None:
+    """Start `cmd`, SIGKILL its process group as soon as `ready()` holds (or fail after timeout)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"{cmd[3]} exited ({proc.returncode}) before it could be killed"
+            assert time.monotonic() < deadline, f"{cmd[3]} made no output within {timeout}s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_encode_matches_model_and_resumes_after_kill(world, ray_local, tmp_path):
+    out = tmp_path / "enc"
+    common = ["--checkpoint", world["ckpt"], "--data", world["shards"], "--output", f"file://{out}", "--invert",
+              "--invert-steps", "60", "--set", "encode.chunk=2", "--set", "encode.batch_size=2"]
+    cmd = [sys.executable, "-m", "cxrray.cli", "encode", *common]
+    _run_until(cmd, _cli_env(ray_local), lambda: len(list((out / "parts").glob("*.parquet"))) >= 1)
+    first = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "parts").glob("*.parquet")}
+    assert 1 <= len(first) < N // 2, "the kill must land mid-job"
+    assert not (out / "encodings.json").exists()
+
+    from cxrray.cli import main
+    assert main(["encode", *common]) == 0
+    frame, index = read_encodings(f"file://{out}")
+    samples = _all_samples(world)
+    assert index["rows"] == len(frame) == N == len(samples)
+    assert sorted(frame["key"]) == sorted(samples), "every key exactly once"
+    for name, digest in first.items():  # parts of the killed run were kept, not rewritten
+        assert hashlib.sha256((out / "parts" / name).read_bytes()).hexdigest() == digest
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+    x0 = torch.as_tensor(np.stack([samples[k][0] for k in frame["key"]]))[:, None]
+    with torch.no_grad():
+        z = world["model"].encode(x0)
+    np.testing.assert_allclose(stack(frame, "z"), z.numpy(), atol=1e-5)
+    x_T = ddim_invert(world["model"], x0[:4], z[:4], steps=60).reshape(4, -1).numpy()
+    np.testing.assert_allclose(stack(frame, "x_T")[:4], x_T, atol=2e-3)  # batch-size rounding over 60 steps
+    assert frame["labels"].map(len).eq(len(world["vocab"])).all()
+    assert set(frame["split"]) <= {"train", "val", "test"}
+
+
+def _png_text(data: bytes) -> dict:
+    with Image.open(io.BytesIO(data)) as img:
+        return dict(img.text)
+
+
+def test_explain_file_writes_provenance_and_is_idempotent(world, tmp_path):
+    from cxrray.pipelines.explain import explain
+
+    dicom = sorted((world["root"] / "phantoms" / "images").glob("*.dcm"))[0]
+    header = pydicom.dcmread(dicom)
+    cfg = load_config("tiny", ["explain.steps=4", "explain.invert_steps=4"])
+    out = tmp_path / "explain"
+    summary = explain(world["ckpt"], world["probe"], str(dicom), ["effusion", "cardiomegaly"], f"file://{out}", cfg)
+    assert summary["records"] == 2
+    records = sorted(out.glob("*.json"))
+    assert len(records) == 2
+    rec = json.loads(records[0].read_text())
+    assert set(rec["probs_before"]) == set(world["vocab"]) == set(rec["probs_after"])
+    assert rec["model"]["name"] == "cxrray-diffae" and rec["model"]["images_shown"] == 123
+    cf_png = (out / rec["files"]["counterfactual"]).read_bytes()
+    assert "SYNTHETIC" in _png_text(cf_png)["cxrray:provenance"]
+    assert "SYNTHETIC" in _png_text((out / rec["files"]["difference"]).read_bytes())["cxrray:provenance"]
+    ds = pydicom.dcmread(out / rec["files"]["dicom"])
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY"] and "cxrray-diffae" in ds.DerivationDescription
+    assert ds.pixel_array.shape == (32, 32)
+    everything = b"".join(p.read_bytes() for p in out.iterdir())
+    for value in (str(header.PatientName), str(header.PatientID), str(header.AccessionNumber), dicom.name):
+        assert value.encode() not in everything, f"identifier {value!r} leaked into the outputs"
+    # the latent step moved the probe toward the finding; the image decodes the same x_T
+    assert rec["probs_latent"][rec["finding"]] > rec["probs_before"][rec["finding"]]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    explain(world["ckpt"], world["probe"], str(dicom), ["effusion", "cardiomegaly"], f"file://{out}", cfg)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+
+def test_explain_shards_killed_then_rerun_writes_each_output_once(world, ray_local, tmp_path):
+    from cxrray.cli import main
+
+    out = tmp_path / "cf"
+    common = ["--checkpoint", world["ckpt"], "--probe", world["probe"], "--input", world["shards"],
+              "--finding", "effusion", "--finding", "nodule", "--output", f"file://{out}", "--limit", str(LIMIT),
+              "--set", "explain.steps=30", "--set", "explain.invert_steps=30", "--set", "explain.batch_size=2"]
+    _run_until([sys.executable, "-m", "cxrray.cli", "explain", *common], _cli_env(ray_local),
+               lambda: out.exists() and len(list(out.glob("*.json"))) >= 1)
+    killed = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    assert 1 <= len(killed) < 2 * LIMIT
+    assert main(["explain", *common]) == 0
+    records = sorted(out.glob("*.json"))
+    assert len(records) == 2 * LIMIT
+    pairs = [(json.loads(p.read_text())["key"], json.loads(p.read_text())["finding"]) for p in records]
+    assert len(set(pairs)) == 2 * LIMIT
+    for name, mtime in killed.items():
+        assert (out / name).stat().st_mtime_ns == mtime, "a finished output was rewritten"
+    kinds = [p.name.split(".")[-2] for p in out.iterdir() if not p.name.endswith(".json")]
+    assert {k: kinds.count(k) for k in set(kinds)} == {"original": 2 * LIMIT, "counterfactual": 4 * LIMIT,
+                                                              "difference": 2 * LIMIT}
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_audit_ranks_the_label_the_direction_drags_along(world, ray_local, tmp_path):
+    from cxrray.pipelines.audit import audit
+
+    cfg = load_config("tiny", ["explain.steps=3", "explain.invert_steps=3", "audit.images=6", "audit.split=train",
+                               "audit.bootstrap=200", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    assert cfg.audit.measure == "latent"  # tiny preset
+    result = audit(world["ckpt"], world["probe"], world["shards"], ["effusion", "nodule"], tmp_path / "audit", cfg)
+    eff = result["findings"]["effusion"]
+    assert eff["candidates"][0]["label"] == "chest_tube" and "chest_tube" in eff["flagged"]
+    assert eff["candidates"][0]["ci"][0] > cfg.audit.min_effect
+    assert eff["target_effect"] > 0.3  # closed form: the probe reaches its target probability
+    nod = result["findings"]["nodule"]
+    assert "chest_tube" not in nod["flagged"]
+    saved = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert [c["label"] for c in saved["findings"]["effusion"]["candidates"]] == [c["label"] for c in eff["candidates"]]
+    page = (tmp_path / "audit" / "audit.html").read_text()
+    assert "chest_tube" in page and page.count("data:image/png;base64,") == 2
+    import mlflow
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    arts = {a.path for a in client.list_artifacts(result["mlflow_run_id"], "audit")}
+    assert {"audit/audit.json", "audit/audit.html"} <= arts
+
+
+def test_cli_rejects_unknown_finding_and_missing_checkpoint(world, tmp_path, capsys):
+    from cxrray.cli import main
+
+    dicom = str(sorted((world["root"] / "phantoms" / "images").glob("*.dcm"))[0])
+    assert main(["explain", "--checkpoint", world["ckpt"], "--probe", world["probe"], "--input", dicom,
+                 "--finding", "unicorn", "--output", str(tmp_path / "x")]) == 2
+    assert "unknown finding 'unicorn'" in capsys.readouterr().err
+    assert main(["encode", "--checkpoint", str(tmp_path / "nope"), "--data", world["shards"],
+                 "--output", str(tmp_path / "e")]) == 2
+    assert "not a complete cxrray checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
