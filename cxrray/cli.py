@@ -11,6 +11,11 @@ from pathlib import Path
 from cxrray.config import ConfigError, load_config
 
 DEMO_SALT = "cxrray-demo-salt-phantoms-only"
+# the demo's own choices (a user's --set still wins): a planted confounder for the audit to find, a test split
+# large enough for >= 30 positives per finding, and DDIM step counts sized for a CPU
+DEMO_OVERRIDES = ["phantom.confounder=tube:effusion:0.9:0.05",
+                  'ingest.split_fractions={"train": 0.55, "val": 0.05, "test": 0.4}',
+                  "explain.steps=50", "explain.invert_steps=50", "audit.images=24"]
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -113,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     p = sub.add_parser("demo", help="the main job on the embedded default: phantoms -> ingest -> pretrain -> report")
-    p.add_argument("--n", type=int, default=600)
+    p.add_argument("--n", type=int, default=1200)
     p.add_argument("--workdir", default="demo_out")
     p.add_argument("--output", default="file://data_shards/demo", help="shards URI")
     p.add_argument("--run", default="file://data_shards/demo-pretrain", help="pretraining output URI")
@@ -236,7 +241,7 @@ def cmd_probe(args) -> int:
 def cmd_demo(args) -> int:
     from cxrray.demo import run_demo
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, DEMO_OVERRIDES + list(args.overrides))
     if not os.environ.get(cfg.ingest.salt_env) and cfg.ingest.salt is None:
         print(f"[demo] {cfg.ingest.salt_env} not set: using a fixed demo salt (phantoms carry no real identities)")
         os.environ[cfg.ingest.salt_env] = DEMO_SALT

@@ -153,9 +153,9 @@ class ServeConfig(StrictModel):
     explainer_replicas: tuple[int, int] = (1, 1)
     target_ongoing_requests: float = Field(4, gt=0)  # ingress and classifier, per replica (explainer: 1)
     ingress_num_cpus: float = Field(0.25, ge=0)
-    classifier_num_cpus: float = Field(1.0, ge=0)
+    classifier_num_cpus: float = Field(0.5, ge=0)  # defaults fit a 2-core machine; clusters set their own
     classifier_num_gpus: float = Field(0.0, ge=0)  # fractional: replicas share a GPU (e.g. 0.25)
-    explainer_num_cpus: float = Field(1.0, ge=0)
+    explainer_num_cpus: float = Field(0.5, ge=0)
     explainer_num_gpus: float = Field(0.0, ge=0)
     explainer_max_queued: int = Field(32, ge=-1)  # explain/generate calls queued beyond this: 503 (-1: no limit)
 

@@ -1,5 +1,6 @@
-"""The main job on the embedded default: phantoms -> ingest -> pretrain (tiny) -> held-out report.
-Each later stage extends it. Everything lands in local files and the local MLflow."""
+"""The main job on the embedded default: phantoms (with a planted confounder) -> ingest -> pretrain (tiny)
+-> held-out report -> encode -> linear probe -> counterfactuals -> confounder audit, ending in one HTML
+page (demo_out/report.html). Everything lands in local files and the local MLflow."""
 from __future__ import annotations
 
 import json
@@ -7,31 +8,102 @@ from pathlib import Path
 
 from cxrray.config import Config
 
+AUDITED = ["effusion", "cardiomegaly"]  # the confounded finding and a control
+
 
 def run_demo(cfg: Config, n: int, workdir: Path, shards: str, run: str) -> dict:
     from cxrray.data.ingest import ingest
     from cxrray.data.phantom import generate
+    from cxrray.pipelines.audit import audit
+    from cxrray.pipelines.encode import encode
+    from cxrray.pipelines.probe import run_probe
     from cxrray.train.pretrain import pretrain
 
     phantoms = workdir / "phantoms"
-    print(f"[demo] 1/4 phantoms: {n} DICOMs -> {phantoms}", flush=True)
+    print(f"[demo] 1/8 phantoms: {n} DICOMs (confounder {cfg.phantom.confounder}) -> {phantoms}", flush=True)
     step = max(1, n // 5)
     generate(n, phantoms, cfg.phantom,
              progress=lambda d, t: (d % step == 0 or d == t) and print(f"[phantoms] {d}/{t}", flush=True))
-    print(f"[demo] 2/4 ingest -> {shards}", flush=True)
+    print(f"[demo] 2/8 ingest -> {shards}", flush=True)
     manifest = ingest(phantoms, shards, cfg.ingest, source="folder", metadata=phantoms / "labels.csv")
-    print(f"[demo] 3/4 pretrain {cfg.preset} to {cfg.train.images:,} images -> {run}", flush=True)
+    print(f"[demo] 3/8 pretrain {cfg.preset} to {cfg.train.images:,} images -> {run}", flush=True)
     status = pretrain(cfg, shards, run)
-    print("[demo] 4/4 held-out reconstruction and samples", flush=True)
-    report = held_out_report(cfg, shards, status["latest_checkpoint"], workdir, status["mlflow_run_id"])
+    checkpoint = status["latest_checkpoint"]
+    print("[demo] 4/8 held-out reconstruction and samples", flush=True)
+    report = held_out_report(cfg, shards, checkpoint, workdir, status["mlflow_run_id"])
+    print("[demo] 5/8 encode z for every image", flush=True)
+    encodings = run.rstrip("/") + "-encodings"
+    index = encode(checkpoint, shards, encodings, cfg.encode)
+    print("[demo] 6/8 linear probe", flush=True)
+    probe = run_probe(encodings, workdir / "probe", cfg)
+    print(f"[demo] 7/8 counterfactuals toward {', '.join(AUDITED)}", flush=True)
+    grid = counterfactual_grid(cfg, shards, checkpoint, workdir / "probe", workdir)
+    print(f"[demo] 8/8 confounder audit of {', '.join(AUDITED)}", flush=True)
+    audited = audit(checkpoint, str(workdir / "probe"), shards, AUDITED, workdir / "audit", cfg)
     summary = {"shards": {"uri": shards, "samples": manifest["samples"], "rejected": manifest["rejected"],
                           "splits": manifest["splits"]},
-               "pretrain": status, "held_out": report}
-    workdir.mkdir(parents=True, exist_ok=True)
+               "pretrain": status, "held_out": report, "encodings": {"uri": encodings, "rows": index["rows"]},
+               "probe": probe, "counterfactual_grid": grid,
+               "audit": {f: {"top": r["candidates"][0]["label"] if r["candidates"] else None, "flagged": r["flagged"]}
+                         for f, r in audited["findings"].items()}}
+    page = write_report(workdir, summary, audited)
+    summary["report"] = str(page)
+    from cxrray.tracking import RunLogger, tracking_uri
+
+    RunLogger(tracking_uri(cfg.tracking), status["mlflow_run_id"]).artifact(page, "demo")
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"[demo] summary: {workdir / 'summary.json'}; grids: {report['grids']}; MLflow: `mlflow ui "
+    print(f"[demo] report: {page}; summary: {workdir / 'summary.json'}; MLflow: `mlflow ui "
           f"--backend-store-uri sqlite:///mlflow.db` (run {status['mlflow_run_id']})", flush=True)
     return summary
+
+
+def counterfactual_grid(cfg: Config, shards: str, checkpoint: str, probe: Path, workdir: Path, n: int = 6) -> str:
+    """Counterfactuals of n test images toward each audited finding: one grid (original, then one row each)."""
+    import torch
+
+    from cxrray.data.imaging import decode_png16, png16_to_model
+    from cxrray.data.storage import Storage
+    from cxrray.eval.grids import save_grid
+    from cxrray.pipelines.explain import explain_shards, select
+
+    samples, _ = select(shards, "test", limit=n, seed=cfg.audit.seed)
+    out = Storage(str((workdir / "counterfactuals").resolve()))
+    explain_shards(checkpoint, str(probe), shards, AUDITED, out.uri, cfg, samples)
+
+    def row(kind: str, finding: str) -> torch.Tensor:
+        records = [json.loads(out.read_bytes(f"{s['key']}.{finding}.toward.json")) for s in samples]
+        return torch.cat([torch.as_tensor(png16_to_model(decode_png16(out.read_bytes(r["files"][kind]))))[None, None]
+                          for r in records])
+
+    rows = [row("original", AUDITED[0])] + [row("counterfactual", f) for f in AUDITED]
+    return str(save_grid(rows, workdir / "counterfactuals.png",
+                         f"rows: original, counterfactual toward {', '.join(AUDITED)} (DDIM {cfg.explain.steps})"))
+
+
+def write_report(workdir: Path, summary: dict, audited: dict) -> Path:
+    """One self-contained HTML page: held-out grids, probe AUROC table + ROC, counterfactuals, audit."""
+    from cxrray.eval import html
+    from cxrray.pipelines.audit import report_html
+
+    metrics = json.loads((workdir / "probe" / "metrics.json").read_text())
+    rows = [{"finding": k, "positives": v.get("positives"), "AUROC": v.get("auroc"), "95% CI low": v.get("ci_low"),
+             "95% CI high": v.get("ci_high")} for k, v in metrics["findings"].items()]
+    fractions = [{"fraction of fine-tune patients": f, "images": v["fit_images"], "mean AUROC": v["mean_auroc"]}
+                 for f, v in metrics["fractions"].items()]
+    audit_body = report_html(audited).split("<body>", 1)[1].rsplit("</body>", 1)[0]
+    sections = [
+        ("Data and pretraining", f"<pre>{html.esc(json.dumps(summary['shards'], indent=1))}</pre>"
+         f"<p>images shown: {summary['pretrain']['images_shown']:,}; held-out reconstruction SSIM "
+         f"{summary['held_out']['recon_ssim_mean']:.4f}</p>"
+         + "".join(html.image(g, Path(g).stem) for g in summary["held_out"]["grids"])),
+        ("Linear probe on z (test split)", html.table(rows, list(rows[0])) + html.table(fractions, list(fractions[0]))
+         + html.image(workdir / "probe" / "roc.png", "ROC curves", width=560)),
+        ("Counterfactual explanations", html.image(summary["counterfactual_grid"], "counterfactuals")),
+        ("Confounder audit", audit_body),
+    ]
+    page = workdir / "report.html"
+    page.write_text(html.page("cxrray demo report", sections, "Phantom data; every generated image is synthetic."))
+    return page
 
 
 def held_out_report(cfg: Config, shards: str, checkpoint: str, workdir: Path, run_id: str, n: int = 8) -> dict:
