@@ -93,3 +93,18 @@ def make_dicom(pixels: np.ndarray, path=None, *, photometric="MONOCHROME2", bits
         with open(path, "wb") as f:
             f.write(data)
     return data
+
+
+def write_checkpoint(model, folder, images_shown: int):
+    """A complete cxrray checkpoint directory (EMA = raw weights) for a model built in a test."""
+    import json
+
+    from cxrray.train.state import save_weights
+
+    folder.mkdir(parents=True)
+    save_weights(model, folder / "ema.safetensors")
+    save_weights(model, folder / "model.safetensors")
+    (folder / "state.json").write_text(json.dumps({"images_shown": images_shown,
+                                                   "model": model.cfg.model_dump(mode="json")}))
+    (folder / "COMPLETE").write_text(str(images_shown))
+    return folder

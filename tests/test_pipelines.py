@@ -29,7 +29,7 @@ from cxrray.diffusion.ddim import ddim_invert
 from cxrray.models import DiffAE, DiffAEConfig
 from cxrray.pipelines.encodings import read_encodings, stack
 from cxrray.pipelines.head import LinearHead
-from cxrray.train.state import save_weights
+from conftest import write_checkpoint
 
 MINI = DiffAEConfig(image_size=32, base_channels=32, channel_mult=(1, 2), layers_per_block=1,
                     attention_resolutions=(16,), z_dim=64)
@@ -47,12 +47,7 @@ def world(tmp_path_factory):
     manifest = ingest(root / "phantoms", shards, cfg.ingest, source="folder", metadata=root / "phantoms/labels.csv")
     torch.manual_seed(0)
     model = DiffAE(MINI).eval()
-    ckpt = root / "ckpt"
-    ckpt.mkdir()
-    save_weights(model, ckpt / "ema.safetensors")
-    save_weights(model, ckpt / "model.safetensors")
-    (ckpt / "state.json").write_text(json.dumps({"images_shown": 123, "model": MINI.model_dump(mode="json")}))
-    (ckpt / "COMPLETE").write_text("123")
+    ckpt = write_checkpoint(model, root / "ckpt", 123)
     vocab = manifest["label_vocabulary"]
     world = {"shards": shards, "manifest": manifest}
     x0 = torch.as_tensor(np.stack([img for img, _ in _all_samples(world).values()]))[:, None]

@@ -26,6 +26,7 @@ import ray
 import torch
 
 from cxrray.config import Config, ExplainConfig
+from cxrray.data.imaging import encode_png16
 from cxrray.data.shards import read_manifest, read_tar
 from cxrray.data.storage import Storage
 from cxrray.models.loading import load_ema, model_identity
@@ -91,14 +92,14 @@ class Explainer:
 
     def _write(self, key: str, finding: str, r: dict, i: int, reference: dict | None, extra: dict) -> dict:
         stem, what = self.stem(key, finding), f"counterfactual {DIRECTIONS[self.toward]} {finding}"
-        text = derived.provenance(self.identity, what)
+        text = derived.provenance(what, self.identity)
         cf, original = r["counterfactual"][i, 0].numpy(), r["original"][i, 0].numpy()
         files = {"original": f"{stem}.original.png", "counterfactual": f"{stem}.counterfactual.png",
                  "dicom": f"{stem}.counterfactual.dcm", "difference": f"{stem}.difference.png"}
-        self.out.write_bytes(files["original"], derived.image_png(original, "model input (preprocessed original)"))
-        self.out.write_bytes(files["counterfactual"], derived.image_png(cf, text))
-        self.out.write_bytes(files["dicom"], derived.derived_dicom(cf, self.identity, what))
-        self.out.write_bytes(files["difference"], derived.difference_png(r["difference"][i, 0].numpy(), text))
+        self.out.write_bytes(files["original"], encode_png16((original + 1) / 2))  # the model input, not synthetic
+        self.out.write_bytes(files["counterfactual"], derived.png16(cf, text))
+        self.out.write_bytes(files["dicom"], derived.secondary_capture(cf, text, self.identity, what))
+        self.out.write_bytes(files["difference"], derived.difference_png(r["difference"][i, 0].numpy(), text)[0])
         names = self.head.findings
         record = {"key": key, "finding": finding, "direction": DIRECTIONS[self.toward], "model": self.identity,
                   "explain": self.cfg.model_dump(mode="json"), "files": files,

@@ -1,0 +1,244 @@
+"""The HTTP API (FastAPI) over a backend: Serve handles in the ingress deployment (`HandleBackend`), or
+one in-process `ModelService` (`LocalBackend`: tests, benchmarks). Every error is JSON
+{"error": code, "detail": message}; no request content, file name or header value is logged, and on
+a 500 only the exception's type name. /v1 needs `Authorization: Bearer <key>` when the variable named
+by serve.api_key_env is set in the process (compared in constant time); /healthz is always open.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import os
+import time
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cxrray.config import DecodeConfig, ExplainConfig
+from cxrray.serve.uploads import (FORM_OVERHEAD, ApiError, media_type, parse_multipart, prepare_image,
+                                  read_body, upload_from)
+
+log = logging.getLogger("cxrray.serve")
+JSON_LIMIT = 64 * 1024
+INFO_TTL_S = 30.0
+MAX_SEED = 2**63 - 1
+EXPLAIN_FIELDS = {"finding", "eps", "steps", "invert_steps", "format", "direction"}
+
+
+class HandleBackend:
+    """The model deployments through Serve handles."""
+
+    def __init__(self, classifier, explainer):
+        self.classifier, self.explainer = classifier, explainer
+
+    async def info(self) -> dict:
+        return await self.classifier.info.remote()
+
+    async def classify(self, image: np.ndarray) -> dict:
+        return await self.classifier.classify.remote(image)
+
+    async def explain(self, image, finding, cfg, toward, fmt) -> dict:
+        return await self.explainer.explain.remote(image, finding, cfg, toward, fmt)
+
+    async def generate(self, seed, n, steps) -> dict:
+        return await self.explainer.generate.remote(seed, n, steps)
+
+
+class LocalBackend:
+    """One in-process `ModelService` (tests, benchmarks): the same answers without Serve."""
+
+    def __init__(self, service):  # cxrray.serve.models.ModelService
+        self.service = service
+
+    async def info(self) -> dict:
+        return self.service.info()
+
+    async def classify(self, image):
+        probs = (await asyncio.to_thread(self.service.classify, [image]))[0]
+        return {"probabilities": probs, "model": self.service.model_ref}
+
+    async def explain(self, image, finding, cfg, toward, fmt):
+        return await asyncio.to_thread(self.service.explain, image, finding, cfg, toward, fmt)
+
+    async def generate(self, seed, n, steps):
+        return await asyncio.to_thread(self.service.generate, seed, n, steps)
+
+
+def _int(value, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ApiError(422, "invalid_field", f"{name} must be an integer, got {value[:40]!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(422, "invalid_field", f"{name} must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ApiError(422, "out_of_range", f"{name} must be in {lo}..{hi}, got {value}")
+    return value
+
+
+def _choice(value: str, name: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ApiError(422, "invalid_field", f"{name} must be one of {', '.join(allowed)}, got {value[:40]!r}")
+    return value
+
+
+async def _call(awaitable):
+    """A backend call; overload becomes 503, anything else propagates to the 500 guard."""
+    from ray.serve.exceptions import BackPressureError
+
+    try:
+        return await awaitable
+    except BackPressureError:
+        raise ApiError(503, "overloaded", "too many requests queued; retry later") from None
+
+
+def create_api(settings: dict, backend) -> FastAPI:
+    app = FastAPI(title="cxrray", version="1", docs_url=None, redoc_url=None, openapi_url="/v1/openapi.json")
+    api_key = os.environ.get(settings["api_key_env"]) or None
+    decode = DecodeConfig(**settings["decode"])
+    upload_limit = settings["max_upload_bytes"]
+    explain_defaults = settings["explain"]
+    default_steps = min(explain_defaults["steps"], settings["max_steps"])
+    cache: dict = {}
+
+    async def info() -> dict:
+        """Model facts for validation (findings, image size); re-read every INFO_TTL_S (model updates)."""
+        if "info" not in cache or time.monotonic() - cache["at"] > INFO_TTL_S:
+            cache["info"], cache["at"] = await _call(backend.info()), time.monotonic()
+        return cache["info"]
+
+    def model_ref(i: dict) -> dict:
+        return {"name": i["model"]["name"], "version": i["model"]["version"]}
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else (
+            {"Retry-After": "1"} if exc.status == 503 else None)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return JSONResponse({"error": codes.get(exc.status_code, f"http_{exc.status_code}"), "detail": str(exc.detail)},
+                            status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc: RequestValidationError):
+        return JSONResponse({"error": "invalid_request", "detail": str(exc.errors())[:500]}, status_code=422)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.url.path.startswith("/v1") and api_key is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+                return await _api_error(request, ApiError(401, "unauthorized", "send Authorization: Bearer <API key>"))
+        try:
+            return await call_next(request)
+        except ApiError as exc:
+            return await _api_error(request, exc)
+        except Exception as exc:  # never the message: it may quote request content
+            log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+            return JSONResponse({"error": "internal_error", "detail": f"internal error ({type(exc).__name__})"},
+                                status_code=500)
+
+    async def upload(request: Request, allowed: set[str]) -> tuple[dict, bytes]:
+        if media_type(request.headers.get("content-type")) != "multipart/form-data":
+            raise ApiError(415, "unsupported_media_type",
+                           "send multipart/form-data with the image in a part named `file`")
+        body = await read_body(request, upload_limit + FORM_OVERHEAD)
+        fields, files = parse_multipart(body, request.headers["content-type"])
+        unknown = sorted(set(fields) - allowed)
+        if unknown:
+            raise ApiError(422, "unknown_field", f"unknown form field(s) {unknown}; allowed: {sorted(allowed)}")
+        return fields, upload_from(fields, files, upload_limit)
+
+    async def image_of(data: bytes, i: dict) -> np.ndarray:
+        return await asyncio.to_thread(prepare_image, data, i["model"]["image_size"], settings["fit"], decode,
+                                       settings["max_pixels"])
+
+    @app.get("/healthz")
+    async def healthz():
+        try:
+            i = await asyncio.wait_for(info(), timeout=30)
+        except Exception:
+            return JSONResponse({"error": "unavailable", "detail": "model deployments not ready"}, status_code=503)
+        return {"status": "ok", "model": model_ref(i)}
+
+    @app.get("/v1/models")
+    async def models():
+        i = await info()
+        return {"models": [i["model"]], "findings": i["findings"], "unfitted": i["unfitted"],
+                "limits": {k: settings[k] for k in ("max_upload_bytes", "max_pixels", "max_steps",
+                                                     "max_invert_steps", "max_generate")},
+                "explain_defaults": {"eps": explain_defaults["eps"], "steps": default_steps,
+                                     "invert_steps": min(explain_defaults["invert_steps"], settings["max_invert_steps"]),
+                                     "mode": explain_defaults["mode"]}}
+
+    @app.post("/v1/classify")
+    async def classify(request: Request):
+        _, data = await upload(request, set())
+        i = await info()
+        out = await _call(backend.classify(await image_of(data, i)))
+        return {"findings": list(out["probabilities"]), **out}
+
+    @app.post("/v1/explain")
+    async def explain(request: Request):
+        fields, data = await upload(request, EXPLAIN_FIELDS)
+        i = await info()
+        finding = fields.get("finding", "").strip()
+        if not finding:
+            raise ApiError(422, "missing_field", "form field `finding` is required")
+        if finding not in i["findings"]:
+            why = "has no fitted probe" if finding in i["unfitted"] else "is unknown"
+            raise ApiError(422, "unknown_finding", f"finding {finding[:60]!r} {why}; choose from {i['findings']}")
+        try:
+            eps = float(fields.get("eps", explain_defaults["eps"]))
+        except ValueError:
+            raise ApiError(422, "invalid_field", "eps must be a number") from None
+        steps = _int(fields.get("steps", default_steps), "steps", 1, settings["max_steps"])
+        invert = _int(fields.get("invert_steps", min(explain_defaults["invert_steps"], settings["max_invert_steps"])),
+                      "invert_steps", 1, settings["max_invert_steps"])
+        direction = _choice(fields.get("direction", "toward"), "direction", ("toward", "away"))
+        fmt = _choice(fields.get("format", "png"), "format", ("png", "dicom"))
+        try:
+            cfg = ExplainConfig(**{**explain_defaults, "eps": eps, "steps": steps, "invert_steps": invert})
+        except ValidationError:
+            raise ApiError(422, "out_of_range", f"eps must be in (0, 10], got {eps}") from None
+        if not math.isfinite(eps):
+            raise ApiError(422, "out_of_range", f"eps must be in (0, 10], got {eps}")
+        image = await image_of(data, i)
+        out = await _call(backend.explain(image, finding, cfg.model_dump(mode="json"),
+                                          1 if direction == "toward" else -1, fmt))
+        return {"finding": finding, "direction": direction, "eps": eps, "steps": steps, "invert_steps": invert,
+                "format": fmt, **out}
+
+    @app.post("/v1/generate")
+    async def generate(request: Request):
+        if media_type(request.headers.get("content-type")) != "application/json":
+            raise ApiError(415, "unsupported_media_type", "send a JSON object: {\"seed\": int, \"n\": int, \"steps\": int}")
+        try:
+            body = json.loads(await read_body(request, JSON_LIMIT))
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(422, "invalid_json", "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(422, "invalid_json", "the body must be a JSON object")
+        unknown = sorted(set(body) - {"seed", "n", "steps"})
+        if unknown:
+            raise ApiError(422, "unknown_field", f"unknown field(s) {unknown}; allowed: seed, n, steps")
+        if "seed" not in body:
+            raise ApiError(422, "missing_field", "field `seed` is required")
+        seed = _int(body["seed"], "seed", 0, MAX_SEED)
+        n = _int(body.get("n", 1), "n", 1, settings["max_generate"])
+        steps = _int(body.get("steps", default_steps), "steps", 1, settings["max_steps"])
+        out = await _call(backend.generate(seed, n, steps))
+        return {"seed": seed, "n": n, "steps": steps, **out}
+
+    return app

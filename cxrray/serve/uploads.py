@@ -1,0 +1,193 @@
+"""Request bodies and uploaded images -> model input, or an `ApiError` with a status and a stable code.
+
+Bodies are read with a byte budget (Content-Length is checked first, then bytes are counted while
+streaming, so chunked uploads are bounded too) and multipart is parsed in memory (no spooled temp
+files holding patient data). An uploaded image goes through the ingest decoder (`decode_file`) and the
+exact ingest + training preprocessing (`fit_square` -> PNG-16 -> [-1, 1]); its DICOM identifiers are
+dropped at once and scrubbed from any error detail. Nothing here logs.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pydicom
+from PIL import Image
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from cxrray.config import DecodeConfig
+from cxrray.data.dicom import RejectError, _identifying_strings, decode_file
+from cxrray.data.imaging import decode_png16, encode_png16, fit_square, png16_to_model
+
+FILE_TYPES = {"application/dicom", "image/png", "image/jpeg", "application/octet-stream", ""}
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries, part headers and the small form fields
+MAX_FIELDS = 16
+
+
+class ApiError(Exception):
+    """An answer other than 200: JSON {"error": code, "detail": detail} with this status."""
+
+    def __init__(self, status: int, code: str, detail: str, **extra):
+        super().__init__(f"{status} {code}: {detail}")
+        self.status, self.code, self.detail, self.extra = status, code, detail, extra
+
+    def body(self) -> dict:
+        return {"error": self.code, "detail": self.detail, **self.extra}
+
+
+def check_length(headers, limit: int) -> None:
+    """413 before reading when the declared Content-Length is over `limit`."""
+    declared = headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ApiError(400, "bad_request", "Content-Length is not an integer") from None
+        if size > limit:
+            raise ApiError(413, "payload_too_large", f"request body is {size} bytes; the limit is {limit} bytes")
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The whole body, refusing (413) as soon as more than `limit` bytes arrive."""
+    check_length(request.headers, limit)
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, "payload_too_large", f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def media_type(value: str | None) -> str:
+    return (value or "").split(";")[0].strip().lower()
+
+
+def parse_multipart(body: bytes, content_type: str) -> tuple[dict[str, str], dict[str, tuple[bytes, str]]]:
+    """multipart/form-data -> ({field: text}, {field: (file bytes, declared media type)}), in memory."""
+    if media_type(content_type) != "multipart/form-data":
+        raise ApiError(415, "unsupported_media_type",
+                       f"send multipart/form-data with a `file` part, not {media_type(content_type) or 'no Content-Type'}")
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ApiError(422, "invalid_multipart", "multipart/form-data without a boundary")
+    parts: list[dict] = []
+    state = {"name": b"", "value": b""}
+
+    def on_part_begin():
+        parts.append({"headers": {}, "data": bytearray()})
+        if len(parts) > MAX_FIELDS:
+            raise ApiError(422, "invalid_multipart", f"more than {MAX_FIELDS} form parts")
+
+    def on_header_field(data, start, end):
+        state["name"] += data[start:end]
+
+    def on_header_value(data, start, end):
+        state["value"] += data[start:end]
+
+    def on_header_end():
+        parts[-1]["headers"][state["name"].lower()] = state["value"]
+        state["name"], state["value"] = b"", b""
+
+    def on_part_data(data, start, end):
+        parts[-1]["data"] += data[start:end]
+
+    parser = MultipartParser(boundary, {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                                        "on_header_value": on_header_value, "on_header_end": on_header_end,
+                                        "on_part_data": on_part_data})
+    try:
+        parser.write(body)
+        parser.finalize()
+    except ApiError:
+        raise
+    except Exception as exc:
+        raise ApiError(422, "invalid_multipart", f"malformed multipart body ({type(exc).__name__})") from None
+    fields: dict[str, str] = {}
+    files: dict[str, tuple[bytes, str]] = {}
+    for part in parts:
+        _, opts = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        name = opts.get(b"name", b"").decode("utf-8", "replace")
+        if not name:
+            raise ApiError(422, "invalid_multipart", "a form part has no name")
+        if name in fields or name in files:
+            raise ApiError(422, "invalid_multipart", f"form part {name!r} given twice")
+        if b"filename" in opts:
+            ctype = part["headers"].get(b"content-type", b"").decode("latin-1")
+            files[name] = (bytes(part["data"]), media_type(ctype))
+        else:
+            try:
+                fields[name] = part["data"].decode("utf-8")
+            except UnicodeDecodeError:
+                raise ApiError(422, "invalid_field", f"form field {name!r} is not UTF-8 text") from None
+    return fields, files
+
+
+def upload_from(fields: dict, files: dict, limit: int) -> bytes:
+    """The single `file` part: present, of an accepted type, within the byte limit."""
+    extra = sorted(set(files) - {"file"})
+    if extra:
+        raise ApiError(422, "invalid_multipart", f"unexpected file part(s) {extra}; send one part named `file`")
+    if "file" not in files:
+        raise ApiError(422, "missing_file", "no `file` part: upload the image as multipart field `file`"
+                       + (" (it was sent as a text field)" if "file" in fields else ""))
+    data, ctype = files["file"]
+    if ctype not in FILE_TYPES:
+        raise ApiError(415, "unsupported_media_type",
+                       f"file type {ctype!r}; accepted: application/dicom, image/png, image/jpeg, application/octet-stream")
+    if len(data) > limit:
+        raise ApiError(413, "payload_too_large", f"file is {len(data)} bytes; the limit is {limit} bytes")
+    if not data:
+        raise ApiError(422, "empty_file", "the uploaded file has 0 bytes")
+    return data
+
+
+def _header_facts(data: bytes) -> tuple[int | None, list[str]]:
+    """(pixel count declared by the header or None when unknown, identifying strings to scrub)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] == b"\xff\xd8\xff":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as img:
+                    cols, rows = img.size
+            return rows * cols, []
+        except Image.DecompressionBombError:
+            return 2**62, []  # over PIL's own limit: certainly too many
+        except Exception:
+            return None, []  # let the decoder name the problem
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except Exception:
+        return None, []
+    scrub = _identifying_strings(ds)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        return int(ds.Rows) * int(ds.Columns) * max(frames, 1), scrub
+    except Exception:
+        return None, scrub
+
+
+def _scrub(text: str, identifiers: list[str]) -> str:
+    for ident in identifiers:
+        text = text.replace(ident, "___")
+    return text
+
+
+def prepare_image(data: bytes, size: int, fit: str, decode: DecodeConfig, max_pixels: int) -> np.ndarray:
+    """Upload bytes -> float32 [size, size] in [-1, 1], exactly what training saw for an ingested image."""
+    limit = min(max_pixels, decode.max_pixels)
+    pixels, scrub = _header_facts(data)
+    if pixels is not None and pixels > limit:
+        raise ApiError(413, "too_many_pixels", f"the image declares {pixels} pixels; the limit is {limit}")
+    try:
+        decoded = decode_file(data, decode.model_copy(update={"max_pixels": limit}))
+    except RejectError as err:
+        detail = _scrub(err.reason, scrub)
+        if err.code == "absurd_dimensions" and "exceeds" in err.detail:
+            raise ApiError(413, "too_many_pixels", detail) from None
+        raise ApiError(422, "invalid_image", detail, reason=err.code) from None
+    image = decoded.pixels
+    del decoded  # header covariates and raw identifiers: never kept, returned or logged
+    square = fit_square(image, size, fit)
+    return png16_to_model(decode_png16(encode_png16(square)))

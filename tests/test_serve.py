@@ -1,0 +1,633 @@
+"""The Ray Serve application (cxrray.serve) over HTTP: every endpoint and error class with status and
+body, the service healthy after each error, classify equal to model + head called directly on the
+ingest-preprocessed image, provenance of synthetic PNG/DICOM outputs, API-key auth on (Serve) and
+off (the same FastAPI app in process), no patient identifier in any response or Serve/Ray log, a
+bounded mixed concurrent load with zero 5xx, an MLflow registry URI, and the serve/RayService YAML
+validated by Ray's own schema.
+
+Serve runs on the session's local Ray (`ray_local`) with its HTTP proxy on 127.0.0.1:<free port>; the
+model is a seeded random-init 32² DiffAE and explain/generate run 3-4 DDIM steps.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+import torch
+import yaml
+from PIL import Image
+
+from conftest import make_dicom, write_checkpoint
+from test_cluster import _walk
+from s3_fixture import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+SERVE_CONFIG = REPO / "cluster" / "serve-config.yaml"
+RAYSERVICE = REPO / "cluster" / "kuberay-rayservice.yaml"
+KEY_ENV = "CXRRAY_TEST_SERVE_KEY"
+API_KEY = "serve-test-key-" + os.urandom(8).hex()
+# Set at import (collection), before the session's Ray starts: Ray's processes, so the ingress
+# replica, inherit it, as pods inherit it from a Kubernetes Secret.
+os.environ[KEY_ENV] = API_KEY
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+SECRETS = ("ZZQXSERVE^SECRETNAME", "ZZQXSERVE", "SECRETNAME", "PIDZZQX7781", "ZZQXFILE7781")
+FILENAME = "ZZQXFILE7781.dcm"
+FINDINGS = ["effusion", "cardiomegaly", "nodule", "rare"]  # "rare": not fitted (NaN bias)
+UPLOAD_LIMIT, PIXEL_LIMIT = 200_000, 1_000_000
+SETS = [f"serve.max_upload_bytes={UPLOAD_LIMIT}", f"serve.max_pixels={PIXEL_LIMIT}", "serve.max_steps=4",
+        "serve.max_invert_steps=4", "serve.max_generate=2", f"serve.api_key_env={KEY_ENV}", "explain.steps=3",
+        "explain.invert_steps=3", "serve.ingress_num_cpus=0.1", "serve.classifier_num_cpus=0.25",
+        "serve.explainer_num_cpus=0.25", "serve.ingress_replicas=[1,1]", "serve.classifier_replicas=[1,1]",
+        "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.01"]
+RESPONSES: list[str] = []  # every response body of the module, checked for identifiers at the end
+
+
+# ---------------------------------------------------------------- artifacts
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    from cxrray.models.diffae import DiffAE, DiffAEConfig
+    from cxrray.pipelines.head import LinearHead
+
+    root = tmp_path_factory.mktemp("serve")
+    mcfg = DiffAEConfig(image_size=32, base_channels=32, channel_mult=(1, 2), layers_per_block=1,
+                        attention_resolutions=(16,), z_dim=64)
+    torch.manual_seed(0)
+    model = DiffAE(mcfg).eval()
+    ckpt = write_checkpoint(model, root / "ckpt", 1234)
+    with torch.no_grad():
+        z = model.encode(torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1).numpy()
+    rng = np.random.default_rng(0)
+    head = LinearHead(FINDINGS, (rng.normal(size=(4, 64)) / 8).astype(np.float32),
+                      np.array([0.1, -0.3, 0.2, np.nan], np.float32), z.mean(0), z.std(0) + 1e-3)
+    head.save(root / "probe")
+
+    yy, xx = np.mgrid[0:80, 0:64]
+    dicom = make_dicom(((xx * 37 + yy * 11) % 4096).astype(np.uint16), PatientName=SECRETS[0], PatientID=SECRETS[3],
+                       OtherPatientIDs=SECRETS[4])
+    yy, xx = np.mgrid[0:48, 0:40]
+    png = _png(((np.sin(xx / 5.0) + np.cos(yy / 7.0)) * 60 + 128).astype(np.uint8))
+    jpeg_buf = io.BytesIO()
+    Image.fromarray(((xx * 5 + yy * 3) % 256).astype(np.uint8)).save(jpeg_buf, format="JPEG", quality=95)
+    return SimpleNamespace(ckpt=ckpt, probe=root / "probe", model=model, head=head, root=root,
+                           images={"dicom": dicom, "png": png, "jpeg": jpeg_buf.getvalue()})
+
+
+def preprocess(data: bytes) -> np.ndarray:
+    """What ingest + training do to a file: decode, fit to the model's square, PNG-16, [-1, 1]."""
+    from cxrray.config import DecodeConfig
+    from cxrray.data.dicom import decode_file
+    from cxrray.data.imaging import decode_png16, encode_png16, fit_square, png16_to_model
+
+    return png16_to_model(decode_png16(encode_png16(fit_square(decode_file(data, DecodeConfig()).pixels, 32, "pad"))))
+
+
+def direct_probabilities(art, data: bytes) -> dict[str, float]:
+    with torch.no_grad():
+        p = art.head.probabilities(art.model.encode(torch.from_numpy(preprocess(data))[None, None]).float())[0]
+    return {f: float(p[i]) for i, f in enumerate(FINDINGS) if f != "rare"}
+
+
+# ---------------------------------------------------------------- server
+
+@pytest.fixture(scope="module")
+def server(ray_local, artifacts):
+    from ray import serve
+
+    from cxrray.config import load_config
+    from cxrray.serve.app import make_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(make_app(str(artifacts.ckpt), str(artifacts.probe), load_config("tiny", SETS)),
+              name="cxrray", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(base + "/healthz", timeout=5).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    else:
+        pytest.fail("Serve app did not answer /healthz within 60 s")
+    yield SimpleNamespace(base=base, port=port)
+    serve.shutdown()
+
+
+def call(srv, method: str, path: str, auth: bool = True, **kwargs) -> requests.Response:
+    headers = {**(AUTH if auth else {}), **kwargs.pop("headers", {})}
+    r = requests.request(method, srv.base + path, headers=headers, timeout=120, **kwargs)
+    RESPONSES.append(r.text)
+    return r
+
+
+def upload(data: bytes, ctype: str = "application/octet-stream") -> dict:
+    return {"file": (FILENAME, data, ctype)}
+
+
+def assert_healthy(srv, art) -> None:
+    assert call(srv, "GET", "/healthz", auth=False).status_code == 200
+    r = call(srv, "POST", "/v1/classify", files=upload(art.images["png"], "image/png"))
+    assert r.status_code == 200, r.text
+
+
+def png_provenance(data: bytes) -> str:
+    with Image.open(io.BytesIO(data)) as img:
+        return img.text["cxrray:provenance"]
+
+
+def assert_synthetic(text: str) -> None:
+    assert text.startswith("SYNTHETIC") and "not an acquired radiograph" in text
+    assert "cxrray-diffae" in text and "1234-images" in text
+
+
+# ---------------------------------------------------------------- endpoints
+
+def test_proxy_listens_on_loopback_only(server):
+    import psutil
+
+    bound = {c.laddr.ip for c in psutil.net_connections(kind="tcp")
+             if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port}
+    assert bound == {"127.0.0.1"}, bound
+
+
+def test_healthz_and_models(server):
+    r = call(server, "GET", "/healthz", auth=False)
+    assert r.status_code == 200 and r.json() == {"status": "ok", "model": {"name": "cxrray-diffae", "version": "1234-images"}}
+    body = call(server, "GET", "/v1/models").json()
+    assert body["models"][0] | {"cxrray": None} == {"name": "cxrray-diffae", "version": "1234-images",
+                                                   "images_shown": 1234, "z_dim": 64, "image_size": 32, "cxrray": None}
+    assert body["findings"] == FINDINGS[:3] and body["unfitted"] == ["rare"]
+    assert body["limits"]["max_steps"] == 4 and body["limits"]["max_upload_bytes"] == UPLOAD_LIMIT
+    assert body["explain_defaults"] == {"eps": 0.3, "steps": 3, "invert_steps": 3, "mode": "linear"}
+
+
+@pytest.mark.parametrize("kind,ctype", [("dicom", "application/dicom"), ("png", "image/png"), ("jpeg", "image/jpeg")])
+def test_classify_equals_model_and_head_called_directly(server, artifacts, kind, ctype):
+    r = call(server, "POST", "/v1/classify", files=upload(artifacts.images[kind], ctype))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = direct_probabilities(artifacts, artifacts.images[kind])
+    assert body["findings"] == list(expected) and body["model"] == {"name": "cxrray-diffae", "version": "1234-images"}
+    for finding, p in expected.items():
+        assert abs(body["probabilities"][finding] - p) <= 1e-5, (finding, body["probabilities"][finding], p)
+
+
+def test_explain_png_counterfactual_with_provenance(server, artifacts):
+    from cxrray.config import ExplainConfig
+    from cxrray.data.imaging import decode_png16
+    from cxrray.pipelines.counterfactual import counterfactuals
+
+    data = artifacts.images["dicom"]
+    r = call(server, "POST", "/v1/explain", files=upload(data, "application/dicom"),
+             data={"finding": "effusion", "eps": "0.5", "steps": "3", "invert_steps": "2", "direction": "away"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["finding"], body["direction"], body["eps"], body["steps"], body["invert_steps"], body["format"]) == (
+        "effusion", "away", 0.5, 3, 2, "png")
+    cf = base64.b64decode(body["counterfactual"]["data"])
+    assert body["counterfactual"]["media_type"] == "image/png"
+    assert_synthetic(png_provenance(cf)) and assert_synthetic(body["provenance"])
+    assert "away from 'effusion'" in png_provenance(cf)
+    diff = base64.b64decode(body["difference_map"]["data"])
+    assert_synthetic(png_provenance(diff))
+    with Image.open(io.BytesIO(diff)) as img:
+        assert img.mode == "RGB" and img.size == (32, 32)
+    assert body["difference_map"]["scale"] > 0
+    # the same counterfactual as the pipeline function on the same preprocessed image (PNG-16 quantisation)
+    ref = counterfactuals(artifacts.model, artifacts.head, torch.from_numpy(preprocess(data))[None, None], "effusion",
+                          ExplainConfig(eps=0.5, steps=3, invert_steps=2), toward=-1)
+    got = decode_png16(cf).astype(np.float64) / 65535 * 2 - 1
+    assert np.abs(got - ref["counterfactual"][0, 0].numpy()).max() < 1e-4
+    before = direct_probabilities(artifacts, data)
+    assert all(abs(body["probabilities"]["before"][f] - p) <= 1e-5 for f, p in before.items())
+    assert set(body["probabilities"]["after"]) == set(before)
+
+
+def test_explain_dicom_is_a_derived_synthetic_secondary_capture(server, artifacts):
+    from cxrray.config import DecodeConfig
+    from cxrray.data.dicom import decode_file
+
+    source = pydicom.dcmread(io.BytesIO(artifacts.images["dicom"]))
+    r = call(server, "POST", "/v1/explain", files=upload(artifacts.images["dicom"]),
+             data={"finding": "cardiomegaly", "format": "dicom"})
+    assert r.status_code == 200, r.text
+    assert r.json()["counterfactual"]["media_type"] == "application/dicom"
+    raw = base64.b64decode(r.json()["counterfactual"]["data"])
+    ds = pydicom.dcmread(io.BytesIO(raw))
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY"] and ds.ConversionType == "SYN"
+    assert ds.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
+    assert "SYNTHETIC" in ds.SeriesDescription and "1234-images" in ds.SeriesDescription
+    assert_synthetic(ds.DerivationDescription)
+    assert str(ds.PatientName) == "" and ds.PatientID == "" and ds.PatientIdentityRemoved == "YES"
+    for uid in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        assert ds.get(uid) and ds.get(uid) != source.get(uid)
+    assert not any(s.encode() in raw for s in SECRETS)
+    assert decode_file(raw, DecodeConfig()).pixels.shape == (32, 32)  # readable by our own decoder
+
+
+def test_generate_is_seeded_and_marked_synthetic(server):
+    a = call(server, "POST", "/v1/generate", json={"seed": 7, "n": 2, "steps": 3})
+    assert a.status_code == 200, a.text
+    images = [base64.b64decode(i["data"]) for i in a.json()["images"]]
+    assert len(images) == 2 and all(i["media_type"] == "image/png" for i in a.json()["images"])
+    for data in images:
+        assert_synthetic(png_provenance(data))
+        assert "seed 7" in png_provenance(data)
+    again = call(server, "POST", "/v1/generate", json={"seed": 7, "n": 2, "steps": 3}).json()
+    assert [i["data"] for i in again["images"]] == [i["data"] for i in a.json()["images"]]
+    other = call(server, "POST", "/v1/generate", json={"seed": 8, "n": 2, "steps": 3}).json()
+    assert other["images"][0]["data"] != a.json()["images"][0]["data"]
+    default = call(server, "POST", "/v1/generate", json={"seed": 1}).json()
+    assert (default["n"], default["steps"], len(default["images"])) == (1, 3, 1)
+
+
+# ---------------------------------------------------------------- errors
+
+def _multipart_stream(size: int):
+    """A chunked (no Content-Length) multipart body whose file part is `size` bytes."""
+    yield b'--bnd\r\nContent-Disposition: form-data; name="file"; filename="x.dcm"\r\n\r\n'
+    for _ in range(size // 50_000):
+        yield b"\0" * 50_000
+    yield b"\r\n--bnd--\r\n"
+
+
+def _error_request(name: str, art) -> tuple[str, str, dict]:
+    dicom, png = art.images["dicom"], art.images["png"]
+    big_dicom = make_dicom(np.zeros((8, 8), np.uint16), Rows=1100, Columns=1100)  # header claims 1.21 Mpx
+    explain = lambda **fields: ("POST", "/v1/explain", {"files": upload(png), "data": {"finding": "effusion", **fields}})
+    generate = lambda body, **kw: ("POST", "/v1/generate", {"json": body, **kw})
+    classify = lambda data, ctype="application/octet-stream": ("POST", "/v1/classify", {"files": upload(data, ctype)})
+    return {
+        "upload_over_content_length": classify(os.urandom(UPLOAD_LIMIT + 70_000)),
+        "upload_over_limit_chunked": ("POST", "/v1/classify", {
+            "data": _multipart_stream(UPLOAD_LIMIT + 100_000),
+            "headers": {"content-type": "multipart/form-data; boundary=bnd"}}),
+        "file_over_limit": classify(os.urandom(UPLOAD_LIMIT + 10_000)),
+        "png_too_many_pixels": classify(_png(np.zeros((1100, 1000), np.uint8)), "image/png"),
+        "dicom_too_many_pixels": classify(big_dicom, "application/dicom"),
+        "request_not_multipart": ("POST", "/v1/classify", {"data": b"abc", "headers": {"content-type": "text/plain"}}),
+        "file_type_gif": classify(b"GIF89a" + b"\0" * 64, "image/gif"),
+        "garbage_bytes": classify(b"this is not an image" * 20),
+        "truncated_png": classify(png[:120], "image/png"),
+        "blank_png": classify(_png(np.full((40, 40), 7, np.uint8)), "image/png"),
+        "colour_png": classify(_png(np.dstack([np.full((40, 40), v, np.uint8) for v in (10, 200, 90)]), "RGB")),
+        "tiny_png": classify(_png(np.arange(64, dtype=np.uint8).reshape(8, 8)), "image/png"),
+        "truncated_dicom": classify(dicom[: len(dicom) // 2], "application/dicom"),
+        "empty_file": classify(b""),
+        "missing_file": ("POST", "/v1/explain", {"files": {"finding": (None, "effusion")}}),
+        "unknown_form_field": ("POST", "/v1/classify", {"files": {**upload(png), "patient": (None, "x")}}),
+        "unknown_finding": explain(finding="pneumothorax"),
+        "unfitted_finding": explain(finding="rare"),
+        "missing_finding": ("POST", "/v1/explain", {"files": upload(png)}),
+        "eps_zero": explain(eps="0"),
+        "eps_too_large": explain(eps="10.5"),
+        "eps_nan": explain(eps="nan"),
+        "eps_not_a_number": explain(eps="lots"),
+        "steps_over_max": explain(steps="5"),
+        "steps_not_int": explain(steps="2.5"),
+        "invert_steps_zero": explain(invert_steps="0"),
+        "direction_bad": explain(direction="sideways"),
+        "format_bad": explain(format="jpeg"),
+        "n_over_max": generate({"seed": 1, "n": 3}),
+        "n_zero": generate({"seed": 1, "n": 0}),
+        "seed_negative": generate({"seed": -1}),
+        "seed_too_large": generate({"seed": 2**63}),
+        "seed_float": generate({"seed": 1.5}),
+        "seed_bool": generate({"seed": True}),
+        "seed_missing": generate({"n": 1}),
+        "generate_steps_over_max": generate({"seed": 1, "steps": 9}),
+        "generate_unknown_field": generate({"seed": 1, "guidance": 3}),
+        "generate_not_json": ("POST", "/v1/generate", {"data": b"seed=1", "headers": {"content-type": "text/plain"}}),
+        "generate_bad_json": ("POST", "/v1/generate", {"data": b"{seed: 1", "headers": {"content-type": "application/json"}}),
+        "generate_json_list": generate([1, 2]),
+        "unknown_route": ("GET", "/v1/nothing", {}),
+        "wrong_method": ("GET", "/v1/classify", {}),
+    }[name]
+
+
+ERRORS = {  # name: (status, error code, fragment of the detail)
+    "upload_over_content_length": (413, "payload_too_large", "limit"),
+    "upload_over_limit_chunked": (413, "payload_too_large", "exceeds the limit"),
+    "file_over_limit": (413, "payload_too_large", f"limit is {UPLOAD_LIMIT}"),
+    "png_too_many_pixels": (413, "too_many_pixels", f"limit is {PIXEL_LIMIT}"),
+    "dicom_too_many_pixels": (413, "too_many_pixels", "1210000 pixels"),
+    "request_not_multipart": (415, "unsupported_media_type", "multipart/form-data"),
+    "file_type_gif": (415, "unsupported_media_type", "image/gif"),
+    "garbage_bytes": (422, "invalid_image", "not_dicom"),
+    "truncated_png": (422, "invalid_image", "raster_decode_failed"),
+    "blank_png": (422, "invalid_image", "blank_image"),
+    "colour_png": (422, "invalid_image", "colour_image"),
+    "tiny_png": (422, "invalid_image", "absurd_dimensions"),
+    "truncated_dicom": (422, "invalid_image", ""),
+    "empty_file": (422, "empty_file", "0 bytes"),
+    "missing_file": (422, "missing_file", "`file`"),
+    "unknown_form_field": (422, "unknown_field", "patient"),
+    "unknown_finding": (422, "unknown_finding", "'pneumothorax' is unknown"),
+    "unfitted_finding": (422, "unknown_finding", "no fitted probe"),
+    "missing_finding": (422, "missing_field", "finding"),
+    "eps_zero": (422, "out_of_range", "eps"),
+    "eps_too_large": (422, "out_of_range", "eps"),
+    "eps_nan": (422, "out_of_range", "eps"),
+    "eps_not_a_number": (422, "invalid_field", "eps"),
+    "steps_over_max": (422, "out_of_range", "steps must be in 1..4"),
+    "steps_not_int": (422, "invalid_field", "steps"),
+    "invert_steps_zero": (422, "out_of_range", "invert_steps"),
+    "direction_bad": (422, "invalid_field", "toward, away"),
+    "format_bad": (422, "invalid_field", "png, dicom"),
+    "n_over_max": (422, "out_of_range", "n must be in 1..2"),
+    "n_zero": (422, "out_of_range", "n must be in 1..2"),
+    "seed_negative": (422, "out_of_range", "seed"),
+    "seed_too_large": (422, "out_of_range", "seed"),
+    "seed_float": (422, "invalid_field", "seed must be an integer"),
+    "seed_bool": (422, "invalid_field", "seed must be an integer"),
+    "seed_missing": (422, "missing_field", "seed"),
+    "generate_steps_over_max": (422, "out_of_range", "steps"),
+    "generate_unknown_field": (422, "unknown_field", "guidance"),
+    "generate_not_json": (415, "unsupported_media_type", "JSON"),
+    "generate_bad_json": (422, "invalid_json", "not valid JSON"),
+    "generate_json_list": (422, "invalid_json", "object"),
+    "unknown_route": (404, "not_found", ""),
+    "wrong_method": (405, "method_not_allowed", ""),
+}
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+def test_errors_are_specific_json_and_leave_the_service_healthy(server, artifacts, name):
+    status, code, fragment = ERRORS[name]
+    method, path, kwargs = _error_request(name, artifacts)
+    r = call(server, method, path, **kwargs)
+    assert r.status_code == status, (name, r.status_code, r.text)
+    body = r.json()
+    assert body["error"] == code and fragment in body["detail"], (name, body)
+    if code == "invalid_image":
+        assert body["reason"] and body["detail"].startswith(body["reason"])
+    assert_healthy(server, artifacts)
+
+
+# ---------------------------------------------------------------- auth
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_KEY}"},
+                                     {"Authorization": API_KEY}, {"Authorization": f"Bearer {API_KEY}x"}],
+                         ids=["none", "wrong", "basic", "no-scheme", "longer"])
+def test_auth_required_on_v1_when_key_set(server, artifacts, headers):
+    for method, path, kwargs in [("GET", "/v1/models", {}),
+                                 ("POST", "/v1/classify", {"files": upload(artifacts.images["png"])}),
+                                 ("POST", "/v1/generate", {"json": {"seed": 1}}), ("GET", "/v1/openapi.json", {})]:
+        r = call(server, method, path, auth=False, headers=headers, **kwargs)
+        assert r.status_code == 401, (path, r.text)
+        assert r.json()["error"] == "unauthorized" and r.headers["WWW-Authenticate"] == "Bearer"
+    assert call(server, "GET", "/healthz", auth=False, headers=headers).status_code == 200
+    assert call(server, "GET", "/v1/models").status_code == 200
+
+
+@pytest.fixture
+def in_process(artifacts):
+    """The same FastAPI app over a local ModelService, on uvicorn at 127.0.0.1 in a thread (no Serve)."""
+    import uvicorn
+
+    from cxrray.config import load_config
+    from cxrray.serve.api import LocalBackend, create_api
+    from cxrray.serve.app import settings_from
+    from cxrray.serve.models import ModelService
+
+    service = ModelService(str(artifacts.ckpt), str(artifacts.probe))
+    servers = []
+
+    def start(key_env: str):
+        settings = settings_from(load_config("tiny", SETS + [f"serve.api_key_env={key_env}"]))
+        port = free_port()
+        srv = uvicorn.Server(uvicorn.Config(create_api(settings, LocalBackend(service)), host="127.0.0.1", port=port,
+                                            log_level="warning"))
+        thread = threading.Thread(target=srv.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not srv.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        servers.append((srv, thread))
+        return SimpleNamespace(base=f"http://127.0.0.1:{port}")
+
+    yield start
+    for srv, thread in servers:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_auth_off_when_key_env_unset_and_on_when_set(in_process, artifacts, monkeypatch):
+    monkeypatch.delenv("CXRRAY_TEST_UNSET_KEY", raising=False)
+    open_srv = in_process("CXRRAY_TEST_UNSET_KEY")
+    r = call(open_srv, "POST", "/v1/classify", auth=False, files=upload(artifacts.images["dicom"]))
+    assert r.status_code == 200
+    assert r.json()["probabilities"] == pytest.approx(direct_probabilities(artifacts, artifacts.images["dicom"]), abs=1e-5)
+    monkeypatch.setenv("CXRRAY_TEST_LOCAL_KEY", "local-key")
+    closed = in_process("CXRRAY_TEST_LOCAL_KEY")
+    assert call(closed, "GET", "/v1/models", auth=False).status_code == 401
+    assert call(closed, "GET", "/v1/models", auth=False, headers={"Authorization": "Bearer local-key"}).status_code == 200
+    assert call(closed, "GET", "/healthz", auth=False).status_code == 200
+
+
+# ---------------------------------------------------------------- load
+
+def test_bounded_concurrent_mixed_load_has_no_5xx(server, artifacts):
+    """200 requests, 16 at a time: valid classify (DICOM/PNG), invalid uploads, unauthenticated calls,
+    unknown findings and a few real explains; every answer as expected, valid ones exact."""
+    from ray import serve
+
+    expected = {k: direct_probabilities(artifacts, artifacts.images[k]) for k in ("dicom", "png")}
+    local = threading.local()
+
+    def one(i: int):
+        s = getattr(local, "session", None) or requests.Session()
+        local.session = s
+        kind = ("dicom", "png")[i % 2]
+        if i % 50 == 7:
+            req, want = ("POST", "/v1/explain", {"files": upload(artifacts.images["png"]),
+                                                  "data": {"finding": "nodule", "steps": "2", "invert_steps": "2"}}), 200
+        elif i % 10 < 6:
+            req, want = ("POST", "/v1/classify", {"files": upload(artifacts.images[kind])}), 200
+        elif i % 10 == 6:
+            req, want = ("POST", "/v1/classify", {"files": upload(b"\x89PNG\r\n\x1a\n" + os.urandom(200))}), 422
+        elif i % 10 == 7:
+            req, want = ("POST", "/v1/classify", {"files": upload(b"x" * 10, "text/plain")}), 415
+        elif i % 10 == 8:
+            req, want = ("GET", "/v1/models", {"headers": {"Authorization": "Bearer nope"}}), 401
+        else:
+            req, want = ("POST", "/v1/explain", {"files": upload(artifacts.images["png"]), "data": {"finding": "x"}}), 422
+        method, path, kwargs = req
+        headers = {**AUTH, **kwargs.pop("headers", {})}
+        r = s.request(method, server.base + path, headers=headers, timeout=120, **kwargs)
+        return i, kind, path, want, r.status_code, r.text
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(200)))
+    elapsed = time.monotonic() - start
+    RESPONSES.extend(text for *_, text in results)
+    assert not [r for r in results if r[4] >= 500], [r[:5] for r in results if r[4] >= 500]
+    wrong = [r[:5] for r in results if r[4] != r[3]]
+    assert not wrong, wrong
+    for i, kind, path, _, status, text in results:
+        if path == "/v1/classify" and status == 200:
+            got = json.loads(text)["probabilities"]
+            assert all(abs(got[f] - p) <= 1e-5 for f, p in expected[kind].items()), (i, got, expected[kind])
+    sizes = serve.get_deployment_handle("Classifier", app_name="cxrray").stats.remote().result()["batch_sizes"]
+    assert max(int(k) for k in sizes) > 1, sizes  # dynamic batching happened under concurrency
+    assert elapsed < 60
+    assert_healthy(server, artifacts)
+
+
+# ---------------------------------------------------------------- privacy
+
+def test_no_identifier_in_any_response_or_serve_log(server, artifacts):
+    """After everything above (DICOM uploads carrying distinctive PatientName / PatientID / OtherPatientIDs,
+    file name FILENAME): none of them in any response body (base64 payloads decoded) or any log file."""
+    import ray
+
+    def decoded(text: str):
+        yield text
+        try:
+            body = json.loads(text)
+        except ValueError:
+            return
+        for node in _walk(body):
+            if isinstance(node, dict) and isinstance(node.get("data"), str):
+                yield base64.b64decode(node["data"]).decode("latin-1")
+
+    dicom = artifacts.images["dicom"]
+    for method, path, kwargs in [  # the DICOM through every path here too, so the test stands alone
+            ("POST", "/v1/classify", {"files": upload(dicom, "application/dicom")}),
+            ("POST", "/v1/explain", {"files": upload(dicom), "data": {"finding": "nodule", "format": "dicom"}}),
+            ("POST", "/v1/classify", {"files": upload(dicom[:-300])}),  # truncated pixel data: a 422
+            ("POST", "/v1/explain", {"files": upload(dicom), "data": {"finding": "nope"}})]:
+        assert call(server, method, path, **kwargs).status_code in (200, 422)
+    for text in RESPONSES:
+        for part in decoded(text):
+            assert not any(s in part for s in SECRETS), part[:300]
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert any("serve" in p.parts for p in files), "no Serve logs found to check"
+    for path in files:
+        data = path.read_bytes()
+        assert not any(s.encode() in data for s in SECRETS), path
+
+
+# ---------------------------------------------------------------- MLflow
+
+def test_mlflow_registry_uri_loads_the_registered_ema(artifacts, tmp_path, monkeypatch):
+    """`models:/NAME/VERSION` and `runs:/ID/model` give the same weights as the checkpoint (local sqlite registry)."""
+    from mlflow.tracking import MlflowClient
+
+    from cxrray.config import load_config
+    from cxrray.serve.models import load_model
+    from cxrray.train.registry import register_model
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("serve-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    cfg = load_config("tiny", ["tracking.registered_model=cxrray-serve-test"])
+    version = register_model(cfg, str(artifacts.ckpt), SimpleNamespace(uri=uri, run_id=run_id))
+    assert version == "1"
+    reference = artifacts.model.state_dict()
+    for model_uri, name, ver in [("models:/cxrray-serve-test/1", "cxrray-serve-test", "1"),
+                                 (f"runs:/{run_id}/model", "cxrray-diffae", f"run-{run_id}")]:
+        model, identity = load_model(model_uri, tracking_uri=uri)
+        assert (identity["name"], identity["version"], identity["images_shown"], identity["image_size"]) == (
+            name, ver, 1234, 32)
+        state = model.state_dict()
+        assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state)
+
+
+# ---------------------------------------------------------------- deployment files
+
+def test_serve_config_passes_rays_schema_and_builds(tmp_path):
+    from ray.serve.schema import DeploymentSchema, ServeDeploySchema
+
+    from cxrray.serve.app import build_app
+
+    doc = yaml.safe_load(SERVE_CONFIG.read_text())
+    schema = ServeDeploySchema.model_validate(doc)
+    (app,) = schema.applications
+    assert app.import_path == "cxrray.serve.app:build_app" and app.route_prefix == "/"
+    assert schema.http_options.port == 8000
+    built = build_app(app.args)  # the builder accepts the file's args (config + overrides validate)
+    names = {d["name"] for d in doc["applications"][0]["deployments"]}
+    bound = set()
+    node = built._bound_deployment
+    bound.add(node.name)
+    bound.update(a._bound_deployment.name for a in node.init_args if hasattr(a, "_bound_deployment"))
+    assert names == bound == {"Ingress", "Classifier", "Explainer"}
+    for dep in doc["applications"][0]["deployments"]:
+        assert set(dep) <= set(DeploymentSchema.model_fields), dep  # the schema allows extras: catch typos
+        auto = dep["autoscaling_config"]
+        assert 1 <= auto["min_replicas"] <= auto["max_replicas"] and auto["target_ongoing_requests"] > 0
+        assert dep["ray_actor_options"]["num_cpus"] > 0
+        if dep["name"] != "Ingress":
+            assert 0 < dep["ray_actor_options"]["num_gpus"] < 1  # fractional: replicas share a GPU
+    assert "api_key" not in SERVE_CONFIG.read_text().lower().replace("cxrray_api_key", "")
+
+
+def test_rayservice_embeds_the_serve_config_and_keeps_secrets_in_secrets():
+    from test_cluster import _derived
+
+    doc = yaml.safe_load(RAYSERVICE.read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
+    spec = doc["spec"]
+    assert yaml.safe_load(spec["serveConfigV2"]) == yaml.safe_load(SERVE_CONFIG.read_text())
+    cluster = spec["rayClusterConfig"]
+    assert str(cluster["rayVersion"]) == "2.60.0"
+    nodes = _derived(cluster, "cxrray-serve")["available_node_types"]  # Ray's own reading of the spec
+    assert nodes["headgroup"]["resources"]["CPU"] == 0
+    assert [n for n, t in nodes.items() if t["resources"].get("GPU") == 1]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"containerPort": 8000, "name": "serve"} in head["ports"]
+    containers = [head] + [g["template"]["spec"]["containers"][0] for g in cluster["workerGroupSpecs"]]
+    assert len({c["image"] for c in containers}) == 1 and "REPLACE_ME" in head["image"]
+    for container in containers:
+        env = {e["name"]: e for e in container["env"]}
+        assert env["CXRRAY_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "cxrray-secrets"
+        for name, entry in env.items():
+            if any(word in name for word in ("KEY", "SECRET", "TOKEN", "PASSWORD", "URI")):
+                assert "value" not in entry and "secretKeyRef" in entry["valueFrom"], name
+
+
+# ---------------------------------------------------------------- units
+
+def test_overload_is_a_json_503_and_replica_ranges_are_checked():
+    import asyncio
+
+    from ray.serve.exceptions import BackPressureError
+
+    from cxrray.config import ConfigError, load_config
+    from cxrray.serve.api import _call
+    from cxrray.serve.app import make_app
+    from cxrray.serve.uploads import ApiError
+
+    async def overloaded():
+        raise BackPressureError(num_queued_requests=33, max_queued_requests=32)
+
+    with pytest.raises(ApiError) as err:
+        asyncio.run(_call(overloaded()))
+    assert err.value.status == 503 and err.value.body()["error"] == "overloaded"
+    with pytest.raises(ConfigError, match="classifier_replicas"):
+        make_app("ckpt", "probe", load_config("tiny", ["serve.classifier_replicas=[3,1]"]))
