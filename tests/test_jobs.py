@@ -124,7 +124,8 @@ def test_failing_job_reports_cli_error(ray_head, phantoms, tmp_path):
     assert not (tmp_path / "shards" / "manifest.json").exists()
 
 
-def test_pretrain_job_succeeds_and_resubmission_continues(ray_head, phantoms, tmp_path):
+def _pretrain_jobs(ray_head, phantoms, tmp_path, targets: tuple[int, ...]) -> tuple[str, dict]:
+    """Ingest by job, then one pretraining job per target (each continues the same output); last logs."""
     shards, run = tmp_path / "shards", tmp_path / "run"
     status = wait_for(ray_head, submit(ray_head, "python", "jobs/ingest.py", "--input", str(phantoms),
                                        "--labels", str(phantoms / "labels.csv"), "--output", str(shards),
@@ -135,12 +136,22 @@ def test_pretrain_job_succeeds_and_resubmission_continues(ray_head, phantoms, tm
             "train.eval_split=null", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
     command = ["python", "jobs/pretrain.py", "--data", f"file://{shards}", "--output", f"file://{run}",
                *[a for s in sets for a in ("--set", s)]]
-    for images in (16, 24):  # a re-submitted job with a larger target continues from the checkpoint
+    for images in targets:
         job_id = submit(ray_head, *command, "--images", str(images))
         status = wait_for(ray_head, job_id, timeout=240)
         logs = job_logs(ray_head, job_id)
         assert status == "SUCCEEDED", logs[-3000:]
         assert f"[pretrain] {images}/{images} images" in logs, logs[-3000:]
+    return logs, json.loads((run / "latest.json").read_text())
+
+
+def test_pretrain_job_succeeds(ray_head, phantoms, tmp_path):
+    _, latest = _pretrain_jobs(ray_head, phantoms, tmp_path, (16,))
+    assert latest["images_shown"] == 16 and latest["latest_checkpoint"].endswith("checkpoint-000000000016")
+
+
+@pytest.mark.slow  # ~100 s more; the same continuation path (latest.json) is in the default suite via test_pretrain
+def test_pretrain_job_resubmission_continues(ray_head, phantoms, tmp_path):
+    logs, latest = _pretrain_jobs(ray_head, phantoms, tmp_path, (16, 24))
     assert "resumed at 16 images shown" in logs
-    latest = json.loads((run / "latest.json").read_text())
     assert latest["images_shown"] == 24 and latest["latest_checkpoint"].endswith("checkpoint-000000000024")
