@@ -86,9 +86,9 @@ def audit_finding(checkpoint: str, probe: str, data_uri: str, finding: str, out:
     records = [json.loads(cf_store.read_bytes(f"{s['key']}.{finding}.toward.json")) for s in samples]
     ranked = candidates(records, finding, [f for f, ok in zip(head.findings, head.fitted) if ok], cfg)
     shares = {k: float(np.mean([r["regions_vs_reference"][k] for r in records])) for k in records[0]["regions_vs_reference"]}
-    target = np.array([r["probs_latent" if cfg.audit.measure == "latent" else "probs_after"][finding]
-                       - r["probs_before" if cfg.audit.measure == "latent" else "probs_reference"][finding]
-                       for r in records])
+    after, before = ("probs_latent", "probs_before") if cfg.audit.measure == "latent" else ("probs_after",
+                                                                                           "probs_reference")
+    target = np.array([r[after][finding] - r[before][finding] for r in records])
     return {"finding": finding, "images": len(records), "measure": cfg.audit.measure,
             "target_effect": float(target.mean()), "candidates": ranked,
             "flagged": [c["label"] for c in ranked if c["flagged"]],

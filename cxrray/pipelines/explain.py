@@ -29,6 +29,7 @@ from cxrray.config import Config, ExplainConfig
 from cxrray.data.imaging import encode_png16
 from cxrray.data.shards import read_manifest, read_tar
 from cxrray.data.storage import Storage
+from cxrray.diffusion.ddim import ddim_invert
 from cxrray.models.loading import load_ema, model_identity
 from cxrray.pipelines import derived
 from cxrray.pipelines.counterfactual import counterfactuals
@@ -76,8 +77,6 @@ class Explainer:
         x0 = x0.to(self.device)
         with torch.no_grad():
             z = self.model.encode(x0).float()
-        from cxrray.diffusion.ddim import ddim_invert
-
         x_T = ddim_invert(self.model, x0, z, steps=self.cfg.invert_steps)
         records, reference = [], None
         for finding in todo:
@@ -166,8 +165,7 @@ def explain_shards(checkpoint: str, probe: str, data_uri: str, findings: list[st
     out = Storage(output_uri)
     out.remove_partial()
     done = set(out.list())
-    stem = lambda k, f: f"{k}.{f}.{DIRECTIONS[toward]}.json"  # noqa: E731
-    pending = [s for s in samples if any(stem(s["key"], f) not in done for f in findings)]
+    pending = [s for s in samples if any(f"{s['key']}.{f}.{DIRECTIONS[toward]}.json" not in done for f in findings)]
     units, by_shard = [], {}
     for s in pending:
         by_shard.setdefault(s["shard"], []).append(s["key"])
