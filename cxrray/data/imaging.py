@@ -60,3 +60,10 @@ def decode_png16(data: bytes) -> np.ndarray:
 def png16_to_model(values: np.ndarray) -> np.ndarray:
     """uint16 (any shape) -> float32 in [-1, 1]."""
     return values.astype(np.float32) * (2.0 / PNG_MAX) - 1.0
+
+
+def model_input(pixels: np.ndarray, size: int, fit: Literal["pad", "crop"]) -> np.ndarray:
+    """Decoded float [0, 1] image -> float32 [size, size] in [-1, 1], exactly as ingest + stream give it
+    (same geometry and 16-bit quantisation as the shard codec)."""
+    values = np.round(np.clip(fit_square(pixels, size, fit), 0.0, 1.0) * PNG_MAX).astype(np.uint16)
+    return png16_to_model(values)

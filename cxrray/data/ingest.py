@@ -238,9 +238,6 @@ def prepare_image(data: bytes, cfg: IngestConfig) -> "np.ndarray":
     """One uploaded/explained file (DICOM, PNG, JPEG bytes) -> float32 [S, S] in [-1, 1], exactly what
     ingest + stream would give the model (same decoder, geometry and 16-bit quantisation). Raises
     RejectError like ingest does; the header and identity are dropped here."""
-    import numpy as np
+    from cxrray.data.imaging import model_input
 
-    from cxrray.data.imaging import PNG_MAX, png16_to_model
-
-    pixels = fit_square(decode_file(data, cfg.decode).pixels, cfg.size, cfg.fit)
-    return png16_to_model(np.round(np.clip(pixels, 0.0, 1.0) * PNG_MAX).astype(np.uint16))
+    return model_input(decode_file(data, cfg.decode).pixels, cfg.size, cfg.fit)

@@ -3,7 +3,7 @@
 Bodies are read with a byte budget (Content-Length is checked first, then bytes are counted while
 streaming, so chunked uploads are bounded too) and multipart is parsed in memory (no spooled temp
 files holding patient data). An uploaded image goes through the ingest decoder (`decode_file`) and the
-exact ingest + training preprocessing (`fit_square` -> PNG-16 -> [-1, 1]); its DICOM identifiers are
+exact ingest + training preprocessing (`cxrray.data.imaging.model_input`); its DICOM identifiers are
 dropped at once and scrubbed from any error detail. Nothing here logs.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from cxrray.config import DecodeConfig
 from cxrray.data.dicom import RejectError, _identifying_strings, decode_file
-from cxrray.data.imaging import decode_png16, encode_png16, fit_square, png16_to_model
+from cxrray.data.imaging import model_input
 
 FILE_TYPES = {"application/dicom", "image/png", "image/jpeg", "application/octet-stream", ""}
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, part headers and the small form fields
@@ -189,5 +189,4 @@ def prepare_image(data: bytes, size: int, fit: str, decode: DecodeConfig, max_pi
         raise ApiError(422, "invalid_image", detail, reason=err.code) from None
     image = decoded.pixels
     del decoded  # header covariates and raw identifiers: never kept, returned or logged
-    square = fit_square(image, size, fit)
-    return png16_to_model(decode_png16(encode_png16(square)))
+    return model_input(image, size, fit)
