@@ -14,8 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from cxrray.data.phantom import PhantomConfig
-from cxrray.models.diffae import PRESETS as MODEL_PRESETS
-from cxrray.models.diffae import DiffAEConfig
+from cxrray.models.architecture import PRESETS as MODEL_PRESETS
+from cxrray.models.architecture import DiffAEConfig
 
 
 class ConfigError(ValueError):

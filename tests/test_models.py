@@ -58,6 +58,22 @@ def test_tiny_shapes_and_conditioning(tiny):
         assert torch.allclose(tiny(x, 7, z), tiny(x, torch.tensor([7, 7]), z))
 
 
+@pytest.mark.parametrize("name", ["tiny", "small", "paper"])
+def test_encoder_pools_a_4x4_map(name):
+    """Diff-AE's encoders go down to 4x4 before the global pool; z then keeps global geometry."""
+    cfg = preset_config(name)
+    assert cfg.image_size // 2 ** (len(cfg.encoder_channel_mult) - 1) == 4
+    with torch.device("meta"):
+        enc = DiffAE(cfg).encoder
+    seen = {}
+    enc.mid_block.register_forward_hook(lambda m, i, o: seen.update(shape=tuple(o.shape)))
+    enc(torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size, device="meta"))
+    assert seen["shape"] == (1, cfg.encoder_channels[-1], 4, 4)
+    # None keeps the U-Net's plan (older configs)
+    plain = DiffAEConfig(**{**DIFFAE_PRESETS["tiny"], "encoder_channel_mult": None})
+    assert plain.encoder_channels == plain.block_channels
+
+
 def test_encoder_gradients_flow(tiny):
     x, t = _inputs(tiny.cfg, b=1)
     model = DiffAE(tiny.cfg)
@@ -83,6 +99,8 @@ def test_config_round_trip(tiny):
     ("image_size", 8), ("image_size", 2048), ("image_size", 66),  # 66 is not divisible by 2**(3-1)
     ("channel_mult", (1, 0, 2)), ("channel_mult", ()), ("norm_groups", 24), ("attention_resolutions", (7,)),
     ("z_dim", 0), ("dropout", 1.5), ("layers_per_block", 0),
+    ("encoder_channel_mult", (1, 0)), ("encoder_channel_mult", ()),
+    ("encoder_channel_mult", (1,) * 8),  # 64 is not divisible by 2**7
 ])
 def test_invalid_config_names_field(field, value):
     with pytest.raises(ValidationError, match=field):
