@@ -176,13 +176,21 @@ def test_explain_shards_killed_then_rerun_writes_each_output_once(world, ray_loc
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 
 
-def test_audit_ranks_the_label_the_direction_drags_along(world, ray_local, tmp_path):
+def test_audit_ranks_the_label_the_direction_drags_along(world, ray_local, tmp_path, capfd):
     from cxrray.pipelines.audit import audit
 
     cfg = load_config("tiny", ["explain.steps=3", "explain.invert_steps=3", "audit.images=6", "audit.split=train",
                                "audit.bootstrap=200", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
     assert cfg.audit.measure == "latent"  # tiny preset
     result = audit(world["ckpt"], world["probe"], world["shards"], ["effusion", "nodule"], tmp_path / "audit", cfg)
+    # both findings in one explain fan-out (one actor pool), each image's outputs only for findings it is negative for
+    assert capfd.readouterr().out.count("[explain] 0/") == 1
+    written = sorted(p.name for p in (tmp_path / "audit" / "counterfactuals").glob("*.toward.json"))
+    assert len(written) == sum(result["findings"][f]["images"] for f in ("effusion", "nodule")) == 12
+    samples = _all_samples(world)
+    for name in written:
+        key, finding = name.split(".")[:2]
+        assert samples[key][1]["labels"][world["vocab"].index(finding)] == 0
     eff = result["findings"]["effusion"]
     assert eff["candidates"][0]["label"] == "chest_tube" and "chest_tube" in eff["flagged"]
     assert eff["candidates"][0]["ci"][0] > cfg.audit.min_effect

@@ -71,20 +71,33 @@ def _grid(records: list[dict], store: Storage, path: Path, finding: str) -> str:
     return str(save_grid([orig, cf, diff], path, f"counterfactuals toward {finding}: original / counterfactual / |diff|"))
 
 
-def audit_finding(checkpoint: str, probe: str, data_uri: str, finding: str, out: Path, cfg: Config) -> dict:
-    head = load_head(probe)
-    head.index(finding)
-    cfg = cfg.model_copy(update={"explain": cfg.explain.model_copy(update={"mode": cfg.audit.mode})})
-    samples, manifest = select(data_uri, cfg.audit.split, label=finding, value=0.0, limit=cfg.audit.images,
-                               seed=cfg.audit.seed)
+def negatives(data_uri: str, finding: str, cfg: Config) -> list[dict]:
+    """Up to `audit.images` images of `audit.split` negative for `finding` ([{shard, key}], seeded)."""
+    samples, _ = select(data_uri, cfg.audit.split, label=finding, value=0.0, limit=cfg.audit.images,
+                        seed=cfg.audit.seed)
     if len(samples) < 2:
         raise ValueError(f"audit of {finding!r}: only {len(samples)} images negative for it in split "
                          f"{cfg.audit.split!r}; need at least 2")
-    cf_store = Storage(str((out / "counterfactuals").resolve()))
-    print(f"[audit] {finding}: counterfactuals toward it from {len(samples)} negative images", flush=True)
-    explain_shards(checkpoint, probe, data_uri, [finding], cf_store.uri, cfg, samples, toward=1, reference=True)
-    records = [json.loads(cf_store.read_bytes(f"{s['key']}.{finding}.toward.json")) for s in samples]
-    ranked = candidates(records, finding, [f for f, ok in zip(head.findings, head.fitted) if ok], cfg)
+    return samples
+
+
+def counterfactuals_toward(checkpoint: str, probe: str, data_uri: str, plan: dict[str, list[dict]],
+                           store: Storage, cfg: Config) -> None:
+    """Every finding's counterfactuals in one explain fan-out (one actor pool, each image inverted once)."""
+    merged: dict[tuple[str, str], dict] = {}
+    for finding, samples in plan.items():
+        print(f"[audit] {finding}: counterfactuals toward it from {len(samples)} negative images", flush=True)
+        for s in samples:
+            merged.setdefault((s["shard"], s["key"]), {**s, "findings": []})["findings"].append(finding)
+    cfg = cfg.model_copy(update={"explain": cfg.explain.model_copy(update={"mode": cfg.audit.mode})})
+    explain_shards(checkpoint, probe, data_uri, list(plan), store.uri, cfg, list(merged.values()), toward=1,
+                   reference=True)
+
+
+def summarise(finding: str, samples: list[dict], store: Storage, labels: list[str], out: Path, cfg: Config) -> dict:
+    """Ranked candidates, target effect, regions and grid of one finding's written counterfactuals."""
+    records = [json.loads(store.read_bytes(f"{s['key']}.{finding}.toward.json")) for s in samples]
+    ranked = candidates(records, finding, labels, cfg)
     shares = {k: float(np.mean([r["regions_vs_reference"][k] for r in records])) for k in records[0]["regions_vs_reference"]}
     after, before = ("probs_latent", "probs_before") if cfg.audit.measure == "latent" else ("probs_after",
                                                                                            "probs_reference")
@@ -93,7 +106,7 @@ def audit_finding(checkpoint: str, probe: str, data_uri: str, finding: str, out:
             "target_effect": float(target.mean()), "candidates": ranked,
             "flagged": [c["label"] for c in ranked if c["flagged"]],
             "regions": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
-            "grid": _grid(records, cf_store, out / f"audit_{finding}.png", finding)}
+            "grid": _grid(records, store, out / f"audit_{finding}.png", finding)}
 
 
 def report_html(result: dict) -> str:
@@ -121,9 +134,16 @@ def audit(checkpoint: str, probe: str, data_uri: str, findings: list[str], outpu
         raise ValueError("give at least one --finding")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    head = load_head(probe)
+    for finding in findings:
+        head.index(finding)  # unknown or unfitted: fail before any work
+    labels = [f for f, ok in zip(head.findings, head.fitted) if ok]
+    plan = {f: negatives(data_uri, f, cfg) for f in findings}
+    store = Storage(str((out / "counterfactuals").resolve()))
+    counterfactuals_toward(checkpoint, probe, data_uri, plan, store, cfg)
     result = {"checkpoint": checkpoint, "probe": str(probe), "data": data_uri,
               "audit": cfg.audit.model_dump(mode="json"), "explain": cfg.explain.model_dump(mode="json"),
-              "findings": {f: audit_finding(checkpoint, probe, data_uri, f, out, cfg) for f in findings}}
+              "findings": {f: summarise(f, plan[f], store, labels, out, cfg) for f in findings}}
     (out / "audit.json").write_text(json.dumps(result, indent=1))
     (out / "audit.html").write_text(report_html(result))
     run_id = start_run(cfg.tracking, {"audit": cfg.audit.model_dump(mode="json"), "checkpoint": checkpoint,

@@ -69,9 +69,12 @@ class Explainer:
     def stem(self, key: str, finding: str) -> str:
         return f"{key}.{finding}.{DIRECTIONS[self.toward]}"
 
-    def run(self, keys: list[str], x0: torch.Tensor, extra: list[dict] | None = None) -> list[dict]:
-        """x0 [B, 1, S, S] in [-1, 1] with their keys; writes outputs for the findings not done yet."""
-        todo = [f for f in self.findings if any(not self.out.exists(f"{self.stem(k, f)}.json") for k in keys)]
+    def run(self, keys: list[str], x0: torch.Tensor, extra: list[dict] | None = None,
+            findings: list[str] | None = None) -> list[dict]:
+        """x0 [B, 1, S, S] in [-1, 1] with their keys; writes outputs for the findings (default: all of the
+        explainer's) not done yet."""
+        todo = [f for f in (findings or self.findings)
+                if any(not self.out.exists(f"{self.stem(k, f)}.json") for k in keys)]
         if not todo:
             return []
         x0 = x0.to(self.device)
@@ -116,7 +119,7 @@ class Explainer:
 
 
 class ShardExplainer(Explainer):
-    """Ray Data actor: units {shard, keys (JSON list)} -> records written; returns counts."""
+    """Ray Data actor: units {shard, keys, findings (JSON lists)} -> records written; returns counts."""
 
     def __init__(self, data_uri: str, **kwargs):
         super().__init__(**kwargs)
@@ -124,12 +127,12 @@ class ShardExplainer(Explainer):
 
     def __call__(self, batch: dict) -> dict:
         written = []
-        for shard, keys_json in zip(batch["shard"], batch["keys"]):
+        for shard, keys_json, findings_json in zip(batch["shard"], batch["keys"], batch["findings"]):
             wanted = json.loads(keys_json)
             samples = {k: (png, meta) for k, png, meta in read_tar(self.data.read_bytes(shard), source=shard)}
             x0 = load_images([samples[k][0] for k in wanted])
             extra = [{"labels": samples[k][1]["labels"], "split": samples[k][1]["split"]} for k in wanted]
-            written.append(len(self.run(wanted, x0, extra)))
+            written.append(len(self.run(wanted, x0, extra, findings=json.loads(findings_json))))
         return {"written": np.array(written)}
 
 
@@ -159,21 +162,24 @@ def select(data_uri: str, split: str | None, label: str | None = None, value: fl
 
 def explain_shards(checkpoint: str, probe: str, data_uri: str, findings: list[str], output_uri: str, cfg: Config,
                    samples: list[dict], toward: int = 1, reference: bool = False) -> int:
-    """Fan out counterfactuals for `samples` ([{shard, key}]) x findings; returns records written now."""
+    """Fan out counterfactuals for `samples` ([{shard, key, findings?}]) over one actor pool; a sample's own
+    `findings` (a subset of `findings`) replaces the full list for it. Returns records written now."""
     ensure_ray()
     configure_data()
     out = Storage(output_uri)
     out.remove_partial()
     done = set(out.list())
-    pending = [s for s in samples if any(f"{s['key']}.{f}.{DIRECTIONS[toward]}.json" not in done for f in findings)]
-    units, by_shard = [], {}
-    for s in pending:
-        by_shard.setdefault(s["shard"], []).append(s["key"])
-    for shard, keys in by_shard.items():
+    wanted = [(s, tuple(s.get("findings") or findings)) for s in samples]
+    pending = [(s, fs) for s, fs in wanted if any(f"{s['key']}.{f}.{DIRECTIONS[toward]}.json" not in done for f in fs)]
+    units, groups = [], {}
+    for s, fs in pending:
+        groups.setdefault((s["shard"], fs), []).append(s["key"])
+    for (shard, fs), keys in groups.items():
         for i in range(0, len(keys), cfg.explain.batch_size):
-            units.append({"shard": shard, "keys": json.dumps(keys[i:i + cfg.explain.batch_size])})
+            units.append({"shard": shard, "keys": json.dumps(keys[i:i + cfg.explain.batch_size]),
+                          "findings": json.dumps(list(fs))})
     print(f"[explain] {len(samples) - len(pending)}/{len(samples)} images already complete; "
-          f"{len(pending)} images x {len(findings)} findings in {len(units)} units -> {out.uri}", flush=True)
+          f"{len(pending)} images x up to {len(findings)} findings in {len(units)} units -> {out.uri}", flush=True)
     if not units:
         return 0
     ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
