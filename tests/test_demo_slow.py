@@ -26,7 +26,7 @@ def test_demo_probe_auroc_and_audit_find_the_planted_confounder(ray_local, tmp_p
     metrics = json.loads((tmp_path / "out" / "probe" / "metrics.json").read_text())
     effusion, cardiomegaly = metrics["findings"]["effusion"], metrics["findings"]["cardiomegaly"]
     assert effusion["positives"] >= 30 and effusion["auroc"] >= 0.9, effusion
-    assert cardiomegaly["positives"] >= 30 and cardiomegaly["auroc"] >= 0.8, cardiomegaly
+    assert cardiomegaly["positives"] >= 30 and cardiomegaly["auroc"] >= 0.9, cardiomegaly
     audit = json.loads((tmp_path / "out" / "audit" / "audit.json").read_text())["findings"]
     assert audit["effusion"]["candidates"][0]["label"] == "chest_tube", audit["effusion"]["candidates"][:3]
     assert "chest_tube" in audit["effusion"]["flagged"]
@@ -35,8 +35,3 @@ def test_demo_probe_auroc_and_audit_find_the_planted_confounder(ray_local, tmp_p
     for heading in ("Linear probe on z", "Counterfactual explanations", "Confounder audit", "chest_tube"):
         assert heading in page
     assert os.path.exists(summary["counterfactual_grid"])
-    if cardiomegaly["auroc"] < 0.9:
-        # issue 4 asks >= 0.9. Measured: 0.962 with one 3,200-image CPU pretraining, 0.867 and 0.856 (with
-        # 1,312 fit images) with another; 4,800 images did not help (0.838). The 200-step encoder's
-        # heart-size feature varies between runs; open until a longer/GPU pretraining is measured.
-        pytest.xfail(f"cardiomegaly AUROC {cardiomegaly['auroc']:.3f} < 0.9 (run-to-run variance of the CPU encoder)")
