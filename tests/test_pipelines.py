@@ -218,3 +218,29 @@ def test_cli_rejects_unknown_finding_and_missing_checkpoint(world, tmp_path, cap
                  "--output", str(tmp_path / "e")]) == 2
     assert "not a complete cxrray checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_audit_does_not_flag_labels_whose_probe_is_at_chance(tmp_path):
+    from cxrray.pipelines.audit import candidates, probe_aurocs
+
+    rng = np.random.default_rng(0)
+    labels = ["target", "device", "noise", "unmeasured", "flat"]
+    records = []
+    for _ in range(20):
+        before = dict.fromkeys(labels, 0.2)
+        after = {"target": 0.9, "device": 0.6, "noise": 0.5, "unmeasured": 0.55, "flat": 0.2 + rng.normal(0, 0.01)}
+        records.append({"probs_before": before, "probs_latent": after, "probs_reference": before, "probs_after": after})
+    (tmp_path / "metrics.json").write_text(json.dumps({"findings": {
+        "device": {"auroc": 0.93}, "noise": {"auroc": 0.42}, "flat": {"auroc": 0.8}, "unmeasured": {"auroc": None}}}))
+    aurocs = probe_aurocs(str(tmp_path))
+    assert aurocs == {"device": 0.93, "noise": 0.42, "flat": 0.8}
+    assert probe_aurocs(str(tmp_path / "no-metrics")) == {}
+    cfg = load_config("tiny", ["audit.measure=latent", "audit.bootstrap=200"])
+    ranked = {c["label"]: c for c in candidates(records, "target", labels, cfg, aurocs)}
+    assert "target" not in ranked
+    assert ranked["device"]["flagged"] and ranked["device"]["probe_auroc"] == 0.93
+    assert ranked["noise"]["ci"][0] > cfg.audit.min_effect and not ranked["noise"]["flagged"]  # chance-level probe
+    assert ranked["unmeasured"]["flagged"] and ranked["unmeasured"]["probe_auroc"] is None  # not gated
+    assert not ranked["flat"]["flagged"]
+    assert not candidates(records, "target", labels, cfg.model_copy(update={
+        "audit": cfg.audit.model_copy(update={"min_probe_auroc": 0.95})}), aurocs)[0]["flagged"]

@@ -9,8 +9,9 @@ and for every other label L measure the per-image change of the probe's probabil
 - latent measure: p_L(z*) - p_L(z)
 
 The effect is the mean change with a 95% percentile bootstrap CI over images; candidates are ranked
-by effect and flagged when the CI's lower bound exceeds `audit.min_effect`. Where the image changes
-is summarised as the share of |counterfactual - reconstruction| in a 3x3 grid.
+by effect and flagged when the CI's lower bound exceeds `audit.min_effect` and L's own probe is better
+than chance (test AUROC >= `audit.min_probe_auroc`, read from the probe's metrics.json when present).
+Where the image changes is summarised as the share of |counterfactual - reconstruction| in a 3x3 grid.
 Outputs: `audit.json` ({findings: {F: {candidates: [{label, effect, ci, flagged, ...}], ...}}}),
 `audit.html` (tables + grids), grids as PNG; all logged to MLflow.
 """
@@ -41,9 +42,19 @@ def mean_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, f
     return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def candidates(records: list[dict], finding: str, labels: list[str], cfg: Config) -> list[dict]:
+def probe_aurocs(probe: str) -> dict[str, float]:
+    """Test AUROC per label from the probe directory's metrics.json ({} when it has none)."""
+    store = Storage(str(probe))
+    if not store.exists("metrics.json"):
+        return {}
+    findings = json.loads(store.read_bytes("metrics.json")).get("findings", {})
+    return {k: float(v["auroc"]) for k, v in findings.items() if v.get("auroc") is not None}
+
+
+def candidates(records: list[dict], finding: str, labels: list[str], cfg: Config,
+               aurocs: dict[str, float] | None = None) -> list[dict]:
     """Every label but `finding`, ranked by effect (see module docstring)."""
-    out = []
+    out, aurocs = [], aurocs or {}
     for label in labels:
         if label == finding:
             continue
@@ -53,7 +64,10 @@ def candidates(records: list[dict], finding: str, labels: list[str], cfg: Config
             continue
         chosen = image if cfg.audit.measure == "image" else latent
         effect, low, high = mean_ci(chosen, cfg.audit.bootstrap, cfg.audit.seed)
-        out.append({"label": label, "effect": effect, "ci": [low, high], "flagged": low > cfg.audit.min_effect,
+        auroc = aurocs.get(label)
+        measurable = auroc is None or auroc >= cfg.audit.min_probe_auroc
+        out.append({"label": label, "effect": effect, "ci": [low, high],
+                    "flagged": bool(low > cfg.audit.min_effect and measurable), "probe_auroc": auroc,
                     "effect_image": float(image.mean()), "effect_latent": float(latent.mean())})
     return sorted(out, key=lambda c: c["effect"], reverse=True)
 
@@ -94,10 +108,11 @@ def counterfactuals_toward(checkpoint: str, probe: str, data_uri: str, plan: dic
                    reference=True)
 
 
-def summarise(finding: str, samples: list[dict], store: Storage, labels: list[str], out: Path, cfg: Config) -> dict:
+def summarise(finding: str, samples: list[dict], store: Storage, labels: list[str], aurocs: dict[str, float],
+              out: Path, cfg: Config) -> dict:
     """Ranked candidates, target effect, regions and grid of one finding's written counterfactuals."""
     records = [json.loads(store.read_bytes(f"{s['key']}.{finding}.toward.json")) for s in samples]
-    ranked = candidates(records, finding, labels, cfg)
+    ranked = candidates(records, finding, labels, cfg, aurocs)
     shares = {k: float(np.mean([r["regions_vs_reference"][k] for r in records])) for k in records[0]["regions_vs_reference"]}
     after, before = ("probs_latent", "probs_before") if cfg.audit.measure == "latent" else ("probs_after",
                                                                                            "probs_reference")
@@ -113,7 +128,8 @@ def report_html(result: dict) -> str:
     sections = []
     for finding, r in result["findings"].items():
         rows = [{"label": c["label"], "effect": c["effect"], "ci low": c["ci"][0], "ci high": c["ci"][1],
-                 "flagged": "yes" if c["flagged"] else "", "image effect": c["effect_image"],
+                 "flagged": "yes" if c["flagged"] else "", "probe AUROC": c["probe_auroc"],
+                 "image effect": c["effect_image"],
                  "latent effect": c["effect_latent"]} for c in r["candidates"]]
         top = ", ".join(f"{k} {v:.0%}" for k, v in list(r["regions"].items())[:3])
         body = (f"<p>{r['images']} images negative for {html.esc(finding)}; measure: {r['measure']}; "
@@ -143,7 +159,7 @@ def audit(checkpoint: str, probe: str, data_uri: str, findings: list[str], outpu
     counterfactuals_toward(checkpoint, probe, data_uri, plan, store, cfg)
     result = {"checkpoint": checkpoint, "probe": str(probe), "data": data_uri,
               "audit": cfg.audit.model_dump(mode="json"), "explain": cfg.explain.model_dump(mode="json"),
-              "findings": {f: summarise(f, plan[f], store, labels, out, cfg) for f in findings}}
+              "findings": {f: summarise(f, plan[f], store, labels, probe_aurocs(probe), out, cfg) for f in findings}}
     (out / "audit.json").write_text(json.dumps(result, indent=1))
     (out / "audit.html").write_text(report_html(result))
     run_id = start_run(cfg.tracking, {"audit": cfg.audit.model_dump(mode="json"), "checkpoint": checkpoint,
