@@ -64,14 +64,14 @@ def counterfactual_grid(cfg: Config, shards: str, checkpoint: str, probe: Path, 
     from cxrray.data.imaging import decode_png16, png16_to_model
     from cxrray.data.storage import Storage
     from cxrray.eval.grids import save_grid
-    from cxrray.pipelines.explain import explain_shards, select
+    from cxrray.pipelines.explain import explain_shards, select, stem
 
     samples, _ = select(shards, "test", limit=n, seed=cfg.audit.seed)
     out = Storage(str((workdir / "counterfactuals").resolve()))
     explain_shards(checkpoint, str(probe), shards, AUDITED, out.uri, cfg, samples)
 
     def row(kind: str, finding: str) -> torch.Tensor:
-        records = [json.loads(out.read_bytes(f"{s['key']}.{finding}.toward.json")) for s in samples]
+        records = [json.loads(out.read_bytes(f"{stem(s['key'], finding)}.json")) for s in samples]
         return torch.cat([torch.as_tensor(png16_to_model(decode_png16(out.read_bytes(r["files"][kind]))))[None, None]
                           for r in records])
 

@@ -28,7 +28,7 @@ from cxrray.data.imaging import decode_png16, png16_to_model
 from cxrray.data.storage import Storage
 from cxrray.eval import html
 from cxrray.eval.grids import save_grid
-from cxrray.pipelines.explain import explain_shards, select
+from cxrray.pipelines.explain import explain_shards, select, stem
 from cxrray.pipelines.head import load_head
 
 GRID_IMAGES = 8
@@ -111,7 +111,7 @@ def counterfactuals_toward(checkpoint: str, probe: str, data_uri: str, plan: dic
 def summarise(finding: str, samples: list[dict], store: Storage, labels: list[str], aurocs: dict[str, float],
               out: Path, cfg: Config) -> dict:
     """Ranked candidates, target effect, regions and grid of one finding's written counterfactuals."""
-    records = [json.loads(store.read_bytes(f"{s['key']}.{finding}.toward.json")) for s in samples]
+    records = [json.loads(store.read_bytes(f"{stem(s['key'], finding)}.json")) for s in samples]
     ranked = candidates(records, finding, labels, cfg, aurocs)
     shares = {k: float(np.mean([r["regions_vs_reference"][k] for r in records])) for k in records[0]["regions_vs_reference"]}
     after, before = ("probs_latent", "probs_before") if cfg.audit.measure == "latent" else ("probs_after",
@@ -154,12 +154,13 @@ def audit(checkpoint: str, probe: str, data_uri: str, findings: list[str], outpu
     for finding in findings:
         head.index(finding)  # unknown or unfitted: fail before any work
     labels = [f for f, ok in zip(head.findings, head.fitted) if ok]
+    aurocs = probe_aurocs(probe)
     plan = {f: negatives(data_uri, f, cfg) for f in findings}
     store = Storage(str((out / "counterfactuals").resolve()))
     counterfactuals_toward(checkpoint, probe, data_uri, plan, store, cfg)
     result = {"checkpoint": checkpoint, "probe": str(probe), "data": data_uri,
               "audit": cfg.audit.model_dump(mode="json"), "explain": cfg.explain.model_dump(mode="json"),
-              "findings": {f: summarise(f, plan[f], store, labels, probe_aurocs(probe), out, cfg) for f in findings}}
+              "findings": {f: summarise(f, plan[f], store, labels, aurocs, out, cfg) for f in findings}}
     (out / "audit.json").write_text(json.dumps(result, indent=1))
     (out / "audit.html").write_text(report_html(result))
     run_id = start_run(cfg.tracking, {"audit": cfg.audit.model_dump(mode="json"), "checkpoint": checkpoint,

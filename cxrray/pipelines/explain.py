@@ -40,6 +40,11 @@ from cxrray.runtime import configure_data, ensure_ray
 DIRECTIONS = {1: "toward", -1: "away"}
 
 
+def stem(key: str, finding: str, toward: int = 1) -> str:
+    """Common prefix of one (key, finding, direction)'s outputs; its record is `{stem}.json`."""
+    return f"{key}.{finding}.{DIRECTIONS[toward]}"
+
+
 def regions(difference: np.ndarray) -> dict[str, float]:
     """Share of |difference| mass in a 3x3 grid (image orientation: the patient's right is image left)."""
     a = np.abs(np.asarray(difference, np.float64))
@@ -66,15 +71,12 @@ class Explainer:
         self.identity, self.out = model_identity(checkpoint), Storage(output_uri)
         self.findings, self.toward, self.reference = findings, toward, reference
 
-    def stem(self, key: str, finding: str) -> str:
-        return f"{key}.{finding}.{DIRECTIONS[self.toward]}"
-
     def run(self, keys: list[str], x0: torch.Tensor, extra: list[dict] | None = None,
             findings: list[str] | None = None) -> list[dict]:
         """x0 [B, 1, S, S] in [-1, 1] with their keys; writes outputs for the findings (default: all of the
         explainer's) not done yet."""
         todo = [f for f in (findings or self.findings)
-                if any(not self.out.exists(f"{self.stem(k, f)}.json") for k in keys)]
+                if any(not self.out.exists(f"{stem(k, f, self.toward)}.json") for k in keys)]
         if not todo:
             return []
         x0 = x0.to(self.device)
@@ -88,16 +90,16 @@ class Explainer:
             if self.reference and reference is None:
                 reference = {"image": result["reference"], "probs": result["probs_reference"]}
             for i, key in enumerate(keys):
-                if not self.out.exists(f"{self.stem(key, finding)}.json"):
+                if not self.out.exists(f"{stem(key, finding, self.toward)}.json"):
                     records.append(self._write(key, finding, result, i, reference, (extra or [{}] * len(keys))[i]))
         return records
 
     def _write(self, key: str, finding: str, r: dict, i: int, reference: dict | None, extra: dict) -> dict:
-        stem, what = self.stem(key, finding), f"counterfactual {DIRECTIONS[self.toward]} {finding}"
+        prefix, what = stem(key, finding, self.toward), f"counterfactual {DIRECTIONS[self.toward]} {finding}"
         text = derived.provenance(what, self.identity)
         cf, original = r["counterfactual"][i, 0].numpy(), r["original"][i, 0].numpy()
-        files = {"original": f"{stem}.original.png", "counterfactual": f"{stem}.counterfactual.png",
-                 "dicom": f"{stem}.counterfactual.dcm", "difference": f"{stem}.difference.png"}
+        files = {"original": f"{prefix}.original.png", "counterfactual": f"{prefix}.counterfactual.png",
+                 "dicom": f"{prefix}.counterfactual.dcm", "difference": f"{prefix}.difference.png"}
         self.out.write_bytes(files["original"], encode_png16((original + 1) / 2))  # the model input, not synthetic
         self.out.write_bytes(files["counterfactual"], derived.png16(cf, text))
         self.out.write_bytes(files["dicom"], derived.secondary_capture(cf, text, self.identity, what))
@@ -114,7 +116,7 @@ class Explainer:
             ref = reference["image"][i, 0].numpy()
             record["probs_reference"] = dict(zip(names, reference["probs"][i].tolist()))
             record["regions_vs_reference"] = regions(cf - ref)
-        self.out.write_bytes(f"{stem}.json", json.dumps(record, indent=1, allow_nan=True).encode())
+        self.out.write_bytes(f"{prefix}.json", json.dumps(record, indent=1, allow_nan=True).encode())
         return record
 
 
@@ -170,7 +172,7 @@ def explain_shards(checkpoint: str, probe: str, data_uri: str, findings: list[st
     out.remove_partial()
     done = set(out.list())
     wanted = [(s, tuple(s.get("findings") or findings)) for s in samples]
-    pending = [(s, fs) for s, fs in wanted if any(f"{s['key']}.{f}.{DIRECTIONS[toward]}.json" not in done for f in fs)]
+    pending = [(s, fs) for s, fs in wanted if any(f"{stem(s['key'], f, toward)}.json" not in done for f in fs)]
     units, groups = [], {}
     for s, fs in pending:
         groups.setdefault((s["shard"], fs), []).append(s["key"])
@@ -206,7 +208,7 @@ def explain_file(checkpoint: str, probe: str, path: Path, findings: list[str], o
     key = "file-" + hashlib.sha256(data).hexdigest()[:16]  # the file name may identify the patient
     explainer = Explainer(checkpoint, probe, output_uri, cfg.explain.model_dump(), findings, toward)
     return explainer.run([key], torch.as_tensor(image)[None, None]) or [
-        json.loads(Storage(output_uri).read_bytes(f"{explainer.stem(key, f)}.json")) for f in findings]
+        json.loads(Storage(output_uri).read_bytes(f"{stem(key, f, toward)}.json")) for f in findings]
 
 
 def explain(checkpoint: str, probe: str, input: str, findings: list[str], output_uri: str, cfg: Config,
