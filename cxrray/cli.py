@@ -60,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE")
     _add_config_args(p)
 
+    p = sub.add_parser("deid", help="free-text de-identification tools")
+    dsub = p.add_subparsers(dest="deid_command", required=True)
+    d = dsub.add_parser("report", help="measure report de-identification on a set with planted truth (phantoms)")
+    d.add_argument("--input", required=True, help="image folder (DICOM headers give known identifiers)")
+    d.add_argument("--labels", required=True, help="CSV with path, patient, study, report")
+    d.add_argument("--truth", default=None, help="planted truth JSONL (default: report_truth.jsonl beside --labels)")
+    d.add_argument("--shards", default=None, help="measure what ingest wrote at this URI instead of re-applying it")
+    d.add_argument("--patterns-only", action="store_true", help="without header/metadata identifiers")
+    d.add_argument("--json", default=None, help="also write the result here")
+    _add_config_args(d)
+
     p = sub.add_parser("pretrain", help="diffusion-autoencoder pretraining on Ray Train + DeepSpeed")
     p.add_argument("--data", required=True, help="shards URI (file:// or s3://) written by `cxrray ingest`")
     p.add_argument("--output", required=True, help="run output URI: checkpoints, latest.json")
@@ -175,6 +186,21 @@ def _summary(manifest: dict, uri: str) -> dict:
             "splits": manifest["splits"], "findings": len(manifest["label_vocabulary"])}
 
 
+def cmd_deid(args) -> int:
+    from cxrray.eval.deid import table
+    from cxrray.pipelines.deid_report import deid_report
+
+    truth = args.truth or str(Path(args.labels).parent / "report_truth.jsonl")
+    cfg = load_config(args.config, args.overrides)
+    result = deid_report(args.input, args.labels, truth, cfg.ingest, shards_uri=args.shards,
+                         header_identifiers_too=not args.patterns_only)
+    print(f"[deid] {result['reports']} reports, {result['mode']}\n{table(result)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: result[k] for k in ("reports", "identifiers", "removed", "clinical_kept")}))
+    return 0
+
+
 def cmd_pretrain(args) -> int:
     from cxrray.train.pretrain import pretrain
 
@@ -258,7 +284,7 @@ def cmd_serve(args) -> int:
     return run_server(args.checkpoint, args.probe, load_config(args.config, overrides))
 
 
-COMMANDS = {"config": cmd_config, "phantoms": cmd_phantoms, "ingest": cmd_ingest, "sources": cmd_sources,
+COMMANDS = {"config": cmd_config, "phantoms": cmd_phantoms, "ingest": cmd_ingest, "sources": cmd_sources, "deid": cmd_deid,
             "pretrain": cmd_pretrain, "status": cmd_status, "demo": cmd_demo,
             "probe": cmd_probe, "encode": cmd_encode, "explain": cmd_explain, "audit": cmd_audit,
             "serve": cmd_serve}

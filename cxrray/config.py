@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from cxrray.data.phantom import PhantomConfig
+from cxrray.data.text_deid import TextDeidConfig
 from cxrray.models.architecture import PRESETS as MODEL_PRESETS
 from cxrray.models.architecture import DiffAEConfig
 
@@ -47,6 +48,7 @@ class IngestConfig(StrictModel):
     salt: SecretStr | None = None  # de-identification salt; never written out
     salt_env: str = "CXRRAY_SALT"
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    text: TextDeidConfig = Field(default_factory=TextDeidConfig)  # reports and other free text
 
 
 class TrainConfig(StrictModel):

@@ -58,4 +58,4 @@ def test_phantoms_command_writes_dicoms_and_labels(tmp_path, capsys):
                  "--set", "phantom.size=64"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["images"] == 6 and len(list((out / "images").glob("*.dcm"))) == 6
-    assert (out / "labels.csv").read_text().startswith("path,patient,study,sex,age,view,ivsd,lvidd,lvpwd,")
+    assert (out / "labels.csv").read_text().startswith("path,patient,study,sex,age,view,report,ivsd,lvidd,lvpwd,")

@@ -11,6 +11,8 @@ import pytest
 
 from cxrray.cli import DEMO_OVERRIDES
 from cxrray.config import load_config
+from cxrray.data.phantom import TRUTH
+from cxrray.eval.deid import measure, read_truth
 
 pytestmark = pytest.mark.slow
 
@@ -35,3 +37,8 @@ def test_demo_probe_auroc_and_audit_find_the_planted_confounder(ray_local, tmp_p
     for heading in ("Linear probe on z", "Counterfactual explanations", "Confounder audit", "chest_tube"):
         assert heading in page
     assert os.path.exists(summary["counterfactual_grid"])
+    # no planted report identifier in anything the job wrote: shards, run, outputs, MLflow's database
+    truth = read_truth(tmp_path / "out" / "phantoms" / TRUTH)
+    written = [p for p in sorted(tmp_path.rglob("*")) if p.is_file() and "phantoms" not in p.parts]
+    result = measure(truth, {path: "" for path in truth}, corpus=b"\n".join(p.read_bytes() for p in written))
+    assert result["identifiers"] > 1000 and result["removed"] == 1.0, result["leak_examples"]

@@ -179,7 +179,8 @@ def test_covariates_kept_and_identity_separate():
     img = _decode(make_dicom(_ramp(), PatientSex="F", PatientAge="045Y", ViewPosition="PA",
                              PatientName="DOE^JANE", PatientID="MRN123"))
     assert img.header["sex"] == "F" and img.header["age"] == 45 and img.header["view"] == "PA"
-    assert img.identity["patient"] == "MRN123" and "DOE" in img.identity["scrub"]
+    assert img.identity["patient"] == "MRN123" and "DOE^JANE" in img.identity["known"].names
+    assert ("ID", "MRN123") in img.identity["known"].other
     assert "MRN123" not in repr(img.header) and "DOE" not in repr(img.header)
     dated = _decode(make_dicom(_ramp(), PatientBirthDate="19600301", StudyDate="20200229"))
     assert dated.header["age"] == pytest.approx(59.99, abs=0.01)

@@ -135,7 +135,9 @@ def test_ddim_deterministic_batched_and_progress(mini):
         z = mini.encode(x0)
     x_T = ddim_invert(mini, x0, z, steps=4)
     one = ddim_invert(mini, x0[1:], z[1:], steps=4)
-    assert torch.allclose(x_T[1:], one, atol=1e-5)
+    # fp32 kernels block differently for batch 1 and 2: equal up to rounding, not bit for bit (measured
+    # here: max |diff| 1.04e-5 on values up to 1.25, just over the 1e-5 this test used to demand)
+    assert torch.allclose(x_T[1:], one, rtol=1e-4, atol=1e-5)
     # the model's training flag is restored
     mini.train()
     ddim_sample(mini, z, x_T, steps=2)

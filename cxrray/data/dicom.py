@@ -19,6 +19,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from cxrray.config import DecodeConfig
+from cxrray.data.text_deid import KnownIdentifiers
 
 GRAY = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420")
@@ -42,7 +43,7 @@ class RejectError(Exception):
 class DecodedImage:
     pixels: np.ndarray  # float32 [rows, cols], [0, 1], MONOCHROME2
     header: dict = field(default_factory=dict)  # sex, age, view, modality, photometric, transfer_syntax, ...
-    identity: dict = field(default_factory=dict)  # raw patient/study ids: hash immediately, never store
+    identity: dict = field(default_factory=dict)  # raw ids and `known` identifiers: hash/scrub at once, never store
 
 
 def decode_file(data: bytes, cfg: DecodeConfig) -> DecodedImage:
@@ -101,7 +102,7 @@ def decode_dicom(data: bytes, cfg: DecodeConfig) -> DecodedImage:
     identity = {
         "patient": _text(ds.get("PatientID")),
         "study": _text(ds.get("StudyInstanceUID")) or _text(ds.get("AccessionNumber")),
-        "scrub": _identifying_strings(ds),
+        "known": known_identifiers(ds),
     }
     return DecodedImage(pixels.astype(np.float32), header, identity)
 
@@ -148,21 +149,38 @@ def decode_raster(data: bytes, cfg: DecodeConfig) -> DecodedImage:
     return DecodedImage(pixels, {"photometric": "MONOCHROME2", "source_shape": [rows, cols], "format": img.format})
 
 
-SCRUB_TAGS = ("PatientName", "PatientID", "OtherPatientIDs", "AccessionNumber", "PatientBirthDate",
-              "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName", "InstitutionName")
+#: header elements whose values are removed wherever they appear in free text, by placeholder type
+NAME_TAGS = ("PatientName", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
+             "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName", "NameOfPhysiciansReadingStudy",
+             "PhysiciansOfRecord", "RequestingPhysician", "ResponsiblePerson")
+OTHER_TAGS = {"ID": ("PatientID", "OtherPatientIDs", "AccessionNumber", "StudyID", "DeviceSerialNumber",
+                     "StationName", "PatientTelephoneNumbers", "MilitaryRank", "MedicalRecordLocator"),
+              "DATE": ("PatientBirthDate",),
+              "ADDRESS": ("PatientAddress", "InstitutionAddress", "ReferringPhysicianAddress"),
+              "INSTITUTION": ("InstitutionName", "IssuerOfPatientID", "InstitutionalDepartmentName")}
 
 
-def _identifying_strings(ds: pydicom.Dataset) -> list[str]:
-    """Header identifiers (and name components) to scrub from free text such as reports."""
-    found: set[str] = set()
-    for tag in SCRUB_TAGS:
+def known_identifiers(ds: pydicom.Dataset) -> KnownIdentifiers:
+    """The header's identifiers, for removal from free text such as reports and error messages."""
+    def values(tag: str) -> list[str]:
         value = ds.get(tag)
-        values = value if isinstance(value, (list, pydicom.multival.MultiValue)) else [value]
-        for item in values:
-            text = str(item or "").strip()
-            parts = [text] + re.split(r"[\^ ,]+", text)
-            found.update(p for p in parts if len(p) >= 3)
-    return sorted(found, key=len, reverse=True)
+        items = value if isinstance(value, (list, pydicom.multival.MultiValue)) else [value]
+        return [str(v).strip() for v in items if v is not None and str(v).strip()]
+
+    names = [v for tag in NAME_TAGS for v in values(tag)]
+    other = [(kind, v) for kind, tags in OTHER_TAGS.items() for tag in tags for v in values(tag)]
+    return KnownIdentifiers(names, other)
+
+
+def header_identifiers(data: bytes) -> KnownIdentifiers:
+    """Identifiers of a DICOM file read from its header alone (nothing if it is not DICOM or unreadable),
+    for scrubbing a reject reason of a file that failed to decode."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] == b"\xff\xd8\xff":
+        return KnownIdentifiers()
+    try:
+        return known_identifiers(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True))
+    except Exception:
+        return KnownIdentifiers()
 
 
 def _check_geometry(ds: pydicom.Dataset, cfg: DecodeConfig) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,9 +21,12 @@ from cxrray import __version__
 from cxrray.config import DecodeConfig, IngestConfig, resolve_salt
 from cxrray.data import shards
 from cxrray.data.deid import salted_hash, sample_key
-from cxrray.data.dicom import RejectError, decode_file
+from cxrray.data.dicom import RejectError, decode_file, header_identifiers
 from cxrray.data.imaging import encode_png16, fit_square
 from cxrray.data.splits import patient_split
+from cxrray.data.text_deid import (
+    KnownIdentifiers, TextDeidConfig, cap_age, for_patient, known_from_row, scrub_message,
+)
 from cxrray.data.storage import Storage
 from cxrray.runtime import ensure_ray
 
@@ -55,12 +57,15 @@ def ingest(input_dir: str | os.PathLike, output_uri: str, cfg: IngestConfig, *, 
                   "from_metadata": table is not None}
     items = _list_inputs(root, table)
     ensure_ray()
+    text_cfg = cfg.text.resolved()
     context = {"root": str(root), "out": store.uri, "salt": salt, "dataset": dataset, "findings": findings,
+               "text": text_cfg.model_dump(),
                "size": cfg.size, "fit": cfg.fit, "decode": cfg.decode.model_dump(),
                "split_seed": cfg.split_seed, "split_fractions": cfg.split_fractions}
     tasks = _plan(items, root, cfg.shard_samples, fingerprint_base={
         "format": shards.FORMAT, "preprocessing": preprocessing, "split_rule": split_rule, "dataset": dataset,
-        "findings": findings, "salt_tag": salted_hash("fingerprint", salt, "salt")})
+        "findings": findings, "salt_tag": salted_hash("fingerprint", salt, "salt"),
+        "text_deid": salted_hash(json.dumps(text_cfg.model_dump(), sort_keys=True), salt, "text")})
     progress(f"[ingest] {len(items)} inputs -> {len(tasks)} shards at {store.uri}")
     parts = _run_tasks(tasks, context, progress)
     meta_rejects = [{"path": None, "row": r["row"], "code": "metadata_row", "reason": f"metadata_row: {r['reason']}"}
@@ -155,8 +160,9 @@ def build_shard(row: dict, context: dict) -> dict:
         except RejectError as err:
             rejects.append({"path": item["rel"], "code": err.code, "reason": err.reason})
         except Exception as exc:  # never lose the rest of the shard to one input
-            rejects.append({"path": item["rel"], "code": "internal_error",
-                            "reason": f"internal_error: {type(exc).__name__}: {str(exc)[:200]}"})
+            reason = scrub_message(f"internal_error: {type(exc).__name__}: {str(exc)[:200]}",
+                                   known_from_row(item["row"] or {}))
+            rejects.append({"path": item["rel"], "code": "internal_error", "reason": reason})
     part = {"name": name, "fingerprint": task["fingerprint"], "samples": len(samples), "rejects": rejects,
             "sha256": None, "bytes": 0, "splits": {}, "patients": {}, "positives": {}}
     if samples:
@@ -183,12 +189,17 @@ def _make_sample(item: dict, context: dict) -> tuple[str, bytes, dict]:
         raise RejectError("missing_file", "listed in the metadata but not found under --input") from None
     except IsADirectoryError:
         raise RejectError("missing_file", "is a directory") from None
-    decoded = decode_file(data, DecodeConfig(**context["decode"]))
+    try:
+        decoded = decode_file(data, DecodeConfig(**context["decode"]))
+    except RejectError as err:  # a decoder's message may quote header values
+        raise RejectError(err.code, scrub_message(err.detail, header_identifiers(data) + known_from_row(row))) from None
     pixels = fit_square(decoded.pixels, context["size"], context["fit"])
     salt, header, identity = context["salt"], decoded.header, decoded.identity
     patient_raw = row.get("patient") or identity.get("patient") or rel
     study_raw = row.get("study") or identity.get("study") or rel
     split = row.get("split") or patient_split(str(patient_raw), context["split_fractions"], context["split_seed"])
+    deidentify = for_patient(TextDeidConfig(**context["text"]), identity.get("known", KnownIdentifiers()) + known_from_row(row),
+                             str(patient_raw), salt)
     meta = {
         "key": sample_key(rel, salt),
         "dataset": context["dataset"],
@@ -196,24 +207,15 @@ def _make_sample(item: dict, context: dict) -> tuple[str, bytes, dict]:
         "study": salted_hash(str(study_raw), salt, "study"),
         "view": row.get("view") or header.get("view"),
         "sex": row.get("sex") or header.get("sex"),
-        "age": row.get("age") if row.get("age") is not None else header.get("age"),
+        "age": cap_age(row.get("age") if row.get("age") is not None else header.get("age")),
         "labels": row.get("labels", []),
         "covariates": row.get("covariates") or {},
-        "report": _scrub(row.get("report"), identity.get("scrub", [])),
+        "report": deidentify(row.get("report")),
         "split": split,
         "source": {"sha256": shards.sha256(data), "shape": header.get("source_shape"),
                    "photometric": header.get("photometric"), "transfer_syntax": header.get("transfer_syntax")},
     }
     return meta["key"], encode_png16(pixels), meta
-
-
-def _scrub(text: str | None, identifiers: list[str]) -> str | None:
-    """Replace header identifiers that appear in free text with '___' (MIMIC's convention)."""
-    if not text:
-        return text
-    for ident in identifiers:
-        text = re.sub(re.escape(ident), "___", text, flags=re.IGNORECASE)
-    return text
 
 
 def _write_if_changed(store: Storage, name: str, data: bytes) -> None:

@@ -17,7 +17,8 @@ from PIL import Image
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from cxrray.config import DecodeConfig
-from cxrray.data.dicom import RejectError, _identifying_strings, decode_file
+from cxrray.data.dicom import RejectError, decode_file, known_identifiers
+from cxrray.data.text_deid import KnownIdentifiers, scrub_message
 from cxrray.data.imaging import model_input
 
 FILE_TYPES = {"application/dicom", "image/png", "image/jpeg", "application/octet-stream", ""}
@@ -143,35 +144,29 @@ def upload_from(fields: dict, files: dict, limit: int) -> bytes:
     return data
 
 
-def _header_facts(data: bytes) -> tuple[int | None, list[str]]:
-    """(pixel count declared by the header or None when unknown, identifying strings to scrub)."""
+def _header_facts(data: bytes) -> tuple[int | None, KnownIdentifiers]:
+    """(pixel count declared by the header or None when unknown, the header's identifiers)."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] == b"\xff\xd8\xff":
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(io.BytesIO(data)) as img:
                     cols, rows = img.size
-            return rows * cols, []
+            return rows * cols, KnownIdentifiers()
         except Image.DecompressionBombError:
-            return 2**62, []  # over PIL's own limit: certainly too many
+            return 2**62, KnownIdentifiers()  # over PIL's own limit: certainly too many
         except Exception:
-            return None, []  # let the decoder name the problem
+            return None, KnownIdentifiers()  # let the decoder name the problem
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     except Exception:
-        return None, []
-    scrub = _identifying_strings(ds)
+        return None, KnownIdentifiers()
+    scrub = known_identifiers(ds)
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         return int(ds.Rows) * int(ds.Columns) * max(frames, 1), scrub
     except Exception:
         return None, scrub
-
-
-def _scrub(text: str, identifiers: list[str]) -> str:
-    for ident in identifiers:
-        text = text.replace(ident, "___")
-    return text
 
 
 def prepare_image(data: bytes, size: int, fit: str, decode: DecodeConfig, max_pixels: int) -> np.ndarray:
@@ -183,7 +178,7 @@ def prepare_image(data: bytes, size: int, fit: str, decode: DecodeConfig, max_pi
     try:
         decoded = decode_file(data, decode.model_copy(update={"max_pixels": limit}))
     except RejectError as err:
-        detail = _scrub(err.reason, scrub)
+        detail = scrub_message(err.reason, scrub)
         if err.code == "absurd_dimensions" and "exceeds" in err.detail:
             raise ApiError(413, "too_many_pixels", detail) from None
         raise ApiError(422, "invalid_image", detail, reason=err.code) from None

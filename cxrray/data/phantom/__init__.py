@@ -10,6 +10,7 @@ Modules: ``config`` (labels, config, confounders), ``cases`` (sampling), ``anato
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -20,16 +21,19 @@ from .cases import DLV_CM, SLVH_CM, Patient, PhantomCase, Pose, sample_case
 from .config import DEVICES, FINDINGS, LABELS, Confounder, PhantomConfig, parse_confounder
 from .dicom import BITS_STORED, MAX_VALUE, build_dataset, decode, quantize, stored_values, write_dicom
 from .render import image_shape, render
+from .report import PHI_CATEGORIES, PhantomReport, compose_report
 
 __all__ = [
     "BITS_STORED", "COLUMNS", "DEVICES", "DLV_CM", "FINDINGS", "LABELS", "MAX_VALUE", "SLVH_CM",
-    "Confounder", "Patient", "PhantomCase", "PhantomConfig", "Pose",
-    "build_dataset", "decode", "generate", "image_name", "image_shape", "parse_confounder",
+    "PHI_CATEGORIES", "TRUTH", "Confounder", "Patient", "PhantomCase", "PhantomConfig", "PhantomReport", "Pose",
+    "build_dataset", "compose_report", "decode", "generate", "image_name", "image_shape", "parse_confounder",
     "quantize", "render", "sample_case", "stored_values", "write_dicom",
 ]
 
 #: labels.csv columns, in order
-COLUMNS = ("path", "patient", "study", "sex", "age", "view", "ivsd", "lvidd", "lvpwd") + LABELS
+COLUMNS = ("path", "patient", "study", "sex", "age", "view", "report", "ivsd", "lvidd", "lvpwd") + LABELS
+#: per-image de-identification yardstick beside labels.csv: {"path", "phi": {category: [str]}, "clinical": [str]}
+TRUTH = "report_truth.jsonl"
 
 
 def image_name(index: int) -> str:
@@ -44,25 +48,30 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
     start: int = 0,
 ) -> pd.DataFrame:
-    """Write images ``start .. start+n-1`` to ``out_dir/images/`` plus ``out_dir/labels.csv``.
+    """Write images ``start .. start+n-1`` to ``out_dir/images/`` plus ``out_dir/labels.csv`` and
+    ``out_dir/report_truth.jsonl`` (what each report planted: identifiers and clinical sentences).
 
     labels.csv plays the role of a hospital label export: `patient` / `study` are the raw
-    PatientID / AccessionNumber exactly as in the DICOM headers. Returns the table."""
+    PatientID / AccessionNumber exactly as in the DICOM headers, `report` the free-text report with
+    identifying prose in a fraction of them. Returns the table."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     cfg = cfg or PhantomConfig()
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, truth = [], []
     for k, index in enumerate(range(start, start + n)):
         case = sample_case(index, cfg)
         rel = image_name(index)
         write_dicom(case, render(case, cfg), out / rel, cfg)
-        rows.append({"path": rel, **case.row()})
+        report = compose_report(case, cfg.report_phi_fraction)
+        rows.append({"path": rel, "report": report.text, **case.row()})
+        truth.append(json.dumps({"path": rel, "phi": report.phi, "clinical": report.clinical}))
         if progress is not None:
             progress(k + 1, n)
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     for col in LABELS + ("age",):
         table[col] = table[col].astype(int)
     table.to_csv(out / "labels.csv", index=False)
+    (out / TRUTH).write_text("".join(line + "\n" for line in truth))
     return table

@@ -21,7 +21,7 @@ from .config import FINDINGS, LABELS, PREVALENCE, PhantomConfig
 from .names import FAMILY, GIVEN_F, GIVEN_M, INSTITUTIONS, STREETS, TOWNS
 
 _BLOCK = 32  # patients are drawn per block of consecutive indices
-_TAG_BLOCK, _TAG_PATIENT, _TAG_STUDY, _TAG_RENDER, _TAG_CODEC, _TAG_IDS = 1, 2, 3, 4, 5, 6
+_TAG_BLOCK, _TAG_PATIENT, _TAG_STUDY, _TAG_RENDER, _TAG_CODEC, _TAG_IDS, _TAG_REPORT = 1, 2, 3, 4, 5, 6, 7
 _EPOCH = _dt.date(2012, 1, 1)
 
 #: echo thresholds (cm): slvh if IVSd or LVPWd above, dlv if LVIDd above
@@ -301,3 +301,8 @@ def render_rng(case: PhantomCase, part: int = 0) -> np.random.Generator:
     Each part (vessels, ribs, noise, a finding's texture...) has its own stream, so removing or
     adding one finding re-renders everything else identically (paired / counterfactual images)."""
     return np.random.default_rng([case.seed, _TAG_RENDER, case.index, part])
+
+
+def report_rng(case: PhantomCase) -> np.random.Generator:
+    """Generator for the wording of this case's report (independent of labels and pixels)."""
+    return np.random.default_rng([case.seed, _TAG_REPORT, case.index])

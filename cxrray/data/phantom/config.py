@@ -79,6 +79,8 @@ class PhantomConfig(BaseModel):
     patients_per_image: float = Field(0.6, gt=0.0, le=1.0, description="distinct patients per image")
     confounder: str | None = Field(None, description=f"planted device-finding correlation {CONFOUNDER_FORMAT}")
     seed: int = Field(0, ge=0, lt=2**63)
+    report_phi_fraction: float = Field(0.25, ge=0.0, le=1.0,
+                                       description="fraction of reports carrying identifying prose (de-id yardstick)")
 
     @field_validator("confounder")
     @classmethod
