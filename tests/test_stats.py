@@ -166,3 +166,32 @@ def test_subgroup_table():
         else:
             assert np.isnan(row.auroc) and np.isnan(row.ci_low)
     assert table.set_index("group").loc["unknown", "positives"] < 30  # the small group is not evaluated
+
+
+def test_clustered_bootstrap_counts_patients_not_images():
+    """Known answer: every patient imaged k times with identical scores. Resampling patients gives the
+    CI of the k=1 data; resampling images treats the copies as independent and shrinks it by ~sqrt(k)."""
+    rng = np.random.default_rng(4)
+    n, k = 150, 6
+    y1 = (rng.random(n) < 0.4).astype(float)
+    p1 = y1 * 0.7 + rng.normal(0, 0.6, n)
+    y, p, patients = np.repeat(y1, k), np.repeat(p1, k), np.repeat(np.arange(n), k)
+
+    def width(ci):
+        return ci[1] - ci[0]
+
+    one_image = width(bootstrap_ci(y1, p1, n_boot=2000, seed=1, groups=np.arange(n)))
+    clustered = width(bootstrap_ci(y, p, n_boot=2000, seed=1, groups=patients))
+    naive = width(bootstrap_ci(y, p, n_boot=2000, seed=1))
+    assert abs(clustered / one_image - 1) < 0.1, (clustered, one_image)
+    assert abs(naive * np.sqrt(k) / one_image - 1) < 0.2, (naive, one_image)
+    # the paired test on the same data: clustered p-values are larger (fewer independent units)
+    q1 = y1 * 0.55 + rng.normal(0, 0.6, n)
+    q = np.repeat(q1, k)
+    naive_p = paired_bootstrap(y, p, q, n_boot=2000, seed=2)["p_value"]
+    clustered_r = paired_bootstrap(y, p, q, n_boot=2000, seed=2, groups=patients)
+    assert clustered_r["clustered"] and clustered_r["p_value"] >= naive_p
+    # subgroup tables take the cluster column
+    frame = pd.DataFrame({"sex": np.where(patients % 2, "F", "M"), "y": y, "p": p, "patient": patients})
+    table = subgroup_table(frame, "sex", "y", "p", n_boot=500, cluster_col="patient")
+    assert list(table["group"]) == ["F", "M"] and (table["ci_high"] > table["ci_low"]).all()

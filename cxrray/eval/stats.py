@@ -1,10 +1,12 @@
-"""Statistics for probe evaluation: binary metrics, stratified bootstrap CIs, paired bootstrap tests,
-Fleiss' kappa and subgroup tables.
+"""Statistics for probe evaluation: binary metrics, stratified or patient-clustered bootstrap CIs,
+paired bootstrap tests, Fleiss' kappa and subgroup tables.
 
 Conventions: y is a 1-D array of labels in {0, 1} with NaN for "no label"; every function here drops
 NaN-label rows itself (so callers pass whole columns). p are scores/probabilities of the same length.
 The metrics themselves are scikit-learn's; the bootstrap is written here because no library draws
-class-stratified, paired redraws with a vectorised AUROC.
+class-stratified or patient-clustered, paired redraws with a vectorised AUROC. Where patients have
+several images, pass `groups` (the patient of each row): an image-level bootstrap treats correlated
+images as independent and gives CIs that are too narrow.
 """
 from __future__ import annotations
 
@@ -74,55 +76,84 @@ def _auroc_counts(s_pos: np.ndarray, s_neg: np.ndarray, c_pos: np.ndarray, c_neg
 
 
 def bootstrap_distribution(y, scores: Sequence, metric: Metric = roc_auc_score, n_boot: int = 1000,
-                           seed: int = 0) -> np.ndarray:
-    """metric on n_boot class-stratified redraws, [n_boot, len(scores)].
+                           seed: int = 0, groups=None) -> np.ndarray:
+    """metric on n_boot redraws, [n_boot, len(scores)]; all score vectors share each redraw (paired).
 
-    Stratified: the positives and the negatives are resampled separately with replacement (n1 and n0
-    draws), so every redraw has both classes and the observed prevalence. All score vectors share the
-    same redraw (paired). metric=roc_auc_score takes a vectorised path with identical results."""
-    y, *scores = _clean(y, *scores)
+    Without `groups`, class-stratified: positives and negatives are resampled separately with
+    replacement (n1 and n0 draws), so every redraw has both classes and the observed prevalence.
+    With `groups` (one cluster id per row, e.g. the patient), clustered: the clusters are resampled
+    with replacement and each drawn cluster brings all its rows, so images of one patient move
+    together and the CI reflects the number of patients, not of images. A clustered redraw that lacks
+    a class gives NaN (skip it with nanquantile). metric=roc_auc_score takes a vectorised path."""
+    y, *scores = _clean(y, *scores) if groups is None else _clean_grouped(y, groups, *scores)
+    if groups is not None:
+        scores, cluster = scores[:-1], scores[-1].astype(np.int64)
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
     if len(pos) == 0 or len(neg) == 0:
-        raise ValueError(f"stratified bootstrap needs both classes (positives {len(pos)}, negatives {len(neg)})")
+        raise ValueError(f"bootstrap needs both classes (positives {len(pos)}, negatives {len(neg)})")
     rng = np.random.default_rng(seed)
     out = np.empty((n_boot, len(scores)))
     row = 0
-    for b in _chunks(n_boot, len(y)):
-        ip, ineg = rng.integers(0, len(pos), (b, len(pos))), rng.integers(0, len(neg), (b, len(neg)))
-        if metric is roc_auc_score:
+    n_units = len(y) if groups is None else int(cluster.max()) + 1
+    for b in _chunks(n_boot, n_units):
+        if groups is None:
+            ip, ineg = rng.integers(0, len(pos), (b, len(pos))), rng.integers(0, len(neg), (b, len(neg)))
             c_pos, c_neg = _counts(ip, len(pos)), _counts(ineg, len(neg))
-            for k, s in enumerate(scores):
-                out[row:row + b, k] = _auroc_counts(s[pos], s[neg], c_pos, c_neg)
+        else:  # how often each row was drawn = how often its cluster was
+            per_row = _counts(rng.integers(0, n_units, (b, n_units)), n_units)[:, cluster]
+            c_pos, c_neg = per_row[:, pos], per_row[:, neg]
+        if metric is roc_auc_score:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                for k, s in enumerate(scores):
+                    out[row:row + b, k] = _auroc_counts(s[pos], s[neg], c_pos, c_neg)
         else:
-            y_star = np.r_[np.ones(len(pos), np.int64), np.zeros(len(neg), np.int64)]
             for r in range(b):
-                take = np.r_[pos[ip[r]], neg[ineg[r]]]
-                out[row + r] = [metric(y_star, s[take]) for s in scores]
+                take = np.r_[np.repeat(pos, c_pos[r]), np.repeat(neg, c_neg[r])]
+                y_star = np.r_[np.ones(c_pos[r].sum(), np.int64), np.zeros(c_neg[r].sum(), np.int64)]
+                both = 0 < c_pos[r].sum() and 0 < c_neg[r].sum()
+                out[row + r] = [metric(y_star, s[take]) if both else math.nan for s in scores]
         row += b
     return out
 
 
+def _clean_grouped(y, groups, *scores) -> tuple[np.ndarray, ...]:
+    """Like _clean, with the cluster ids (any hashable values) as a last array of codes 0..G-1."""
+    groups = np.asarray(groups, dtype=object).ravel()
+    y_arr = np.asarray(y, dtype=np.float64).ravel()
+    if groups.shape != y_arr.shape:
+        raise ValueError(f"groups have {groups.shape[0]} rows, labels {y_arr.shape[0]}")
+    keep = ~np.isnan(y_arr)
+    codes = pd.factorize(pd.Series(groups[keep]).astype(str))[0].astype(np.float64)
+    full = np.full(len(y_arr), np.nan)
+    full[keep] = codes
+    y_c, *rest = _clean(y_arr, *scores, full)
+    return (y_c, *rest)
+
+
 def bootstrap_ci(y, p, metric: Metric = roc_auc_score, n_boot: int = 1000, alpha: float = 0.05,
-                 seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap (1 - alpha) CI of metric(y, p), class-stratified (see bootstrap_distribution)."""
-    reps = bootstrap_distribution(y, [p], metric, n_boot, seed)[:, 0]
-    low, high = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
+                 seed: int = 0, groups=None) -> tuple[float, float]:
+    """Percentile bootstrap (1 - alpha) CI of metric(y, p): class-stratified, or clustered by `groups`
+    (see bootstrap_distribution)."""
+    reps = bootstrap_distribution(y, [p], metric, n_boot, seed, groups)[:, 0]
+    low, high = np.nanquantile(reps, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
 
 
 def paired_bootstrap(y, p_a, p_b, metric: Metric = roc_auc_score, n_boot: int = 10_000, alpha: float = 0.05,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, groups=None) -> dict:
     """Compare two models on the same cases: diff = metric(a) - metric(b), its percentile CI from the
-    same stratified redraws for both, and a two-sided bootstrap p-value
+    same redraws for both (stratified, or clustered by `groups`), and a two-sided bootstrap p-value
     min(1, 2 * min(#(diff* <= 0) + 1, #(diff* >= 0) + 1) / (n_boot + 1)). Identical models give p = 1."""
     y_c, a, b = _clean(y, p_a, p_b)
     metric_a, metric_b = float(metric(y_c, a)), float(metric(y_c, b))
-    reps = bootstrap_distribution(y_c, [a, b], metric, n_boot, seed)
+    reps = bootstrap_distribution(y, [p_a, p_b], metric, n_boot, seed, groups)
     diffs = reps[:, 0] - reps[:, 1]
+    diffs = diffs[~np.isnan(diffs)]
     low, high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
     tail = min(int((diffs <= 0).sum()), int((diffs >= 0).sum())) + 1
     return {"diff": metric_a - metric_b, "ci_low": float(low), "ci_high": float(high),
-            "p_value": float(min(1.0, 2 * tail / (n_boot + 1))), "a": metric_a, "b": metric_b, "n_boot": n_boot}
+            "p_value": float(min(1.0, 2 * tail / (len(diffs) + 1))), "a": metric_a, "b": metric_b,
+            "n_boot": int(len(diffs)), "clustered": groups is not None}
 
 
 def fleiss_kappa(counts) -> float:
@@ -155,11 +186,11 @@ def age_bins(ages, edges: Sequence[float]) -> np.ndarray:
 
 
 def subgroup_table(frame: pd.DataFrame, by: str, y_col: str, p_col: str, min_positives: int = 1,
-                   n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+                   n_boot: int = 1000, seed: int = 0, cluster_col: str | None = None) -> pd.DataFrame:
     """One row per value of `by` (missing -> "unknown"): group, n, positives, auroc, ci_low, ci_high.
     Rows with NaN y are dropped; AUROC and CI are NaN when a group has fewer than min_positives
-    positives or no negatives."""
-    data = frame[[by, y_col, p_col]].dropna(subset=[y_col])
+    positives or no negatives. `cluster_col` (e.g. patient) makes the CI a clustered bootstrap."""
+    data = frame[[by, y_col, p_col] + ([cluster_col] if cluster_col else [])].dropna(subset=[y_col])
     groups = data[by].astype(object).where(data[by].notna(), "unknown").astype(str)
     rows = []
     for name in sorted(groups.unique()):
@@ -169,7 +200,8 @@ def subgroup_table(frame: pd.DataFrame, by: str, y_col: str, p_col: str, min_pos
         auroc = low = high = math.nan
         if max(1, min_positives) <= positives < len(y):
             auroc = float(roc_auc_score(y, p))
-            low, high = bootstrap_ci(y, p, n_boot=n_boot, seed=seed)
+            low, high = bootstrap_ci(y, p, n_boot=n_boot, seed=seed,
+                                     groups=part[cluster_col].to_numpy(object) if cluster_col else None)
         rows.append({"group": name, "n": len(y), "positives": positives, "auroc": auroc,
                      "ci_low": low, "ci_high": high})
     return pd.DataFrame(rows, columns=["group", "n", "positives", "auroc", "ci_low", "ci_high"])

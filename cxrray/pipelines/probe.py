@@ -94,9 +94,10 @@ def predict(head: LinearHead, z: np.ndarray) -> np.ndarray:
 
 
 def evaluate(head: LinearHead, z: np.ndarray, labels: np.ndarray, min_positives: int, n_boot: int,
-             seed: int = 0) -> dict:
+             seed: int = 0, patients: np.ndarray | None = None) -> dict:
     """Per finding on rows with a label: positives/negatives and, when the finding is fitted and has
-    >= min_positives positives and >= 1 negative, AUROC with a stratified percentile-bootstrap 95% CI,
+    >= min_positives positives and >= 1 negative, AUROC with a percentile-bootstrap 95% CI (resampling
+    `patients` when given, else class-stratified over images),
     AUPRC, Brier and log-loss; otherwise "evaluated": false and a "reason". Plus the mean AUROC."""
     probs, labels = predict(head, z), np.asarray(labels, np.float64)
     findings: dict[str, dict] = {}
@@ -112,7 +113,7 @@ def evaluate(head: LinearHead, z: np.ndarray, labels: np.ndarray, min_positives:
             rec["reason"] = "no test negatives"
         else:
             m = binary_metrics(y, probs[:, j])
-            low, high = bootstrap_ci(y, probs[:, j], n_boot=n_boot, seed=seed)
+            low, high = bootstrap_ci(y, probs[:, j], n_boot=n_boot, seed=seed, groups=patients)
             rec.update(evaluated=True, auroc=m["auroc"], ci_low=low, ci_high=high, auprc=m["auprc"],
                        brier=m["brier"], log_loss=m["log_loss"])
         findings[name] = rec
@@ -137,7 +138,7 @@ def _load(encodings_uri: str, cfg: Config) -> tuple[pd.DataFrame, dict, str]:
 
 
 def _compare(y: np.ndarray, findings: list[str], probs: dict, heads: dict, evaluated: list[str], largest: float,
-             n_boot: int, seed: int) -> list[dict]:
+             n_boot: int, seed: int, patients: np.ndarray) -> list[dict]:
     """Each smaller fraction against the largest, per finding evaluated at the largest: paired bootstrap."""
     rows = []
     for f in sorted(probs):
@@ -149,7 +150,8 @@ def _compare(y: np.ndarray, findings: list[str], probs: dict, heads: dict, evalu
             if not heads[f].fitted[j]:
                 rows.append({**row, "note": "not fitted at this fraction"})
                 continue
-            r = paired_bootstrap(y[:, j], probs[f][:, j], probs[largest][:, j], n_boot=n_boot, seed=seed)
+            r = paired_bootstrap(y[:, j], probs[f][:, j], probs[largest][:, j], n_boot=n_boot, seed=seed,
+                                 groups=patients)
             rows.append({**row, "auroc": r["a"], "auroc_reference": r["b"], "diff": r["diff"],
                          "ci_low": r["ci_low"], "ci_high": r["ci_high"], "p_value": r["p_value"], "note": ""})
     return rows
@@ -163,8 +165,9 @@ def _subgroups(test: pd.DataFrame, y: np.ndarray, p: np.ndarray, findings: list[
     for name in evaluated:
         j = findings.index(name)
         for attr, values in attributes.items():
-            t = subgroup_table(pd.DataFrame({attr: values, "y": y[:, j], "p": p[:, j]}), attr, "y", "p",
-                               cfg.probe.min_positives, cfg.probe.bootstrap, cfg.probe.seed)
+            t = subgroup_table(pd.DataFrame({attr: values, "y": y[:, j], "p": p[:, j],
+                                             "patient": test["patient"].to_numpy(object)}), attr, "y", "p",
+                               cfg.probe.min_positives, cfg.probe.bootstrap, cfg.probe.seed, cluster_col="patient")
             tables.append(t.assign(finding=name, attribute=attr))
     cols = ["finding", "attribute", "group", "n", "positives", "auroc", "ci_low", "ci_high"]
     return pd.concat(tables, ignore_index=True)[cols] if tables else pd.DataFrame(columns=cols)
@@ -238,6 +241,7 @@ def run_probe(encodings_uri: str, output_dir: Path, cfg: Config, fractions: list
     out = Path(output_dir)
     largest = fractions[-1]
     heads, probs, results, per_fraction = {}, {}, {}, {}
+    test_patients = test["patient"].to_numpy(object)  # CIs resample patients: they have several images
     for f in fractions:
         mask = patient_subset(fit["patient"].to_numpy(), f, pc.seed)
         info = {"fit_split": fit_split, "fraction": f, "fit_images": int(mask.sum()),
@@ -246,7 +250,7 @@ def run_probe(encodings_uri: str, output_dir: Path, cfg: Config, fractions: list
         head = heads[f] = fit_head(z_fit[mask], y_fit[mask], findings, pc.C, info)
         head.save(out / f"fraction-{fraction_key(f)}")
         probs[f], results[f] = predict(head, z_test), evaluate(head, z_test, y_test, pc.min_positives, pc.bootstrap,
-                                                                pc.seed)
+                                                                pc.seed, test_patients)
         r = results[f]
         per_fraction[fraction_key(f)] = {
             "findings": {n: {k: v[k] for k in ("auroc", "ci_low", "ci_high")} for n, v in r["findings"].items()
@@ -260,7 +264,8 @@ def run_probe(encodings_uri: str, output_dir: Path, cfg: Config, fractions: list
     heads[largest].save(out)
     best = results[largest]
     evaluated = [n for n in findings if best["findings"][n]["evaluated"]]
-    comparisons = _compare(y_test, findings, probs, heads, evaluated, largest, pc.paired_bootstrap, pc.seed)
+    comparisons = _compare(y_test, findings, probs, heads, evaluated, largest, pc.paired_bootstrap, pc.seed,
+                           test_patients)
     subgroups = _subgroups(test, y_test, probs[largest], findings, evaluated, cfg)
 
     table = pd.DataFrame([{"finding": n, **best["findings"][n]} for n in findings])
