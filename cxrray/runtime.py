@@ -19,7 +19,9 @@ def configure_data() -> None:
 
 
 def ensure_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None:
-    """Idempotent. RAY_ADDRESS (set by `ray job submit`) joins that cluster; otherwise local Ray."""
+    """Idempotent. RAY_ADDRESS (set by `ray job submit`) joins that cluster; otherwise a new local Ray
+    (address="local": never attach to whatever /tmp/ray/ray_current_cluster names, which an earlier
+    `ray start` leaves behind even after that cluster died)."""
     configure_data()
     if ray.is_initialized():
         return
@@ -30,6 +32,7 @@ def ensure_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None
         ray.init(address=os.environ["RAY_ADDRESS"], **common)
         return
     ray.init(
+        address="local",
         num_cpus=num_cpus or os.cpu_count(),
         include_dashboard=False,
         object_store_memory=object_store_mb * 1024 * 1024,
