@@ -53,7 +53,7 @@ def main() -> None:
     from cxrray.config import ExplainConfig, load_config
     from cxrray.diffusion.ddim import ddim_invert, ddim_sample
     from cxrray.diffusion.schedule import make_scheduler
-    from cxrray.models.diffae import DiffAE
+    from cxrray.families.diffae.network import DiffAE
     from cxrray.pipelines.counterfactual import counterfactuals
     from cxrray.pipelines.head import LinearHead
 

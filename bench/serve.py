@@ -37,10 +37,10 @@ def build_artifacts(root: Path, files: list[bytes], size: int) -> tuple[str, str
 
     from cxrray.config import DecodeConfig, load_config
     from cxrray.data.phantom import FINDINGS
-    from cxrray.models.diffae import DiffAE
+    from cxrray.families.diffae.network import DiffAE
     from cxrray.pipelines.head import LinearHead
     from cxrray.serve.uploads import prepare_image
-    from cxrray.train.state import save_weights
+    from cxrray.io.checkpoint import save_weights
 
     cfg = load_config("tiny", [f"model.image_size={size}"])
     torch.manual_seed(0)

@@ -60,8 +60,8 @@ def main() -> None:
 
     from cxrray.config import load_config
     from cxrray.data.ingest import ingest
-    from cxrray.models.diffae import DiffAE
-    from cxrray.models.flops import training_flops_per_image
+    from cxrray.families.diffae.network import DiffAE
+    from cxrray.families.diffae.flops import training_flops_per_image
 
     cfg = load_config(args.preset)
     size = cfg.model.image_size

@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from cxrray.config import ConfigError, load_config
+from cxrray.config import load_config
+from cxrray.errors import ConfigError, InputError
 
 DEMO_SALT = "cxrray-demo-salt-phantoms-only"
 # the demo's own choices (a user's --set still wins): a planted confounder for the audit to find, a test split
@@ -59,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata", default=None, help="the dataset's metadata file (with --source)")
     p.add_argument("--source-option", action="append", default=[], metavar="KEY=VALUE")
     _add_config_args(p)
+
+    p = sub.add_parser("export", help="a trained model as diffusers save_pretrained folders")
+    p.add_argument("--checkpoint", required=True, help="checkpoint, pretraining output, or models:/NAME@ALIAS")
+    p.add_argument("--format", default="diffusers", choices=["diffusers"])
+    p.add_argument("--output", required=True, help="folder to write")
 
     p = sub.add_parser("deid", help="free-text de-identification tools")
     dsub = p.add_subparsers(dest="deid_command", required=True)
@@ -186,6 +192,13 @@ def _summary(manifest: dict, uri: str) -> dict:
             "splits": manifest["splits"], "findings": len(manifest["label_vocabulary"])}
 
 
+def cmd_export(args) -> int:
+    from cxrray.io.export import export_diffusers
+
+    print(json.dumps(export_diffusers(args.checkpoint, args.output)))
+    return 0
+
+
 def cmd_deid(args) -> int:
     from cxrray.eval.deid import table
     from cxrray.pipelines.deid_report import deid_report
@@ -284,7 +297,7 @@ def cmd_serve(args) -> int:
     return run_server(args.checkpoint, args.probe, load_config(args.config, overrides))
 
 
-COMMANDS = {"config": cmd_config, "phantoms": cmd_phantoms, "ingest": cmd_ingest, "sources": cmd_sources, "deid": cmd_deid,
+COMMANDS = {"config": cmd_config, "phantoms": cmd_phantoms, "ingest": cmd_ingest, "sources": cmd_sources, "deid": cmd_deid, "export": cmd_export,
             "pretrain": cmd_pretrain, "status": cmd_status, "demo": cmd_demo,
             "probe": cmd_probe, "encode": cmd_encode, "explain": cmd_explain, "audit": cmd_audit,
             "serve": cmd_serve}
@@ -294,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ValueError, FileNotFoundError, NotADirectoryError) as err:
+    except (ConfigError, InputError, FileNotFoundError, NotADirectoryError) as err:
+        # what the user gave is wrong: say what and where; any other exception is a bug (exit 1, traceback)
         print(f"cxrray {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -8,47 +8,19 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from cxrray.data.phantom import PhantomConfig
-from cxrray.data.text_deid import TextDeidConfig
-from cxrray.models.architecture import PRESETS as MODEL_PRESETS
-from cxrray.models.architecture import DiffAEConfig
+from cxrray.data.phantom.config import PhantomConfig
+from cxrray.data.settings import DecodeConfig, IngestConfig, StrictModel, resolve_salt  # noqa: F401 (re-exported)
+from cxrray.errors import ConfigError
+from cxrray.families import FAMILIES, get_family
 
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the field and what is allowed."""
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DecodeConfig(StrictModel):
-    """How pixels become a float image in [0, 1] (MONOCHROME2: bright = dense)."""
-
-    voi: Literal["auto", "none"] = "auto"  # auto: VOI LUT or window from the header when present
-    color: Literal["reject", "luminance"] = "reject"  # RGB/YBR inputs
-    multiframe: Literal["reject", "first"] = "reject"
-    burned_in_annotation: Literal["reject", "keep"] = "reject"  # BurnedInAnnotation == YES
-    max_pixels: int = Field(64_000_000, ge=1)  # rows*cols above this is rejected before decoding
-    min_side: int = Field(32, ge=1)
-
-
-class IngestConfig(StrictModel):
-    size: int = Field(64, ge=16, le=4096)  # output square side, pixels
-    fit: Literal["pad", "crop"] = "pad"  # pad: keep aspect, zero-pad (DiffChest); crop: centre crop (Cheff)
-    shard_samples: int = Field(1000, ge=1)  # target samples per shard
-    dataset: str = "custom"
-    split_seed: int = 0
-    split_fractions: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
-    salt: SecretStr | None = None  # de-identification salt; never written out
-    salt_env: str = "CXRRAY_SALT"
-    decode: DecodeConfig = Field(default_factory=DecodeConfig)
-    text: TextDeidConfig = Field(default_factory=TextDeidConfig)  # reports and other free text
+#: `model` is one of the registered families' configs, chosen by its `family` field
+ModelConfig = Annotated[Union[tuple(get_family(name).config for name in FAMILIES)], Field(discriminator="family")]
+DEFAULT_FAMILY = "diffae"
 
 
 class TrainConfig(StrictModel):
@@ -168,14 +140,18 @@ class ServeConfig(StrictModel):
 class TrackingConfig(StrictModel):
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "cxrray-pretrain"
-    registered_model: str = "cxrray-diffae"
+    registered_model: str | None = None  # None: cxrray-<family>
+
+    def model_name(self, family: str) -> str:
+        """The registered model name for a family's checkpoints."""
+        return self.registered_model or f"cxrray-{family}"
 
 
 class Config(StrictModel):
     preset: str = "tiny"
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     phantom: PhantomConfig = Field(default_factory=PhantomConfig)
-    model: DiffAEConfig = Field(default_factory=lambda: DiffAEConfig(**MODEL_PRESETS["tiny"]))
+    model: ModelConfig = Field(default_factory=lambda: get_family(DEFAULT_FAMILY).preset("tiny"))
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     encode: EncodeConfig = Field(default_factory=EncodeConfig)
@@ -184,19 +160,27 @@ class Config(StrictModel):
     audit: AuditConfig = Field(default_factory=AuditConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_family(cls, data: Any) -> Any:
+        """Configs written before families existed have a model section without `family`: diffae."""
+        if isinstance(data, dict) and isinstance(data.get("model"), dict) and "family" not in data["model"]:
+            data = {**data, "model": {"family": DEFAULT_FAMILY, **data["model"]}}
+        return data
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # tiny: the CPU demo/test model (2.4M params at 64²). lr 1e-3, not the paper's 1e-4 (which is for the
     # 159M-param model at batch 128): on phantoms, 200 steps at 1e-3 give chest-like samples, at 1e-4 noise.
-    "tiny": {"ingest": {"size": 64}, "phantom": {"size": 128}, "model": MODEL_PRESETS["tiny"],
+    "tiny": {"ingest": {"size": 64}, "phantom": {"size": 128},
              "train": {"global_batch": 16, "images": 3_200, "lr": 1e-3, "ema_decay": 0.995,
                        "checkpoint_every": 800, "eval_every": 1_600, "log_every": 160, "sample_steps": 25},
              # the tiny CPU model's decoder barely follows z given an inverted x_T (|counterfactual - reconstruction|
              # ~0.001 at eps 0.3), so its audit measures in latent space; trained models use the image measure
              "audit": {"measure": "latent"}},
-    "small": {"ingest": {"size": 128}, "phantom": {"size": 192}, "model": MODEL_PRESETS["small"],
+    "small": {"ingest": {"size": 128}, "phantom": {"size": 192},
               "train": {"global_batch": 64, "images": 2_000_000, "ema_decay": 0.9995}},
-    "paper": {"ingest": {"size": 256}, "phantom": {"size": 320}, "model": MODEL_PRESETS["paper"],
+    "paper": {"ingest": {"size": 256}, "phantom": {"size": 320},
               "train": {"global_batch": 128, "images": 200_000_000, "use_gpu": True, "num_workers": 8,
                         "checkpoint_every": 1_000_000, "eval_every": 5_000_000, "log_every": 50_000,
                         "cpus_per_worker": 8, "sample_steps": 100}},
@@ -250,6 +234,15 @@ def _explain(err: ValidationError) -> str:
     return "invalid config: " + "; ".join(lines)
 
 
+def _model_section(preset: str, given: Mapping[str, Any]) -> dict:
+    """The chosen family's preset of this name (its own sizes), then what the YAML / --set gave."""
+    family = given.get("family", DEFAULT_FAMILY)
+    if family not in FAMILIES:
+        raise ConfigError(f"model.family: unknown {family!r} (registered: {', '.join(FAMILIES)})")
+    presets = get_family(family).presets
+    return {**copy.deepcopy(presets.get(preset, presets["tiny"])), **given, "family": family}
+
+
 def load_config(source: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
     """Preset name or YAML path (None -> "tiny"), then dotted overrides like `ingest.size=128`."""
     source = "tiny" if source is None else str(source)
@@ -267,20 +260,8 @@ def load_config(source: str | os.PathLike | None = None, overrides: Sequence[str
         raise ConfigError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
     for item in overrides:
         tree = _deep_merge(tree, _parse_override(item))
+    tree["model"] = _model_section(tree["preset"], tree.get("model") or {})
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_explain(err)) from None
-
-
-def resolve_salt(cfg: IngestConfig) -> str:
-    """The de-identification salt from the config or the environment; it is never written out."""
-    if cfg.salt is not None and cfg.salt.get_secret_value():
-        return cfg.salt.get_secret_value()
-    value = os.environ.get(cfg.salt_env, "")
-    if not value:
-        raise ConfigError(
-            f"no de-identification salt: set the environment variable {cfg.salt_env} "
-            "(or ingest.salt) to a secret string; keep it to make reruns produce the same hashes"
-        )
-    return value

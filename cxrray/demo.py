@@ -114,7 +114,7 @@ def held_out_report(cfg: Config, shards: str, checkpoint: str, workdir: Path, ru
     from cxrray.data.stream import stream
     from cxrray.diffusion.ddim import reconstruct, sample
     from cxrray.eval.grids import save_grid
-    from cxrray.models.loading import load_ema
+    from cxrray.io.loading import load_ema
     from cxrray.tracking import RunLogger, tracking_uri
 
     torch.set_num_threads(1)

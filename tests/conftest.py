@@ -99,7 +99,7 @@ def write_checkpoint(model, folder, images_shown: int):
     """A complete cxrray checkpoint directory (EMA = raw weights) for a model built in a test."""
     import json
 
-    from cxrray.train.state import save_weights
+    from cxrray.io.checkpoint import save_weights
 
     folder.mkdir(parents=True)
     save_weights(model, folder / "ema.safetensors")

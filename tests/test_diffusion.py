@@ -7,7 +7,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler
 from torch import nn
 
 from cxrray.diffusion import T, ddim_invert, ddim_sample, make_scheduler, reconstruct, sample, training_loss
-from cxrray.models import DiffAE, DiffAEConfig
+from cxrray.families.diffae.network import DiffAE, DiffAEConfig
 
 torch.set_num_threads(1)
 

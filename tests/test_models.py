@@ -7,7 +7,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from cxrray.models import DIFFAE_PRESETS, DiffAE, DiffAEConfig, param_count, preset_config, training_flops_per_image
+from cxrray.families.diffae.config import PRESETS as DIFFAE_PRESETS
+from cxrray.families.diffae.flops import param_count, training_flops_per_image
+from cxrray.families.diffae.network import DiffAE, DiffAEConfig, preset_config
 
 torch.set_num_threads(1)
 

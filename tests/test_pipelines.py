@@ -26,7 +26,7 @@ from cxrray.data.phantom import generate
 from cxrray.data.shards import read_manifest, read_tar
 from cxrray.data.storage import Storage
 from cxrray.diffusion.ddim import ddim_invert
-from cxrray.models import DiffAE, DiffAEConfig
+from cxrray.families.diffae.network import DiffAE, DiffAEConfig
 from cxrray.pipelines.encodings import read_encodings, stack
 from cxrray.pipelines.head import LinearHead
 from conftest import write_checkpoint

@@ -67,7 +67,7 @@ def test_deepspeed_pretraining_logs_to_mlflow_server_then_resumes(shards, mlflow
                              "train.eval_every=96", f"tracking.uri={mlflow_server}"])]
     assert main(args) == 0
     logs = capfd.readouterr().out
-    assert "[pretrain] 96/96 images" in logs and "reconstruction SSIM" in logs
+    assert "[pretrain] 96/96 images" in logs and "recon_ssim" in logs
 
     assert main(["status", "--output", out]) == 0
     status = json.loads(capfd.readouterr().out)
@@ -87,7 +87,7 @@ def test_deepspeed_pretraining_logs_to_mlflow_server_then_resumes(shards, mlflow
     for metric in ("images_per_s", "images_shown", "lr", "recon_ssim", "data_wait_fraction"):
         assert client.get_metric_history(run.info.run_id, metric), metric
     artifacts = {a.path for folder_ in ("samples", "reconstructions") for a in client.list_artifacts(run.info.run_id, folder_)}
-    assert "samples/samples_000000000096.png" in artifacts and "reconstructions/recon_000000000096.png" in artifacts
+    assert "samples/samples_000000000096.png" in artifacts and "reconstructions/reconstructions_000000000096.png" in artifacts
     versions = client.search_model_versions("name='cxrray-diffae'")
     assert [v.run_id for v in versions] == [run.info.run_id]
 
@@ -102,6 +102,51 @@ def test_deepspeed_pretraining_logs_to_mlflow_server_then_resumes(shards, mlflow
     assert status2["images_shown"] == 128 and status2["mlflow_run_id"] == status["mlflow_run_id"]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "images_shown")]
     assert steps == sorted(steps) and steps[-1] == 128
+
+
+DDPM32 = ["model.family=ddpm", "model.covariates=[age,sex,ivsd,lvidd,lvpwd]", "model.image_size=32",
+          "model.base_channels=16", "model.channel_mult=[1,2]", "model.norm_groups=8", "model.layers_per_block=1",
+          "train.global_batch=8", "train.cpus_per_worker=0.5", "train.log_every=8", "train.eval_images=4",
+          "train.sample_steps=4", "train.lr=0.001", "train.ema_decay=0.9", "train.checkpoint_every=16"]
+
+
+def test_second_family_trains_resumes_registers_and_exports_through_the_same_machinery(shards, mlflow_server,
+                                                                                        tmp_path, capfd):
+    """The covariate DDPM goes through the same `cxrray pretrain` (Ray Train + DeepSpeed), resumes,
+    registers as cxrray-ddpm@latest with its card, loads from MLflow and exports to diffusers."""
+    from diffusers import UNet2DModel
+
+    from cxrray.io.loading import load_model
+
+    out = f"file://{tmp_path / 'run'}"
+    common = ["pretrain", "--data", shards, "--output", out, *_sets(DDPM32 + [f"tracking.uri={mlflow_server}"])]
+    assert main([*common, "--images", "16"]) == 0
+    assert main([*common, "--images", "32"]) == 0
+    logs = capfd.readouterr().out
+    assert "ddpm: deepspeed x2 workers" in logs and "resumed at 16 images shown" in logs and "sample_std" in logs
+    status = json.loads((tmp_path / "run" / "latest.json").read_text())
+    assert status["images_shown"] == 32
+    folder = Path(status["latest_checkpoint"][len("file://"):])
+    state = json.loads((folder / "state.json").read_text())
+    stats = state["model"]["covariate_stats"]  # from the training split, stored with the model
+    assert state["model"]["family"] == "ddpm" and set(stats) == {"age", "ivsd", "lvidd", "lvpwd"}
+    assert 40 < stats["age"][0] < 80 and 4.0 < stats["lvidd"][0] < 6.0 and state["data"]["samples"] == 96
+    card = (folder / "README.md").read_text()
+    assert "cxrray-ddpm" in card and "synthetic" in card and state["data"]["manifest_sha256"] in card
+
+    loaded = load_model("models:/cxrray-ddpm@latest", tracking_uri=mlflow_server)
+    assert loaded.family.name == "ddpm" and loaded.identity["name"] == "cxrray-ddpm"
+    assert loaded.identity["images_shown"] == 32 and loaded.identity["version"] == "2"
+    from mlflow.tracking import MlflowClient
+
+    version = MlflowClient(mlflow_server).get_model_version("cxrray-ddpm", "2")
+    assert version.tags["family"] == "ddpm" and "synthetic" in version.description
+
+    assert main(["export", "--checkpoint", out, "--output", str(tmp_path / "export")]) == 0
+    exported = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert exported["family"] == "ddpm" and {"unet", "scheduler"} <= set(exported["folders"])
+    unet = UNet2DModel.from_pretrained(tmp_path / "export" / "unet")
+    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in loaded.model.unet.parameters())
 
 
 def _kill_a_worker_after_first_checkpoint(status_file: Path, killed: list) -> None:

@@ -63,7 +63,7 @@ def _png(array: np.ndarray, mode: str | None = None) -> bytes:
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    from cxrray.models.diffae import DiffAE, DiffAEConfig
+    from cxrray.families.diffae.network import DiffAE, DiffAEConfig
     from cxrray.pipelines.head import LinearHead
 
     root = tmp_path_factory.mktemp("serve")
@@ -174,8 +174,9 @@ def test_healthz_and_models(server):
     r = call(server, "GET", "/healthz", auth=False)
     assert r.status_code == 200 and r.json() == {"status": "ok", "model": {"name": "cxrray-diffae", "version": "1234-images"}}
     body = call(server, "GET", "/v1/models").json()
-    assert body["models"][0] | {"cxrray": None} == {"name": "cxrray-diffae", "version": "1234-images",
-                                                   "images_shown": 1234, "z_dim": 64, "image_size": 32, "cxrray": None}
+    assert body["models"][0] | {"cxrray": None} == {"name": "cxrray-diffae", "family": "diffae", "version": "1234-images",
+                                                   "images_shown": 1234, "z_dim": 64, "image_size": 32, "cxrray": None,
+                                                   "capabilities": ["counterfactual", "encode", "invert", "sample"]}
     assert body["findings"] == FINDINGS[:3] and body["unfitted"] == ["rare"]
     assert body["limits"]["max_steps"] == 4 and body["limits"]["max_upload_bytes"] == UPLOAD_LIMIT
     assert body["explain_defaults"] == {"eps": 0.3, "steps": 3, "invert_steps": 3, "mode": "linear"}

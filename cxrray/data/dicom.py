@@ -18,7 +18,7 @@ from PIL import Image
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from cxrray.config import DecodeConfig
+from cxrray.data.settings import DecodeConfig
 from cxrray.data.text_deid import KnownIdentifiers
 
 GRAY = ("MONOCHROME1", "MONOCHROME2")

@@ -18,7 +18,7 @@ from typing import Callable
 import ray
 
 from cxrray import __version__
-from cxrray.config import DecodeConfig, IngestConfig, resolve_salt
+from cxrray.data.settings import DecodeConfig, IngestConfig, resolve_salt
 from cxrray.data import shards
 from cxrray.data.deid import salted_hash, sample_key
 from cxrray.data.dicom import RejectError, decode_file, header_identifiers

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import webdataset as wds
 
 from cxrray.data.storage import Storage
+from cxrray.errors import InputError
 
 FORMAT = "cxrray-shards/1"
 MANIFEST = "manifest.json"
@@ -105,7 +106,7 @@ def read_manifest(uri: str | Storage) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"no {MANIFEST} under {store.uri}: run `cxrray ingest` first") from None
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"{store.url(MANIFEST)}: format {manifest.get('format')!r}, expected {FORMAT}")
+        raise InputError(f"{store.url(MANIFEST)}: format {manifest.get('format')!r}, expected {FORMAT}")
     return manifest
 
 
@@ -121,9 +122,9 @@ def read_tar(data: bytes, source: str = "shard") -> list[tuple[str, bytes, dict]
                 continue
             key, _, ext = member.name.partition(".")
             if ext not in ("png", "json"):
-                raise ValueError(f"refusing {source} member {member.name}: only .png and .json are read")
+                raise InputError(f"refusing {source} member {member.name}: only .png and .json are read")
             samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
     missing = [k for k, v in samples.items() if set(v) != {"png", "json"}]
     if missing:
-        raise ValueError(f"{source}: samples without both .png and .json: {missing[:5]}")
+        raise InputError(f"{source}: samples without both .png and .json: {missing[:5]}")
     return [(k, v["png"], json.loads(v["json"])) for k, v in samples.items()]

@@ -6,6 +6,7 @@ present, so adding data never moves an existing patient to another split (no lea
 from __future__ import annotations
 
 import hashlib
+from cxrray.errors import InputError
 from typing import Mapping
 
 DEFAULT_FRACTIONS: Mapping[str, float] = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -21,7 +22,7 @@ def patient_split(patient: str, fractions: Mapping[str, float] = DEFAULT_FRACTIO
     """Split name for one patient; `fractions` are normalised, iterated in the given order."""
     total = float(sum(fractions.values()))
     if total <= 0:
-        raise ValueError(f"split fractions must sum to > 0, got {dict(fractions)}")
+        raise InputError(f"split fractions must sum to > 0, got {dict(fractions)}")
     u = unit_hash(patient, seed) * total
     acc = 0.0
     name = next(iter(fractions))

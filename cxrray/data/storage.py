@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+from cxrray.errors import InputError
 
 S3_MAX_ATTEMPTS = int(os.environ.get("CXRRAY_S3_MAX_ATTEMPTS", "8"))
 
@@ -40,7 +41,7 @@ class Storage:
         parsed = urlparse(text)
         if parsed.scheme == "s3":
             if not parsed.netloc:
-                raise ValueError(f"{text!r}: an s3 URI needs a bucket (s3://bucket/prefix)")
+                raise InputError(f"{text!r}: an s3 URI needs a bucket (s3://bucket/prefix)")
             self.scheme = "s3"
             self.root = posixpath.join(parsed.netloc, parsed.path.strip("/")).rstrip("/")
             self.fs: pafs.FileSystem = s3_filesystem()
@@ -50,7 +51,7 @@ class Storage:
             self.root = str(Path(local).expanduser().resolve())
             self.fs = pafs.LocalFileSystem()
         else:
-            raise ValueError(f"{text!r}: unsupported storage scheme {parsed.scheme!r} (use file:// or s3://)")
+            raise InputError(f"{text!r}: unsupported storage scheme {parsed.scheme!r} (use file:// or s3://)")
 
     @property
     def uri(self) -> str:

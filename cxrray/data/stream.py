@@ -8,6 +8,9 @@ is ever unpickled. Batches (`batch_format="numpy"`, or torch via `iter_torch_bat
 | image      | float32 [B, 1, S, S], [-1, 1] | MONOCHROME2 radiograph                    |
 | labels     | float32 [B, F]                | 1 / 0 / NaN, F = manifest label vocabulary |
 | covariates | float32 [B, C]                | manifest covariates order, NaN if missing  |
+| <name>     | float32 [B]                   | each covariate by name (ivsd ...), NaN    |
+| age        | float32 [B]                   | years (90 = 90 or older), NaN if unknown   |
+| sex        | float32 [B]                   | 1 = M, 0 = F, NaN if unknown               |
 | key        | str [B]                       | sample key (unless `with_keys=False`)      |
 
 The dataset is lazy and streamed: shards are read by parallel tasks as the consumer pulls batches.
@@ -24,8 +27,10 @@ from cxrray.data.imaging import decode_png16, png16_to_model
 from cxrray.data.shards import read_manifest
 from cxrray.data.storage import Storage
 from cxrray.runtime import ensure_ray
+from cxrray.errors import InputError
 
 ALLOWED_MEMBERS = {"png", "json"}
+SEX_CODE = {"M": 1.0, "F": 0.0}
 
 
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
@@ -39,7 +44,7 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
         elif name == "json":
             out["json"] = value.decode("utf-8") if isinstance(value, bytes) else value
         else:
-            raise ValueError(f"refusing shard member {sample['__key__']}.{name}: only .png and .json are read")
+            raise InputError(f"refusing shard member {sample['__key__']}.{name}: only .png and .json are read")
     return out
 
 
@@ -56,6 +61,9 @@ def to_batch(batch: dict[str, np.ndarray], split: str | None, covariates: list[s
         "labels": np.asarray(labels, dtype=np.float32).reshape(len(keep), -1),
         "covariates": np.asarray(covs, dtype=np.float32).reshape(len(keep), len(covariates)),
     }
+    out.update({name: out["covariates"][:, j] for j, name in enumerate(covariates)})
+    out["age"] = np.asarray([_num(metas[i].get("age")) for i in keep], dtype=np.float32)
+    out["sex"] = np.asarray([SEX_CODE.get(metas[i].get("sex"), np.nan) for i in keep], dtype=np.float32)
     if with_keys:
         out["key"] = np.asarray([metas[i]["key"] for i in keep], dtype=object)
     return out
@@ -78,7 +86,7 @@ def stream(data_uri: str, split: str | None = None, *, batch_size: int = 64, shu
     manifest = read_manifest(store)
     paths = shard_paths(store, manifest, split)
     if not paths:
-        raise ValueError(f"{store.uri}: no shard holds split {split!r} (splits: {sorted(manifest['splits'])})")
+        raise InputError(f"{store.uri}: no shard holds split {split!r} (splits: {sorted(manifest['splits'])})")
     ds = ray.data.read_webdataset(
         paths, filesystem=store.fs, decoder=decode_sample,
         shuffle="files" if shuffle_files else None, override_num_blocks=len(paths))

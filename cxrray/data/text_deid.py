@@ -28,6 +28,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from cxrray.data.deid import salted_hash
+from cxrray.errors import InputError
 
 #: Safe Harbor: ages over 89 are aggregated into one category, reported as this value
 AGE_CAP = 90.0
@@ -261,7 +262,7 @@ def _extra_names(cfg: TextDeidConfig) -> list[str]:
         try:
             names += [line.strip() for line in Path(cfg.names_file).read_text().splitlines() if line.strip()]
         except OSError as exc:
-            raise ValueError(f"ingest.text.names_file: cannot read {cfg.names_file!r} ({exc.strerror})") from None
+            raise InputError(f"ingest.text.names_file: cannot read {cfg.names_file!r} ({exc.strerror})") from None
     return names
 
 

@@ -37,21 +37,29 @@ def _check_steps(steps: int) -> int:
     return steps
 
 
-def _eps(model, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def _eps(model, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None, guidance: float = 1.0,
+         null: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's noise prediction; with guidance != 1, classifier-free: eps_u + g (eps_c - eps_u)."""
     tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
-    return model(x, tt, z).float()
+    eps = model(x, tt, z).float()
+    if guidance != 1.0 and null is not None:
+        eps_u = model(x, tt, null).float()
+        eps = eps_u + guidance * (eps - eps_u)
+    return eps
 
 
-def _walk(model, kind: str, x: torch.Tensor, z: torch.Tensor, steps: int, progress: Progress,
-          clip: bool = False, **step_kwargs) -> torch.Tensor:
-    """Run one DDIM direction ("ddim": x_T -> x0, "ddim_inverse": x0 -> x_T) over `steps` steps."""
+def _walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, progress: Progress,
+          clip: bool = False, guidance: float = 1.0, null: torch.Tensor | None = None, **step_kwargs) -> torch.Tensor:
+    """Run one sampler over `steps` steps ("ddim": x_T -> x0, "ddim_inverse": x0 -> x_T, "ddpm":
+    ancestral x_T -> x0) under the model's own schedule (`model.schedule`, default linear T = 1000)."""
     steps = _check_steps(steps)
-    sched = make_scheduler(kind, clip_sample=clip)
+    sched = make_scheduler(kind, clip_sample=clip, **getattr(model, "schedule", {}))
     sched.set_timesteps(steps, device=x.device)
     x = x.float()
     with _eval(model):
         for i, t in enumerate(sched.timesteps):
-            x = sched.step(_eps(model, x, t, z), int(t), x, return_dict=False, **step_kwargs)[0]
+            eps = _eps(model, x, t, z, guidance, null)
+            x = sched.step(eps, int(t), x, return_dict=False, **step_kwargs)[0]
             if progress is not None:
                 progress(i + 1, steps)
     return x
@@ -101,6 +109,25 @@ def sample(model, n: int, steps: int = 100, generator: torch.Generator | None = 
     shape = (n, cfg.in_channels, cfg.image_size, cfg.image_size)
     x_T = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
     return ddim_sample(model, z, x_T, steps=steps, progress=progress, clip=True)
+
+
+def sample_conditional(model, n: int, c: torch.Tensor | None, steps: int = 50, generator: torch.Generator | None = None,
+                       sampler: str = "ddim", guidance: float = 1.0, progress: Progress = None) -> torch.Tensor:
+    """n images from x_T ~ N(0, I) under a conditioning vector c [n, width] (None: unconditional), with
+    DDIM (eta 0) or DDPM ancestral sampling; predicted x0 clipped to [-1, 1]; `guidance` > 1 is
+    classifier-free guidance against `model.null_condition`. Seeded by `generator`. float32 [n, C, S, S]."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
+    device = _model_device(model)
+    gen_device = generator.device if generator is not None else device
+    shape = (n, model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size)
+    x_T = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+    c = c.to(device) if c is not None else None
+    null = model.null_condition(n, device) if guidance != 1.0 and c is not None else None
+    extra = {"eta": 0.0} if sampler == "ddim" else {"generator": generator}
+    return _walk(model, sampler, x_T, c, steps, progress, clip=True, guidance=guidance, null=null, **extra)
 
 
 def reconstruct(model, x0: torch.Tensor, steps: int = 100, progress: Progress = None) -> torch.Tensor:

@@ -22,11 +22,11 @@ SchedulerKind = Literal["ddpm", "ddim", "ddim_inverse"]
 
 
 def make_scheduler(kind: SchedulerKind = "ddpm", beta_schedule: str = "linear", beta_start: float = 1e-4,
-                   beta_end: float = 0.02, clip_sample: bool = False):
+                   beta_end: float = 0.02, clip_sample: bool = False, num_train_timesteps: int = T):
     """A fresh diffusers scheduler (they are stateful after `set_timesteps`, so never share one across calls).
     `clip_sample` clips the predicted x0 to [-1, 1] at each step: for sampling from random x_T only, since
     it breaks the exact mirror between inversion and decoding."""
-    common = dict(num_train_timesteps=T, beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end,
+    common = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end,
                   clip_sample=clip_sample, prediction_type="epsilon")
     if kind == "ddpm":
         return DDPMScheduler(**common)

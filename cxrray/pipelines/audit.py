@@ -30,6 +30,7 @@ from cxrray.eval import html
 from cxrray.eval.grids import save_grid
 from cxrray.pipelines.explain import explain_shards, select, stem
 from cxrray.pipelines.head import load_head
+from cxrray.errors import InputError
 
 GRID_IMAGES = 8
 
@@ -90,7 +91,7 @@ def negatives(data_uri: str, finding: str, cfg: Config) -> list[dict]:
     samples, _ = select(data_uri, cfg.audit.split, label=finding, value=0.0, limit=cfg.audit.images,
                         seed=cfg.audit.seed)
     if len(samples) < 2:
-        raise ValueError(f"audit of {finding!r}: only {len(samples)} images negative for it in split "
+        raise InputError(f"audit of {finding!r}: only {len(samples)} images negative for it in split "
                          f"{cfg.audit.split!r}; need at least 2")
     return samples
 
@@ -147,7 +148,7 @@ def audit(checkpoint: str, probe: str, data_uri: str, findings: list[str], outpu
     from cxrray.tracking import RunLogger, start_run, tracking_uri
 
     if not findings:
-        raise ValueError("give at least one --finding")
+        raise InputError("give at least one --finding")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     head = load_head(probe)

@@ -18,6 +18,7 @@ from cxrray.data.shards import read_tar
 from cxrray.data.storage import Storage
 from cxrray.data.text_deid import for_patient, known_from_row
 from cxrray.eval.deid import concat, measure, read_truth
+from cxrray.errors import InputError
 
 
 def deid_report(input_dir: str | os.PathLike, labels: str | os.PathLike, truth: str | os.PathLike,
@@ -28,7 +29,7 @@ def deid_report(input_dir: str | os.PathLike, labels: str | os.PathLike, truth: 
     with open(labels, newline="") as fh:
         rows = {row["path"]: row for row in csv.DictReader(fh) if row.get("path") in planted}
     if not rows:
-        raise ValueError(f"--labels {labels}: no row whose path is in the truth file {truth}")
+        raise InputError(f"--labels {labels}: no row whose path is in the truth file {truth}")
     salt = resolve_salt(cfg)
     if shards_uri is None:
         text_cfg = cfg.text.resolved()

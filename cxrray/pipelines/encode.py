@@ -21,9 +21,10 @@ from cxrray.data.imaging import decode_png16, png16_to_model
 from cxrray.data.shards import read_manifest, read_tar
 from cxrray.data.storage import Storage
 from cxrray.diffusion.ddim import ddim_invert
-from cxrray.models.loading import load_ema, model_identity
+from cxrray.io.loading import load_ema, model_identity
 from cxrray.pipelines.encodings import FORMAT, INDEX, finished_parts, part_table, write_part
 from cxrray.runtime import configure_data, ensure_ray
+from cxrray.errors import InputError
 
 def pool_args(use_gpu: bool, actors: int | None) -> dict:
     """Ray Data actor-pool arguments: one GPU each on a cluster, else one CPU each (two locally)."""
@@ -64,7 +65,7 @@ class ChunkEncoder:
             for i in range(0, len(samples), self.cfg.batch_size):
                 x0 = load_images([png for _, png, _ in samples[i:i + self.cfg.batch_size]]).to(self.device)
                 if x0.shape[-1] != self.model.cfg.image_size:
-                    raise ValueError(f"{shard}: images are {x0.shape[-1]}px but the model expects "
+                    raise InputError(f"{shard}: images are {x0.shape[-1]}px but the model expects "
                                      f"{self.model.cfg.image_size}px (ingest with --size {self.model.cfg.image_size})")
                 with torch.no_grad():
                     z = self.model.encode(x0).float()

@@ -30,12 +30,13 @@ from cxrray.data.imaging import encode_png16
 from cxrray.data.shards import read_manifest, read_tar
 from cxrray.data.storage import Storage
 from cxrray.diffusion.ddim import ddim_invert
-from cxrray.models.loading import load_ema, model_identity
+from cxrray.io.loading import load_ema, model_identity
 from cxrray.pipelines import derived
 from cxrray.pipelines.counterfactual import counterfactuals
 from cxrray.pipelines.encode import load_images, pool_args
 from cxrray.pipelines.head import load_head
 from cxrray.runtime import configure_data, ensure_ray
+from cxrray.errors import InputError
 
 DIRECTIONS = {1: "toward", -1: "away"}
 
@@ -145,7 +146,7 @@ def select(data_uri: str, split: str | None, label: str | None = None, value: fl
     store, manifest = Storage(data_uri), read_manifest(data_uri)
     vocab = manifest["label_vocabulary"]
     if label is not None and label not in vocab:
-        raise ValueError(f"unknown label {label!r}; the shards have: {', '.join(vocab)}")
+        raise InputError(f"unknown label {label!r}; the shards have: {', '.join(vocab)}")
     chosen = []
     for shard in manifest["shards"]:
         if split is not None and not shard["splits"].get(split):
@@ -215,7 +216,7 @@ def explain(checkpoint: str, probe: str, input: str, findings: list[str], output
             split: str | None = None, limit: int | None = None, toward: int = 1) -> dict:
     """`cxrray explain`: a file or a shards URI (optionally one split, capped at `limit` images)."""
     if not findings:
-        raise ValueError("give at least one --finding")
+        raise InputError("give at least one --finding")
     head = load_head(probe)
     for finding in findings:
         head.index(finding)

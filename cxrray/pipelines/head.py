@@ -18,6 +18,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from cxrray.data.storage import Storage
+from cxrray.errors import InputError
 
 WEIGHTS = "head.safetensors"
 META = "head.json"
@@ -38,10 +39,10 @@ class LinearHead:
 
     def index(self, finding: str) -> int:
         if finding not in self.findings:
-            raise ValueError(f"unknown finding {finding!r}; the probe knows: {', '.join(self.findings)}")
+            raise InputError(f"unknown finding {finding!r}; the probe knows: {', '.join(self.findings)}")
         i = self.findings.index(finding)
         if not self.fitted[i]:
-            raise ValueError(f"finding {finding!r} has no fitted probe (too few positives or negatives in the fit set)")
+            raise InputError(f"finding {finding!r} has no fitted probe (too few positives or negatives in the fit set)")
         return i
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
@@ -91,7 +92,7 @@ def load_head(uri: str | Path) -> LinearHead:
     head = LinearHead(list(meta["findings"]), arrays["weight"], arrays["bias"], arrays["z_mean"], arrays["z_std"],
                       {k: v for k, v in meta.items() if k not in ("findings", "fitted", "format")})
     if head.weight.shape != (len(head.findings), head.z_mean.shape[0]):
-        raise ValueError(f"{store.uri}: weight shape {head.weight.shape} does not match "
+        raise InputError(f"{store.uri}: weight shape {head.weight.shape} does not match "
                          f"{len(head.findings)} findings x z_dim {head.z_mean.shape[0]}")
     return head
 

@@ -29,6 +29,7 @@ from cxrray.config import Config
 from cxrray.eval.stats import age_bins, binary_metrics, bootstrap_ci, paired_bootstrap, subgroup_table
 from cxrray.pipelines.encodings import read_encodings, stack
 from cxrray.pipelines.head import LinearHead
+from cxrray.errors import InputError
 
 STD_FLOOR = 1e-6  # z dimensions constant on the fit subset are scaled by this instead of 0
 COLUMNS = ["key", "split", "patient", "sex", "age", "labels", "z"]
@@ -60,7 +61,7 @@ def fit_head(z: np.ndarray, labels: np.ndarray, findings: list[str], C: float, i
     Findings are fitted in n_jobs threads (lbfgs spends its time in BLAS, outside the GIL)."""
     z, labels = np.asarray(z, np.float64), np.asarray(labels, np.float64)
     if len(z) == 0:
-        raise ValueError("no rows to fit the probe on")
+        raise InputError("no rows to fit the probe on")
     mean, std = z.mean(axis=0), np.maximum(z.std(axis=0), STD_FLOOR)
     zn = (z - mean) / std
     weight, bias = np.zeros((len(findings), z.shape[1])), np.full(len(findings), np.nan)
@@ -126,13 +127,13 @@ def _load(encodings_uri: str, cfg: Config) -> tuple[pd.DataFrame, dict, str]:
     present = sorted(str(s) for s in frame["split"].dropna().unique())
     fit_split = next((s for s in cfg.probe.fit_splits if s in present), None)
     if fit_split is None:
-        raise ValueError(f"{encodings_uri}: no fit split: none of probe.fit_splits {cfg.probe.fit_splits} is in "
+        raise InputError(f"{encodings_uri}: no fit split: none of probe.fit_splits {cfg.probe.fit_splits} is in "
                          f"the encodings (splits present: {', '.join(present) or 'none'})")
     if cfg.probe.test_split not in present:
-        raise ValueError(f"{encodings_uri}: no rows in probe.test_split {cfg.probe.test_split!r} "
+        raise InputError(f"{encodings_uri}: no rows in probe.test_split {cfg.probe.test_split!r} "
                          f"(splits present: {', '.join(present)})")
     if fit_split == cfg.probe.test_split:
-        raise ValueError(f"fit split and test split are both {fit_split!r}")
+        raise InputError(f"fit split and test split are both {fit_split!r}")
     frame["patient"] = frame["patient"].fillna(frame["key"])  # no patient id: each image its own patient
     return frame, index, fit_split
 
@@ -231,13 +232,13 @@ def run_probe(encodings_uri: str, output_dir: Path, cfg: Config, fractions: list
     pc = cfg.probe
     fractions = sorted({float(f) for f in (fractions or pc.fractions)})
     if not fractions or not all(0 < f <= 1 for f in fractions):
-        raise ValueError(f"fractions must be in (0, 1], got {fractions}")
+        raise InputError(f"fractions must be in (0, 1], got {fractions}")
     frame, index, fit_split = _load(encodings_uri, cfg)
     findings = list(index["label_vocabulary"])
     fit, test = frame[frame["split"] == fit_split], frame[frame["split"] == pc.test_split]
     z_fit, y_fit, z_test, y_test = stack(fit, "z"), stack(fit, "labels"), stack(test, "z"), stack(test, "labels")
     if y_fit.shape[1] != len(findings):
-        raise ValueError(f"{encodings_uri}: labels have {y_fit.shape[1]} columns, label_vocabulary {len(findings)}")
+        raise InputError(f"{encodings_uri}: labels have {y_fit.shape[1]} columns, label_vocabulary {len(findings)}")
     out = Path(output_dir)
     largest = fractions[-1]
     heads, probs, results, per_fraction = {}, {}, {}, {}

@@ -91,7 +91,7 @@ def run_server(checkpoint: str, probe: str, cfg: Config) -> int:
     import signal
     import sys
 
-    from cxrray.models.loading import model_identity
+    from cxrray.io.loading import model_identity
     from cxrray.pipelines.head import load_head
     from cxrray.runtime import ensure_ray
 

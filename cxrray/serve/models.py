@@ -10,62 +10,25 @@ Inputs arrive already validated and preprocessed by the ingress (float32 [S, S] 
 from __future__ import annotations
 
 import asyncio
-import json
-import tempfile
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
 from ray import serve
 
 from cxrray.config import ExplainConfig
-from cxrray.models.diffae import DiffAE, DiffAEConfig
-from cxrray.models.loading import MODEL_NAME, load_ema, model_identity
+from cxrray.families.diffae.network import DiffAE
+from cxrray.io.loading import PUBLIC
+from cxrray.io.loading import load_model as load_any
 from cxrray.pipelines.head import load_head
 from cxrray.pipelines import derived as outputs
-from cxrray.train.state import load_weights
-
-PUBLIC = ("name", "version", "images_shown", "z_dim", "image_size", "cxrray")
-
-
-def _mlflow_files(uri: str, tracking_uri: str | None) -> tuple[DiffAE, dict]:
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        found = {name: sorted(local.rglob(name)) for name in ("ema.safetensors", "state.json")}
-        for name, paths in found.items():
-            if len(paths) != 1:
-                raise FileNotFoundError(f"{uri}: expected one {name} among the model's artifacts, found {len(paths)}")
-        state = json.loads(found["state.json"][0].read_text())
-        model = DiffAE(DiffAEConfig(**state["model"]))
-        load_weights(model, found["ema.safetensors"][0])
-    name, version = MODEL_NAME, uri
-    if uri.startswith("models:/"):
-        name, _, version = uri[len("models:/"):].partition("/")
-        if "@" in name and not version:
-            name, alias = name.split("@", 1)
-            version = MlflowClient().get_model_version_by_alias(name, alias).version
-    elif uri.startswith("runs:/"):
-        version = "run-" + uri[len("runs:/"):].split("/")[0]
-    shown = int(state.get("images_shown", 0))
-    from cxrray import __version__
-
-    return model.eval(), {"name": name, "version": str(version), "images_shown": shown, "z_dim": state["model"]["z_dim"],
-                          "image_size": state["model"]["image_size"], "cxrray": __version__}
-
 
 def load_model(uri: str, tracking_uri: str | None = None) -> tuple[DiffAE, dict]:
-    """(EMA model in eval mode, public identity {name, version, images_shown, z_dim, image_size, cxrray})."""
-    if uri.startswith(("models:/", "runs:/")):
-        return _mlflow_files(uri, tracking_uri)
-    identity = model_identity(uri)
-    return load_ema(uri), {k: identity[k] for k in PUBLIC}
+    """(EMA model in eval mode, public identity {name, family, version, images_shown, z_dim, image_size, cxrray,
+    capabilities}); /v1/models lists it."""
+    loaded = load_any(uri, tracking_uri=tracking_uri)
+    loaded.family.require("encode")  # the classify/explain service reads z
+    return loaded.model, {**{k: loaded.identity[k] for k in PUBLIC}, "capabilities": sorted(loaded.family.capabilities)}
 
 
 class ModelService:

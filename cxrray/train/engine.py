@@ -15,16 +15,16 @@ from cxrray.config import TrainConfig
 
 
 class LossModule(nn.Module):
-    """Wraps the model so the whole training forward (encode + denoise + loss) runs inside
+    """Wraps the model so the family's whole training forward (`loss(model, batch)`) runs inside
     `forward`, as DDP and DeepSpeed require for gradient synchronisation."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict], torch.Tensor]):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, x0: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(self.model, x0)
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
 
 
 @dataclass
@@ -37,10 +37,11 @@ class Engine:
     autocast: Callable[[], contextlib.AbstractContextManager]
     grad_clip: float
 
-    def step(self, x0: torch.Tensor) -> tuple[float, float]:
-        """Forward + backward + clipped optimizer step on this worker's micro-batch -> (loss, grad norm)."""
+    def step(self, batch: dict) -> tuple[float, float]:
+        """Forward + backward + clipped optimizer step on this worker's micro-batch (the whole batch
+        dict: image, labels, covariates ...) -> (loss, grad norm)."""
         with self.autocast():
-            loss = self.wrapped(x0)
+            loss = self.wrapped(batch)
         if self.strategy == "deepspeed":
             self.wrapped.backward(loss)
             self.wrapped.step()
@@ -92,7 +93,8 @@ def build_engine(loss_module: LossModule, cfg: TrainConfig, world_size: int, dev
 
         deepspeed_config(cfg, world_size)  # same batch validation
         wrapped = ray.train.torch.prepare_model(loss_module, move_to_device=False) if world_size > 1 else loss_module
-        base = optimizer = torch.optim.Adam(loss_module.parameters(), lr=cfg.lr, weight_decay=0.0)
+        trainable = [p for p in loss_module.parameters() if p.requires_grad]
+        base = optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=0.0)
     if cfg.compile:
         wrapped.compile() if hasattr(wrapped, "compile") else None
     return Engine(cfg.strategy, wrapped, loss_module.model, base, device, autocast, cfg.grad_clip)

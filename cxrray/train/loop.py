@@ -1,4 +1,8 @@
-"""Ray Train worker loop for diffusion-autoencoder pretraining.
+"""The one Ray Train worker loop, for every model family (`cxrray.families`).
+
+The family builds the network and owns the objective (`loss(model, batch)` on the whole batch dict);
+the loop owns everything else, once: the images-shown schedule, EMA, optimiser/DeepSpeed, periodic
+evaluation, checkpoints, restore and metrics.
 
 Every rank runs the same schedule, counted in images shown (`global_batch` per optimizer step), so
 the metric/eval/checkpoint reports (which are barriers) line up across ranks. Restore order: the
@@ -20,9 +24,9 @@ import ray.train.torch
 import torch
 
 from cxrray.config import Config
-from cxrray.diffusion.schedule import training_loss
-from cxrray.models.diffae import DiffAE
-from cxrray.train import state as ckpt_io
+from cxrray.families import get_family
+from cxrray.io import checkpoint as ckpt_io
+from cxrray.io.card import model_card
 from cxrray.train.ema import ema_model
 from cxrray.train.engine import LossModule, build_engine
 from cxrray.train.evaluate import evaluate
@@ -43,7 +47,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(tc.seed * 1000 + rank)
     np.random.seed(tc.seed * 1000 + rank)
 
-    model = DiffAE(cfg.model)
+    family = get_family(cfg.model.family)
+    model = family.build(cfg.model)
     checkpoint = ray.train.get_checkpoint() or _checkpoint_at(config.get("resume_from"))
     progress = {"images_shown": 0, "step": 0, "ema_updates": 0}
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as folder:
@@ -51,7 +56,7 @@ def train_loop_per_worker(config: dict) -> None:
         if saved:
             ckpt_io.load_weights(model, Path(folder) / "model.safetensors")
         ema = ema_model(model, tc.ema_decay)
-        engine = build_engine(LossModule(model, training_loss), tc, world, device)
+        engine = build_engine(LossModule(model, family.loss), tc, world, device)
         ema.to(device)
         if saved:
             progress.update({k: saved[k] for k in progress})
@@ -68,7 +73,7 @@ def train_loop_per_worker(config: dict) -> None:
                 print(f"[pretrain] resumed at {progress['images_shown']:,} images shown", flush=True)
 
     logger = config.get("logger")
-    eval_batch = torch.as_tensor(config["eval_images"]) if config.get("eval_images") is not None else None
+    eval_batch = {k: torch.as_tensor(v) for k, v in config["eval_batch"].items()} if config.get("eval_batch") else None
     micro = tc.global_batch // world
     shard = ray.train.get_dataset_shard("train")
     window = {"loss": 0.0, "steps": 0, "wait": 0.0, "busy": 0.0, "start": time.perf_counter(), "grad": 0.0}
@@ -81,7 +86,7 @@ def train_loop_per_worker(config: dict) -> None:
                                               local_shuffle_seed=tc.seed + epoch + progress["step"]):
             started = time.perf_counter()
             window["wait"] += started - fetched
-            loss, grad = engine.step(batch["image"].to(device, non_blocking=True))
+            loss, grad = engine.step({k: v.to(device, non_blocking=True) for k, v in batch.items()})
             ema.update_parameters(engine.model)
             before = progress["images_shown"]
             progress["images_shown"] += tc.global_batch
@@ -100,10 +105,10 @@ def train_loop_per_worker(config: dict) -> None:
                     if logger:
                         logger.metrics(last_metrics, step=now)
             if rank == 0 and eval_batch is not None and (crossed(before, now, tc.eval_every) or done):
-                scores = evaluate(ema.module, eval_batch, cfg, now, logger)
+                scores = evaluate(family, ema.module, eval_batch, cfg, now, logger)
                 last_metrics.update(scores)
             if crossed(before, now, tc.checkpoint_every) or done:
-                _save_and_report(engine, ema, progress, last_metrics, cfg, rank, world)
+                _save_and_report(engine, ema, progress, last_metrics, cfg, rank, world, config.get("data") or {})
             elif crossed(before, now, tc.log_every):
                 ray.train.report(last_metrics)
             if done:
@@ -126,7 +131,8 @@ def _print_progress(m: dict, target: int) -> None:
           f"{m['images_per_s']:.1f} img/s  data-wait {100 * m['data_wait_fraction']:.0f}%", flush=True)
 
 
-def _save_and_report(engine, ema, progress: dict, metrics: dict, cfg: Config, rank: int, world: int) -> None:
+def _save_and_report(engine, ema, progress: dict, metrics: dict, cfg: Config, rank: int, world: int,
+                     data: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="cxrray-ckpt-") as tmp:
         folder = Path(tmp)
         ckpt_io.save_state(engine.optimizer.state_dict(), folder, f"optimizer-rank{rank}")
@@ -137,7 +143,10 @@ def _save_and_report(engine, ema, progress: dict, metrics: dict, cfg: Config, ra
             state = {**progress, "world_size": world, "strategy": cfg.train.strategy,
                      "zero_stage": cfg.train.zero_stage, "metrics": metrics,
                      "model": cfg.model.model_dump(mode="json"), "config": cfg.model_dump(mode="json")}
-            (folder / "state.json").write_text(json.dumps(state, indent=1))
+            (folder / "state.json").write_text(json.dumps({**state, "data": data}, indent=1))
+            family = get_family(cfg.model.family)
+            (folder / "README.md").write_text(model_card(family.name, family.description, state["model"], data,
+                                                         progress["images_shown"], metrics))
             (folder / "COMPLETE").write_text(str(progress["images_shown"]))
         ray.train.report({**metrics, "images_shown": progress["images_shown"]},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp),

@@ -17,10 +17,12 @@ from typing import Callable
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 
 from cxrray.config import Config
-from cxrray.data.shards import read_manifest
+from cxrray.data.shards import dumps, read_manifest, sha256
 from cxrray.data.storage import Storage
+from cxrray.families import get_family
 from cxrray.runtime import ensure_ray
 from cxrray.tracking import RunLogger, start_run, tracking_uri
+from cxrray.errors import InputError
 
 LATEST = "latest.json"
 
@@ -59,6 +61,12 @@ def status_summary(output_uri: str) -> dict:
             "mlflow_run_id": status.get("mlflow_run_id"), "target_images": status.get("target_images")}
 
 
+def data_facts(data_uri: str, manifest: dict) -> dict:
+    """What a model card and state.json say about the training data."""
+    return {"uri": data_uri, "manifest_sha256": sha256(dumps(manifest)), "samples": manifest["samples"],
+            "label_vocabulary": manifest["label_vocabulary"], "vocabulary_version": manifest.get("vocabulary_version")}
+
+
 def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[str], None] = print) -> dict:
     """Train (or continue training) to `cfg.train.images`; returns the status summary."""
     tc = cfg.train
@@ -67,32 +75,35 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
     if previous and (previous.get("images_shown") or 0) >= tc.images:
         progress(f"[pretrain] {out.uri} already at {previous['images_shown']:,} >= {tc.images:,} images: nothing to do")
         return status_summary(out.uri)
+    family = get_family(cfg.model.family)
     manifest = read_manifest(data_uri)
     if manifest["preprocessing"]["size"] != cfg.model.image_size:
-        raise ValueError(f"shards at {data_uri} are {manifest['preprocessing']['size']}² but model.image_size is "
+        raise InputError(f"shards at {data_uri} are {manifest['preprocessing']['size']}² but model.image_size is "
                          f"{cfg.model.image_size}: ingest with --size {cfg.model.image_size} or pick another preset")
+    cfg = cfg.model_copy(update={"model": family.prepare(cfg.model, data_uri)})  # e.g. covariate statistics
     ensure_ray()
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cxrray.data.stream import stream
     from cxrray.train.loop import train_loop_per_worker
 
-    eval_images = None
+    eval_batch = None
     if tc.eval_split and tc.eval_split in manifest["splits"]:
-        eval_images = stream(data_uri, tc.eval_split).take_batch(tc.eval_images)["image"]
+        taken = stream(data_uri, tc.eval_split, with_keys=False).take_batch(tc.eval_images)
+        eval_batch = {k: v for k, v in taken.items()}
     run_id = start_run(cfg.tracking, {**cfg.model_dump(mode="json"), "data": data_uri, "output": out.uri},
-                       run_name=f"pretrain-{cfg.preset}", run_id=(previous or {}).get("mlflow_run_id"))
+                       run_name=f"pretrain-{family.name}-{cfg.preset}", run_id=(previous or {}).get("mlflow_run_id"))
     logger = RunLogger(tracking_uri(cfg.tracking), run_id)
     initial = {"images_shown": 0, **(previous or {}), "target_images": tc.images, "mlflow_run_id": run_id}
     out.write_bytes(LATEST, json.dumps(initial, indent=1, sort_keys=True).encode())
     resume = (previous or {}).get("latest_checkpoint")
-    progress(f"[pretrain] {tc.strategy} x{tc.num_workers} workers, global batch {tc.global_batch}, "
+    progress(f"[pretrain] {family.name}: {tc.strategy} x{tc.num_workers} workers, global batch {tc.global_batch}, "
              f"target {tc.images:,} images" + (f", resuming from {resume}" if resume else ""))
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "resume_from": resume, "logger": logger,
-                           "eval_images": eval_images},
+                           "eval_batch": eval_batch, "data": data_facts(data_uri, manifest)},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         datasets={"train": stream(data_uri, tc.split, with_keys=False, shuffle_files=True)},
@@ -113,5 +124,5 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
     version = register_model(cfg, summary["latest_checkpoint"], logger)
     logger.finish()
     progress(f"[pretrain] done: {summary['images_shown']:,} images shown, checkpoint {summary['latest_checkpoint']}, "
-             f"MLflow run {run_id}, registered {cfg.tracking.registered_model} v{version}")
+             f"MLflow run {run_id}, registered {cfg.tracking.model_name(family.name)} v{version}")
     return {**summary, "registered_version": version}

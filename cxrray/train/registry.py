@@ -1,28 +1,43 @@
 """Register a checkpoint's EMA weights as an MLflow model version (pyfunc from code, safetensors)."""
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
 from cxrray.config import Config
 from cxrray.data.storage import Storage
+from cxrray.io.loading import mlflow_uris
 
-MODEL_CODE = Path(__file__).resolve().parents[1] / "models" / "mlflow_pyfunc.py"
+MODEL_CODE = Path(__file__).resolve().parents[1] / "io" / "mlflow_pyfunc.py"
 
 
 def register_model(cfg: Config, checkpoint_uri: str, logger) -> str | None:
-    """Log `ema.safetensors` + `state.json` of the checkpoint as the run's model and register it."""
+    """Log `ema.safetensors` + `state.json` (+ the model card) of the checkpoint as the run's model,
+    register it as `cxrray-<family>` with tags and the card as description. `models:/cxrray-<family>@latest`
+    (or MLflow's own `/latest`) then loads the newest version: MLflow reserves "latest" as an alias name."""
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     store = Storage(checkpoint_uri)
+    name = cfg.tracking.model_name(cfg.model.family)
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {}
-        for key, name in (("ema", "ema.safetensors"), ("state", "state.json")):
-            (Path(tmp) / name).write_bytes(store.read_bytes(name))
-            artifacts[key] = str(Path(tmp) / name)
-        mlflow.set_tracking_uri(logger.uri)
-        with mlflow.start_run(run_id=logger.run_id):
+        for key, file in (("ema", "ema.safetensors"), ("state", "state.json"), ("card", "README.md")):
+            if store.exists(file):
+                (Path(tmp) / file).write_bytes(store.read_bytes(file))
+                artifacts[key] = str(Path(tmp) / file)
+        with mlflow_uris(logger.uri), mlflow.start_run(run_id=logger.run_id):
             info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), artifacts=artifacts,
-                                           pip_requirements=["cxrray"],
-                                           registered_model_name=cfg.tracking.registered_model)
-    return str(info.registered_model_version) if info.registered_model_version is not None else None
+                                           pip_requirements=["cxrray"], registered_model_name=name)
+    version = info.registered_model_version
+    if version is None:
+        return None
+    state = json.loads(store.read_bytes("state.json"))
+    client = MlflowClient(logger.uri)
+    for key, value in {"family": cfg.model.family, "images_shown": state.get("images_shown"),
+                       "checkpoint": store.uri, "synthetic_outputs": "true"}.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+    if store.exists("README.md"):
+        client.update_model_version(name, str(version), description=store.read_bytes("README.md").decode())
+    return str(version)

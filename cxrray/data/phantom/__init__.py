@@ -6,72 +6,32 @@ encodes it (MONOCHROME1/2, uncompressed explicit/implicit VR, RLE or JPEG 2000 l
 image can be regenerated on its own and sets can be generated in parallel by index ranges.
 
 Modules: ``config`` (labels, config, confounders), ``cases`` (sampling), ``anatomy`` / ``findings``
-/ ``render`` (drawing), ``dicom`` (writing), ``names`` (fictional identity pools).
+/ ``drawing`` (render), ``dicom`` (writing), ``names`` (fictional identity pools).
 """
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-from typing import Callable
+from importlib import import_module
 
-import pandas as pd
-
-from .cases import DLV_CM, SLVH_CM, Patient, PhantomCase, Pose, sample_case
 from .config import DEVICES, FINDINGS, LABELS, Confounder, PhantomConfig, parse_confounder
-from .dicom import BITS_STORED, MAX_VALUE, build_dataset, decode, quantize, stored_values, write_dicom
-from .render import image_shape, render
-from .report import PHI_CATEGORIES, PhantomReport, compose_report
 
-__all__ = [
-    "BITS_STORED", "COLUMNS", "DEVICES", "DLV_CM", "FINDINGS", "LABELS", "MAX_VALUE", "SLVH_CM",
-    "PHI_CATEGORIES", "TRUTH", "Confounder", "Patient", "PhantomCase", "PhantomConfig", "PhantomReport", "Pose",
-    "build_dataset", "compose_report", "decode", "generate", "image_name", "image_shape", "parse_confounder",
-    "quantize", "render", "sample_case", "stored_values", "write_dicom",
-]
+#: the rest loads on first use (numpy, pandas, pydicom): `cxrray.config` imports only the config
+_LAZY = {
+    "dataset": ("COLUMNS", "TRUTH", "generate", "image_name"),
+    "cases": ("DLV_CM", "SLVH_CM", "Patient", "PhantomCase", "Pose", "sample_case"),
+    "dicom": ("BITS_STORED", "MAX_VALUE", "build_dataset", "decode", "quantize", "stored_values", "write_dicom"),
+    "drawing": ("image_shape", "render"),
+    "report": ("PHI_CATEGORIES", "PhantomReport", "compose_report"),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
 
-#: labels.csv columns, in order
-COLUMNS = ("path", "patient", "study", "sex", "age", "view", "report", "ivsd", "lvidd", "lvpwd") + LABELS
-#: per-image de-identification yardstick beside labels.csv: {"path", "phi": {category: [str]}, "clinical": [str]}
-TRUTH = "report_truth.jsonl"
+__all__ = sorted(["DEVICES", "FINDINGS", "LABELS", "Confounder", "PhantomConfig", "parse_confounder", *_WHERE])
 
 
-def image_name(index: int) -> str:
-    """Relative path of image `index` inside a generated set (carries no identifiers)."""
-    return f"images/phantom_{index:06d}.dcm"
-
-
-def generate(
-    n: int,
-    out_dir: str | os.PathLike,
-    cfg: PhantomConfig | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    start: int = 0,
-) -> pd.DataFrame:
-    """Write images ``start .. start+n-1`` to ``out_dir/images/`` plus ``out_dir/labels.csv`` and
-    ``out_dir/report_truth.jsonl`` (what each report planted: identifiers and clinical sentences).
-
-    labels.csv plays the role of a hospital label export: `patient` / `study` are the raw
-    PatientID / AccessionNumber exactly as in the DICOM headers, `report` the free-text report with
-    identifying prose in a fraction of them. Returns the table."""
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    cfg = cfg or PhantomConfig()
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rows, truth = [], []
-    for k, index in enumerate(range(start, start + n)):
-        case = sample_case(index, cfg)
-        rel = image_name(index)
-        write_dicom(case, render(case, cfg), out / rel, cfg)
-        report = compose_report(case, cfg.report_phi_fraction)
-        rows.append({"path": rel, "report": report.text, **case.row()})
-        truth.append(json.dumps({"path": rel, "phi": report.phi, "clinical": report.clinical}))
-        if progress is not None:
-            progress(k + 1, n)
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
-    for col in LABELS + ("age",):
-        table[col] = table[col].astype(int)
-    table.to_csv(out / "labels.csv", index=False)
-    (out / TRUTH).write_text("".join(line + "\n" for line in truth))
-    return table
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'cxrray.data.phantom' has no attribute {name!r}")
+    module = import_module(f"cxrray.data.phantom.{_WHERE[name]}")
+    # bind all of the module's names now: importing `render` also set the package attribute `render`
+    # to the submodule, which must not shadow the function of that name
+    globals().update({n: getattr(module, n) for n in _LAZY[_WHERE[name]]})
+    return globals()[name]

@@ -21,6 +21,7 @@ from cxrray.data.sources.folder import load_folder
 from cxrray.data.sources.mimic import load_mimic
 from cxrray.data.sources.nih import load_nih
 from cxrray.data.sources.padchest import load_padchest
+from cxrray.errors import InputError
 
 SOURCES: dict[str, Callable[..., SourceTable]] = {
     "padchest": load_padchest,
@@ -35,14 +36,14 @@ SOURCES: dict[str, Callable[..., SourceTable]] = {
 def load_source(name: str, metadata: str | os.PathLike, **options) -> SourceTable:
     """Read `metadata` with the adapter registered as `name`."""
     if name not in SOURCES:
-        raise ValueError(f"unknown source {name!r}; allowed: {sorted(SOURCES)}")
+        raise InputError(f"unknown source {name!r}; allowed: {sorted(SOURCES)}")
     if not Path(metadata).is_file():
         raise FileNotFoundError(f"{name} metadata file not found: {metadata}")
     adapter = SOURCES[name]
     allowed = [p for p in inspect.signature(adapter).parameters if p != "metadata"]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"{name}: unknown option(s) {unknown}; allowed: {allowed}")
+        raise InputError(f"{name}: unknown option(s) {unknown}; allowed: {allowed}")
     return adapter(metadata, **options)
 
 

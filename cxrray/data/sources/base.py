@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from cxrray.errors import InputError
 
 META_COLUMNS = ("path", "patient", "study", "view", "sex", "age", "split", "report", "covariates")
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
@@ -39,9 +40,9 @@ class SourceTable:
     def __post_init__(self) -> None:
         missing = [c for c in META_COLUMNS if c not in self.meta.columns]
         if missing:
-            raise ValueError(f"{self.name}: metadata table lacks columns {missing}")
+            raise InputError(f"{self.name}: metadata table lacks columns {missing}")
         if self.labels.shape != (len(self.meta), len(self.findings)):
-            raise ValueError(
+            raise InputError(
                 f"{self.name}: labels shape {self.labels.shape} != ({len(self.meta)}, {len(self.findings)})"
             )
         self.meta = self.meta.reset_index(drop=True)

@@ -25,6 +25,7 @@ from cxrray.data.sources.common import (
     norm_view, parse_age, parse_measure, required,
 )
 from cxrray.data.splits import DEFAULT_FRACTIONS
+from cxrray.errors import InputError
 
 FINDINGS = ["slvh", "dlv", "composite_slvh_dlv"]
 WALL_THRESHOLD = {"M": 1.5, "F": 1.4}  # IVSd / LVPWd, cm
@@ -60,7 +61,7 @@ def load_chexchonet(
     check_options(fractions, uncertain)  # echo-derived labels are never uncertain; the option is only validated
     rows = CsvRows(metadata, required=("patient_id",) + ECHO_COVARIATES)
     if "cxr_filename" not in rows.columns and "cxr_path" not in rows.columns:
-        raise ValueError(f"{rows.path}: needs a 'cxr_filename' or 'cxr_path' column; found {rows.columns}")
+        raise InputError(f"{rows.path}: needs a 'cxr_filename' or 'cxr_path' column; found {rows.columns}")
 
     def parse(row: dict[str, str], n: int) -> tuple[dict, list[float]]:
         path = row.get("cxr_path") or required(row, "cxr_filename")

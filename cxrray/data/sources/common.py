@@ -20,6 +20,7 @@ import pandas as pd
 
 from cxrray.data.sources.base import META_COLUMNS, SourceTable
 from cxrray.data.splits import patient_split
+from cxrray.errors import InputError
 
 NAN = float("nan")
 UNCERTAIN_POLICIES = {"nan": NAN, "positive": 1.0, "negative": 0.0}
@@ -48,12 +49,12 @@ class RowError(ValueError):
 def check_options(fractions: Mapping[str, float], uncertain: str) -> float:
     """Validate the common options; returns the value that an uncertain (-1) label becomes."""
     if uncertain not in UNCERTAIN_POLICIES:
-        raise ValueError(f"uncertain must be one of {sorted(UNCERTAIN_POLICIES)}, got {uncertain!r}")
+        raise InputError(f"uncertain must be one of {sorted(UNCERTAIN_POLICIES)}, got {uncertain!r}")
     if not isinstance(fractions, Mapping) or not fractions:
-        raise ValueError(f"fractions must be a non-empty mapping of split name -> fraction, got {fractions!r}")
+        raise InputError(f"fractions must be a non-empty mapping of split name -> fraction, got {fractions!r}")
     values = list(fractions.values())
     if any(not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
-        raise ValueError(f"fractions must be finite, >= 0 and sum to > 0, got {dict(fractions)}")
+        raise InputError(f"fractions must be finite, >= 0 and sum to > 0, got {dict(fractions)}")
     return UNCERTAIN_POLICIES[uncertain]
 
 
@@ -87,7 +88,7 @@ class CsvRows:
             self.columns = [c.strip() for c in next(csv.reader(f), [])]
         missing = [c for c in required if c not in self.columns]
         if missing:
-            raise ValueError(f"{self.path}: missing required column(s) {missing}; found {self.columns}")
+            raise InputError(f"{self.path}: missing required column(s) {missing}; found {self.columns}")
         self.rejects: list[dict] = []
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, str]]]:

@@ -18,6 +18,7 @@ from cxrray.data.sources.common import (
     required, sibling,
 )
 from cxrray.data.splits import DEFAULT_FRACTIONS
+from cxrray.errors import InputError
 
 NO_FINDING = "No Finding"
 TEST_LIST = "test_list.txt"
@@ -37,7 +38,7 @@ def load_nih(
     if test_file:
         fractions = {name: f for name, f in fractions.items() if name != "test"}
         if not fractions:
-            raise ValueError(f"{test_file} fixes the test split: fractions need another split, e.g. train/val")
+            raise InputError(f"{test_file} fixes the test split: fractions need another split, e.g. train/val")
 
     def parse(row: dict[str, str], n: int) -> tuple[dict, set[str]]:
         image = required(row, "Image Index")

@@ -24,6 +24,7 @@ from cxrray.data.sources.common import (
     plausible_age, required,
 )
 from cxrray.data.splits import DEFAULT_FRACTIONS
+from cxrray.errors import InputError
 
 DIFFCHEST_FRACTIONS = {"finetune": 0.7, "test": 0.3}
 PHYSICIAN = "physician"  # MethodLabel, compared case-insensitively
@@ -67,7 +68,7 @@ def load_padchest(
 ) -> SourceTable:
     check_options(fractions, uncertain)  # PadChest has no uncertain labels; the option is only validated
     if protocol not in ("random", "diffchest"):
-        raise ValueError(f"protocol must be one of ['diffchest', 'random'], got {protocol!r}")
+        raise InputError(f"protocol must be one of ['diffchest', 'random'], got {protocol!r}")
     need = ("ImageID", "ImageDir", "PatientID", "Labels") + (("MethodLabel",) if protocol == "diffchest" else ())
     rows = CsvRows(metadata, required=need)
 

@@ -25,7 +25,7 @@ from diffusers import UNet2DModel
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
 from torch import nn
 
-from cxrray.models.architecture import PRESETS, DiffAEConfig, preset_config  # noqa: F401 (re-exported)
+from cxrray.families.diffae.config import PRESETS, DiffAEConfig, preset_config  # noqa: F401 (re-exported for callers)
 
 
 class SemanticEncoder(nn.Module):

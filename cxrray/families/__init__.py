@@ -1,0 +1,32 @@
+"""Model families: the registry. A family is one package here plus one line below.
+
+`FAMILIES` maps a family name to its package; the package defines `FAMILY` (`cxrray.families.base.
+Family`). Packages and their config modules import without torch, so `cxrray.config` can build the
+`model` union from them at start-up.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import import_module
+
+from cxrray.families.base import CAPABILITIES, CapabilityError, Evaluation, Family
+
+FAMILIES: dict[str, str] = {
+    "diffae": "cxrray.families.diffae",  # DiffChest: semantic encoder + z-conditioned U-Net
+    "ddpm": "cxrray.families.ddpm",  # cxr_ddpm: covariate-conditioned pixel DDPM
+}
+
+
+@lru_cache(maxsize=None)
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; registered: {', '.join(FAMILIES)}")
+    return import_module(FAMILIES[name]).FAMILY
+
+
+def family_of(model) -> Family:
+    """The family of a built model (every family's network keeps its config as `.cfg`)."""
+    return get_family(model.cfg.family)
+
+
+__all__ = ["CAPABILITIES", "FAMILIES", "CapabilityError", "Evaluation", "Family", "family_of", "get_family"]

@@ -1,0 +1,76 @@
+"""The model-family contract: what a family provides and what the plumbing may ask of it.
+
+A family is one package under `cxrray.families` that defines `FAMILY = Family(...)` and one line in
+the registry (`cxrray.families.FAMILIES`). Its package `__init__` and config module stay torch-free
+(the config composes them at start-up); everything that needs torch is imported inside the callables.
+
+The plumbing written once (the Ray Train loop, checkpoints, `load_model`, MLflow, export, jobs, Serve)
+calls only these fields, so it never branches on a family's class:
+
+- `config` / `presets`: the typed architecture (a pydantic model whose `family` field is the
+  discriminator) and its named sizes (`tiny`, `small`, `paper`);
+- `build(cfg) -> nn.Module`: the network (everything that is checkpointed);
+- `loss(model, batch) -> scalar tensor`: the training objective on the whole batch dict (image
+  [B, C, S, S] in [-1, 1], labels [B, F] with NaN, covariates, age, sex ...);
+- `prepare(cfg, data_uri) -> cfg`: driver-side, before training (e.g. covariate statistics from the
+  training split, stored in the config and so with the model);
+- `evaluate(model, batch, seed, steps) -> Evaluation`: what the loop logs (metrics and image rows);
+- `capabilities`: what jobs and Serve may ask (`require` refuses the rest with a clear message);
+- `export(model, folder) -> list[str]`: diffusers `save_pretrained` folders, returning what could not
+  be expressed in diffusers' classes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import import_module
+from typing import Any, Callable
+
+from cxrray.errors import InputError
+
+CAPABILITIES = ("encode", "sample", "invert", "counterfactual", "generate")
+
+
+@dataclass
+class Evaluation:
+    """Metrics (floats) and titled image rows ([B, C, S, S] tensors in [-1, 1], one grid per entry)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    grids: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    config: type
+    presets: dict[str, dict[str, Any]]
+    build: Callable[[Any], Any]
+    loss: Callable[[Any, dict], Any]
+    evaluate: Callable[..., Evaluation]
+    capabilities: frozenset[str]
+    export: Callable[[Any, Any], list[str]]
+    prepare: Callable[[Any, str], Any] = staticmethod(lambda cfg, data_uri: cfg)
+    description: str = ""
+
+    def preset(self, name: str, **overrides: Any):
+        if name not in self.presets:
+            raise ValueError(f"family {self.name!r} has no preset {name!r}; presets: {', '.join(self.presets)}")
+        return self.config(**{**self.presets[name], **overrides})
+
+    def require(self, capability: str) -> None:
+        """Raise a clear error if this family cannot do `capability`."""
+        if capability not in self.capabilities:
+            raise CapabilityError(f"model family {self.name!r} cannot {capability}: it has "
+                                  f"{', '.join(sorted(self.capabilities)) or 'no inference capabilities'}")
+
+
+class CapabilityError(InputError):
+    """A stage asked a model family for something it does not do."""
+
+
+def lazy(module: str, attr: str) -> Callable:
+    """A callable that imports `module` and calls its `attr` on use: keeps family packages torch-free."""
+    def call(*args, **kwargs):
+        return getattr(import_module(module), attr)(*args, **kwargs)
+
+    call.__qualname__ = f"{module}.{attr}"
+    return call

@@ -1,0 +1,97 @@
+"""Training objective, evaluation, statistics and export of the covariate DDPM (torch side)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cxrray.families.base import Evaluation
+from cxrray.families.ddpm.config import NUMERIC, DDPMConfig
+from cxrray.families.ddpm.network import CovariateDDPM
+from cxrray.errors import InputError
+
+
+def covariate_values(batch: dict) -> dict[str, torch.Tensor]:
+    """{name: [B] raw values} from a stream batch (`age`, `sex` and each echo covariate, NaN = missing)."""
+    return {k: torch.as_tensor(batch[k]) for k in ("age", "sex", "ivsd", "lvidd", "lvpwd") if k in batch}
+
+
+def loss(model: CovariateDDPM, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    """eps-MSE at t ~ U{0..T-1} under the model's (cosine) schedule; the covariate vector of each row
+    is dropped with probability `cond_drop` (classifier-free guidance)."""
+    from cxrray.diffusion.schedule import make_scheduler
+
+    x0 = batch["image"]
+    b, device = x0.shape[0], x0.device
+    sched = make_scheduler("ddpm", **model.schedule)
+    gen_device = generator.device if generator is not None else device
+    t = torch.randint(0, model.cfg.timesteps, (b,), generator=generator, device=gen_device).to(device)
+    noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(device, x0.dtype)
+    drop = torch.rand(b, generator=generator, device=gen_device).to(device) < model.cfg.cond_drop
+    c = model.condition({k: v.to(device) for k, v in covariate_values(batch).items()}, drop) if model.cfg.covariates else None
+    eps = model(sched.add_noise(x0, noise, t), t, c)
+    return F.mse_loss(eps.float(), noise.float())
+
+
+@torch.no_grad()
+def evaluate(model: CovariateDDPM, batch: dict, seed: int, steps: int) -> Evaluation:
+    """Samples under the covariates of the eval images (DDIM), beside the real images."""
+    from cxrray.diffusion.ddim import sample_conditional
+
+    x0 = batch["image"]
+    device = next(model.parameters()).device
+    c = model.condition({k: v.to(device) for k, v in covariate_values(batch).items()}) if model.cfg.covariates else None
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    samples = sample_conditional(model, x0.shape[0], c, steps=steps, generator=generator)
+    return Evaluation({"sample_mean": float(samples.mean()), "sample_std": float(samples.std())},
+                      {"samples": [x0.to(device), samples]})
+
+
+def prepare(cfg: DDPMConfig, data_uri: str) -> DDPMConfig:
+    """Mean/std of each numeric covariate on the training rows of the shards (stored with the model)."""
+    wanted = [c for c in cfg.covariates if c in NUMERIC]
+    if not wanted or cfg.covariate_stats:
+        return cfg
+    from cxrray.data.shards import read_manifest, read_tar
+    from cxrray.data.storage import Storage
+
+    store = Storage(data_uri)
+    values: dict[str, list[float]] = {c: [] for c in wanted}
+    for shard in read_manifest(store)["shards"]:
+        if not shard["splits"].get("train"):
+            continue
+        for _, _, meta in read_tar(store.read_bytes(shard["name"]), shard["name"]):
+            if meta["split"] != "train":
+                continue
+            for c in wanted:
+                v = meta.get("age") if c == "age" else (meta.get("covariates") or {}).get(c)
+                if v is not None and v == v:
+                    values[c].append(float(v))
+    missing = [c for c, v in values.items() if len(v) < 2]
+    if missing:
+        raise InputError(f"{data_uri}: covariate(s) {missing} have fewer than 2 values in the train split; "
+                         f"drop them from model.covariates")
+    stats = {c: (float(np.mean(v)), float(np.std(v) or 1.0)) for c, v in values.items()}
+    return cfg.model_copy(update={"covariate_stats": stats})
+
+
+def export(model: CovariateDDPM, folder: Path) -> list[str]:
+    """diffusers folders `unet/` and `scheduler/`; the covariate MLP is saved beside them."""
+    from diffusers import DDPMScheduler
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    model.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    DDPMScheduler(num_train_timesteps=model.cfg.timesteps, beta_schedule=model.cfg.beta_schedule,
+                  prediction_type="epsilon", clip_sample=True).save_pretrained(folder / "scheduler")
+    if model.covariate_proj is None:
+        return []
+    save_file({k: v.contiguous() for k, v in model.covariate_proj.state_dict().items()},
+              str(folder / "covariate_projection.safetensors"))
+    (folder / "covariate_layout.json").write_text(json.dumps(
+        {"layout": model.cfg.covariate_layout(), "stats": model.cfg.covariate_stats}, indent=1))
+    return ["covariate embedding: an MLP (covariate_projection.safetensors, Linear-SiLU-Linear) of the vector in "
+            "covariate_layout.json, passed to the UNet as class_labels (class_embed_type='identity')"]
