@@ -162,6 +162,7 @@ def _kill_a_worker_after_first_checkpoint(status_file: Path, killed: list) -> No
             return
 
 
+@pytest.mark.slow  # 220 s: moved out of the default suite to keep it under 20 min when the ddpm family joined
 def test_killed_worker_resumes_from_last_checkpoint_and_partial_checkpoint_is_ignored(shards, tmp_path, capfd):
     run = tmp_path / "run"
     common = ["--data", shards, "--output", f"file://{run}",
