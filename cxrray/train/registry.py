@@ -34,7 +34,7 @@ def register_model(cfg: Config, checkpoint_uri: str, logger) -> str | None:
     if version is None:
         return None
     state = json.loads(store.read_bytes("state.json"))
-    client = MlflowClient(logger.uri)
+    client = MlflowClient(tracking_uri=logger.uri, registry_uri=logger.uri)
     for key, value in {"family": cfg.model.family, "images_shown": state.get("images_shown"),
                        "checkpoint": store.uri, "synthetic_outputs": "true"}.items():
         client.set_model_version_tag(name, str(version), key, str(value))
