@@ -79,7 +79,7 @@ def test_deepspeed_pretraining_logs_to_mlflow_server_then_resumes(shards, mlflow
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
     run = client.get_run(status["mlflow_run_id"])
     assert run.data.params["train.lr"] == "0.001" and run.data.params["train.strategy"] == "deepspeed"
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
@@ -139,7 +139,7 @@ def test_second_family_trains_resumes_registers_and_exports_through_the_same_mac
     assert loaded.identity["images_shown"] == 32 and loaded.identity["version"] == "2"
     from mlflow.tracking import MlflowClient
 
-    version = MlflowClient(mlflow_server).get_model_version("cxrray-ddpm", "2")
+    version = MlflowClient(mlflow_server, registry_uri=mlflow_server).get_model_version("cxrray-ddpm", "2")
     assert version.tags["family"] == "ddpm" and "synthetic" in version.description
 
     assert main(["export", "--checkpoint", out, "--output", str(tmp_path / "export")]) == 0
