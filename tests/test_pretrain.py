@@ -57,7 +57,11 @@ def mlflow_server(tmp_path_factory):
         pytest.fail("mlflow server did not answer /health within 90 s")
     yield uri
     os.killpg(proc.pid, 15)
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # a loaded machine can keep gunicorn's workers busy past 30 s
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=30)
 
 
 def test_deepspeed_pretraining_logs_to_mlflow_server_then_resumes(shards, mlflow_server, tmp_path, capfd):
