@@ -28,10 +28,11 @@ class CxrrayModel(mlflow.pyfunc.PythonModel):
             if "encode" in self.family.capabilities:
                 return self.model.encode(torch.as_tensor(np.asarray(model_input), dtype=torch.float32)).numpy()
             from cxrray.diffusion.ddim import sample_conditional
+            from cxrray.families.ddpm.config import COVARIATES
 
             rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
             values = {k: torch.tensor([_code(k, r.get(k)) for r in rows], dtype=torch.float32)
-                      for k in ("age", "sex", "ivsd", "lvidd", "lvpwd")}
+                      for k in COVARIATES}
             c = self.model.condition(values)
             generator = torch.Generator().manual_seed(int((params or {}).get("seed", 0)))
             steps = int((params or {}).get("steps", 50))

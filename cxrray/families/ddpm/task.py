@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from cxrray.families.base import Evaluation
-from cxrray.families.ddpm.config import NUMERIC, DDPMConfig
+from cxrray.families.ddpm.config import COVARIATES, NUMERIC, DDPMConfig
 from cxrray.families.ddpm.network import CovariateDDPM
 from cxrray.errors import InputError
 
 
 def covariate_values(batch: dict) -> dict[str, torch.Tensor]:
     """{name: [B] raw values} from a stream batch (`age`, `sex` and each echo covariate, NaN = missing)."""
-    return {k: torch.as_tensor(batch[k]) for k in ("age", "sex", "ivsd", "lvidd", "lvpwd") if k in batch}
+    return {k: torch.as_tensor(batch[k]) for k in COVARIATES if k in batch}
 
 
 def loss(model: CovariateDDPM, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
