@@ -89,6 +89,7 @@ class ExplainConfig(StrictModel):
     batch_size: int = Field(8, ge=1)
     actors: int | None = Field(None, ge=1)
     use_gpu: bool = False
+    seed: int = 0  # which images `cxrray explain --limit` picks from shards
 
 
 class AuditConfig(StrictModel):

@@ -66,7 +66,7 @@ def counterfactual_grid(cfg: Config, shards: str, checkpoint: str, probe: Path, 
     from cxrray.eval.grids import save_grid
     from cxrray.pipelines.explain import explain_shards, select, stem
 
-    samples, _ = select(shards, "test", limit=n, seed=cfg.audit.seed)
+    samples, _ = select(shards, "test", limit=n, seed=cfg.explain.seed)
     out = Storage(str((workdir / "counterfactuals").resolve()))
     explain_shards(checkpoint, str(probe), shards, AUDITED, out.uri, cfg, samples)
 

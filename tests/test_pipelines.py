@@ -244,3 +244,11 @@ def test_audit_does_not_flag_labels_whose_probe_is_at_chance(tmp_path):
     assert not ranked["flat"]["flagged"]
     assert not candidates(records, "target", labels, cfg.model_copy(update={
         "audit": cfg.audit.model_copy(update={"min_probe_auroc": 0.95})}), aurocs)[0]["flagged"]
+
+
+def test_fan_out_eta_is_the_remaining_units_at_the_rate_so_far():
+    from cxrray.pipelines.fanout import eta
+
+    assert eta(0, 10, 5.0) == "?"
+    assert eta(2, 10, 30.0) == "2:00"  # 15 s a unit, 8 left
+    assert eta(10, 10, 30.0) == "0:00"

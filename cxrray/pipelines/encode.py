@@ -1,7 +1,7 @@
 """Encode job: shards -> z (EMA semantic encoder) and optionally x_T (deterministic DDIM inversion).
 
-Work units are (shard, chunk) pairs fanned out with Ray Data `map_batches` over an actor pool
-(each actor loads the model once; GPU actors on a cluster, CPU actors locally). Each unit writes one
+Work units are (shard, chunk) pairs fanned out over an actor pool (`fanout.py`; each actor loads the
+model once). Each unit writes one
 Parquet part atomically (see `encodings.py`); a rerun lists finished parts and skips them, so after a
 kill every key ends up written exactly once. `encodings.json` is written last and lists every part.
 """
@@ -13,7 +13,6 @@ import math
 import time
 
 import numpy as np
-import ray
 import torch
 
 from cxrray.config import EncodeConfig
@@ -23,15 +22,9 @@ from cxrray.data.storage import Storage
 from cxrray.diffusion.ddim import ddim_invert
 from cxrray.io.loading import load_ema, model_identity
 from cxrray.pipelines.encodings import FORMAT, INDEX, finished_parts, part_table, write_part
+from cxrray.pipelines.fanout import fan_out
 from cxrray.runtime import configure_data, ensure_ray
 from cxrray.errors import InputError
-
-def pool_args(use_gpu: bool, actors: int | None) -> dict:
-    """Ray Data actor-pool arguments: one GPU each on a cluster, else one CPU each (two locally)."""
-    if use_gpu:
-        return {"num_gpus": 1, "concurrency": actors or max(1, int(ray.cluster_resources().get("GPU", 1)))}
-    return {"num_cpus": 1, "concurrency": actors or max(1, min(2, int(ray.cluster_resources().get("CPU", 1))))}
-
 
 def load_images(pngs: list[bytes]) -> torch.Tensor:
     """16-bit PNG bytes -> float32 [N, 1, S, S] in [-1, 1]."""
@@ -109,16 +102,9 @@ def encode(checkpoint: str, data_uri: str, output_uri: str, cfg: EncodeConfig) -
     total_rows = sum(u["rows"] for u in units)
     print(f"[encode] {len(units) - len(todo)}/{len(units)} parts already written; encoding {len(todo)} "
           f"({sum(u['rows'] for u in todo):,} images){' with DDIM inversion' if cfg.invert else ''}", flush=True)
-    if todo:
-        start, rows = time.perf_counter(), 0
-        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
-            ChunkEncoder, batch_size=1, **pool_args(cfg.use_gpu, cfg.actors),
-            fn_constructor_kwargs={"checkpoint": checkpoint, "data_uri": data_uri, "output_uri": out.uri,
-                                   "cfg": cfg.model_dump(), "covariates": manifest["covariates"]})
-        for i, row in enumerate(ds.iter_rows(), start=1):
-            rows += int(row["rows"])
-            print(f"[encode] {i}/{len(todo)} parts  {rows:,} images  "
-                  f"{rows / (time.perf_counter() - start):.1f} img/s", flush=True)
+    fan_out("encode", todo, ChunkEncoder, {"checkpoint": checkpoint, "data_uri": data_uri, "output_uri": out.uri,
+                                           "cfg": cfg.model_dump(), "covariates": manifest["covariates"]},
+            use_gpu=cfg.use_gpu, actors=cfg.actors, count="rows", what="images")
     index = {"format": FORMAT, "checkpoint": identity["checkpoint"], "model": identity, "data": Storage(data_uri).uri,
              "z_dim": identity["z_dim"], "image_size": manifest["preprocessing"]["size"],
              "invert_steps": settings["invert_steps"], "label_vocabulary": manifest["label_vocabulary"],

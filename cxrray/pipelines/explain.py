@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 
 from cxrray.config import Config, ExplainConfig
@@ -33,7 +31,8 @@ from cxrray.diffusion.ddim import ddim_invert
 from cxrray.io.loading import load_ema, model_identity
 from cxrray.pipelines import derived
 from cxrray.pipelines.counterfactual import counterfactuals
-from cxrray.pipelines.encode import load_images, pool_args
+from cxrray.pipelines.encode import load_images
+from cxrray.pipelines.fanout import fan_out
 from cxrray.pipelines.head import load_head
 from cxrray.runtime import configure_data, ensure_ray
 from cxrray.errors import InputError
@@ -183,18 +182,13 @@ def explain_shards(checkpoint: str, probe: str, data_uri: str, findings: list[st
                           "findings": json.dumps(list(fs))})
     print(f"[explain] {len(samples) - len(pending)}/{len(samples)} images already complete; "
           f"{len(pending)} images x up to {len(findings)} findings in {len(units)} units -> {out.uri}", flush=True)
-    if not units:
-        return 0
-    ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        ShardExplainer, batch_size=1, **pool_args(cfg.explain.use_gpu, cfg.explain.actors),
-        fn_constructor_kwargs={"data_uri": data_uri, "checkpoint": checkpoint, "probe": probe,
-                               "output_uri": out.uri, "cfg": cfg.explain.model_dump(), "findings": findings,
-                               "toward": toward, "reference": reference})
-    start, written = time.perf_counter(), 0
-    for i, row in enumerate(ds.iter_rows(), start=1):
-        written += int(row["written"])
-        print(f"[explain] {i}/{len(units)} units  {written} counterfactuals  "
-              f"{written / (time.perf_counter() - start):.2f}/s", flush=True)
+    result = fan_out("explain", units, ShardExplainer,
+                     {"data_uri": data_uri, "checkpoint": checkpoint, "probe": probe, "output_uri": out.uri,
+                      "cfg": cfg.explain.model_dump(), "findings": findings, "toward": toward, "reference": reference},
+                     use_gpu=cfg.explain.use_gpu, actors=cfg.explain.actors, count="written", what="counterfactuals")
+    written = result.counted
+    print(f"[explain] wrote {written} counterfactual records (PNG, DICOM, difference map, JSON each) -> {out.uri}",
+          flush=True)
     return written
 
 
@@ -225,7 +219,7 @@ def explain(checkpoint: str, probe: str, input: str, findings: list[str], output
         return {"input": "file", "records": len(records), "output": Storage(output_uri).uri,
                 "probabilities": {r["finding"]: {"before": r["probs_before"][r["finding"]],
                                                  "after": r["probs_after"][r["finding"]]} for r in records}}
-    samples, _ = select(input, split, limit=limit, seed=cfg.audit.seed)
+    samples, _ = select(input, split, limit=limit, seed=cfg.explain.seed)
     written = explain_shards(checkpoint, probe, input, findings, output_uri, cfg, samples, toward)
     total = sum(1 for n in Storage(output_uri).list() if n.endswith(f".{DIRECTIONS[toward]}.json"))
     return {"input": "shards", "images": len(samples), "findings": findings, "written_now": written,
