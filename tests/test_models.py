@@ -172,3 +172,22 @@ def test_ema_warmup_follows_early_weights_then_reaches_the_decay():
         ema.update_parameters(net)
     # a fixed 0.999 decay would still be at ~0.05; the warm-up is within a few percent of 1
     assert float(ema.module.weight.mean()) > 0.9
+
+
+def test_ema_averages_only_trainable_parameters():
+    import torch
+
+    from cxrray.train.ema import ema_model
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    net[0].requires_grad_(False)  # a frozen part (a pretrained VAE, a text encoder)
+    frozen_at_start = net[0].weight.detach().clone()
+    ema = ema_model(net, decay=0.5)
+    ema.update_parameters(net)
+    for _ in range(5):
+        with torch.no_grad():
+            net[0].weight.add_(1.0)  # would be averaged in if the EMA looked at it
+            net[1].weight.fill_(3.0)
+        ema.update_parameters(net)
+    assert torch.equal(ema.module[0].weight, frozen_at_start)
+    assert float(ema.module[1].weight.mean()) > 2.5
