@@ -140,3 +140,16 @@ def test_missing_covariates_are_masked_not_zeroed():
     dropped = model.condition({k: torch.tensor([1.0]) for k in ("age", "sex", "ivsd", "lvidd", "lvpwd")},
                               drop=torch.tensor([True]))
     assert torch.equal(dropped, model.null_condition(1))
+
+
+def test_the_loss_gets_the_whole_batch_numbers_as_tensors_and_text_as_str():
+    import numpy as np
+    import torch
+
+    from cxrray.train.loop import to_torch
+
+    batch = to_torch({"image": np.zeros((2, 1, 4, 4), np.float32), "age": np.array([50.0, np.nan], np.float32),
+                      "report": np.array(["Cardiomegaly.", ""], dtype=object), "mask": np.ones((2, 4, 4), np.float32)})
+    assert torch.is_tensor(batch["image"]) and batch["image"].shape == (2, 1, 4, 4)
+    assert torch.isnan(batch["age"][1]) and batch["mask"].sum() == 32
+    assert batch["report"] == ["Cardiomegaly.", ""]

@@ -60,6 +60,74 @@ def test_foreign_members_are_refused_never_unpickled(ray_local, shards, tmp_path
         stream(str(evil), batch_size=8).take_all()
 
 
+def _add_members(folder: Path, members: dict) -> None:
+    """Rewrite every shard with `{key}.{ext}` members (bytes, or a function of the key) added to each
+    sample, members of one sample adjacent as WebDataset requires."""
+    for shard in read_manifest(str(folder))["shards"]:
+        with tarfile.open(folder / shard["name"]) as tar:
+            entries = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+        keys = list(dict.fromkeys(name.split(".")[0] for name, _ in entries))
+        for key in keys:
+            entries += [(f"{key}.{ext}", make(key) if callable(make) else make) for ext, make in members.items()]
+        with tarfile.open(folder / shard["name"], "w") as tar:
+            for name, data in sorted(entries, key=lambda e: keys.index(e[0].split(".")[0])):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_extra_members_pass_through_and_report_text_reaches_the_batch(ray_local, shards, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    def mask(key: str) -> bytes:  # an 8-bit label mask whose value encodes the key
+        buf = io.BytesIO()
+        Image.fromarray(np.full((32, 32), sum(key.encode()) % 200, np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def features(key: str) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, np.arange(4, dtype=np.float64) + len(key), allow_pickle=False)
+        return buf.getvalue()
+
+    extra = tmp_path / "extra"
+    shutil.copytree(shards, extra)
+    _add_members(extra, {"mask.png": mask, "feat.npy": features, "note.txt": lambda k: f"note for {k}".encode()})
+    rows = 0
+    for batch in stream(str(extra), batch_size=16).iter_batches(batch_size=None):
+        for i, key in enumerate(batch["key"]):
+            assert np.all(batch["mask"][i] == sum(key.encode()) % 200)  # raw stored values, not rescaled
+            assert batch["feat"][i].tolist() == (np.arange(4) + len(key)).tolist()
+            assert batch["note"][i] == f"note for {key}"
+            assert isinstance(batch["report"][i], str) and len(batch["report"][i]) > 20  # phantom report text
+        rows += len(batch["key"])
+    assert rows == read_manifest(str(extra))["samples"]
+    tensors = next(iter(stream(str(extra), batch_size=8, with_keys=False).iter_torch_batches(batch_size=None)))
+    assert set(tensors) >= {"image", "mask", "feat"} and "note" not in tensors and "report" not in tensors
+
+
+@pytest.mark.parametrize("ext, payload, reason", [
+    ("feat.npy", lambda: _npy_object(), "not a valid .npy"),  # allow_pickle=False refuses object arrays
+    ("image.png", lambda: b"x", "refusing shard member"),  # may not shadow the stream's own columns
+    ("feat.pkl", lambda: b"x", "refusing shard member"),
+])
+def test_unsafe_or_unknown_extra_members_are_refused(ray_local, shards, tmp_path, ext, payload, reason):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    _add_members(bad, {ext: payload()})
+    with pytest.raises(Exception, match=reason):
+        stream(str(bad), batch_size=8).take_all()
+
+
+def _npy_object() -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"boom": 1}], dtype=object), allow_pickle=True)
+    return buf.getvalue()
+
+
 def count_rows_loop(config):
     """Ray Train worker: consume the stream as torch batches; all-reduce the counts."""
     import torch

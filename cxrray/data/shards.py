@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 import webdataset as wds
 
+from cxrray.data.members import split_member
 from cxrray.data.storage import Storage
 from cxrray.errors import InputError
 
@@ -111,8 +112,9 @@ def read_manifest(uri: str | Storage) -> dict:
 
 
 def read_tar(data: bytes, source: str = "shard") -> list[tuple[str, bytes, dict]]:
-    """Tar bytes written by `write_tar` -> [(key, png_bytes, meta)] in stored order. Only `.png` and
-    `.json` members are accepted (anything else raises: nothing is ever unpickled)."""
+    """Tar bytes written by `write_tar` -> [(key, png_bytes, meta)] in stored order. Only `.png`, `.json`
+    and the extra members of `members.py` are accepted (extras are checked, not returned; anything else
+    raises: nothing is ever unpickled)."""
     import tarfile
 
     samples: dict[str, dict[str, bytes]] = {}
@@ -121,8 +123,8 @@ def read_tar(data: bytes, source: str = "shard") -> list[tuple[str, bytes, dict]
             if not member.isfile():
                 continue
             key, _, ext = member.name.partition(".")
-            if ext not in ("png", "json"):
-                raise InputError(f"refusing {source} member {member.name}: only .png and .json are read")
+            if split_member(ext, f"{source}:{member.name}")[0]:
+                continue  # an extra member: the streaming reader decodes it
             samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
     missing = [k for k, v in samples.items() if set(v) != {"png", "json"}]
     if missing:

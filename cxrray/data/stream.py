@@ -1,7 +1,9 @@
 """Stream shards into training: Ray Data `read_webdataset` with this project's own decoder.
 
-The decoder accepts only `.png` (16-bit) and `.json` members and refuses anything else, so nothing
-is ever unpickled. Batches (`batch_format="numpy"`, or torch via `iter_torch_batches`) hold:
+The decoder accepts `.png` (16-bit) and `.json` members plus the extra members of `members.py`
+(NAME.png / NAME.npy without pickle / NAME.txt) and refuses anything else, so nothing is ever
+unpickled. Batches (`batch_format="numpy"`, or torch via `iter_torch_batches` when `with_keys=False`
+and `text=False`) hold:
 
 | column     | dtype / shape                 | meaning                                   |
 |------------|-------------------------------|-------------------------------------------|
@@ -12,6 +14,8 @@ is ever unpickled. Batches (`batch_format="numpy"`, or torch via `iter_torch_bat
 | age        | float32 [B]                   | years (90 = 90 or older), NaN if unknown   |
 | sex        | float32 [B]                   | 1 = M, 0 = F, NaN if unknown               |
 | key        | str [B]                       | sample key (unless `with_keys=False`)      |
+| report     | str [B]                       | de-identified report text, "" if none (`text`) |
+| <extra>    | float32 [B, ...] / str [B]    | each extra member by name (text: `text`)   |
 
 The dataset is lazy and streamed: shards are read by parallel tasks as the consumer pulls batches.
 """
@@ -24,32 +28,35 @@ import numpy as np
 import ray
 
 from cxrray.data.imaging import decode_png16, png16_to_model
+from cxrray.data.members import decode_extra, split_member
 from cxrray.data.shards import read_manifest
 from cxrray.data.storage import Storage
 from cxrray.runtime import ensure_ray
 from cxrray.errors import InputError
 
-ALLOWED_MEMBERS = {"png", "json"}
 SEX_CODE = {"M": 1.0, "F": 0.0}
 
 
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """Ray `read_webdataset` decoder: PNG -> uint16 array, JSON kept as text; any other member raises."""
+    """Ray `read_webdataset` decoder: PNG -> uint16 array, JSON kept as text, extra members decoded by
+    `members.decode_extra`; any other member raises."""
     out = {"__key__": sample["__key__"]}
-    for name, value in sample.items():
-        if name.startswith("__"):
+    for ext, value in sample.items():
+        if ext.startswith("__"):
             continue
-        if name == "png":
+        where = f"{sample['__key__']}.{ext}"
+        name, kind = split_member(ext, where)
+        if ext == "png":
             out["png"] = decode_png16(value)
-        elif name == "json":
+        elif ext == "json":
             out["json"] = value.decode("utf-8") if isinstance(value, bytes) else value
         else:
-            raise InputError(f"refusing shard member {sample['__key__']}.{name}: only .png and .json are read")
+            out[ext] = decode_extra(kind, value, where)
     return out
 
 
 def to_batch(batch: dict[str, np.ndarray], split: str | None, covariates: list[str],
-             with_keys: bool = True) -> dict[str, np.ndarray]:
+             with_keys: bool = True, text: bool = True) -> dict[str, np.ndarray]:
     """Decoded rows -> model-ready numpy batch (see module docstring); rows of other splits dropped."""
     metas = [json.loads(m) for m in batch["json"]]
     keep = [i for i, m in enumerate(metas) if split is None or m["split"] == split]
@@ -66,6 +73,19 @@ def to_batch(batch: dict[str, np.ndarray], split: str | None, covariates: list[s
     out["sex"] = np.asarray([SEX_CODE.get(metas[i].get("sex"), np.nan) for i in keep], dtype=np.float32)
     if with_keys:
         out["key"] = np.asarray([metas[i]["key"] for i in keep], dtype=object)
+    if text:
+        out["report"] = np.asarray([metas[i].get("report") or "" for i in keep], dtype=object)
+    for ext in sorted(e for e in batch if e not in ("png", "json") and not e.startswith("__")):
+        name, kind = ext.rpartition(".")[0], ext.rpartition(".")[2]
+        values = [batch[ext][i] for i in keep]
+        if kind == "txt":
+            if text:
+                out[name] = np.asarray(values, dtype=object)
+            continue
+        shapes = {np.shape(v) for v in values}
+        if len(shapes) > 1:
+            raise InputError(f"extra member {ext!r} has different shapes within one batch: {sorted(shapes)[:3]}")
+        out[name] = np.stack(values).astype(np.float32) if values else np.zeros((0,), np.float32)
     return out
 
 
@@ -78,9 +98,10 @@ def shard_paths(store: Storage, manifest: dict, split: str | None) -> list[str]:
 
 
 def stream(data_uri: str, split: str | None = None, *, batch_size: int = 64, shuffle_files: bool = False,
-           with_keys: bool = True) -> ray.data.Dataset:
+           with_keys: bool = True, text: bool | None = None) -> ray.data.Dataset:
     """Lazy Ray Dataset of model-ready batches from the shards under `data_uri` (see module doc).
-    `with_keys=False` drops the string column so `iter_torch_batches` yields tensors only."""
+    `with_keys=False` drops the key column and, unless `text=True`, the text columns (report, .txt
+    members) too, so `iter_torch_batches` yields tensors only."""
     ensure_ray()
     store = Storage(data_uri)
     manifest = read_manifest(store)
@@ -91,4 +112,5 @@ def stream(data_uri: str, split: str | None = None, *, batch_size: int = 64, shu
         paths, filesystem=store.fs, decoder=decode_sample,
         shuffle="files" if shuffle_files else None, override_num_blocks=len(paths))
     return ds.map_batches(to_batch, batch_size=batch_size, batch_format="numpy",
-                          fn_kwargs={"split": split, "covariates": manifest["covariates"], "with_keys": with_keys})
+                          fn_kwargs={"split": split, "covariates": manifest["covariates"], "with_keys": with_keys,
+                                     "text": with_keys if text is None else text})

@@ -37,6 +37,20 @@ def crossed(before: int, after: int, every: int) -> bool:
     return after // every > before // every
 
 
+def to_torch(batch: dict, device: torch.device | None = None) -> dict:
+    """A numpy stream batch -> the dict a family's loss gets: numeric columns as tensors (on `device`),
+    text columns (report, .txt members) as lists of str."""
+    out = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        if value.dtype == object or value.dtype.kind in "US":
+            out[name] = [str(v) for v in value]
+        else:
+            tensor = torch.as_tensor(value)
+            out[name] = tensor.to(device, non_blocking=True) if device is not None else tensor
+    return out
+
+
 def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     cfg = Config.model_validate(config["config"])
@@ -73,7 +87,7 @@ def train_loop_per_worker(config: dict) -> None:
                 print(f"[pretrain] resumed at {progress['images_shown']:,} images shown", flush=True)
 
     logger = config.get("logger")
-    eval_batch = {k: torch.as_tensor(v) for k, v in config["eval_batch"].items()} if config.get("eval_batch") else None
+    eval_batch = to_torch(config["eval_batch"]) if config.get("eval_batch") else None
     micro = tc.global_batch // world
     shard = ray.train.get_dataset_shard("train")
     window = {"loss": 0.0, "steps": 0, "wait": 0.0, "busy": 0.0, "start": time.perf_counter(), "grad": 0.0}
@@ -82,11 +96,12 @@ def train_loop_per_worker(config: dict) -> None:
     while progress["images_shown"] < tc.images:
         epoch += 1
         fetched = time.perf_counter()
-        for batch in shard.iter_torch_batches(batch_size=micro, drop_last=True, local_shuffle_buffer_size=4 * micro,
-                                              local_shuffle_seed=tc.seed + epoch + progress["step"]):
+        for batch in shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=4 * micro,
+                                        local_shuffle_seed=tc.seed + epoch + progress["step"]):
             started = time.perf_counter()
             window["wait"] += started - fetched
-            loss, grad = engine.step({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+            loss, grad = engine.step(to_torch(batch, device))
             ema.update_parameters(engine.model)
             before = progress["images_shown"]
             progress["images_shown"] += tc.global_batch

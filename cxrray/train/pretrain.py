@@ -89,7 +89,7 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
 
     eval_batch = None
     if tc.eval_split and tc.eval_split in manifest["splits"]:
-        taken = stream(data_uri, tc.eval_split, with_keys=False).take_batch(tc.eval_images)
+        taken = stream(data_uri, tc.eval_split, with_keys=False, text=True).take_batch(tc.eval_images)
         eval_batch = {k: v for k, v in taken.items()}
     run_id = start_run(cfg.tracking, {**cfg.model_dump(mode="json"), "data": data_uri, "output": out.uri},
                        run_name=f"pretrain-{family.name}-{cfg.preset}", run_id=(previous or {}).get("mlflow_run_id"))
@@ -106,7 +106,7 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
                            "eval_batch": eval_batch, "data": data_facts(data_uri, manifest)},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        datasets={"train": stream(data_uri, tc.split, with_keys=False, shuffle_files=True)},
+        datasets={"train": stream(data_uri, tc.split, with_keys=False, text=True, shuffle_files=True)},
         run_config=RunConfig(
             name=f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=out.path("ray"),
             storage_filesystem=out.fs, failure_config=FailureConfig(max_failures=tc.max_failures),
