@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="HTTP API on Ray Serve: /v1/classify, /v1/explain, /v1/generate (Ctrl-C stops)")
     p.add_argument("--checkpoint", required=True, help="checkpoint or pretraining-output URI, or models:/NAME/VERSION")
-    p.add_argument("--probe", required=True, help="probe head directory written by `cxrray probe` (path, file://, s3://)")
+    p.add_argument("--probe", default=None, help="probe head directory written by `cxrray probe` (path, file://, "
+                   "s3://); needed for classify/explain, omit for a generative family (ddpm)")
     p.add_argument("--host", default=None, help="HTTP address (serve.host; default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (serve.port; default 8000)")
     _add_config_args(p)

@@ -262,6 +262,72 @@ def test_generate_is_seeded_and_marked_synthetic(server):
     assert (default["n"], default["steps"], len(default["images"])) == (1, 3, 1)
 
 
+# ---------------------------------------------------------------- a generative family (ddpm), no probe
+
+@pytest.fixture(scope="module")
+def ddpm_server(server, artifacts):
+    """The same application for a covariate-conditioned DDPM checkpoint, served without a probe at /ddpm."""
+    from ray import serve
+
+    from cxrray.config import load_config
+    from cxrray.families.ddpm.network import CovariateDDPM, DDPMConfig
+    from cxrray.serve.app import make_app
+
+    cfg = DDPMConfig(image_size=32, base_channels=32, channel_mult=(1, 2), layers_per_block=1,
+                     attention_resolutions=(16,), covariates=("age", "sex", "ivsd"),
+                     covariate_stats={"age": (60.0, 15.0), "ivsd": (1.0, 0.2)})
+    torch.manual_seed(0)
+    ckpt = write_checkpoint(CovariateDDPM(cfg).eval(), artifacts.root / "ddpm-ckpt", 321)
+    serve.run(make_app(str(ckpt), None, load_config("tiny", SETS)), name="cxrray-ddpm", route_prefix="/ddpm")
+    srv = SimpleNamespace(base=server.base + "/ddpm")
+    deadline = time.monotonic() + 60
+    while call(srv, "GET", "/healthz", auth=False).status_code != 200:
+        assert time.monotonic() < deadline, "the ddpm app did not become healthy within 60 s"
+        time.sleep(0.2)
+    yield srv
+    serve.delete("cxrray-ddpm")
+
+
+def test_ddpm_generates_under_validated_covariates(ddpm_server):
+    models = call(ddpm_server, "GET", "/v1/models").json()
+    assert models["models"][0]["family"] == "ddpm" and models["endpoints"] == ["generate"]
+    assert models["conditions"]["age"] == {"type": "number", "minimum": 0.0, "maximum": 120.0, "unit": "years"}
+    assert models["conditions"]["sex"]["enum"] == ["M", "F"]
+    body = {"seed": 3, "n": 2, "steps": 3, "conditions": {"age": 71, "sex": "F", "ivsd": 1.4}, "guidance": 2.0}
+    a = call(ddpm_server, "POST", "/v1/generate", json=body)
+    assert a.status_code == 200, a.text
+    assert a.json()["conditions"] == {"age": 71.0, "sex": "F", "ivsd": 1.4} and len(a.json()["images"]) == 2
+    text = png_provenance(base64.b64decode(a.json()["images"][0]["data"]))
+    assert text.startswith("SYNTHETIC") and "not an acquired radiograph" in text
+    assert "cxrray-ddpm" in text and "321-images" in text
+    assert "age=71.0" in text and "sex=F" in text and "guidance 2" in text
+    again = call(ddpm_server, "POST", "/v1/generate", json=body).json()
+    assert [i["data"] for i in again["images"]] == [i["data"] for i in a.json()["images"]]
+    older = call(ddpm_server, "POST", "/v1/generate", json={**body, "conditions": {"age": 30, "sex": "F", "ivsd": 1.4}})
+    assert older.json()["images"][0]["data"] != a.json()["images"][0]["data"]  # the covariates reach the network
+    partial = call(ddpm_server, "POST", "/v1/generate", json={"seed": 3, "conditions": {"sex": "M"}})
+    assert partial.status_code == 200 and partial.json()["conditions"] == {"sex": "M"}  # the rest: unobserved
+
+
+@pytest.mark.parametrize("body, status, code, fragment", [
+    ({"seed": 1, "conditions": {"bmi": 30}}, 422, "unknown_condition", "age, sex, ivsd"),
+    ({"seed": 1, "conditions": {"age": 130}}, 422, "out_of_range", "age must be in 0..120"),
+    ({"seed": 1, "conditions": {"ivsd": "thick"}}, 422, "invalid_field", "ivsd must be a finite number"),
+    ({"seed": 1, "conditions": {"sex": "X"}}, 422, "out_of_range", "sex must be one of"),
+    ({"seed": 1, "conditions": [71]}, 422, "invalid_field", "JSON object"),
+], ids=["unknown", "age-range", "ivsd-type", "sex-enum", "not-object"])
+def test_ddpm_generate_rejects_bad_covariates(ddpm_server, body, status, code, fragment):
+    r = call(ddpm_server, "POST", "/v1/generate", json=body)
+    assert r.status_code == status and r.json()["error"] == code and fragment in r.json()["detail"], r.text
+
+
+def test_ddpm_service_refuses_what_its_family_cannot_do(ddpm_server, artifacts):
+    for path in ("/v1/classify", "/v1/explain"):
+        r = call(ddpm_server, "POST", path, files=upload(artifacts.images["png"], "image/png"), data={"finding": "effusion"})
+        assert r.status_code == 422 and r.json()["error"] == "not_supported", r.text
+        assert "family ddpm" in r.json()["detail"] and "generate, sample" in r.json()["detail"]
+
+
 # ---------------------------------------------------------------- errors
 
 def _multipart_stream(size: int):
@@ -317,7 +383,9 @@ def _error_request(name: str, art) -> tuple[str, str, dict]:
         "seed_bool": generate({"seed": True}),
         "seed_missing": generate({"n": 1}),
         "generate_steps_over_max": generate({"seed": 1, "steps": 9}),
-        "generate_unknown_field": generate({"seed": 1, "guidance": 3}),
+        "generate_unknown_field": generate({"seed": 1, "temperature": 3}),
+        "generate_condition_on_diffae": generate({"seed": 1, "conditions": {"age": 50}}),
+        "generate_guidance_below_one": generate({"seed": 1, "guidance": 0.5}),
         "generate_not_json": ("POST", "/v1/generate", {"data": b"seed=1", "headers": {"content-type": "text/plain"}}),
         "generate_bad_json": ("POST", "/v1/generate", {"data": b"{seed: 1", "headers": {"content-type": "application/json"}}),
         "generate_json_list": generate([1, 2]),
@@ -363,7 +431,9 @@ ERRORS = {  # name: (status, error code, fragment of the detail)
     "seed_bool": (422, "invalid_field", "seed must be an integer"),
     "seed_missing": (422, "missing_field", "seed"),
     "generate_steps_over_max": (422, "out_of_range", "steps"),
-    "generate_unknown_field": (422, "unknown_field", "guidance"),
+    "generate_unknown_field": (422, "unknown_field", "temperature"),
+    "generate_condition_on_diffae": (422, "unknown_condition", "unconditional"),
+    "generate_guidance_below_one": (422, "out_of_range", "guidance"),
     "generate_not_json": (415, "unsupported_media_type", "JSON"),
     "generate_bad_json": (422, "invalid_json", "not valid JSON"),
     "generate_json_list": (422, "invalid_json", "object"),
@@ -393,12 +463,26 @@ def test_errors_are_specific_json_and_leave_the_service_healthy(server, artifact
 def test_auth_required_on_v1_when_key_set(server, artifacts, headers):
     for method, path, kwargs in [("GET", "/v1/models", {}),
                                  ("POST", "/v1/classify", {"files": upload(artifacts.images["png"])}),
-                                 ("POST", "/v1/generate", {"json": {"seed": 1}}), ("GET", "/v1/openapi.json", {})]:
+                                 ("POST", "/v1/generate", {"json": {"seed": 1}})]:
         r = call(server, method, path, auth=False, headers=headers, **kwargs)
         assert r.status_code == 401, (path, r.text)
         assert r.json()["error"] == "unauthorized" and r.headers["WWW-Authenticate"] == "Bearer"
     assert call(server, "GET", "/healthz", auth=False, headers=headers).status_code == 200
+    assert call(server, "GET", "/v1/openapi.json", auth=False, headers=headers).status_code == 200  # the schema is public
     assert call(server, "GET", "/v1/models").status_code == 200
+
+
+def test_openapi_schema_describes_the_request_bodies_and_docs_page_is_open(server):
+    schema = call(server, "GET", "/v1/openapi.json", auth=False).json()
+    explain = schema["paths"]["/v1/explain"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert explain["required"] == ["file", "finding"] and explain["properties"]["file"]["format"] == "binary"
+    assert explain["properties"]["direction"]["enum"] == ["toward", "away"]
+    classify = schema["paths"]["/v1/classify"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert classify["required"] == ["file"]
+    generate = schema["paths"]["/v1/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert generate["required"] == ["seed"] and {"seed", "n", "steps", "conditions", "guidance"} <= set(generate["properties"])
+    docs = call(server, "GET", "/docs", auth=False)
+    assert docs.status_code == 200 and "/v1/openapi.json" in docs.text
 
 
 @pytest.fixture
@@ -538,7 +622,7 @@ def test_mlflow_registry_uri_loads_the_registered_ema(artifacts, tmp_path, monke
     from mlflow.tracking import MlflowClient
 
     from cxrray.config import load_config
-    from cxrray.serve.models import load_model
+    from cxrray.serve.models import ModelService
     from cxrray.train.registry import register_model
 
     monkeypatch.chdir(tmp_path)
@@ -552,7 +636,8 @@ def test_mlflow_registry_uri_loads_the_registered_ema(artifacts, tmp_path, monke
     reference = artifacts.model.state_dict()
     for model_uri, name, ver in [("models:/cxrray-serve-test/1", "cxrray-serve-test", "1"),
                                  (f"runs:/{run_id}/model", "cxrray-diffae", f"run-{run_id}")]:
-        model, identity = load_model(model_uri, tracking_uri=uri)
+        service = ModelService(model_uri, str(artifacts.probe), tracking_uri=uri, device="cpu")
+        model, identity = service.model, service.identity
         assert (identity["name"], identity["version"], identity["images_shown"], identity["image_size"]) == (
             name, ver, 1234, 32)
         state = model.state_dict()

@@ -17,7 +17,10 @@ calls only these fields, so it never branches on a family's class:
 - `evaluate(model, batch, seed, steps) -> Evaluation`: what the loop logs (metrics and image rows);
 - `capabilities`: what jobs and Serve may ask (`require` refuses the rest with a clear message);
 - `export(model, folder) -> list[str]`: diffusers `save_pretrained` folders, returning what could not
-  be expressed in diffusers' classes.
+  be expressed in diffusers' classes;
+- `conditions(cfg) -> {name: JSON schema}`: what a generation request may condition on (validated by
+  Serve against these names and ranges), and `generate(model, GenerateRequest) -> Generated` (the
+  "sample" capability: seeded images from noise, under those conditions where the family has them).
 """
 from __future__ import annotations
 
@@ -38,6 +41,33 @@ class Evaluation:
     grids: dict[str, list[Any]] = field(default_factory=dict)
 
 
+@dataclass
+class GenerateRequest:
+    """What `Family.generate` gets: n images, DDIM steps, a seeded generator (CPU), the conditions (raw
+    values by name as `conditions(cfg)` describes them; an absent name is unobserved), the classifier-free
+    guidance scale, and a prior for families that sample a latent from data statistics (DiffAE: the
+    probe's z mean/std) or None."""
+
+    n: int
+    steps: int
+    generator: Any
+    conditions: dict[str, Any] = field(default_factory=dict)
+    guidance: float = 1.0
+    z_prior: tuple[Any, Any] | None = None
+
+
+@dataclass
+class Generated:
+    """Images float32 [n, C, S, S] in [-1, 1] and one sentence saying how they were made (provenance)."""
+
+    images: Any
+    how: str
+
+
+def no_conditions(cfg) -> dict[str, dict]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -49,6 +79,8 @@ class Family:
     capabilities: frozenset[str]
     export: Callable[[Any, Any], list[str]]
     prepare: Callable[[Any, str], Any] = staticmethod(lambda cfg, data_uri: cfg)
+    generate: Callable[[Any, GenerateRequest], Generated] | None = None
+    conditions: Callable[[Any], dict[str, dict]] = no_conditions
     description: str = ""
 
     def preset(self, name: str, **overrides: Any):

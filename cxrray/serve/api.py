@@ -2,7 +2,11 @@
 one in-process `ModelService` (`LocalBackend`: tests, benchmarks). Every error is JSON
 {"error": code, "detail": message}; no request content, file name or header value is logged, and on
 a 500 only the exception's type name. /v1 needs `Authorization: Bearer <key>` when the variable named
-by serve.api_key_env is set in the process (compared in constant time); /healthz is always open.
+by serve.api_key_env is set in the process (compared in constant time); /healthz, the OpenAPI schema
+(/v1/openapi.json, request bodies described) and its docs page (/docs) are always open.
+
+Which /v1 operations answer depends on the loaded model's family (`/v1/models` lists `endpoints`):
+one it cannot do answers 422 `not_supported` naming the missing capability.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cxrray.config import DecodeConfig, ExplainConfig
@@ -30,16 +34,48 @@ JSON_LIMIT = 64 * 1024
 INFO_TTL_S = 30.0
 MAX_SEED = 2**63 - 1
 EXPLAIN_FIELDS = {"finding", "eps", "steps", "invert_steps", "format", "direction"}
+MAX_GUIDANCE = 20.0
+
+
+class GenerateBody(BaseModel):
+    """POST /v1/generate (application/json). `conditions` are the model's own (see /v1/models
+    `conditions`: names, types, ranges); any left out are unobserved."""
+
+    seed: int = Field(..., ge=0, le=MAX_SEED, description="seeds the noise: same body, same images")
+    n: int = Field(1, ge=1, description="images to draw (at most serve.max_generate)")
+    steps: int | None = Field(None, ge=1, description="DDIM steps (at most serve.max_steps)")
+    conditions: dict[str, float | str] = Field(default_factory=dict,
+                                               description="covariates by name, e.g. {\"age\": 71, \"sex\": \"F\"}")
+    guidance: float = Field(1.0, ge=1.0, le=MAX_GUIDANCE, description="classifier-free guidance scale (1: off)")
+
+
+def _form_schema(fields: dict[str, dict]) -> dict:
+    """OpenAPI requestBody of a multipart upload: the image in `file` plus the given form fields."""
+    props = {"file": {"type": "string", "format": "binary",
+                      "description": "DICOM, PNG or JPEG radiograph (identifiers are never stored or echoed)"}, **fields}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "properties": props, "required": ["file"] + (["finding"] if "finding" in fields else [])}}}}}
+
+
+EXPLAIN_FORM = _form_schema({
+    "finding": {"type": "string", "description": "a fitted finding of /v1/models `findings`"},
+    "eps": {"type": "number", "exclusiveMinimum": 0, "maximum": 10, "description": "step along the probe direction"},
+    "steps": {"type": "integer", "minimum": 1, "description": "DDIM decode steps (at most serve.max_steps)"},
+    "invert_steps": {"type": "integer", "minimum": 1, "description": "DDIM inversion steps"},
+    "direction": {"type": "string", "enum": ["toward", "away"]},
+    "format": {"type": "string", "enum": ["png", "dicom"], "description": "counterfactual as PNG-16 or DICOM SC"}})
+GENERATE_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": GenerateBody.model_json_schema()}}}}
 
 
 class HandleBackend:
-    """The model deployments through Serve handles."""
+    """The model deployments through Serve handles (no classifier for a model without a probe)."""
 
     def __init__(self, classifier, explainer):
         self.classifier, self.explainer = classifier, explainer
 
     async def info(self) -> dict:
-        return await self.classifier.info.remote()
+        return await (self.classifier or self.explainer).info.remote()
 
     async def classify(self, image: np.ndarray) -> dict:
         return await self.classifier.classify.remote(image)
@@ -47,8 +83,8 @@ class HandleBackend:
     async def explain(self, image, finding, cfg, toward, fmt) -> dict:
         return await self.explainer.explain.remote(image, finding, cfg, toward, fmt)
 
-    async def generate(self, seed, n, steps) -> dict:
-        return await self.explainer.generate.remote(seed, n, steps)
+    async def generate(self, seed, n, steps, conditions, guidance) -> dict:
+        return await self.explainer.generate.remote(seed, n, steps, conditions, guidance)
 
 
 class LocalBackend:
@@ -67,8 +103,8 @@ class LocalBackend:
     async def explain(self, image, finding, cfg, toward, fmt):
         return await asyncio.to_thread(self.service.explain, image, finding, cfg, toward, fmt)
 
-    async def generate(self, seed, n, steps):
-        return await asyncio.to_thread(self.service.generate, seed, n, steps)
+    async def generate(self, seed, n, steps, conditions, guidance):
+        return await asyncio.to_thread(self.service.generate, seed, n, steps, conditions, guidance)
 
 
 def _int(value, name: str, lo: int, hi: int) -> int:
@@ -82,6 +118,34 @@ def _int(value, name: str, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise ApiError(422, "out_of_range", f"{name} must be in {lo}..{hi}, got {value}")
     return value
+
+
+def _number(value, name: str, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ApiError(422, "invalid_field", f"{name} must be a finite number, got {str(value)[:40]!r}")
+    if not lo <= value <= hi:
+        raise ApiError(422, "out_of_range", f"{name} must be in {lo:g}..{hi:g}, got {value:g}")
+    return float(value)
+
+
+def _conditions(given, schema: dict[str, dict]) -> dict:
+    """A generation request's conditions checked against the model's (names, types, ranges, enums)."""
+    if not isinstance(given, dict):
+        raise ApiError(422, "invalid_field", "conditions must be a JSON object {name: value}")
+    unknown = sorted(set(given) - set(schema))
+    if unknown:
+        allowed = ", ".join(schema) or "none (this model is unconditional)"
+        raise ApiError(422, "unknown_condition", f"unknown condition(s) {[u[:40] for u in unknown][:5]}; allowed: {allowed}")
+    out = {}
+    for name, value in given.items():
+        spec = schema[name]
+        if "enum" in spec:
+            if value not in spec["enum"]:
+                raise ApiError(422, "out_of_range", f"{name} must be one of {spec['enum']}, got {str(value)[:40]!r}")
+            out[name] = value
+        else:
+            out[name] = _number(value, name, spec["minimum"], spec["maximum"])
+    return out
 
 
 def _choice(value: str, name: str, allowed: tuple[str, ...]) -> str:
@@ -101,7 +165,9 @@ async def _call(awaitable):
 
 
 def create_api(settings: dict, backend) -> FastAPI:
-    app = FastAPI(title="cxrray", version="1", docs_url=None, redoc_url=None, openapi_url="/v1/openapi.json")
+    app = FastAPI(title="cxrray", version="1", docs_url="/docs", redoc_url=None, openapi_url="/v1/openapi.json",
+                  description="Chest-radiograph diffusion models: classify, explain with counterfactuals, generate. "
+                              "Every generated or derived image is synthetic and says so in its metadata.")
     api_key = os.environ.get(settings["api_key_env"]) or None
     decode = DecodeConfig(**settings["decode"])
     upload_limit = settings["max_upload_bytes"]
@@ -136,7 +202,7 @@ def create_api(settings: dict, backend) -> FastAPI:
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if request.url.path.startswith("/v1") and api_key is not None:
+        if request.url.path.startswith("/v1") and request.url.path != app.openapi_url and api_key is not None:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
                 return await _api_error(request, ApiError(401, "unauthorized", "send Authorization: Bearer <API key>"))
@@ -160,6 +226,14 @@ def create_api(settings: dict, backend) -> FastAPI:
             raise ApiError(422, "unknown_field", f"unknown form field(s) {unknown}; allowed: {sorted(allowed)}")
         return fields, upload_from(fields, files, upload_limit)
 
+    def supported(i: dict, endpoint: str) -> None:
+        if endpoint not in i.get("endpoints", ()):
+            m = i["model"]
+            why = ("it has no probe" if endpoint in ("classify", "explain") and "encode" in m["capabilities"]
+                   else f"its capabilities are {', '.join(m['capabilities'])}")
+            raise ApiError(422, "not_supported", f"model {m['name']} (family {m['family']}) cannot {endpoint}: {why}; "
+                                                 f"this service answers {', '.join(i.get('endpoints', [])) or 'nothing'}")
+
     async def image_of(data: bytes, i: dict) -> np.ndarray:
         return await asyncio.to_thread(prepare_image, data, i["model"]["image_size"], settings["fit"], decode,
                                        settings["max_pixels"])
@@ -175,24 +249,29 @@ def create_api(settings: dict, backend) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         i = await info()
-        return {"models": [i["model"]], "findings": i["findings"], "unfitted": i["unfitted"],
+        return {"models": [i["model"]], "endpoints": i["endpoints"], "conditions": i["conditions"],
+                "findings": i["findings"], "unfitted": i["unfitted"],
                 "limits": {k: settings[k] for k in ("max_upload_bytes", "max_pixels", "max_steps",
                                                      "max_invert_steps", "max_generate")},
                 "explain_defaults": {"eps": explain_defaults["eps"], "steps": default_steps,
                                      "invert_steps": min(explain_defaults["invert_steps"], settings["max_invert_steps"]),
                                      "mode": explain_defaults["mode"]}}
 
-    @app.post("/v1/classify")
+    @app.post("/v1/classify", openapi_extra=_form_schema({}),
+              summary="Finding probabilities of one radiograph (linear probe on the semantic code)")
     async def classify(request: Request):
-        _, data = await upload(request, set())
         i = await info()
+        supported(i, "classify")
+        _, data = await upload(request, set())
         out = await _call(backend.classify(await image_of(data, i)))
         return {"findings": list(out["probabilities"]), **out}
 
-    @app.post("/v1/explain")
+    @app.post("/v1/explain", openapi_extra=EXPLAIN_FORM,
+              summary="Counterfactual of one radiograph toward/away from a finding, with a difference map")
     async def explain(request: Request):
-        fields, data = await upload(request, EXPLAIN_FIELDS)
         i = await info()
+        supported(i, "explain")
+        fields, data = await upload(request, EXPLAIN_FIELDS)
         finding = fields.get("finding", "").strip()
         if not finding:
             raise ApiError(422, "missing_field", "form field `finding` is required")
@@ -220,7 +299,8 @@ def create_api(settings: dict, backend) -> FastAPI:
         return {"finding": finding, "direction": direction, "eps": eps, "steps": steps, "invert_steps": invert,
                 "format": fmt, **out}
 
-    @app.post("/v1/generate")
+    @app.post("/v1/generate", openapi_extra=GENERATE_BODY,
+              summary="Seeded synthetic images, under the model's conditions (covariates) where it has them")
     async def generate(request: Request):
         if media_type(request.headers.get("content-type")) != "application/json":
             raise ApiError(415, "unsupported_media_type", "send a JSON object: {\"seed\": int, \"n\": int, \"steps\": int}")
@@ -230,15 +310,19 @@ def create_api(settings: dict, backend) -> FastAPI:
             raise ApiError(422, "invalid_json", "the body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(422, "invalid_json", "the body must be a JSON object")
-        unknown = sorted(set(body) - {"seed", "n", "steps"})
+        unknown = sorted(set(body) - set(GenerateBody.model_fields))
         if unknown:
-            raise ApiError(422, "unknown_field", f"unknown field(s) {unknown}; allowed: seed, n, steps")
+            raise ApiError(422, "unknown_field", f"unknown field(s) {unknown}; allowed: {', '.join(GenerateBody.model_fields)}")
         if "seed" not in body:
             raise ApiError(422, "missing_field", "field `seed` is required")
+        i = await info()
+        supported(i, "generate")
         seed = _int(body["seed"], "seed", 0, MAX_SEED)
         n = _int(body.get("n", 1), "n", 1, settings["max_generate"])
         steps = _int(body.get("steps", default_steps), "steps", 1, settings["max_steps"])
-        out = await _call(backend.generate(seed, n, steps))
-        return {"seed": seed, "n": n, "steps": steps, **out}
+        conditions = _conditions(body.get("conditions", {}), i["conditions"])
+        guidance = _number(body.get("guidance", 1.0), "guidance", 1.0, MAX_GUIDANCE)
+        out = await _call(backend.generate(seed, n, steps, conditions, guidance))
+        return {"seed": seed, "n": n, "steps": steps, "conditions": conditions, "guidance": guidance, **out}
 
     return app

@@ -1,5 +1,6 @@
 """The Serve application: an ingress deployment (FastAPI from `cxrray.serve.api`) bound to the
-`Classifier` (batched) and `Explainer` deployments, sized from the config's `serve` section.
+`Classifier` (batched; only with a probe) and `Explainer` deployments, sized from the config's `serve`
+section. Without a probe (a generative family such as ddpm) the app serves generation only.
 
 `build_app(args)` is the builder for `serve run` / `serve deploy` (`import_path:
 cxrray.serve.app:build_app`; args: checkpoint, probe, config, overrides); `make_app` is the same from
@@ -56,11 +57,11 @@ def _resources(cpus: float, gpus: float = 0.0) -> dict:
     return {"ray_actor_options": {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}}
 
 
-def make_app(checkpoint: str, probe: str, cfg: Config):
-    """The Serve application (ingress bound to the two model deployments), sized from `cfg.serve`."""
+def make_app(checkpoint: str, probe: str | None, cfg: Config):
+    """The Serve application (ingress bound to the model deployments), sized from `cfg.serve`."""
     s, settings = cfg.serve, settings_from(cfg)
     common = {"graceful_shutdown_wait_loop_s": 0.5}  # drained replicas stop within ~0.5 s, not 2 s
-    classifier = Classifier.options(
+    classifier = None if not probe else Classifier.options(
         **common, max_ongoing_requests=max(16, 2 * s.max_batch_size),
         **_replicas("classifier", s.classifier_replicas, s.target_ongoing_requests),
         **_resources(s.classifier_num_cpus, s.classifier_num_gpus)).bind(checkpoint, probe, settings)
@@ -75,7 +76,7 @@ def make_app(checkpoint: str, probe: str, cfg: Config):
 
 class AppArgs(BaseModel):
     checkpoint: str  # checkpoint URI or models:/NAME/VERSION, runs:/RUN_ID/model
-    probe: str  # probe head directory (path, file:// or s3://)
+    probe: str | None = None  # probe head directory (path, file:// or s3://); none: generation only
     config: str | None = None  # preset or YAML, as --config
     overrides: list[str] = []  # as --set, e.g. ["serve.max_batch_size=16"]
 
@@ -86,18 +87,22 @@ def build_app(args: dict):
     return make_app(a.checkpoint, a.probe, load_config(a.config, a.overrides))
 
 
-def run_server(checkpoint: str, probe: str, cfg: Config) -> int:
+def run_server(checkpoint: str, probe: str | None, cfg: Config) -> int:
     """`cxrray serve`: local Ray (or RAY_ADDRESS), Serve's proxy on serve.host:serve.port, until Ctrl-C."""
     import signal
     import sys
 
+    from cxrray.families import get_family
     from cxrray.io.loading import model_identity
     from cxrray.pipelines.head import load_head
     from cxrray.runtime import ensure_ray
 
     if not checkpoint.startswith(("models:/", "runs:/")):
-        model_identity(checkpoint)  # fail here, clearly, rather than in a replica
-    load_head(probe)
+        identity = model_identity(checkpoint)  # fail here, clearly, rather than in a replica
+        if probe:
+            get_family(identity["family"]).require("encode")  # a probe reads z
+    if probe:
+        load_head(probe)
     s = cfg.serve
     if s.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(s.api_key_env):
         print(f"cxrray serve: warning: listening on {s.host} without an API key; set {s.api_key_env}", file=sys.stderr)
@@ -106,7 +111,8 @@ def run_server(checkpoint: str, probe: str, cfg: Config) -> int:
     serve.run(make_app(checkpoint, probe, cfg), name="cxrray", route_prefix="/")
     url = f"http://{s.host}:{s.port}"
     print(json.dumps({"url": url, "auth": bool(os.environ.get(s.api_key_env)), "endpoints": [
-        "GET /healthz", "GET /v1/models", "POST /v1/classify", "POST /v1/explain", "POST /v1/generate"]}), flush=True)
+        "GET /healthz", "GET /docs", "GET /v1/openapi.json", "GET /v1/models"] + (
+        ["POST /v1/classify", "POST /v1/explain"] if probe else []) + ["POST /v1/generate"]}), flush=True)
 
     def stop(signum, frame):
         raise KeyboardInterrupt

@@ -1,6 +1,10 @@
-"""The model side of the service: `ModelService` (plain Python: EMA DiffAE + linear probe) and the two
-Serve deployments around it, `Classifier` (dynamic batching with `@serve.batch`) and `Explainer`
-(counterfactuals and seeded generation, one at a time per replica).
+"""The model side of the service: `ModelService` (plain Python: a model of any family, plus a linear probe
+when the family encodes) and the two Serve deployments around it, `Classifier` (dynamic batching with
+`@serve.batch`) and `Explainer` (counterfactuals and seeded generation, one at a time per replica).
+
+The service is generic over the family's capabilities (`cxrray.families`): classify needs "encode" and a
+probe, explain needs "counterfactual" and a probe, generate needs "sample" (under the family's
+conditions). `info()["endpoints"]` lists what this model can answer; the ingress refuses the rest.
 
 Model URIs: a checkpoint (`file://`, a path, `s3://`; a checkpoint directory or a pretraining output)
 or an MLflow model (`models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/RUN_ID/model`), whose
@@ -17,42 +21,60 @@ import torch
 from ray import serve
 
 from cxrray.config import ExplainConfig
-from cxrray.families.diffae.network import DiffAE
+from cxrray.families import CapabilityError, GenerateRequest
 from cxrray.io.loading import PUBLIC
 from cxrray.io.loading import load_model as load_any
 from cxrray.pipelines.head import load_head
 from cxrray.pipelines import derived as outputs
 
-def load_model(uri: str, tracking_uri: str | None = None) -> tuple[DiffAE, dict]:
-    """(EMA model in eval mode, public identity {name, family, version, images_shown, z_dim, image_size, cxrray,
-    capabilities}); /v1/models lists it."""
-    loaded = load_any(uri, tracking_uri=tracking_uri)
-    loaded.family.require("encode")  # the classify/explain service reads z
-    return loaded.model, {**{k: loaded.identity[k] for k in PUBLIC}, "capabilities": sorted(loaded.family.capabilities)}
+#: endpoint -> (capability it needs, whether it needs a probe)
+ENDPOINTS = {"classify": ("encode", True), "explain": ("counterfactual", True), "generate": ("sample", False)}
 
 
 class ModelService:
-    """EMA DiffAE + probe head on one device; every method takes preprocessed model-range images."""
+    """A model of any family (EMA weights) and, for families that encode, a probe head, on one device;
+    every method takes preprocessed model-range images."""
 
-    def __init__(self, checkpoint: str, probe: str, tracking_uri: str | None = None, device: str | None = None):
-        model, self.identity = load_model(checkpoint, tracking_uri)
+    def __init__(self, checkpoint: str, probe: str | None = None, tracking_uri: str | None = None,
+                 device: str | None = None):
+        loaded = load_any(checkpoint, tracking_uri=tracking_uri)
+        self.family, self.cfg = loaded.family, loaded.model.cfg
+        self.identity = {**{k: loaded.identity[k] for k in PUBLIC}, "capabilities": sorted(loaded.family.capabilities)}
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device)
-        self.head = load_head(probe)
-        if self.head.z_mean.shape[0] != self.identity["z_dim"]:
-            raise ValueError(f"probe {probe} is for z_dim {self.head.z_mean.shape[0]}, "
-                             f"the model's z_dim is {self.identity['z_dim']}")
-        self.fitted = [i for i, ok in enumerate(self.head.fitted) if ok]
+        self.model = loaded.model.to(self.device)
+        self.head = None
+        if probe:
+            self.family.require("encode")  # a probe reads z
+            self.head = load_head(probe)
+            if self.head.z_mean.shape[0] != self.identity["z_dim"]:
+                raise ValueError(f"probe {probe} is for z_dim {self.head.z_mean.shape[0]}, "
+                                 f"the model's z_dim is {self.identity['z_dim']}")
+        self.fitted = [i for i, ok in enumerate(self.head.fitted) if ok] if self.head is not None else []
         self.model_ref = {"name": self.identity["name"], "version": self.identity["version"]}
 
+    def endpoints(self) -> list[str]:
+        """The /v1 operations this model can answer (by capability, and the probe where one is needed)."""
+        return [name for name, (capability, probe) in ENDPOINTS.items()
+                if capability in self.family.capabilities and (self.head is not None or not probe)
+                and (name != "generate" or self.family.generate is not None)]
+
+    def _need(self, endpoint: str) -> None:
+        if endpoint not in self.endpoints():
+            capability, probe = ENDPOINTS[endpoint]
+            self.family.require(capability)
+            raise CapabilityError(f"{endpoint} needs a probe: start the service with one")
+
     def info(self) -> dict:
-        return {"model": dict(self.identity), "findings": [self.head.findings[i] for i in self.fitted],
-                "unfitted": [f for i, f in enumerate(self.head.findings) if i not in self.fitted]}
+        findings = self.head.findings if self.head is not None else []
+        return {"model": dict(self.identity), "findings": [findings[i] for i in self.fitted],
+                "unfitted": [f for i, f in enumerate(findings) if i not in self.fitted],
+                "endpoints": self.endpoints(), "conditions": self.family.conditions(self.cfg)}
 
     def _probs(self, p: torch.Tensor) -> dict[str, float]:
         return {self.head.findings[i]: float(p[i]) for i in self.fitted}
 
     def classify(self, images: list[np.ndarray]) -> list[dict[str, float]]:
+        self._need("classify")
         x = torch.from_numpy(np.stack(images))[:, None].to(self.device)
         with torch.no_grad():
             probs = self.head.probabilities(self.model.encode(x).float()).cpu()
@@ -61,6 +83,7 @@ class ModelService:
     def explain(self, image: np.ndarray, finding: str, cfg: dict, toward: int, fmt: str) -> dict:
         from cxrray.pipelines.counterfactual import counterfactuals
 
+        self._need("explain")
         ecfg = ExplainConfig(**cfg)
         x0 = torch.from_numpy(np.array(image, dtype=np.float32))[None, None]  # a copy: Ray's arrays are read-only
         out = counterfactuals(self.model, self.head, x0, finding, ecfg, toward=toward)
@@ -83,24 +106,22 @@ class ModelService:
                                   "after": self._probs(out["probs_after"][0])},
                 "provenance": text, "model": self.model_ref}
 
-    def generate(self, seed: int, n: int, steps: int) -> dict:
-        """n images from one seed: z ~ N(probe z_mean, diag(z_std^2)) then x_T ~ N(0, I), both drawn in that
-        order from a CPU generator seeded with `seed` (same seed, n and steps: same images)."""
-        from cxrray.diffusion.ddim import sample
-
-        gen = torch.Generator().manual_seed(int(seed))
-        mean, std = (torch.as_tensor(a, dtype=torch.float32) for a in (self.head.z_mean, self.head.z_std))
-        z = mean + std * torch.randn(n, mean.shape[0], generator=gen)
-        images = sample(self.model, n, steps=steps, generator=gen, z=z).cpu()
-        text = outputs.provenance(f"image generated from seed {seed} ({steps} DDIM steps, z drawn from the "
-                                  "probe's z mean/std)", self.identity)
+    def generate(self, seed: int, n: int, steps: int, conditions: dict | None = None, guidance: float = 1.0) -> dict:
+        """n images from one CPU generator seeded with `seed` (same seed, n, steps, conditions and guidance:
+        same images), under the family's conditions (validated by the ingress against `info()`)."""
+        self._need("generate")
+        prior = (self.head.z_mean, self.head.z_std) if self.head is not None else None
+        out = self.family.generate(self.model, GenerateRequest(
+            n=n, steps=steps, generator=torch.Generator().manual_seed(int(seed)), conditions=dict(conditions or {}),
+            guidance=guidance, z_prior=prior))
+        text = outputs.provenance(f"image generated from seed {seed}: {out.how}", self.identity)
         return {"images": [{"media_type": "image/png", "data": outputs.b64(outputs.png16(im[0].numpy(), text))}
-                           for im in images], "provenance": text, "model": self.model_ref}
+                           for im in out.images.cpu()], "provenance": text, "model": self.model_ref}
 
 
 @serve.deployment(name="Classifier")
 class Classifier:
-    def __init__(self, checkpoint: str, probe: str, settings: dict):
+    def __init__(self, checkpoint: str, probe: str | None, settings: dict):
         self.service = ModelService(checkpoint, probe, settings.get("tracking_uri"))
         self.classify_batch.set_max_batch_size(settings["max_batch_size"])
         self.classify_batch.set_batch_wait_timeout_s(settings["batch_wait_timeout_s"])
@@ -124,7 +145,7 @@ class Classifier:
 
 @serve.deployment(name="Explainer")
 class Explainer:
-    def __init__(self, checkpoint: str, probe: str, settings: dict):
+    def __init__(self, checkpoint: str, probe: str | None, settings: dict):
         self.service = ModelService(checkpoint, probe, settings.get("tracking_uri"))
         self.lock = asyncio.Lock()  # one diffusion run at a time per replica; the rest wait their turn
 
@@ -135,6 +156,6 @@ class Explainer:
         async with self.lock:
             return await asyncio.to_thread(self.service.explain, image, finding, cfg, toward, fmt)
 
-    async def generate(self, seed: int, n: int, steps: int) -> dict:
+    async def generate(self, seed: int, n: int, steps: int, conditions: dict, guidance: float) -> dict:
         async with self.lock:
-            return await asyncio.to_thread(self.service.generate, seed, n, steps)
+            return await asyncio.to_thread(self.service.generate, seed, n, steps, conditions, guidance)

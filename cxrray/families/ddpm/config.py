@@ -84,6 +84,21 @@ class DDPMConfig(BaseModel):
         return out
 
 
+UNITS = {"age": "years", "ivsd": "cm", "lvidd": "cm", "lvpwd": "cm"}
+
+
+def conditions(cfg: DDPMConfig) -> dict[str, dict]:
+    """JSON schema of each covariate a generation request may set (any may be left out: unobserved)."""
+    out: dict[str, dict] = {}
+    for name in cfg.covariates:
+        if name == "sex":
+            out[name] = {"type": "string", "enum": ["M", "F"]}
+        else:
+            lo, hi = RANGES[name]
+            out[name] = {"type": "number", "minimum": lo, "maximum": hi, "unit": UNITS[name]}
+    return out
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"image_size": 64, "base_channels": 32, "channel_mult": (1, 2, 2), "attention_resolutions": (16,)},
     "small": {"image_size": 128, "base_channels": 64, "channel_mult": (1, 1, 2, 2, 4), "attention_resolutions": (16,)},

@@ -11,6 +11,7 @@ FAMILY = Family(
     name="diffae", config=DiffAEConfig, presets=PRESETS, description="diffusion autoencoder (DiffChest): self-supervised z, counterfactual explanations",
     build=lazy("cxrray.families.diffae.network", "DiffAE"),
     loss=lazy(TASK, "loss"), evaluate=lazy(TASK, "evaluate"), export=lazy(TASK, "export"),
+    generate=lazy(TASK, "generate"),
     capabilities=frozenset({"encode", "sample", "invert", "counterfactual"}),
 )
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
-from cxrray.families.base import Evaluation
+from cxrray.families.base import Evaluation, Generated, GenerateRequest
+from cxrray.errors import InputError
 
 
 def loss(model, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -29,6 +30,22 @@ def evaluate(model, batch: dict, seed: int, steps: int) -> Evaluation:
     recon = reconstruct(model, x0, steps=steps)
     score = float(ssim((recon.clamp(-1, 1) + 1) / 2, (x0 + 1) / 2, data_range=1.0))
     return Evaluation({"recon_ssim": score}, {"samples": [x0, samples], "reconstructions": [x0, recon]})
+
+
+@torch.no_grad()
+def generate(model, request: GenerateRequest) -> Generated:
+    """z ~ N(mean, diag(std^2)) from `request.z_prior` (the probe's statistics of the training codes), then
+    x_T ~ N(0, I), both drawn in that order from `request.generator`; DDIM decode. No conditions."""
+    from cxrray.diffusion.ddim import sample
+
+    if request.z_prior is None:
+        raise InputError("a diffusion autoencoder samples z from the codes' statistics: serve it with a probe")
+    if request.conditions:
+        raise InputError(f"this model takes no conditions, got {sorted(request.conditions)}")
+    mean, std = (torch.as_tensor(a, dtype=torch.float32) for a in request.z_prior)
+    z = mean + std * torch.randn(request.n, mean.shape[0], generator=request.generator)
+    images = sample(model, request.n, steps=request.steps, generator=request.generator, z=z)
+    return Generated(images, f"{request.steps} DDIM steps, z drawn from the probe's z mean/std")
 
 
 def export(model, folder: Path) -> list[str]:
