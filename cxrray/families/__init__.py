@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib import import_module
 
-from cxrray.families.base import CAPABILITIES, CapabilityError, Evaluation, Family, Generated, GenerateRequest
+from cxrray.families.base import CAPABILITIES, CapabilityError, Evaluation, Family, Generated, GenerateRequest, Objective
 
 FAMILIES: dict[str, str] = {
     "diffae": "cxrray.families.diffae",  # DiffChest: semantic encoder + z-conditioned U-Net
@@ -29,5 +29,5 @@ def family_of(model) -> Family:
     return get_family(model.cfg.family)
 
 
-__all__ = ["CAPABILITIES", "FAMILIES", "CapabilityError", "Evaluation", "Family", "GenerateRequest", "Generated",
+__all__ = ["CAPABILITIES", "FAMILIES", "CapabilityError", "Evaluation", "Family", "GenerateRequest", "Generated", "Objective",
            "family_of", "get_family"]

@@ -11,7 +11,10 @@ calls only these fields, so it never branches on a family's class:
   discriminator) and its named sizes (`tiny`, `small`, `paper`);
 - `build(cfg) -> nn.Module`: the network (everything that is checkpointed);
 - `loss(model, batch) -> scalar tensor`: the training objective on the whole batch dict (image
-  [B, C, S, S] in [-1, 1], labels [B, F] with NaN, covariates, age, sex ...);
+  [B, C, S, S] in [-1, 1], labels [B, F] with NaN, covariates, age, sex, report text, extra members),
+  optimised over every trainable parameter (requires_grad) that no later objective claims;
+- `objectives`: further `Objective`s, each a loss with its own optimiser over its own parameters (a
+  VAE's discriminator), stepped after the main one on the same batch;
 - `prepare(cfg, data_uri) -> cfg`: driver-side, before training (e.g. covariate statistics from the
   training split, stored in the config and so with the model);
 - `evaluate(model, batch, seed, steps) -> Evaluation`: what the loop logs (metrics and image rows);
@@ -39,6 +42,17 @@ class Evaluation:
 
     metrics: dict[str, float] = field(default_factory=dict)
     grids: dict[str, list[Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A further training objective: `loss(model, batch)` minimised by its own Adam (lr x `lr_scale`) over
+    `parameters(model)` only. Those parameters are excluded from the main objective's optimiser."""
+
+    name: str
+    loss: Callable[[Any, dict], Any]
+    parameters: Callable[[Any], list]
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -79,6 +93,7 @@ class Family:
     capabilities: frozenset[str]
     export: Callable[[Any, Any], list[str]]
     prepare: Callable[[Any, str], Any] = staticmethod(lambda cfg, data_uri: cfg)
+    objectives: tuple[Objective, ...] = ()
     generate: Callable[[Any, GenerateRequest], Generated] | None = None
     conditions: Callable[[Any], dict[str, dict]] = no_conditions
     description: str = ""

@@ -1,21 +1,31 @@
-"""One optimizer step behind one interface for both strategies: DeepSpeed (the default) and plain
-PyTorch DDP (the baseline). The trained module stays fp32; bf16 is autocast on GPU, so weights and
-optimizer state checkpoint exactly."""
+"""Optimizer steps behind one interface for both strategies: DeepSpeed (the default) and plain PyTorch
+DDP (the baseline). The trained module stays fp32; bf16 is autocast on GPU, so weights and optimizer
+state checkpoint exactly.
+
+A family trains one main objective (`Family.loss` over every trainable parameter no other objective
+claims) through the strategy's engine, and optionally further objectives (`Family.objectives`, e.g. a
+VAE's discriminator), each with its own torch Adam over its own parameters and an explicit gradient
+all-reduce across workers (DeepSpeed's engine owns exactly one optimizer). All are stepped in order on
+the same batch, so the loop never branches on how many there are.
+"""
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
 from cxrray.config import TrainConfig
+from cxrray.families import Family, Objective
+
+MAIN = "main"
 
 
 class LossModule(nn.Module):
-    """Wraps the model so the family's whole training forward (`loss(model, batch)`) runs inside
+    """Wraps the model so one objective's whole training forward (`loss(model, batch)`) runs inside
     `forward`, as DDP and DeepSpeed require for gradient synchronisation."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, dict], torch.Tensor]):
@@ -28,30 +38,74 @@ class LossModule(nn.Module):
 
 
 @dataclass
+class ObjectiveStep:
+    """One objective: its forward wrapper, the torch optimizer whose state is checkpointed, its parameters."""
+
+    name: str
+    wrapped: nn.Module  # DeepSpeed engine, DDP(LossModule) or the LossModule itself
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]
+    engine: str  # "deepspeed" or "torch"
+
+
+@dataclass
 class Engine:
     strategy: str
-    wrapped: nn.Module  # DeepSpeed engine or DDP(LossModule)
     model: nn.Module  # the bare model (fp32 weights to checkpoint)
-    optimizer: torch.optim.Optimizer  # the underlying torch optimizer (its state is checkpointed)
+    objectives: list[ObjectiveStep]  # the main objective first
     device: torch.device
     autocast: Callable[[], contextlib.AbstractContextManager]
     grad_clip: float
+    world_size: int = 1
+    last: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The main objective's torch optimizer."""
+        return self.objectives[0].optimizer
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Checkpoint name -> optimizer: the main one as `optimizer`, the others as `optimizer-{name}`."""
+        return {("optimizer" if o.name == MAIN else f"optimizer-{o.name}"): o.optimizer for o in self.objectives}
 
     def step(self, batch: dict) -> tuple[float, float]:
-        """Forward + backward + clipped optimizer step on this worker's micro-batch (the whole batch
-        dict: image, labels, covariates ...) -> (loss, grad norm)."""
+        """Forward + backward + clipped optimizer step of every objective on this worker's micro-batch
+        (the whole batch dict) -> (main loss, main grad norm); the others' in `self.last`."""
+        self.last = {}
+        result = (float("nan"), float("nan"))
+        for objective in self.objectives:
+            loss, norm = self._step(objective, batch)
+            if objective.name == MAIN:
+                result = (loss, norm)
+            else:
+                self.last.update({f"loss_{objective.name}": loss, f"grad_norm_{objective.name}": norm})
+        return result
+
+    def _step(self, o: ObjectiveStep, batch: dict) -> tuple[float, float]:
+        for p in o.params:  # grads another objective's backward left here
+            p.grad = None
         with self.autocast():
-            loss = self.wrapped(batch)
-        if self.strategy == "deepspeed":
-            self.wrapped.backward(loss)
-            self.wrapped.step()
-            norm = self.wrapped.get_global_grad_norm()
+            loss = o.wrapped(batch)
+        if o.engine == "deepspeed":
+            o.wrapped.backward(loss)
+            o.wrapped.step()
+            norm = o.wrapped.get_global_grad_norm()
         else:
             loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), self.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            if o.name != MAIN and self.world_size > 1:
+                _all_reduce_mean([p.grad for p in o.params if p.grad is not None], self.world_size)
+            norm = torch.nn.utils.clip_grad_norm_(o.params, self.grad_clip)
+            o.optimizer.step()
+            o.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach()), float(norm if norm is not None else float("nan"))
+
+
+def _all_reduce_mean(grads: list[torch.Tensor], world_size: int) -> None:
+    import torch.distributed as dist
+
+    for g in grads:
+        dist.all_reduce(g)
+        g.div_(world_size)
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
@@ -72,29 +126,60 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     }
 
 
-def build_engine(loss_module: LossModule, cfg: TrainConfig, world_size: int, device: torch.device) -> Engine:
-    """`loss_module.model` must already hold the weights to start from (fresh or restored)."""
+def partition(model: nn.Module, family: Family) -> list[tuple[Objective | None, list[nn.Parameter]]]:
+    """[(objective, its parameters)], the main objective (None) first with every trainable parameter that
+    no further objective claims. Raises if two objectives claim one parameter or one claims nothing."""
+    claimed: dict[int, str] = {}
+    extra = []
+    for objective in family.objectives:
+        params = [p for p in objective.parameters(model) if p.requires_grad]
+        if not params:
+            raise ValueError(f"objective {objective.name!r} of family {family.name!r} has no trainable parameters")
+        for p in params:
+            if id(p) in claimed:
+                raise ValueError(f"objectives {claimed[id(p)]!r} and {objective.name!r} claim the same parameter")
+            claimed[id(p)] = objective.name
+        extra.append((objective, params))
+    main = [p for p in model.parameters() if p.requires_grad and id(p) not in claimed]
+    return [(None, main)] + extra
+
+
+def build_engine(model: nn.Module, family: Family, cfg: TrainConfig, world_size: int, device: torch.device) -> Engine:
+    """`model` must already hold the weights to start from (fresh or restored)."""
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    loss_module.to(device)
+    model.to(device)
     if cfg.channels_last:
-        loss_module.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)
+    deepspeed_config(cfg, world_size)  # batch validation for both strategies
+    parts = partition(model, family)
+    main_params = parts[0][1]
+    main_module = LossModule(model, family.loss)
     if cfg.strategy == "deepspeed":
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
-        wrapped, optimizer, _, _ = deepspeed.initialize(
-            model=loss_module, model_parameters=[p for p in loss_module.parameters() if p.requires_grad],
-            config=deepspeed_config(cfg, world_size), dist_init_required=False)
-        base = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
+        wrapped, optimizer, _, _ = deepspeed.initialize(model=main_module, model_parameters=main_params,
+                                                        config=deepspeed_config(cfg, world_size), dist_init_required=False)
+        steps = [ObjectiveStep(MAIN, wrapped, getattr(optimizer, "optimizer", optimizer), main_params, "deepspeed")]
     else:
-        import ray.train.torch
+        wrapped = main_module
+        if world_size > 1:
+            import ray.train.torch
 
-        deepspeed_config(cfg, world_size)  # same batch validation
-        wrapped = ray.train.torch.prepare_model(loss_module, move_to_device=False) if world_size > 1 else loss_module
-        trainable = [p for p in loss_module.parameters() if p.requires_grad]
-        base = optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=0.0)
+            others = {n for n, p in main_module.named_parameters() if p.requires_grad and
+                      not any(p is q for q in main_params)}
+            if others:  # further objectives reduce their own gradients
+                nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(main_module, others)
+            wrapped = ray.train.torch.prepare_model(main_module, move_to_device=False)
+        steps = [ObjectiveStep(MAIN, wrapped, torch.optim.Adam(main_params, lr=cfg.lr, weight_decay=0.0), main_params,
+                               "torch")]
+    for objective, params in parts[1:]:
+        steps.append(ObjectiveStep(objective.name, LossModule(model, objective.loss),
+                                   torch.optim.Adam(params, lr=cfg.lr * objective.lr_scale, weight_decay=0.0), params,
+                                   "torch"))
     if cfg.compile:
-        wrapped.compile() if hasattr(wrapped, "compile") else None
-    return Engine(cfg.strategy, wrapped, loss_module.model, base, device, autocast, cfg.grad_clip)
+        for o in steps:
+            o.wrapped.compile() if hasattr(o.wrapped, "compile") else None
+    return Engine(cfg.strategy, model, steps, device, autocast, cfg.grad_clip, world_size)

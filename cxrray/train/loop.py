@@ -28,7 +28,7 @@ from cxrray.families import get_family
 from cxrray.io import checkpoint as ckpt_io
 from cxrray.io.card import model_card
 from cxrray.train.ema import ema_model
-from cxrray.train.engine import LossModule, build_engine
+from cxrray.train.engine import build_engine
 from cxrray.train.evaluate import evaluate
 
 
@@ -70,7 +70,7 @@ def train_loop_per_worker(config: dict) -> None:
         if saved:
             ckpt_io.load_weights(model, Path(folder) / "model.safetensors")
         ema = ema_model(model, tc.ema_decay)
-        engine = build_engine(LossModule(model, family.loss), tc, world, device)
+        engine = build_engine(model, family, tc, world, device)
         ema.to(device)
         if saved:
             progress.update({k: saved[k] for k in progress})
@@ -78,7 +78,8 @@ def train_loop_per_worker(config: dict) -> None:
             ema.n_averaged.fill_(max(1, saved["ema_updates"]))
             same_layout = (saved["world_size"], saved["strategy"], saved["zero_stage"]) == (world, tc.strategy, tc.zero_stage)
             if same_layout and (Path(folder) / f"optimizer-rank{rank}.json").exists():
-                engine.optimizer.load_state_dict(ckpt_io.load_state(Path(folder), f"optimizer-rank{rank}"))
+                for name, optimizer in engine.optimizers().items():
+                    optimizer.load_state_dict(ckpt_io.load_state(Path(folder), f"{name}-rank{rank}"))
                 ckpt_io.set_rng_state(ckpt_io.load_state(Path(folder), f"rng-rank{rank}"))
             elif rank == 0:
                 print(f"[pretrain] optimizer state not restored: layout changed from {saved['world_size']} "
@@ -90,7 +91,7 @@ def train_loop_per_worker(config: dict) -> None:
     eval_batch = to_torch(config["eval_batch"]) if config.get("eval_batch") else None
     micro = tc.global_batch // world
     shard = ray.train.get_dataset_shard("train")
-    window = {"loss": 0.0, "steps": 0, "wait": 0.0, "busy": 0.0, "start": time.perf_counter(), "grad": 0.0}
+    window = {"loss": 0.0, "steps": 0, "wait": 0.0, "busy": 0.0, "start": time.perf_counter(), "grad": 0.0, "extra": {}}
     last_metrics: dict = {}
     epoch = 0
     while progress["images_shown"] < tc.images:
@@ -109,6 +110,8 @@ def train_loop_per_worker(config: dict) -> None:
             progress["ema_updates"] += 1
             window["loss"] += loss
             window["grad"] += grad if math.isfinite(grad) else 0.0
+            for name, value in engine.last.items():  # further objectives' losses and grad norms
+                window["extra"][name] = window["extra"].get(name, 0.0) + (value if math.isfinite(value) else 0.0)
             window["steps"] += 1
             fetched = time.perf_counter()
             window["busy"] += fetched - started
@@ -136,8 +139,9 @@ def _window_metrics(window: dict, progress: dict, tc) -> dict:
     metrics = {"loss": window["loss"] / steps, "images_per_s": steps * tc.global_batch / elapsed,
                "data_wait_fraction": window["wait"] / max(window["wait"] + window["busy"], 1e-9),
                "grad_norm": window["grad"] / steps, "lr": tc.lr,
-               "images_shown": progress["images_shown"], "step": progress["step"]}
-    window.update(loss=0.0, steps=0, wait=0.0, busy=0.0, grad=0.0, start=time.perf_counter())
+               "images_shown": progress["images_shown"], "step": progress["step"],
+               **{name: total / steps for name, total in window["extra"].items()}}
+    window.update(loss=0.0, steps=0, wait=0.0, busy=0.0, grad=0.0, extra={}, start=time.perf_counter())
     return metrics
 
 
@@ -150,7 +154,8 @@ def _save_and_report(engine, ema, progress: dict, metrics: dict, cfg: Config, ra
                      data: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="cxrray-ckpt-") as tmp:
         folder = Path(tmp)
-        ckpt_io.save_state(engine.optimizer.state_dict(), folder, f"optimizer-rank{rank}")
+        for name, optimizer in engine.optimizers().items():
+            ckpt_io.save_state(optimizer.state_dict(), folder, f"{name}-rank{rank}")
         ckpt_io.save_state(ckpt_io.rng_state(), folder, f"rng-rank{rank}")
         if rank == 0:
             ckpt_io.save_weights(engine.model, folder / "model.safetensors")

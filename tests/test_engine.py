@@ -1,0 +1,89 @@
+"""The train engine: a family's main objective and further objectives (each its own optimiser over its own
+parameters), under plain DDP and DeepSpeed, without Ray (world size 1, a loopback gloo group)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from cxrray.families import Family, Objective
+from s3_fixture import free_port
+
+LR = 0.01
+
+
+class Toy(nn.Module):
+    """A 'generator', a 'discriminator' and a frozen part (a pretrained encoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gen, self.disc, self.frozen = nn.Linear(4, 4), nn.Linear(4, 1), nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+
+def gen_loss(model, batch):  # reaches the discriminator's parameters too: their grads must not leak
+    x = model.gen(model.frozen(batch["image"]))
+    return ((x - 1) ** 2).mean() + 0.1 * model.disc(x).mean()
+
+
+def disc_loss(model, batch):  # and this one reaches the generator's
+    return (model.disc(model.gen(batch["image"])) ** 2).mean()
+
+
+TOY = Family(name="toy", config=dict, presets={}, build=lambda cfg: Toy(), loss=gen_loss, evaluate=None,
+             capabilities=frozenset(), export=None,
+             objectives=(Objective("disc", disc_loss, lambda m: list(m.disc.parameters()), lr_scale=0.5),))
+
+
+@pytest.fixture
+def gloo_group():
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_each_objective_steps_only_its_own_parameters_with_its_own_optimiser(strategy, request):
+    from cxrray.config import TrainConfig
+    from cxrray.train.engine import build_engine
+
+    if strategy == "deepspeed":
+        request.getfixturevalue("gloo_group")
+    torch.manual_seed(0)
+    model = Toy()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(strategy=strategy, global_batch=4, lr=LR, grad_clip=1e9, precision="fp32")
+    engine = build_engine(model, TOY, cfg, world_size=1, device=torch.device("cpu"))
+    assert set(engine.optimizers()) == {"optimizer", "optimizer-disc"}
+    # sizes, not identities: ZeRO holds the main optimizer's parameters as one flat partition
+    owned = {name: sum(p.numel() for g in opt.param_groups for p in g["params"]) for name, opt in engine.optimizers().items()}
+    assert owned["optimizer"] == 4 * 4 + 4  # the generator: not the frozen part, not the discriminator
+    assert owned["optimizer-disc"] == 4 + 1
+    assert engine.optimizers()["optimizer-disc"].param_groups[0]["lr"] == pytest.approx(LR * 0.5)
+
+    loss, _ = engine.step({"image": torch.randn(4, 4, generator=torch.Generator().manual_seed(1))})
+    assert loss > 0 and engine.last["loss_disc"] > 0 and "grad_norm_disc" in engine.last
+    after = model.state_dict()
+    assert torch.equal(after["frozen.weight"], before["frozen.weight"])
+    # Adam's first step moves every parameter with a gradient by its learning rate: the generator by LR
+    # (once: the discriminator's backward into it is cleared before its next step), the discriminator by LR/2
+    gen_move = (after["gen.weight"] - before["gen.weight"]).abs()
+    disc_move = (after["disc.weight"] - before["disc.weight"]).abs()
+    assert torch.allclose(gen_move, torch.full_like(gen_move, LR), rtol=1e-3)
+    assert torch.allclose(disc_move, torch.full_like(disc_move, LR / 2), rtol=1e-3)
+
+
+def test_objectives_may_not_share_parameters():
+    from cxrray.train.engine import partition
+
+    twice = Family(name="bad", config=dict, presets={}, build=None, loss=gen_loss, evaluate=None,
+                   capabilities=frozenset(), export=None,
+                   objectives=(Objective("a", disc_loss, lambda m: list(m.disc.parameters())),
+                               Objective("b", disc_loss, lambda m: list(m.disc.parameters()))))
+    with pytest.raises(ValueError, match="claim the same parameter"):
+        partition(Toy(), twice)
