@@ -1,6 +1,7 @@
 """The family contract, once for every registered family: tiny build, one CPU loss step on a stream-shaped
-batch, checkpoint round trip (weights and EMA equal), seeded sampling deterministic, invert/sample mirror
-where supported, load_model from a checkpoint and from MLflow, diffusers export loads to 1e-5.
+batch, checkpoint round trip (weights and EMA equal), seeded evaluation and generation deterministic,
+load_model from a checkpoint and from the MLflow registry by alias, diffusers export loads to 1e-5.
+(Invert/sample mirroring of DiffAE is tested in test_diffusion, the one family that inverts.)
 A new family gets all of it by adding its registry line."""
 from __future__ import annotations
 
@@ -75,11 +76,53 @@ def test_family_contract(name, tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(rows, again.grids[title])), title
         assert tuple(rows[-1].shape) == (2, 1, 32, 32)
     assert float(first.grids["samples"][-1].abs().max()) <= 1.0 + 1e-5  # sampling from noise clips x0
+    # generation (Serve's /v1/generate) is seeded, takes the family's own conditions and refuses others
+    if family.generate is not None:
+        images = [family.generate(loaded.model, generate_request(family, loaded.model)).images for _ in range(2)]
+        assert torch.equal(images[0], images[1]) and tuple(images[0].shape) == (2, 1, 32, 32)
+        with pytest.raises(Exception, match="nope"):
+            family.generate(loaded.model, generate_request(family, loaded.model, nope=1.0))
     # capabilities are enforced with a message naming the missing one
     missing = sorted({"encode", "sample", "invert", "counterfactual", "generate"} - family.capabilities)
     if missing:
         with pytest.raises(CapabilityError, match=missing[0]):
             family.require(missing[0])
+
+
+def generate_request(family, model, **extra):
+    """A seeded request with a valid value for each of the family's conditions (mid-range, first choice)."""
+    from cxrray.families import GenerateRequest
+
+    conditions = {k: spec["enum"][0] if "enum" in spec else (spec["minimum"] + spec["maximum"]) / 2
+                  for k, spec in family.conditions(model.cfg).items()}
+    prior = (torch.zeros(model.cfg.z_dim), torch.ones(model.cfg.z_dim)) if "encode" in family.capabilities else None
+    return GenerateRequest(n=2, steps=3, generator=torch.Generator().manual_seed(5), conditions={**conditions, **extra},
+                           guidance=2.0, z_prior=prior)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_loads_from_the_mlflow_registry_by_alias(name, tmp_path, monkeypatch):
+    """Registered as cxrray-<family>; `models:/cxrray-<family>@latest` loads the same weights."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from cxrray.train.registry import register_model
+
+    monkeypatch.chdir(tmp_path)
+    family = get_family(name)
+    torch.manual_seed(0)
+    model = family.build(tiny(name))
+    ckpt = write_checkpoint(model, tmp_path / "ckpt", shown=96)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("contract", artifact_location=(tmp_path / "art").as_uri()))
+    cfg = load_config("tiny", [f"model.family={name}"])
+    assert register_model(cfg, ckpt, SimpleNamespace(uri=uri, run_id=run.info.run_id)) == "1"
+    loaded = load_model(f"models:/cxrray-{name}@latest", tracking_uri=uri)
+    assert loaded.family is family and loaded.identity["images_shown"] == 96
+    assert loaded.identity["name"] == f"cxrray-{name}" and loaded.identity["version"] == "1"
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
