@@ -161,7 +161,7 @@ def main() -> None:
         for batch in (1, args.batch):
             cfg = load_config("tiny", [f"model.image_size={args.size}", f"serve.max_batch_size={batch}",
                                        f"serve.batch_wait_timeout_s={args.wait_ms / 1000}",
-                                       "serve.ingress_replicas=[1,1]", "serve.classifier_replicas=[1,1]"])
+                                       "serve.deployments.ingress.replicas=[1,1]", "serve.deployments.classifier.replicas=[1,1]"])
             serve.run(make_app(ckpt, probe, cfg), name="cxrray", route_prefix="/")
             drive(base, files, 20, 4)  # warm-up
             if batch == 1:

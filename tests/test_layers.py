@@ -3,7 +3,8 @@
 Layers, bottom up (a module may import its own layer and those below):
   0 data (sources, phantoms, shards, storage, de-identification, streams), runtime, the package root
   1 eval (metrics and statistics on arrays), io.checkpoint (safetensors + JSON files)
-  2 families, diffusion (networks, objectives, samplers)
+  2 families, diffusion (networks, objectives, samplers), the stages' torch-free config sections
+    (train.settings, pipelines.settings, serve.settings)
   3 config (composes the sections that live beside their code), io (load_model, export, MLflow pyfunc)
   4 train, pipelines, tracking
   5 serve
@@ -22,6 +23,7 @@ LAYERS = {  # module prefix -> layer; the longest matching prefix wins
     "cxrray": 0, "cxrray.data": 0, "cxrray.runtime": 0,
     "cxrray.eval": 1, "cxrray.io.checkpoint": 1,
     "cxrray.families": 2, "cxrray.diffusion": 2,
+    "cxrray.train.settings": 2, "cxrray.pipelines.settings": 2, "cxrray.serve.settings": 2,
     "cxrray.config": 3, "cxrray.io": 3,
     "cxrray.train": 4, "cxrray.pipelines": 4, "cxrray.tracking": 4,
     "cxrray.serve": 5,

@@ -47,8 +47,9 @@ FINDINGS = ["effusion", "cardiomegaly", "nodule", "rare"]  # "rare": not fitted 
 UPLOAD_LIMIT, PIXEL_LIMIT = 200_000, 1_000_000
 SETS = [f"serve.max_upload_bytes={UPLOAD_LIMIT}", f"serve.max_pixels={PIXEL_LIMIT}", "serve.max_steps=4",
         "serve.max_invert_steps=4", "serve.max_generate=2", f"serve.api_key_env={KEY_ENV}", "explain.steps=3",
-        "explain.invert_steps=3", "serve.ingress_num_cpus=0.1", "serve.classifier_num_cpus=0.25",
-        "serve.explainer_num_cpus=0.25", "serve.ingress_replicas=[1,1]", "serve.classifier_replicas=[1,1]",
+        "explain.invert_steps=3", "serve.deployments.ingress.num_cpus=0.1", "serve.deployments.classifier.num_cpus=0.25",
+        "serve.deployments.explainer.num_cpus=0.25", "serve.deployments.ingress.replicas=[1,1]",
+        "serve.deployments.classifier.replicas=[1,1]",
         "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.01"]
 RESPONSES: list[str] = []  # every response body of the module, checked for identifiers at the end
 
@@ -706,7 +707,6 @@ def test_overload_is_a_json_503_and_replica_ranges_are_checked():
 
     from cxrray.config import ConfigError, load_config
     from cxrray.serve.api import _call
-    from cxrray.serve.app import make_app
     from cxrray.serve.uploads import ApiError
 
     async def overloaded():
@@ -715,5 +715,10 @@ def test_overload_is_a_json_503_and_replica_ranges_are_checked():
     with pytest.raises(ApiError) as err:
         asyncio.run(_call(overloaded()))
     assert err.value.status == 503 and err.value.body()["error"] == "overloaded"
-    with pytest.raises(ConfigError, match="classifier_replicas"):
-        make_app("ckpt", "probe", load_config("tiny", ["serve.classifier_replicas=[3,1]"]))
+    with pytest.raises(ConfigError, match="replicas must be"):
+        load_config("tiny", ["serve.deployments.classifier.replicas=[3,1]"])
+    with pytest.raises(ConfigError, match="unknown deployment"):
+        load_config("tiny", ["serve.deployments.classifer.num_cpus=1"])
+    cfg = load_config("tiny", ["serve.deployments.classifier.num_gpus=0.25"])
+    assert cfg.serve.deployments["classifier"].num_gpus == 0.25 and cfg.serve.deployments["classifier"].num_cpus == 0.5
+    assert cfg.serve.deployments["explainer"].max_queued_requests == 32  # the others keep their defaults

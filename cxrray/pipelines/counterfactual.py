@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from cxrray.config import ExplainConfig
+from cxrray.pipelines.settings import ExplainConfig
 from cxrray.diffusion.ddim import ddim_invert, ddim_sample
 from cxrray.pipelines.head import LinearHead, logit
 

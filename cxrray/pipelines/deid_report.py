@@ -11,7 +11,7 @@ import csv
 import os
 from pathlib import Path
 
-from cxrray.config import IngestConfig, resolve_salt
+from cxrray.data.settings import IngestConfig, resolve_salt
 from cxrray.data.deid import sample_key
 from cxrray.data.dicom import header_identifiers
 from cxrray.data.shards import read_tar

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from cxrray.config import EncodeConfig
+from cxrray.pipelines.settings import EncodeConfig
 from cxrray.data.imaging import decode_png16, png16_to_model
 from cxrray.data.shards import read_manifest, read_tar
 from cxrray.data.storage import Storage

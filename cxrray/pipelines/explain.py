@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxrray.config import Config, ExplainConfig
+from cxrray.config import Config
+from cxrray.pipelines.settings import ExplainConfig
 from cxrray.data.imaging import encode_png16
 from cxrray.data.shards import read_manifest, read_tar
 from cxrray.data.storage import Storage

@@ -25,7 +25,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cxrray.config import DecodeConfig, ExplainConfig
+from cxrray.data.settings import DecodeConfig
+from cxrray.pipelines.settings import ExplainConfig
 from cxrray.serve.uploads import (FORM_OVERHEAD, ApiError, media_type, parse_multipart, prepare_image,
                                   read_body, upload_from)
 

@@ -15,9 +15,10 @@ import time
 from pydantic import BaseModel
 from ray import serve
 
-from cxrray.config import Config, ConfigError, load_config
+from cxrray.config import Config, load_config
 from cxrray.serve.api import HandleBackend, create_api
 from cxrray.serve.models import Classifier, Explainer
+from cxrray.serve.settings import DeploymentSettings
 from cxrray.tracking import tracking_uri
 
 
@@ -45,33 +46,26 @@ class Api:
         return create_api(self.settings, self.backend)
 
 
-def _replicas(name: str, pair: tuple[int, int], target: float) -> dict:
-    lo, hi = pair
-    if not 0 <= lo <= hi or hi < 1:
-        raise ConfigError(f"serve.{name}_replicas must be (min, max) with 0 <= min <= max and max >= 1, got {pair}")
+def _options(d: DeploymentSettings) -> dict:
+    """Serve `.options(...)` of one deployment from its settings."""
+    lo, hi = d.replicas
     return {"autoscaling_config": {"min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, 1),
-                                   "target_ongoing_requests": target}}
-
-
-def _resources(cpus: float, gpus: float = 0.0) -> dict:
-    return {"ray_actor_options": {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}}
+                                   "target_ongoing_requests": d.target_ongoing_requests},
+            "max_queued_requests": d.max_queued_requests,
+            "ray_actor_options": {"num_cpus": d.num_cpus, **({"num_gpus": d.num_gpus} if d.num_gpus else {})}}
 
 
 def make_app(checkpoint: str, probe: str | None, cfg: Config):
-    """The Serve application (ingress bound to the model deployments), sized from `cfg.serve`."""
+    """The Serve application (ingress bound to the model deployments), sized from `cfg.serve.deployments`."""
     s, settings = cfg.serve, settings_from(cfg)
+    d = s.deployments
     common = {"graceful_shutdown_wait_loop_s": 0.5}  # drained replicas stop within ~0.5 s, not 2 s
     classifier = None if not probe else Classifier.options(
-        **common, max_ongoing_requests=max(16, 2 * s.max_batch_size),
-        **_replicas("classifier", s.classifier_replicas, s.target_ongoing_requests),
-        **_resources(s.classifier_num_cpus, s.classifier_num_gpus)).bind(checkpoint, probe, settings)
-    explainer = Explainer.options(
-        **common, max_ongoing_requests=2, max_queued_requests=s.explainer_max_queued,
-        **_replicas("explainer", s.explainer_replicas, 1.0),
-        **_resources(s.explainer_num_cpus, s.explainer_num_gpus)).bind(checkpoint, probe, settings)
-    return Api.options(**common, max_ongoing_requests=64,
-                       **_replicas("ingress", s.ingress_replicas, 4 * s.target_ongoing_requests),
-                       **_resources(s.ingress_num_cpus)).bind(classifier, explainer, settings)
+        **common, max_ongoing_requests=max(16, 2 * s.max_batch_size), **_options(d["classifier"])
+    ).bind(checkpoint, probe, settings)
+    explainer = Explainer.options(**common, max_ongoing_requests=2, **_options(d["explainer"])).bind(
+        checkpoint, probe, settings)
+    return Api.options(**common, max_ongoing_requests=64, **_options(d["ingress"])).bind(classifier, explainer, settings)
 
 
 class AppArgs(BaseModel):

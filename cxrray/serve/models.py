@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from cxrray.config import ExplainConfig
+from cxrray.pipelines.settings import ExplainConfig
 from cxrray.families import CapabilityError, GenerateRequest
 from cxrray.io.loading import PUBLIC
 from cxrray.io.loading import load_model as load_any

@@ -16,7 +16,7 @@ import pydicom
 from PIL import Image
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from cxrray.config import DecodeConfig
+from cxrray.data.settings import DecodeConfig
 from cxrray.data.dicom import RejectError, decode_file, known_identifiers
 from cxrray.data.text_deid import KnownIdentifiers, scrub_message
 from cxrray.data.imaging import model_input

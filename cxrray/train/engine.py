@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cxrray.config import TrainConfig
+from cxrray.train.settings import TrainConfig
 from cxrray.families import Family, Objective
 
 MAIN = "main"

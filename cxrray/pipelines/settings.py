@@ -1,0 +1,67 @@
+"""Config sections of the batch jobs (`encode`, `probe`, `explain`, `audit`): typed data owned by
+the jobs. Torch-free; `cxrray.config` composes them."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from cxrray.data.settings import StrictModel
+
+
+class EncodeConfig(StrictModel):
+    """Encode job: z from the EMA encoder and, optionally, x_T by deterministic DDIM inversion."""
+
+    invert: bool = False
+    invert_steps: int = Field(250, ge=1, le=1000)  # DiffChest: 250
+    batch_size: int = Field(16, ge=1)
+    chunk: int = Field(256, ge=1)  # samples per Parquet part: the unit of resumption
+    actors: int | None = Field(None, ge=1)  # actor-pool size; None: one per GPU / two CPU actors locally
+    use_gpu: bool = False
+
+
+class ProbeConfig(StrictModel):
+    """Linear (logistic-regression) probe on z and its evaluation."""
+
+    fit_splits: list[str] = Field(default_factory=lambda: ["finetune", "train"])  # first present is used
+    test_split: str = "test"
+    fractions: list[float] = Field(default_factory=lambda: [0.03, 0.1, 1.0])  # of fine-tune patients
+    C: float = Field(10.0, gt=0)  # inverse L2 strength of sklearn's LogisticRegression
+    min_positives: int = Field(30, ge=1)  # test positives needed to report a finding's AUROC
+    bootstrap: int = Field(1000, ge=10)  # redraws for per-finding CIs
+    paired_bootstrap: int = Field(10_000, ge=10)  # redraws for the paired model comparison
+    age_bins: list[float] = Field(default_factory=lambda: [0, 40, 60, 80, 200])  # years, right-open
+    seed: int = 0
+
+
+class ExplainConfig(StrictModel):
+    """Counterfactual explanations: z* = z + eps * y_t * w (DiffChest eq. 5) or the closed form (eq. 4)."""
+
+    mode: Literal["linear", "closed_form"] = "linear"
+    eps: float = Field(0.3, gt=0, le=10)  # step along the unit probe direction, in units of sqrt(z_dim)
+    target_probability: float = Field(0.9, gt=0, lt=1)  # closed form: probe probability to reach
+    steps: int = Field(100, ge=1, le=1000)  # DDIM decode steps (paper: 100-200)
+    invert_steps: int = Field(250, ge=1, le=1000)
+    batch_size: int = Field(8, ge=1)
+    actors: int | None = Field(None, ge=1)
+    use_gpu: bool = False
+    seed: int = 0  # which images `cxrray explain --limit` picks from shards
+
+
+class AuditConfig(StrictModel):
+    """Confounder audit: counterfactuals toward a finding from images negative for it."""
+
+    images: int = Field(32, ge=2)  # negatives per audited finding
+    split: str = "test"
+    # image: probe on the re-encoded counterfactual minus on the plain reconstruction (what the image shows);
+    # latent: probe on z* minus on z (what the probe direction drags along; cheap, exact for a linear probe)
+    measure: Literal["image", "latent"] = "image"
+    # closed_form: the smallest move that makes the probe say the finding (explain.target_probability); a fixed
+    # linear step saturates every correlated probe and hides the ranking (measured on phantoms)
+    mode: Literal["linear", "closed_form"] = "closed_form"
+    min_effect: float = Field(0.05, ge=0)  # a candidate is flagged when its CI lower bound exceeds this
+    # ... and its own probe's test AUROC (the probe's metrics.json) is at least this: a chance-level probe's
+    # direction is noise, and a tight CI on noise is not a confounder. Labels with no measured AUROC are not gated.
+    min_probe_auroc: float = Field(0.6, ge=0, le=1)
+    bootstrap: int = Field(1000, ge=10)
+    seed: int = 0
