@@ -196,3 +196,20 @@ def test_the_loss_gets_the_whole_batch_numbers_as_tensors_and_text_as_str():
     assert torch.is_tensor(batch["image"]) and batch["image"].shape == (2, 1, 4, 4)
     assert torch.isnan(batch["age"][1]) and batch["mask"].sum() == 32
     assert batch["report"] == ["Cardiomegaly.", ""]
+
+
+def test_every_stage_refuses_a_family_without_the_capability_naming_it(tmp_path, capsys):
+    """encode/explain/audit on a ddpm checkpoint: exit 2 before any work, naming the missing capability."""
+    from cxrray.cli import main
+
+    ckpt = write_checkpoint(get_family("ddpm").build(tiny("ddpm")), tmp_path / "ddpm")
+    runs = {"encode": ["encode", "--checkpoint", ckpt, "--data", str(tmp_path / "shards"), "--output", str(tmp_path / "e")],
+            "counterfactual": ["explain", "--checkpoint", ckpt, "--probe", str(tmp_path / "p"), "--input",
+                               str(tmp_path / "shards"), "--finding", "effusion", "--output", str(tmp_path / "x")]}
+    runs["counterfactual (audit)"] = ["audit", "--checkpoint", ckpt, "--probe", str(tmp_path / "p"), "--data",
+                                      str(tmp_path / "shards"), "--finding", "effusion", "--output", str(tmp_path / "a")]
+    for capability, argv in runs.items():
+        assert main(argv) == 2, capability
+        err = capsys.readouterr().err
+        assert f"model family 'ddpm' cannot {capability.split()[0]}" in err and "generate, sample" in err, err
+    assert not any((tmp_path / d).exists() for d in ("e", "x", "a"))

@@ -110,11 +110,14 @@ def _mlflow_fetch_here(uri: str, weights: str, into: Path) -> tuple[dict, dict]:
     return state, _identity(state, name, str(version), uri)
 
 
-def model_identity(uri: str) -> dict:
-    """Name/version facts of a checkpoint for provenance (reads state.json only)."""
+def model_identity(uri: str, *require: str) -> dict:
+    """Name/version facts of a checkpoint for provenance (reads state.json only). Each capability in
+    `require` must be the family's, else CapabilityError names the one missing (before any work starts)."""
     store = resolve_checkpoint(uri)
     state = json.loads(store.read_bytes("state.json"))
     family = model_config(state).family
+    for capability in require:
+        get_family(family).require(capability)
     return _identity(state, f"cxrray-{family}", f"{int(state.get('images_shown', 0))}-images", store.uri)
 
 

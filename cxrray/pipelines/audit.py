@@ -28,6 +28,7 @@ from cxrray.data.imaging import decode_png16, png16_to_model
 from cxrray.data.storage import Storage
 from cxrray.eval import html
 from cxrray.eval.grids import save_grid
+from cxrray.io.loading import model_identity
 from cxrray.pipelines.explain import explain_shards, select, stem
 from cxrray.pipelines.head import load_head
 from cxrray.errors import InputError
@@ -149,6 +150,7 @@ def audit(checkpoint: str, probe: str, data_uri: str, findings: list[str], outpu
 
     if not findings:
         raise InputError("give at least one --finding")
+    model_identity(checkpoint, "counterfactual")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     head = load_head(probe)

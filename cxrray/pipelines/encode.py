@@ -86,9 +86,9 @@ def plan(manifest: dict, fingerprint: str, size: int) -> list[dict]:
 
 def encode(checkpoint: str, data_uri: str, output_uri: str, cfg: EncodeConfig) -> dict:
     """Encode every sample under `data_uri` into Parquet parts under `output_uri`; returns the index."""
+    identity = model_identity(checkpoint, "encode", *(["invert"] if cfg.invert else []))
     ensure_ray()
     configure_data()
-    identity = model_identity(checkpoint)
     manifest = read_manifest(data_uri)
     settings = {"checkpoint": identity["checkpoint"], "invert": cfg.invert,
                 "invert_steps": cfg.invert_steps if cfg.invert else None, "chunk": cfg.chunk,

@@ -212,6 +212,7 @@ def explain(checkpoint: str, probe: str, input: str, findings: list[str], output
     """`cxrray explain`: a file or a shards URI (optionally one split, capped at `limit` images)."""
     if not findings:
         raise InputError("give at least one --finding")
+    model_identity(checkpoint, "counterfactual")
     head = load_head(probe)
     for finding in findings:
         head.index(finding)
