@@ -44,7 +44,8 @@ def run_demo(cfg: Config, n: int, workdir: Path, shards: str, run: str) -> dict:
                           "splits": manifest["splits"]},
                "pretrain": status, "held_out": report, "encodings": {"uri": encodings, "rows": index["rows"]},
                "probe": probe, "counterfactual_grid": grid,
-               "audit": {f: {"top": r["candidates"][0]["label"] if r["candidates"] else None, "flagged": r["flagged"]}
+               "audit": {f: {"top": r["candidates"][0]["label"] if r["candidates"] else None,
+                             **{k: r[k] for k in ("confounders", "entangled", "unvalidated")}}
                          for f, r in audited["findings"].items()}}
     page = write_report(workdir, summary, audited)
     summary["report"] = str(page)

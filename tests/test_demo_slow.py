@@ -31,7 +31,7 @@ def test_demo_probe_auroc_and_audit_find_the_planted_confounder(ray_local, tmp_p
     assert cardiomegaly["positives"] >= 30 and cardiomegaly["auroc"] >= 0.9, cardiomegaly
     audit = json.loads((tmp_path / "out" / "audit" / "audit.json").read_text())["findings"]
     assert audit["effusion"]["candidates"][0]["label"] == "chest_tube", audit["effusion"]["candidates"][:3]
-    assert "chest_tube" in audit["effusion"]["flagged"]
+    assert "chest_tube" in audit["effusion"]["confounders"]  # planted beside effusion: co-occurs in the fit split
     assert "chest_tube" not in audit["cardiomegaly"]["flagged"], audit["cardiomegaly"]["candidates"][:3]
     page = (tmp_path / "out" / "report.html").read_text()
     for heading in ("Linear probe on z", "Counterfactual explanations", "Confounder audit", "chest_tube"):

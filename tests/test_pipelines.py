@@ -59,6 +59,8 @@ def world(tmp_path_factory):
     head = LinearHead(vocab, weight, np.full(len(vocab), -1.0, np.float32), z.mean(0), z.std(0) + 1e-6,
                       {"fit_split": "train"})
     head.save(root / "probe")
+    (root / "probe" / "metrics.json").write_text(json.dumps({  # as `cxrray probe` writes it: every probe validated
+        "fit_split": "train", "findings": {label: {"evaluated": True, "auroc": 0.9} for label in vocab}}))
     return {**world, "root": root, "model": model, "ckpt": f"file://{ckpt}",
             "probe": str(root / "probe"), "cfg": cfg, "vocab": vocab, "head": head}
 
@@ -193,6 +195,8 @@ def test_audit_ranks_the_label_the_direction_drags_along(world, ray_local, tmp_p
         assert samples[key][1]["labels"][world["vocab"].index(finding)] == 0
     eff = result["findings"]["effusion"]
     assert eff["candidates"][0]["label"] == "chest_tube" and "chest_tube" in eff["flagged"]
+    assert eff["candidates"][0]["verdict"] in ("confounder", "entangled")  # 18 training images: the OR CI is wide
+    assert result["association_split"] == "train" and result["association_images"] > 0
     assert eff["candidates"][0]["ci"][0] > cfg.audit.min_effect
     assert eff["target_effect"] > 0.3  # closed form: the probe reaches its target probability
     nod = result["findings"]["nodule"]
@@ -220,30 +224,49 @@ def test_cli_rejects_unknown_finding_and_missing_checkpoint(world, tmp_path, cap
     assert not (tmp_path / "x").exists()
 
 
-def test_audit_does_not_flag_labels_whose_probe_is_at_chance(tmp_path):
-    from cxrray.pipelines.audit import candidates, probe_aurocs
+def test_audit_verdicts_confounder_entangled_unvalidated_and_not_moved(tmp_path):
+    """Each kind planted: `device` moves and co-occurs with the target in the fit split's labels (confounder),
+    `overlap` moves as much without co-occurring (entangled), `noise` moves but its probe is at chance and
+    `unmeasured` has no test AUROC (both unvalidated, never flagged), `flat` does not move."""
+    from cxrray.pipelines.audit import candidates, odds_ratios, probe_aurocs
 
     rng = np.random.default_rng(0)
-    labels = ["target", "device", "noise", "unmeasured", "flat"]
+    labels = ["target", "device", "overlap", "noise", "unmeasured", "flat"]
     records = []
     for _ in range(20):
         before = dict.fromkeys(labels, 0.2)
-        after = {"target": 0.9, "device": 0.6, "noise": 0.5, "unmeasured": 0.55, "flat": 0.2 + rng.normal(0, 0.01)}
+        after = {"target": 0.9, "device": 0.6, "overlap": 0.58, "noise": 0.5, "unmeasured": 0.55,
+                 "flat": 0.2 + rng.normal(0, 0.01)}
         records.append({"probs_before": before, "probs_latent": after, "probs_reference": before, "probs_after": after})
     (tmp_path / "metrics.json").write_text(json.dumps({"findings": {
-        "device": {"auroc": 0.93}, "noise": {"auroc": 0.42}, "flat": {"auroc": 0.8}, "unmeasured": {"auroc": None}}}))
+        "device": {"auroc": 0.93}, "overlap": {"auroc": 0.9}, "noise": {"auroc": 0.42}, "flat": {"auroc": 0.8},
+        "unmeasured": {"auroc": None}}}))
     aurocs = probe_aurocs(str(tmp_path))
-    assert aurocs == {"device": 0.93, "noise": 0.42, "flat": 0.8}
+    assert aurocs == {"device": 0.93, "overlap": 0.9, "noise": 0.42, "flat": 0.8}
     assert probe_aurocs(str(tmp_path / "no-metrics")) == {}
+    # fit-split labels: device present in 80% of target-positive images and 10% of the others; overlap independent
+    n = 400
+    target = (rng.random(n) < 0.3).astype(float)
+    device = np.where(target == 1, rng.random(n) < 0.8, rng.random(n) < 0.1).astype(float)
+    overlap = (rng.random(n) < 0.3).astype(float)
+    rest = rng.integers(0, 2, (n, 3)).astype(float)
+    rest[:5, 0] = np.nan  # unknown labels are left out, not counted as negatives
+    table = np.column_stack([target, device, overlap, rest])
+    associations = odds_ratios(table, labels, "target")
+    assert associations["device"]["ci"][0] > 1 and associations["device"]["odds_ratio"] > 10
+    assert associations["overlap"]["ci"][0] <= 1 <= associations["overlap"]["ci"][1]
+    assert associations["noise"]["images"] == n - 5
     cfg = load_config("tiny", ["audit.measure=latent", "audit.bootstrap=200"])
-    ranked = {c["label"]: c for c in candidates(records, "target", labels, cfg, aurocs)}
+    ranked = {c["label"]: c for c in candidates(records, "target", labels, cfg, aurocs, associations)}
     assert "target" not in ranked
-    assert ranked["device"]["flagged"] and ranked["device"]["probe_auroc"] == 0.93
-    assert ranked["noise"]["ci"][0] > cfg.audit.min_effect and not ranked["noise"]["flagged"]  # chance-level probe
-    assert ranked["unmeasured"]["flagged"] and ranked["unmeasured"]["probe_auroc"] is None  # not gated
-    assert not ranked["flat"]["flagged"]
-    assert not candidates(records, "target", labels, cfg.model_copy(update={
-        "audit": cfg.audit.model_copy(update={"min_probe_auroc": 0.95})}), aurocs)[0]["flagged"]
+    assert ranked["device"]["verdict"] == "confounder" and ranked["device"]["flagged"]
+    assert "odds ratio" in ranked["device"]["why"]
+    assert ranked["overlap"]["verdict"] == "entangled" and ranked["overlap"]["flagged"]
+    assert ranked["noise"]["ci"][0] > cfg.audit.min_effect and ranked["noise"]["verdict"] == "unvalidated"
+    assert ranked["unmeasured"]["verdict"] == "unvalidated" and not ranked["unmeasured"]["flagged"]
+    assert ranked["flat"]["verdict"] == "not moved" and not ranked["flat"]["flagged"]
+    stricter = cfg.model_copy(update={"audit": cfg.audit.model_copy(update={"min_probe_auroc": 0.95})})
+    assert not any(c["flagged"] for c in candidates(records, "target", labels, stricter, aurocs, associations))
 
 
 def test_fan_out_eta_is_the_remaining_units_at_the_rate_so_far():

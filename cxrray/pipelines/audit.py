@@ -9,8 +9,17 @@ and for every other label L measure the per-image change of the probe's probabil
 - latent measure: p_L(z*) - p_L(z)
 
 The effect is the mean change with a 95% percentile bootstrap CI over images; candidates are ranked
-by effect and flagged when the CI's lower bound exceeds `audit.min_effect` and L's own probe is better
-than chance (test AUROC >= `audit.min_probe_auroc`, read from the probe's metrics.json when present).
+by effect. Each gets a verdict:
+
+- "unvalidated": L's own probe has no test AUROC (too few test positives, or no metrics.json) or one
+  below `audit.min_probe_auroc`; its direction may be noise, so it is never flagged;
+- "confounder": the CI's lower bound exceeds `audit.min_effect` and L co-occurs with F in the labels
+  of the split the probe was fitted on (odds ratio's 95% CI above 1): the data confounds them;
+- "entangled": it moves as much, without such co-occurrence: the representation mixes F and L
+  (overlap in the image or in z), which is a property of the model, not of the data;
+- "not moved": otherwise.
+
+`flagged` lists confounders and entangled labels; the JSON and HTML say which is which, with the numbers.
 Where the image changes is summarised as the share of |counterfactual - reconstruction| in a 3x3 grid.
 Outputs: `audit.json` ({findings: {F: {candidates: [{label, effect, ci, flagged, ...}], ...}}}),
 `audit.html` (tables + grids), grids as PNG; all logged to MLflow.
@@ -44,19 +53,56 @@ def mean_ci(values: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, f
     return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def probe_metrics(probe: str) -> dict:
+    """The probe directory's metrics.json ({} when it has none)."""
+    store = Storage(str(probe))
+    return json.loads(store.read_bytes("metrics.json")) if store.exists("metrics.json") else {}
+
+
 def probe_aurocs(probe: str) -> dict[str, float]:
     """Test AUROC per label from the probe directory's metrics.json ({} when it has none)."""
-    store = Storage(str(probe))
-    if not store.exists("metrics.json"):
-        return {}
-    findings = json.loads(store.read_bytes("metrics.json")).get("findings", {})
+    findings = probe_metrics(probe).get("findings", {})
     return {k: float(v["auroc"]) for k, v in findings.items() if v.get("auroc") is not None}
 
 
+def odds_ratios(labels: np.ndarray, vocab: list[str], finding: str) -> dict[str, dict]:
+    """Co-occurrence of `finding` with every other label over label rows [N, F] (1/0/NaN; rows where
+    either is NaN are left out): odds ratio with a 95% Woolf CI (0.5 added to empty cells, statsmodels)."""
+    from statsmodels.stats.contingency_tables import Table2x2
+
+    f = labels[:, vocab.index(finding)]
+    out = {}
+    for j, label in enumerate(vocab):
+        if label == finding:
+            continue
+        known = np.isfinite(f) & np.isfinite(labels[:, j])
+        a, b = f[known] == 1, labels[known, j] == 1
+        cells = np.array([[np.sum(a & b), np.sum(a & ~b)], [np.sum(~a & b), np.sum(~a & ~b)]], dtype=np.float64)
+        table = Table2x2(cells, shift_zeros=True)
+        low, high = table.oddsratio_confint()
+        out[label] = {"odds_ratio": float(table.oddsratio), "ci": [float(low), float(high)], "images": int(known.sum()),
+                      "both": int(cells[0, 0]), f"p_{label}_given_{finding}": float(cells[0, 0] / max(cells[0].sum(), 1)),
+                      f"p_{label}_given_no_{finding}": float(cells[1, 0] / max(cells[1].sum(), 1))}
+    return out
+
+
+def split_labels(data_uri: str, split: str) -> tuple[np.ndarray, list[str]]:
+    """Label rows [N, F] of every image of `split` in the shards, and the vocabulary."""
+    from cxrray.data.shards import read_manifest, read_tar
+
+    store, manifest = Storage(data_uri), read_manifest(data_uri)
+    rows = [[np.nan if v is None else v for v in meta["labels"]]
+            for shard in manifest["shards"] if shard["splits"].get(split)
+            for _, _, meta in read_tar(store.read_bytes(shard["name"]), shard["name"]) if meta["split"] == split]
+    vocab = manifest["label_vocabulary"]
+    return np.asarray(rows, np.float64).reshape(-1, len(vocab)), vocab
+
+
 def candidates(records: list[dict], finding: str, labels: list[str], cfg: Config,
-               aurocs: dict[str, float] | None = None) -> list[dict]:
-    """Every label but `finding`, ranked by effect (see module docstring)."""
-    out, aurocs = [], aurocs or {}
+               aurocs: dict[str, float] | None = None, associations: dict[str, dict] | None = None) -> list[dict]:
+    """Every label but `finding`, ranked by effect, with its verdict (see module docstring). `aurocs`: the
+    probes' test AUROCs; `associations`: `odds_ratios` of `finding` on the probe's fit split."""
+    out, aurocs, associations = [], aurocs or {}, associations or {}
     for label in labels:
         if label == finding:
             continue
@@ -66,10 +112,26 @@ def candidates(records: list[dict], finding: str, labels: list[str], cfg: Config
             continue
         chosen = image if cfg.audit.measure == "image" else latent
         effect, low, high = mean_ci(chosen, cfg.audit.bootstrap, cfg.audit.seed)
-        auroc = aurocs.get(label)
-        measurable = auroc is None or auroc >= cfg.audit.min_probe_auroc
-        out.append({"label": label, "effect": effect, "ci": [low, high],
-                    "flagged": bool(low > cfg.audit.min_effect and measurable), "probe_auroc": auroc,
+        auroc, association = aurocs.get(label), associations.get(label)
+        co_occurs = association is not None and association["ci"][0] > 1.0
+        if auroc is None:
+            verdict, why = "unvalidated", "its probe has no test AUROC (too few test positives or no evaluation)"
+        elif auroc < cfg.audit.min_probe_auroc:
+            verdict, why = "unvalidated", f"its probe's test AUROC {auroc:.3f} < audit.min_probe_auroc {cfg.audit.min_probe_auroc:g}"
+        elif low <= cfg.audit.min_effect:
+            verdict, why = "not moved", f"effect CI lower bound {low:+.3f} <= audit.min_effect {cfg.audit.min_effect:g}"
+        elif co_occurs:
+            verdict, why = "confounder", (f"moved by {effect:+.3f} and co-occurs with {finding} in the probe's fit split "
+                                          f"(odds ratio {association['odds_ratio']:.2f}, CI {association['ci'][0]:.2f}-"
+                                          f"{association['ci'][1]:.2f})")
+        else:
+            verdict, why = "entangled", (f"moved by {effect:+.3f} without co-occurring with {finding} in the labels"
+                                         + (f" (odds ratio {association['odds_ratio']:.2f}, CI {association['ci'][0]:.2f}-"
+                                            f"{association['ci'][1]:.2f})" if association else " (no labels to test)")
+                                         + ": the representation mixes them")
+        out.append({"label": label, "effect": effect, "ci": [low, high], "verdict": verdict, "why": why,
+                    "flagged": verdict in ("confounder", "entangled"), "probe_auroc": auroc,
+                    "association": association,
                     "effect_image": float(image.mean()), "effect_latent": float(latent.mean())})
     return sorted(out, key=lambda c: c["effect"], reverse=True)
 
@@ -111,10 +173,10 @@ def counterfactuals_toward(checkpoint: str, probe: str, data_uri: str, plan: dic
 
 
 def summarise(finding: str, samples: list[dict], store: Storage, labels: list[str], aurocs: dict[str, float],
-              out: Path, cfg: Config) -> dict:
-    """Ranked candidates, target effect, regions and grid of one finding's written counterfactuals."""
+              associations: dict[str, dict], out: Path, cfg: Config) -> dict:
+    """Ranked candidates with verdicts, target effect, regions and grid of one finding's counterfactuals."""
     records = [json.loads(store.read_bytes(f"{stem(s['key'], finding)}.json")) for s in samples]
-    ranked = candidates(records, finding, labels, cfg, aurocs)
+    ranked = candidates(records, finding, labels, cfg, aurocs, associations)
     shares = {k: float(np.mean([r["regions_vs_reference"][k] for r in records])) for k in records[0]["regions_vs_reference"]}
     after, before = ("probs_latent", "probs_before") if cfg.audit.measure == "latent" else ("probs_after",
                                                                                            "probs_reference")
@@ -122,6 +184,9 @@ def summarise(finding: str, samples: list[dict], store: Storage, labels: list[st
     return {"finding": finding, "images": len(records), "measure": cfg.audit.measure,
             "target_effect": float(target.mean()), "candidates": ranked,
             "flagged": [c["label"] for c in ranked if c["flagged"]],
+            "confounders": [c["label"] for c in ranked if c["verdict"] == "confounder"],
+            "entangled": [c["label"] for c in ranked if c["verdict"] == "entangled"],
+            "unvalidated": [c["label"] for c in ranked if c["verdict"] == "unvalidated"],
             "regions": dict(sorted(shares.items(), key=lambda kv: -kv[1])),
             "grid": _grid(records, store, out / f"audit_{finding}.png", finding)}
 
@@ -130,13 +195,18 @@ def report_html(result: dict) -> str:
     sections = []
     for finding, r in result["findings"].items():
         rows = [{"label": c["label"], "effect": c["effect"], "ci low": c["ci"][0], "ci high": c["ci"][1],
-                 "flagged": "yes" if c["flagged"] else "", "probe AUROC": c["probe_auroc"],
+                 "verdict": c["verdict"], "probe AUROC": c["probe_auroc"],
+                 "odds ratio (fit split)": (c["association"] or {}).get("odds_ratio"),
+                 "OR ci": "" if not c["association"] else f"{c['association']['ci'][0]:.2f}-{c['association']['ci'][1]:.2f}",
                  "image effect": c["effect_image"],
                  "latent effect": c["effect_latent"]} for c in r["candidates"]]
         top = ", ".join(f"{k} {v:.0%}" for k, v in list(r["regions"].items())[:3])
         body = (f"<p>{r['images']} images negative for {html.esc(finding)}; measure: {r['measure']}; "
                 f"change of the target's own probability: {r['target_effect']:+.3f}. "
-                f"Flagged: {html.esc(', '.join(r['flagged']) or 'none')}. Where the image changes: {html.esc(top)}.</p>"
+                f"Confounders (co-occur in the labels): {html.esc(', '.join(r['confounders']) or 'none')}. "
+                f"Entangled (moved without co-occurring: the representation mixes them): "
+                f"{html.esc(', '.join(r['entangled']) or 'none')}. Unvalidated probes, never flagged: "
+                f"{html.esc(', '.join(r['unvalidated']) or 'none')}. Where the image changes: {html.esc(top)}.</p>"
                 + html.table(rows, list(rows[0]) if rows else ["label"]) + html.image(r["grid"], "original / counterfactual / |difference|"))
         sections.append((f"Counterfactuals toward {finding}", body))
     return html.page("cxrray confounder audit", sections,
@@ -157,13 +227,18 @@ def audit(checkpoint: str, probe: str, data_uri: str, findings: list[str], outpu
     for finding in findings:
         head.index(finding)  # unknown or unfitted: fail before any work
     labels = [f for f, ok in zip(head.findings, head.fitted) if ok]
+    metrics = probe_metrics(probe)
     aurocs = probe_aurocs(probe)
+    fit_split = metrics.get("fit_split") or head.info.get("fit_split") or "train"
+    fit_labels, vocab = split_labels(data_uri, fit_split)
+    associations = {f: odds_ratios(fit_labels, vocab, f) for f in findings}
     plan = {f: negatives(data_uri, f, cfg) for f in findings}
     store = Storage(str((out / "counterfactuals").resolve()))
     counterfactuals_toward(checkpoint, probe, data_uri, plan, store, cfg)
     result = {"checkpoint": checkpoint, "probe": str(probe), "data": data_uri,
               "audit": cfg.audit.model_dump(mode="json"), "explain": cfg.explain.model_dump(mode="json"),
-              "findings": {f: summarise(f, plan[f], store, labels, aurocs, out, cfg) for f in findings}}
+              "association_split": fit_split, "association_images": len(fit_labels),
+              "findings": {f: summarise(f, plan[f], store, labels, aurocs, associations[f], out, cfg) for f in findings}}
     (out / "audit.json").write_text(json.dumps(result, indent=1))
     (out / "audit.html").write_text(report_html(result))
     run_id = start_run(cfg.tracking, {"audit": cfg.audit.model_dump(mode="json"), "checkpoint": checkpoint,
@@ -180,5 +255,6 @@ def audit(checkpoint: str, probe: str, data_uri: str, findings: list[str], outpu
     for f, r in result["findings"].items():
         top = r["candidates"][0] if r["candidates"] else None
         print(f"[audit] {f}: top candidate {top['label'] if top else '-'} effect {top['effect'] if top else 0:+.3f}; "
-              f"flagged: {', '.join(r['flagged']) or 'none'}", flush=True)
+              f"confounders: {', '.join(r['confounders']) or 'none'}; entangled: {', '.join(r['entangled']) or 'none'}; "
+              f"unvalidated: {', '.join(r['unvalidated']) or 'none'}", flush=True)
     return result

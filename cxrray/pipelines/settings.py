@@ -61,7 +61,8 @@ class AuditConfig(StrictModel):
     mode: Literal["linear", "closed_form"] = "closed_form"
     min_effect: float = Field(0.05, ge=0)  # a candidate is flagged when its CI lower bound exceeds this
     # ... and its own probe's test AUROC (the probe's metrics.json) is at least this: a chance-level probe's
-    # direction is noise, and a tight CI on noise is not a confounder. Labels with no measured AUROC are not gated.
+    # direction is noise, and a tight CI on noise is not a confounder. Labels with no measured AUROC are
+    # reported as unvalidated and never flagged.
     min_probe_auroc: float = Field(0.6, ge=0, le=1)
     bootstrap: int = Field(1000, ge=10)
     seed: int = 0
