@@ -183,6 +183,48 @@ def test_patient_level_splits_and_header_fallbacks(ray_local, tmp_path):
     assert len(split_of) < 40, "phantom patients have several studies"
 
 
+def test_masks_travel_into_the_shards_on_the_images_grid_and_bad_ones_reject_only_their_image(ray_local, tmp_path):
+    import pandas as pd
+    from PIL import Image
+
+    from cxrray.data.imaging import fit_square
+    from cxrray.data.stream import stream
+
+    root = tmp_path / "in"
+    table = generate(24, root, PhantomConfig(size=64, seed=4, masks=True))
+    with_effusion = [i for i, v in enumerate(table["effusion"]) if v]
+    assert len(with_effusion) >= 3
+    shrunk, missing = with_effusion[0], with_effusion[1]
+    table.loc[shrunk, "mask:effusion"] = "masks/shrunk.png"  # 10x10: not on the image's grid
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(root / "masks" / "shrunk.png")
+    table.loc[missing, "mask:effusion"] = "masks/nope.png"
+    table.to_csv(root / "labels.csv", index=False)
+    out = tmp_path / "out"
+    assert main(["ingest", "--input", str(root), "--labels", str(root / "labels.csv"), "--output", str(out),
+                 "--size", "32"]) == 0
+    manifest = read_manifest(str(out))
+    assert manifest["samples"] == 22 and manifest["rejects_by_reason"] == {"invalid_mask": 2}
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert {r["path"] for r in rejects} == {table["path"][shrunk], table["path"][missing]}
+    assert any("10x10" in r["reason"] for r in rejects)
+    assert "mask_effusion.png" in manifest["members"]
+    expected = {sample_key(p, os.environ["CXRRAY_SALT"]): p for p in table["path"]}
+    by_path = {p: row for p, row in zip(table["path"], table.to_dict("records"))}
+    seen = 0
+    for batch in stream(str(out), batch_size=8).iter_batches(batch_size=None):
+        for i, key in enumerate(batch["key"]):
+            row = by_path[expected[key]]
+            for name in ("effusion", "cardiomegaly", "chest_tube"):
+                got = batch[f"mask_{name}"][i] > 0
+                if isinstance(row[f"mask:{name}"], str):  # the image's own geometry: the same resize and threshold
+                    source = np.asarray(Image.open(root / row[f"mask:{name}"])) > 127
+                    assert np.array_equal(got, fit_square(source.astype(np.float32), 32, "pad") > 0.5), (key, name)
+                else:
+                    assert not got.any()  # blank cell: an empty mask, so every sample has the same members
+            seen += 1
+    assert seen == 22 and not pd.isna(table["mask:effusion"][with_effusion[2]])
+
+
 def test_crash_mid_ingest_then_resume_matches_a_clean_run(ray_local, tmp_path):
     root = tmp_path / "in"
     generate(240, root, PhantomConfig(size=160, seed=5))

@@ -1,7 +1,6 @@
 """Procedural CXR phantoms: determinism, label model, planted findings, DICOM encoding, validation."""
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
 
@@ -20,7 +19,9 @@ from cxrray.data.phantom import (
     LABELS,
     SLVH_CM,
     PhantomConfig,
+    counterpart,
     decode,
+    finding_masks,
     generate,
     parse_confounder,
     quantize,
@@ -49,13 +50,6 @@ def generated(tmp_path_factory):
     calls = []
     table = generate(20, out, cfg, progress=lambda i, n: calls.append((i, n)))
     return out, cfg, table, calls
-
-
-def _without(case, name):
-    """The same case with one finding/device removed (paired rendering)."""
-    labels = dict(case.labels, **{name: 0})
-    details = {k: v for k, v in case.details.items() if k != name}
-    return dataclasses.replace(case, labels=labels, details=details)
 
 
 # ---- determinism ----------------------------------------------------------------------------------
@@ -202,7 +196,7 @@ def test_paired_findings_and_devices_change_the_image():
                             "pneumothorax") if c.labels[k] and k not in seen]
         for name in todo:
             seen.add(name)
-            with_it, without = render(c, cfg), render(_without(c, name), cfg)
+            with_it, without = render(c, cfg), render(counterpart(c, name), cfg)
             diff = with_it - without
             rows, cols = diff.shape
             if name != "pneumothorax":  # every other finding/device only adds density, nothing else moves
@@ -220,6 +214,33 @@ def test_paired_findings_and_devices_change_the_image():
         if len(seen) == 7:
             break
     assert len(seen) == 7
+
+
+def test_masks_are_exactly_where_removing_the_finding_changes_the_image(tmp_path):
+    cfg = PhantomConfig(size=64, seed=2, confounder="tube:effusion:0.9:0.05")
+    covered: dict[str, int] = {}
+    for i in range(120):
+        c = sample_case(i, cfg)
+        image = render(c, cfg)
+        masks = finding_masks(c, cfg, image)
+        assert set(masks) == {k for k in FINDINGS + DEVICES if c.labels[k]}
+        for name, mask in masks.items():
+            diff = np.abs(image - render(counterpart(c, name), cfg))
+            assert diff[mask].sum() >= 0.95 * diff.sum(), name  # the mask holds the change, not its soft edge
+            if name != "nodule" or mask.any():  # a 64 px nodule may be sub-threshold
+                assert mask.any(), name
+            covered[name] = covered.get(name, 0) + 1
+        if c.labels["cardiomegaly"]:  # the heart's border moves: the mask is a crescent beside the heart
+            rows = masks["cardiomegaly"].any(1).nonzero()[0]
+            assert 0.35 * image.shape[0] < rows.mean() < 0.85 * image.shape[0]
+    assert {"cardiomegaly", "effusion", "chest_tube", "ecg_leads"} <= set(covered)
+    with pytest.raises(ValueError, match="not drawn"):
+        counterpart(sample_case(0, cfg), "slvh")
+    table = generate(8, tmp_path, cfg.model_copy(update={"masks": True}))
+    for _, row in table.iterrows():
+        for name in FINDINGS + DEVICES:
+            path = row[f"mask:{name}"]
+            assert (isinstance(path, str) and (tmp_path / path).is_file()) == bool(row[name]), (name, path)
 
 
 # ---- DICOM -----------------------------------------------------------------------------------------

@@ -9,12 +9,14 @@ Finish (driver): manifest.json + rejects.jsonl from the part records, then drop 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import ray
 
 from cxrray import __version__
@@ -50,6 +52,7 @@ def ingest(input_dir: str | os.PathLike, output_uri: str, cfg: IngestConfig, *, 
                             **(source_options or {}))
     findings = list(table.findings) if table is not None else []
     covariates = sorted({k for c in table.meta["covariates"] for k in c}) if table is not None else []
+    masks = sorted({k for m in table.meta["masks"] for k in m}) if table is not None and "masks" in table.meta else []
     dataset = table.name if table is not None and cfg.dataset == "custom" else cfg.dataset
     preprocessing = {"size": cfg.size, "fit": cfg.fit, "decode": cfg.decode.model_dump(mode="json"),
                      "png_bits": 16, "photometric": "MONOCHROME2", "model_range": [-1.0, 1.0]}
@@ -60,7 +63,7 @@ def ingest(input_dir: str | os.PathLike, output_uri: str, cfg: IngestConfig, *, 
     text_cfg = cfg.text.resolved()
     context = {"root": str(root), "out": store.uri, "salt": salt, "dataset": dataset, "findings": findings,
                "text": text_cfg.model_dump(),
-               "size": cfg.size, "fit": cfg.fit, "decode": cfg.decode.model_dump(),
+               "size": cfg.size, "fit": cfg.fit, "decode": cfg.decode.model_dump(), "masks": masks,
                "split_seed": cfg.split_seed, "split_fractions": cfg.split_fractions}
     tasks = _plan(items, root, cfg.shard_samples, fingerprint_base={
         "format": shards.FORMAT, "preprocessing": preprocessing, "split_rule": split_rule, "dataset": dataset,
@@ -110,7 +113,8 @@ def _plan(items: list[dict], root: Path, shard_samples: int, fingerprint_base: d
         group = groups[split]
         for n, start in enumerate(range(0, len(group), shard_samples)):
             chunk = group[start : start + shard_samples]
-            stats = [(it["rel"], *_stat(root / it["rel"])) for it in chunk]
+            stats = [(rel, *_stat(root / rel)) for it in chunk
+                     for rel in [it["rel"], *sorted(((it["row"] or {}).get("masks") or {}).values())]]
             fp = shards.sha256(json.dumps({"base": fingerprint_base, "stats": stats,
                                            "rows": [it["row"] for it in chunk]}, sort_keys=True, default=str).encode())
             # content-addressed name: an older manifest never points at a shard a later run rewrote
@@ -169,7 +173,8 @@ def build_shard(row: dict, context: dict) -> dict:
         data = shards.write_tar(samples)
         store.write_bytes(name, data)
         part.update(sha256=shards.sha256(data), bytes=len(data))
-        for _, _, meta in samples:
+        part["members"] = sorted({m for *_, extras in samples for m in extras})
+        for _, _, meta, _ in samples:
             split = meta["split"]
             part["splits"][split] = part["splits"].get(split, 0) + 1
             part["patients"].setdefault(split, set()).add(meta["patient"])
@@ -181,7 +186,7 @@ def build_shard(row: dict, context: dict) -> dict:
     return {"part": json.dumps(part)}
 
 
-def _make_sample(item: dict, context: dict) -> tuple[str, bytes, dict]:
+def _make_sample(item: dict, context: dict) -> tuple[str, bytes, dict, dict[str, bytes]]:
     rel, row = item["rel"], item["row"] or {}
     try:
         data = Path(context["root"], rel).read_bytes()
@@ -215,7 +220,39 @@ def _make_sample(item: dict, context: dict) -> tuple[str, bytes, dict]:
         "source": {"sha256": shards.sha256(data), "shape": header.get("source_shape"),
                    "photometric": header.get("photometric"), "transfer_syntax": header.get("transfer_syntax")},
     }
-    return meta["key"], encode_png16(pixels), meta
+    return meta["key"], encode_png16(pixels), meta, _masks(row.get("masks") or {}, decoded.pixels.shape, context)
+
+
+def _masks(masks: dict[str, str], shape: tuple[int, int], context: dict) -> dict[str, bytes]:
+    """Each mask PNG (on the source image's pixel grid) through the image's own geometry -> extra member
+    `mask_NAME.png` (8-bit, 255 inside), for every mask name of the ingest (a blank cell: an empty mask, so
+    every sample has the same members). A missing or misaligned mask rejects the sample."""
+    from PIL import Image
+
+    out = {}
+    for name in context["masks"]:
+        rel = masks.get(name)
+        if rel is None:
+            out[f"mask_{name}.png"] = _png8(np.zeros((context["size"], context["size"]), bool))
+            continue
+        try:
+            mask = np.asarray(Image.open(Path(context["root"], rel)).convert("L")) > 127
+        except (OSError, ValueError) as exc:
+            raise RejectError("invalid_mask", f"mask {name!r} ({rel}) is not a readable PNG: {type(exc).__name__}") from None
+        if mask.shape != tuple(shape):
+            raise RejectError("invalid_mask", f"mask {name!r} is {mask.shape[0]}x{mask.shape[1]}, "
+                                              f"the image {shape[0]}x{shape[1]}")
+        out[f"mask_{name}.png"] = _png8(fit_square(mask.astype(np.float32), context["size"], context["fit"]) > 0.5)
+    return out
+
+
+def _png8(mask: np.ndarray) -> bytes:
+    """bool [S, S] -> 8-bit PNG, 255 inside."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _write_if_changed(store: Storage, name: str, data: bytes) -> None:

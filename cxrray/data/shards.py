@@ -41,12 +41,17 @@ def _nan_to_none(obj: Any) -> Any:
     return obj
 
 
-def write_tar(samples: Iterable[tuple[str, bytes, dict]]) -> bytes:
-    """(key, png_bytes, meta) -> tar bytes, deterministic."""
+def write_tar(samples: Iterable[tuple]) -> bytes:
+    """(key, png_bytes, meta[, extras]) -> tar bytes, deterministic. `extras` maps extra member names
+    (`members.py`: "NAME.png" / "NAME.npy" / "NAME.txt") to their bytes."""
     buf = io.BytesIO()
     with wds.TarWriter(buf, user="cxrray", group="cxrray", encoder=False, mtime=0.0) as sink:
-        for key, png, meta in samples:
-            sink.write({"__key__": key, "png": png, "json": json.dumps(_nan_to_none(meta), sort_keys=True).encode()})
+        for key, png, meta, *rest in samples:
+            extras = rest[0] if rest else {}
+            for ext in extras:
+                split_member(ext, f"{key}.{ext}")  # refuse to write what the readers would refuse
+            sink.write({"__key__": key, "png": png, "json": json.dumps(_nan_to_none(meta), sort_keys=True).encode(),
+                        **dict(sorted(extras.items()))})
     return buf.getvalue()
 
 
@@ -97,6 +102,9 @@ def build_manifest(parts: list[dict], meta_rejects: list[dict], *, dataset: str,
         "split_rule": split_rule,
         "preprocessing": preprocessing,
     }
+    members = sorted({m for p in parts for m in p.get("members", ())})
+    if members:  # extra per-sample members some samples carry (e.g. mask_effusion.png)
+        manifest["members"] = members
     return manifest, rejects
 
 

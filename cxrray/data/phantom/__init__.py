@@ -6,7 +6,8 @@ encodes it (MONOCHROME1/2, uncompressed explicit/implicit VR, RLE or JPEG 2000 l
 image can be regenerated on its own and sets can be generated in parallel by index ranges.
 
 Modules: ``config`` (labels, config, confounders), ``cases`` (sampling), ``anatomy`` / ``findings``
-/ ``drawing`` (render), ``dicom`` (writing), ``names`` (fictional identity pools).
+/ ``drawing`` (render), ``masks`` (the case without a finding; ground-truth masks), ``dicom`` (writing),
+``names`` (fictional identity pools).
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ from .config import DEVICES, FINDINGS, LABELS, Confounder, PhantomConfig, parse_
 
 #: the rest loads on first use (numpy, pandas, pydicom): `cxrray.config` imports only the config
 _LAZY = {
-    "dataset": ("COLUMNS", "TRUTH", "generate", "image_name"),
+    "dataset": ("COLUMNS", "TRUTH", "generate", "image_name", "mask_column", "mask_name"),
     "cases": ("DLV_CM", "SLVH_CM", "Patient", "PhantomCase", "Pose", "sample_case"),
     "dicom": ("BITS_STORED", "MAX_VALUE", "build_dataset", "decode", "quantize", "stored_values", "write_dicom"),
     "drawing": ("image_shape", "render"),
     "report": ("PHI_CATEGORIES", "PhantomReport", "compose_report"),
+    "masks": ("DRAWN", "counterpart", "finding_masks"),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 

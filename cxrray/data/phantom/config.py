@@ -81,6 +81,8 @@ class PhantomConfig(BaseModel):
     seed: int = Field(0, ge=0, lt=2**63)
     report_phi_fraction: float = Field(0.25, ge=0.0, le=1.0,
                                        description="fraction of reports carrying identifying prose (de-id yardstick)")
+    masks: bool = Field(False, description="also write each drawn finding's ground-truth mask (masks/*.png, "
+                                           "labels.csv columns mask:<label>)")
 
     @field_validator("confounder")
     @classmethod

@@ -1,4 +1,5 @@
-"""A phantom data set on disk: DICOMs, labels.csv and the reports' planted truth."""
+"""A phantom data set on disk: DICOMs, labels.csv, the reports' planted truth and, with
+`PhantomConfig.masks`, each drawn finding's ground-truth mask (8-bit PNG, 255 inside)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from .cases import sample_case
 from .config import LABELS, PhantomConfig
 from .dicom import write_dicom
 from .drawing import render
+from .masks import DRAWN, finding_masks
 from .report import compose_report
 
 #: labels.csv columns, in order
@@ -23,6 +25,23 @@ TRUTH = "report_truth.jsonl"
 def image_name(index: int) -> str:
     """Relative path of image `index` inside a generated set (carries no identifiers)."""
     return f"images/phantom_{index:06d}.dcm"
+
+
+def mask_name(index: int, label: str) -> str:
+    """Relative path of image `index`'s mask of `label`."""
+    return f"masks/phantom_{index:06d}.{label}.png"
+
+
+def mask_column(label: str) -> str:
+    """The labels.csv column holding `label`'s mask path (blank when the image has none)."""
+    return f"mask:{label}"
+
+
+def _write_mask(mask, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask.astype("uint8") * 255).save(path, format="PNG")
 
 
 def generate(
@@ -47,13 +66,19 @@ def generate(
     for k, index in enumerate(range(start, start + n)):
         case = sample_case(index, cfg)
         rel = image_name(index)
-        write_dicom(case, render(case, cfg), out / rel, cfg)
+        image = render(case, cfg)
+        write_dicom(case, image, out / rel, cfg)
         report = compose_report(case, cfg.report_phi_fraction)
-        rows.append({"path": rel, "report": report.text, **case.row()})
+        row = {"path": rel, "report": report.text, **case.row()}
+        if cfg.masks:
+            for label, mask in finding_masks(case, cfg, image).items():
+                _write_mask(mask, out / mask_name(index, label))
+                row[mask_column(label)] = mask_name(index, label)
+        rows.append(row)
         truth.append(json.dumps({"path": rel, "phi": report.phi, "clinical": report.clinical}))
         if progress is not None:
             progress(k + 1, n)
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    table = pd.DataFrame(rows, columns=list(COLUMNS) + ([mask_column(k) for k in DRAWN] if cfg.masks else []))
     for col in LABELS + ("age",):
         table[col] = table[col].astype(int)
     table.to_csv(out / "labels.csv", index=False)

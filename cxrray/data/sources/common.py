@@ -218,5 +218,7 @@ def make_table(name: str, findings: list[str], records: list[dict], labels, reje
     columns = {c: pd.Series([r.get(c) for r in records], dtype=object) for c in META_COLUMNS}
     columns["age"] = pd.Series([r.get("age", NAN) for r in records], dtype=np.float64)
     columns["covariates"] = pd.Series([r.get("covariates") or {} for r in records], dtype=object)
+    if any(r.get("masks") for r in records):  # {name: path relative to the input folder} per image
+        columns["masks"] = pd.Series([r.get("masks") or {} for r in records], dtype=object)
     labels = np.asarray(labels, dtype=np.float32).reshape(len(records), len(findings))
     return SourceTable(name, list(findings), pd.DataFrame(columns), labels, rejects)

@@ -2,8 +2,10 @@
 
 Reads a CSV that lies in the image folder: `path` (relative to the CSV's folder; required) and optional
 `patient` (default: the path), `study`, `sex`, `age`, `view`, `split` (train/val/test; overrides the automatic
-split when non-blank), `report`. Columns `ivsd`, `lvidd`, `lvpwd` are echo covariates (cm). Every other column is a
-finding, in file order, with values 1 / 0 / blank (NaN). Rows with another label value, an absolute path, a path
+split when non-blank), `report`. Columns `ivsd`, `lvidd`, `lvpwd` are echo covariates (cm). A column `mask:NAME`
+holds the relative path of the image's mask of NAME (a PNG on the image's pixel grid; blank: none), which
+ingest carries into the shards as the extra member `mask_NAME`. Every other column is a finding, in file order,
+with values 1 / 0 / blank (NaN). Rows with another label value, an absolute path, a path
 escaping the folder or a duplicate path are rejected.
 """
 from __future__ import annotations
@@ -19,23 +21,26 @@ from cxrray.data.sources.common import (
     norm_view, parse_age, parse_label, parse_measure,
 )
 from cxrray.data.splits import DEFAULT_FRACTIONS
+from cxrray.errors import InputError
 
 META = ("path", "patient", "study", "sex", "age", "view", "split", "report")
+MASK_PREFIX = "mask:"
 _DRIVE = re.compile(r"^[A-Za-z]:")
+_MASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,25}$")
 
 
-def relative_path(text: str) -> str:
+def relative_path(text: str, column: str = "path") -> str:
     """Normalised POSIX path inside the folder; RowError if blank, absolute or escaping it."""
     if not text:
-        raise RowError("column 'path': empty value")
+        raise RowError(f"column {column!r}: empty value")
     path = text.replace("\\", "/")
     if path.startswith("/") or _DRIVE.match(path):
-        raise RowError(f"column 'path': absolute path {text!r}")
+        raise RowError(f"column {column!r}: absolute path {text!r}")
     path = posixpath.normpath(path)
     if path == ".." or path.startswith("../"):
-        raise RowError(f"column 'path': {text!r} escapes the folder")
+        raise RowError(f"column {column!r}: {text!r} escapes the folder")
     if path == ".":
-        raise RowError(f"column 'path': {text!r} is the folder itself")
+        raise RowError(f"column {column!r}: {text!r} is the folder itself")
     return path
 
 
@@ -49,7 +54,12 @@ def load_folder(
     check_options(fractions, uncertain)  # folder labels have no uncertain value; the option is only validated
     rows = CsvRows(metadata, required=("path",))
     covariates = [c for c in rows.columns if c in ECHO_COVARIATES]
-    findings = [c for c in rows.columns if c not in META and c not in ECHO_COVARIATES]
+    masks = [c for c in rows.columns if c.startswith(MASK_PREFIX)]
+    bad = [c for c in masks if not _MASK_NAME.match(c[len(MASK_PREFIX):])]
+    if bad:
+        raise InputError(f"{metadata}: mask column(s) {bad}: the name after 'mask:' must be lower-case letters, "
+                         f"digits and _ (at most 26)")
+    findings = [c for c in rows.columns if c not in META and c not in ECHO_COVARIATES and c not in masks]
     first_row: dict[str, int] = {}
 
     def parse(row: dict[str, str], n: int) -> tuple[dict, list[float]]:
@@ -61,6 +71,7 @@ def load_folder(
             "age": parse_age(row.get("age", "")), "report": row.get("report") or None,
             "split": norm_split(row["split"]) if row.get("split") else None,
             "covariates": {c: parse_measure(row[c], c) for c in covariates},
+            "masks": {c[len(MASK_PREFIX):]: relative_path(row[c], c) for c in masks if row.get(c)},
         }
         if path in first_row:
             raise RowError(f"column 'path': duplicate path {path!r} (first at row {first_row[path]})")

@@ -1,0 +1,44 @@
+"""Ground truth for where a finding is: the same case rendered without it, and the pixels that differ.
+
+Rendering draws each part's randomness from its own stream (`render_rng`), so removing one finding or
+device from a case leaves every other pixel bit-identical (texture, noise, exposure, other devices).
+`counterpart(case, label)` is that case without `label`; `finding_masks` compares the two renders and
+returns, per drawn label, the pixels the label changed. These masks are the yardstick for where a
+counterfactual or an attribution map puts its change.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .cases import PhantomCase
+from .config import DEVICES, FINDINGS, PhantomConfig
+from .drawing import render
+
+#: labels drawn in the image (slvh and dlv are echo measurements: not drawn)
+DRAWN = FINDINGS + DEVICES
+#: a pixel belongs to a label's mask when removing the label changes its density by more than this
+#: (the renders are otherwise identical, so any change is the label's; 0.004 ~ 1/250 of the range)
+THRESHOLD = 0.004
+NORMAL_CTR = 0.45  # cardiomegaly removed: a normal cardiothoracic ratio (the label is ctr > 0.5)
+
+
+def counterpart(case: PhantomCase, label: str) -> PhantomCase:
+    """The same case without `label` (everything else, identity included, unchanged)."""
+    if label not in DRAWN:
+        raise ValueError(f"{label!r} is not drawn in the image; drawn labels: {', '.join(DRAWN)}")
+    labels = {**case.labels, label: 0}
+    if label == "cardiomegaly":
+        return dataclasses.replace(case, labels=labels, ctr=min(case.ctr, NORMAL_CTR))
+    details = {k: v for k, v in case.details.items() if k != label}
+    return dataclasses.replace(case, labels=labels, details=details)
+
+
+def finding_masks(case: PhantomCase, cfg: PhantomConfig, image: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """{label: bool [rows, cols]} for every drawn label the case is positive for (`image`: its render,
+    if already made). A label whose removal changes no pixel (e.g. a heart just over the threshold) gets
+    an empty mask."""
+    image = render(case, cfg) if image is None else image
+    return {label: np.abs(image - render(counterpart(case, label), cfg)) > THRESHOLD
+            for label in DRAWN if case.labels.get(label)}
