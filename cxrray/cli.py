@@ -14,7 +14,7 @@ from cxrray.errors import ConfigError, InputError
 DEMO_SALT = "cxrray-demo-salt-phantoms-only"
 # the demo's own choices (a user's --set still wins): a planted confounder for the audit to find, a test split
 # large enough for >= 30 positives per finding, and DDIM step counts sized for a CPU
-DEMO_OVERRIDES = ["phantom.confounder=tube:effusion:0.9:0.05",
+DEMO_OVERRIDES = ["phantom.confounder=tube:effusion:0.9:0.05", "phantom.masks=true",
                   'ingest.split_fractions={"train": 0.55, "val": 0.05, "test": 0.4}',
                   "explain.steps=50", "explain.invert_steps=50", "audit.images=24"]
 

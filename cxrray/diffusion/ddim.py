@@ -66,10 +66,12 @@ def _walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int,
 
 
 def ddim_sample(model, z: torch.Tensor, x_T: torch.Tensor, steps: int = 100, progress: Progress = None,
-                clip: bool = False) -> torch.Tensor:
+                clip: bool = False, guidance: float = 1.0, z_from: torch.Tensor | None = None) -> torch.Tensor:
     """Decode x_T -> x0 with deterministic DDIM (eta 0), conditioned on z [B, z_dim]. Returns float32.
-    `clip` clips each step's predicted x0 to [-1, 1] (random x_T only; keep it off to decode an inversion)."""
-    return _walk(model, "ddim", x_T, z, steps, progress, clip=clip, eta=0.0)
+    `clip` clips each step's predicted x0 to [-1, 1] (random x_T only; keep it off to decode an inversion).
+    With `z_from` (the code x_T was inverted with) and `guidance` g != 1, each step follows
+    eps(z_from) + g (eps(z) - eps(z_from)): the change of code, amplified g times (g = 1: plain decode)."""
+    return _walk(model, "ddim", x_T, z, steps, progress, clip=clip, guidance=guidance, null=z_from, eta=0.0)
 
 
 def ddim_invert(model, x0: torch.Tensor, z: torch.Tensor, steps: int = 250, progress: Progress = None) -> torch.Tensor:

@@ -8,7 +8,9 @@ finding's semantics is kept:
 - closed form (eq. 4): zn* = zn + (logit(p_t) - (w.zn + b)) / |w|^2 * w   (smallest step reaching p_t)
 
 where zn = (z - mean) / std is the probe's normalised code, y_t = +1 (toward the finding) or -1 (away),
-and p_t = target_probability (1 - p_t away). Images are float32 [B, 1, S, S] in [-1, 1].
+and p_t = target_probability (1 - p_t away). With `z_guidance` g > 1 the decode follows
+eps(z) + g (eps(z*) - eps(z)) (the code change amplified along the inverted trajectory). Images are
+float32 [B, 1, S, S] in [-1, 1].
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def counterfactuals(model, head: LinearHead, x0: torch.Tensor, finding: str, cfg
         x_T = ddim_invert(model, x0, z, steps=cfg.invert_steps)
     x_T = x_T.to(device).float()
     z_star = shift_codes(head, z, finding, cfg, toward)
-    cf = ddim_sample(model, z_star, x_T, steps=cfg.steps).clamp(-1, 1)
+    cf = ddim_sample(model, z_star, x_T, steps=cfg.steps, guidance=cfg.z_guidance, z_from=z).clamp(-1, 1)
     with torch.no_grad():
         z_cf = model.encode(cf).float()
     out = {"original": x0, "counterfactual": cf, "difference": cf - x0, "z": z, "z_star": z_star, "x_T": x_T,

@@ -42,6 +42,9 @@ class ExplainConfig(StrictModel):
     target_probability: float = Field(0.9, gt=0, lt=1)  # closed form: probe probability to reach
     steps: int = Field(100, ge=1, le=1000)  # DDIM decode steps (paper: 100-200)
     invert_steps: int = Field(250, ge=1, le=1000)
+    # decode with eps(z) + g (eps(z*) - eps(z)): the code change amplified g times along the inverted
+    # trajectory (1: DiffChest's plain decode of z*); see README for what it does on each preset
+    z_guidance: float = Field(1.0, ge=1.0, le=50.0)
     batch_size: int = Field(8, ge=1)
     actors: int | None = Field(None, ge=1)
     use_gpu: bool = False

@@ -22,7 +22,7 @@ _LAZY = {
     "dicom": ("BITS_STORED", "MAX_VALUE", "build_dataset", "decode", "quantize", "stored_values", "write_dicom"),
     "drawing": ("image_shape", "render"),
     "report": ("PHI_CATEGORIES", "PhantomReport", "compose_report"),
-    "masks": ("DRAWN", "counterpart", "finding_masks"),
+    "masks": ("DRAWN", "counterpart", "finding_masks", "region", "with_label"),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 

@@ -42,3 +42,31 @@ def finding_masks(case: PhantomCase, cfg: PhantomConfig, image: np.ndarray | Non
     image = render(case, cfg) if image is None else image
     return {label: np.abs(image - render(counterpart(case, label), cfg)) > THRESHOLD
             for label in DRAWN if case.labels.get(label)}
+
+
+#: the largest version of a finding the phantoms draw, per label: where it can appear in a given patient
+_LARGEST = {
+    "effusion": [{"effusion": {"side": "both", "height": [0.45, 0.45]}}],
+    "chest_tube": [{"chest_tube": {"side": side, "bend": 0.0, "tip": 0.16}} for side in ("right", "left")],
+}
+LARGEST_CTR = 0.62
+
+
+def with_label(case: PhantomCase, label: str, variant: int = 0) -> PhantomCase:
+    """The same case with the largest drawn version of `label` added (`variant` picks a side where
+    there are several); supported: cardiomegaly, effusion, chest_tube."""
+    labels = {**case.labels, label: 1}
+    if label == "cardiomegaly":
+        return dataclasses.replace(case, labels=labels, ctr=max(case.ctr, LARGEST_CTR))
+    if label not in _LARGEST:
+        raise ValueError(f"no largest version of {label!r}; supported: cardiomegaly, {', '.join(_LARGEST)}")
+    return dataclasses.replace(case, labels=labels, details={**case.details, **_LARGEST[label][variant]})
+
+
+def region(case: PhantomCase, cfg: PhantomConfig, label: str, image: np.ndarray | None = None) -> np.ndarray:
+    """bool [rows, cols]: where `label` can appear in this patient (the pixels its largest version, on
+    either side, changes) — the yardstick for a counterfactual toward `label` of an image without it."""
+    base = render(counterpart(case, label), cfg) if case.labels.get(label) else (
+        render(case, cfg) if image is None else image)
+    variants = len(_LARGEST.get(label, [None]))
+    return np.any([np.abs(render(with_label(case, label, v), cfg) - base) > THRESHOLD for v in range(variants)], axis=0)
