@@ -213,3 +213,17 @@ def test_every_stage_refuses_a_family_without_the_capability_naming_it(tmp_path,
         err = capsys.readouterr().err
         assert f"model family 'ddpm' cannot {capability.split()[0]}" in err and "generate, sample" in err, err
     assert not any((tmp_path / d).exists() for d in ("e", "x", "a"))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_periodic_evaluation_takes_the_batch_the_loss_takes_text_included(name, tmp_path):
+    from cxrray.train.evaluate import evaluate
+    from cxrray.train.loop import to_torch
+
+    family = get_family(name)
+    model = family.build(tiny(name))
+    numpy_batch = {k: v.numpy() for k, v in batch(2).items()}
+    numpy_batch["report"] = np.array(["Small left effusion.", ""], dtype=object)
+    cfg = load_config("tiny", [f"model.family={name}", "train.sample_steps=2"])
+    metrics = evaluate(family, model, to_torch(numpy_batch), cfg, images_shown=16)
+    assert metrics and all(np.isfinite(v) for v in metrics.values())

@@ -13,11 +13,13 @@ from cxrray.eval.grids import save_grid
 
 @torch.no_grad()
 def evaluate(family, model: torch.nn.Module, batch: dict, cfg: Config, images_shown: int, logger=None) -> dict:
-    """batch: the eval split's first rows (image [B, 1, S, S] in [-1, 1], covariates ...). Returns the metrics."""
+    """batch: the eval split's first rows as the loss sees them (image [B, 1, S, S] in [-1, 1], covariates,
+    report text as a list ...). Returns the metrics."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    result = family.evaluate(model, {k: v.to(device) for k, v in batch.items()}, cfg.train.seed, cfg.train.sample_steps)
+    on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}  # text stays a list
+    result = family.evaluate(model, on_device, cfg.train.seed, cfg.train.sample_steps)
     model.train(was_training)
     name = f"{cfg.preset} {family.name} EMA at {images_shown} images, {cfg.train.sample_steps} steps"
     with tempfile.TemporaryDirectory() as tmp:
