@@ -59,7 +59,8 @@ def run_demo(cfg: Config, n: int, workdir: Path, shards: str, run: str) -> dict:
 
 
 def counterfactual_grid(cfg: Config, shards: str, checkpoint: str, probe: Path, workdir: Path, n: int = 6) -> str:
-    """Counterfactuals of n test images toward each audited finding: one grid (original, then one row each)."""
+    """Counterfactuals of n test images toward each audited finding: one row per image, original then, per
+    finding, counterfactual and signed difference (mid-grey 0, brighter: denser; scaled per image)."""
     import torch
 
     from cxrray.data.imaging import decode_png16, png16_to_model
@@ -71,14 +72,22 @@ def counterfactual_grid(cfg: Config, shards: str, checkpoint: str, probe: Path, 
     out = Storage(str((workdir / "counterfactuals").resolve()))
     explain_shards(checkpoint, str(probe), shards, AUDITED, out.uri, cfg, samples)
 
-    def row(kind: str, finding: str) -> torch.Tensor:
-        records = [json.loads(out.read_bytes(f"{stem(s['key'], finding)}.json")) for s in samples]
-        return torch.cat([torch.as_tensor(png16_to_model(decode_png16(out.read_bytes(r["files"][kind]))))[None, None]
-                          for r in records])
+    def image(key: str, finding: str, kind: str) -> torch.Tensor:
+        record = json.loads(out.read_bytes(f"{stem(key, finding)}.json"))
+        return torch.as_tensor(png16_to_model(decode_png16(out.read_bytes(record["files"][kind]))))[None]
 
-    rows = [row("original", AUDITED[0])] + [row("counterfactual", f) for f in AUDITED]
+    rows = []
+    for s in samples:
+        tiles = [image(s["key"], AUDITED[0], "original")]
+        for finding in AUDITED:
+            cf = image(s["key"], finding, "counterfactual")
+            diff = cf - tiles[0]
+            tiles += [cf, (diff / (diff.abs().amax() + 1e-6)).clamp(-1, 1)]
+        rows.append(torch.stack(tiles))
+    columns = ", ".join(f"counterfactual toward {f}, its difference" for f in AUDITED)
     return str(save_grid(rows, workdir / "counterfactuals.png",
-                         f"rows: original, counterfactual toward {', '.join(AUDITED)} (DDIM {cfg.explain.steps})"))
+                         f"one test image per row: original, {columns} (DDIM {cfg.explain.steps}, z guidance "
+                         f"{cfg.explain.z_guidance:g})"))
 
 
 def write_report(workdir: Path, summary: dict, audited: dict) -> Path:

@@ -82,8 +82,9 @@ class Engine:
         return result
 
     def _step(self, o: ObjectiveStep, batch: dict) -> tuple[float, float]:
-        for p in o.params:  # grads another objective's backward left here
-            p.grad = None
+        if len(self.objectives) > 1:  # grads another objective's backward left on these parameters
+            for p in o.params:
+                p.grad = None
         with self.autocast():
             loss = o.wrapped(batch)
         if o.engine == "deepspeed":
