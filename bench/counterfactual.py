@@ -3,6 +3,7 @@ baseline) beside amplified decodes, on the same images in the same run (`cxrray.
 
     make demo && python bench/counterfactual.py                  # the demo's model, probe and phantoms
     python bench/counterfactual.py --finding cardiomegaly --guidance 1 5 10 --images 24
+    python bench/counterfactual.py --renoise 0.4 0.6 --guidance 1 3   # baseline + stochastic encodings
 
 Reads the demo's outputs (demo_out/, data_shards/demo, data_shards/demo-pretrain); prints per setting the
 image effect, the energy ratio inside/outside the region the finding can occupy, and SSIM outside it,
@@ -22,6 +23,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--finding", default="effusion")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 10.0])
+    parser.add_argument("--renoise", type=float, nargs="*", default=[],
+                        help="also decode from the image noised to these fractions of T (stochastic encoding)")
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--invert-steps", type=int, default=50)
@@ -32,6 +35,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="file://data_shards/demo-pretrain")
     parser.add_argument("--n", type=int, default=1200, help="phantom images of the demo set")
     parser.add_argument("--dilate", type=int, default=2)
+    parser.add_argument("--salt", default=None, help="the salt the demo ingested with (default: the demo's own, "
+                                                     "used when CXRRAY_SALT was not set for `make demo`)")
     args = parser.parse_args()
 
     import torch
@@ -42,18 +47,20 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = load_config("tiny", DEMO_OVERRIDES)
-    settings = [cfg.explain.model_copy(update={"z_guidance": g, "mode": args.mode, "eps": args.eps,
+    settings = [cfg.explain.model_copy(update={"z_guidance": g, "mode": args.mode, "eps": args.eps, "renoise": t,
                                                "steps": args.steps, "invert_steps": args.invert_steps})
-                for g in args.guidance]
+                for t, g in ([(None, 1.0)] + [(t, g) for t in args.renoise for g in args.guidance] if args.renoise
+                             else [(None, g) for g in args.guidance])]  # DiffChest's plain decode: the baseline
     start = time.perf_counter()
     results = evaluate(args.checkpoint, str(Path(args.workdir) / "probe"), args.shards, args.finding, settings,
                        phantom_cfg=cfg.phantom, phantom_count=args.n, images=args.images, dilate_px=args.dilate,
                        grid=Path(args.workdir) / f"cf_eval_{args.finding}.png",
-                       salt=os.environ.get(cfg.ingest.salt_env) or DEMO_SALT)
+                       salt=args.salt or DEMO_SALT)
     figures = {"finding": args.finding, "images": results[0]["images"], "mode": args.mode,
                "steps": args.steps, "invert_steps": args.invert_steps, "seconds": round(time.perf_counter() - start, 1)}
     for r in results:
-        g = f"g{r['explain']['z_guidance']:g}"
+        t = r["explain"]["renoise"]
+        g = f"g{r['explain']['z_guidance']:g}" + (f"_t{t:g}" if t else "")
         figures.update({f"{g}_image_effect": round(r["image_effect"]["mean"], 3),
                         f"{g}_image_effect_ci": [round(v, 3) for v in r["image_effect"]["ci"]],
                         f"{g}_energy_ratio": None if r["energy_ratio"]["ratio"] is None else round(r["energy_ratio"]["ratio"], 2),

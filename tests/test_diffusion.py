@@ -181,3 +181,25 @@ def test_training_loss_finite_and_decreases():
         losses.append(loss.item())
     final = training_loss(model, x0, generator=g()).item()
     assert final < 0.7 * losses[0], (losses, final)
+
+
+def test_renoise_decode_is_seeded_keeps_the_image_at_low_noise_and_follows_the_code(mini):
+    from cxrray.diffusion.ddim import ddim_renoise_decode
+
+    x0 = _images(3)
+    with torch.no_grad():
+        z = mini.encode(x0)
+
+    def decode(code, start, seed=0, **kw):
+        return ddim_renoise_decode(mini, code, x0, start, steps=10, generator=torch.Generator().manual_seed(seed), **kw)
+
+    a, b = decode(z, 0.5), decode(z, 0.5)
+    assert torch.equal(a, b) and not torch.equal(a, decode(z, 0.5, seed=1))  # the noise is the generator's
+    near, far = (decode(z, 0.02) - x0).abs().mean(), (decode(z, 0.9) - x0).abs().mean()
+    assert near < 0.1 * far  # barely noised: the image is kept
+    other = torch.roll(z, 1, 0)
+    plain, amplified = decode(other, 0.5) - a, decode(other, 0.5, guidance=3.0, z_from=z) - a
+    assert plain.abs().mean() > 0  # the code steers the decode
+    assert amplified.abs().mean() > 1.5 * plain.abs().mean()  # guidance amplifies the code change
+    with pytest.raises(ValueError, match="start"):
+        decode(z, 1.0)

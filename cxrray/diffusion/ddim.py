@@ -49,19 +49,29 @@ def _eps(model, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None, guidan
 
 
 def _walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, progress: Progress,
-          clip: bool = False, guidance: float = 1.0, null: torch.Tensor | None = None, **step_kwargs) -> torch.Tensor:
+          clip: bool = False, guidance: float = 1.0, null: torch.Tensor | None = None, start: float = 1.0,
+          generator: torch.Generator | None = None, **step_kwargs) -> torch.Tensor:
     """Run one sampler over `steps` steps ("ddim": x_T -> x0, "ddim_inverse": x0 -> x_T, "ddpm":
-    ancestral x_T -> x0) under the model's own schedule (`model.schedule`, default linear T = 1000)."""
+    ancestral x_T -> x0) under the model's own schedule (`model.schedule`, default linear T = 1000).
+    `start` < 1 (ddim only): `x` is a clean image, noised to the first timestep <= start * T with noise
+    from `generator`, and only the remaining steps run (SDEdit / Diff-AE's stochastic encoding)."""
     steps = _check_steps(steps)
     sched = make_scheduler(kind, clip_sample=clip, **getattr(model, "schedule", {}))
     sched.set_timesteps(steps, device=x.device)
     x = x.float()
+    timesteps = sched.timesteps
+    if start < 1.0:
+        timesteps = timesteps[timesteps <= start * (sched.config.num_train_timesteps - 1)]
+        noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
+        x = sched.add_noise(x, noise.to(x.device), timesteps[:1].expand(x.shape[0]))
+    if kind == "ddpm":
+        step_kwargs["generator"] = generator
     with _eval(model):
-        for i, t in enumerate(sched.timesteps):
+        for i, t in enumerate(timesteps):
             eps = _eps(model, x, t, z, guidance, null)
             x = sched.step(eps, int(t), x, return_dict=False, **step_kwargs)[0]
             if progress is not None:
-                progress(i + 1, steps)
+                progress(i + 1, len(timesteps))
     return x
 
 
@@ -72,6 +82,19 @@ def ddim_sample(model, z: torch.Tensor, x_T: torch.Tensor, steps: int = 100, pro
     With `z_from` (the code x_T was inverted with) and `guidance` g != 1, each step follows
     eps(z_from) + g (eps(z) - eps(z_from)): the change of code, amplified g times (g = 1: plain decode)."""
     return _walk(model, "ddim", x_T, z, steps, progress, clip=clip, guidance=guidance, null=z_from, eta=0.0)
+
+
+def ddim_renoise_decode(model, z: torch.Tensor, x0: torch.Tensor, start: float, steps: int = 100,
+                        generator: torch.Generator | None = None, guidance: float = 1.0,
+                        z_from: torch.Tensor | None = None) -> torch.Tensor:
+    """Noise x0 to t = start * T with noise from `generator`, then DDIM-decode (eta 0) under z: the part
+    of the image above that noise level is redrawn under z, the rest kept (Diff-AE's stochastic encoding,
+    SDEdit). The same generator seed gives the same noise, so two codes decoded from one seed differ only
+    by the code. `guidance`/`z_from` as in `ddim_sample`. Returns float32."""
+    if not 0.0 < start < 1.0:
+        raise ValueError(f"start must be in (0, 1), got {start}")
+    return _walk(model, "ddim", x0, z, steps, None, guidance=guidance, null=z_from, start=start,
+                 generator=generator, eta=0.0)
 
 
 def ddim_invert(model, x0: torch.Tensor, z: torch.Tensor, steps: int = 250, progress: Progress = None) -> torch.Tensor:

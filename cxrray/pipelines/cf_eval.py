@@ -26,7 +26,7 @@ import torch
 from cxrray.data.imaging import decode_png16, fit_square, png16_to_model
 from cxrray.data.shards import read_tar
 from cxrray.data.storage import Storage
-from cxrray.diffusion.ddim import ddim_invert, ddim_sample
+from cxrray.diffusion.ddim import ddim_invert, ddim_renoise_decode, ddim_sample
 from cxrray.eval.grids import save_grid
 from cxrray.eval.localisation import dilate, energy_ratio, ssim_outside
 from cxrray.io.loading import load_model
@@ -91,12 +91,18 @@ def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings:
         z = model.encode(x0).float()
     inversions, results = {}, []
     for cfg in settings:
-        if cfg.invert_steps not in inversions:
-            inversions[cfg.invert_steps] = ddim_invert(model, x0, z, steps=cfg.invert_steps)
-        x_T = inversions[cfg.invert_steps]
-        ref = ddim_sample(model, z, x_T, steps=cfg.steps).clamp(-1, 1)
         z_star = shift_codes(head, z, finding, cfg, toward=1)
-        cf = ddim_sample(model, z_star, x_T, steps=cfg.steps, guidance=cfg.z_guidance, z_from=z).clamp(-1, 1)
+        if cfg.renoise is None:
+            if cfg.invert_steps not in inversions:
+                inversions[cfg.invert_steps] = ddim_invert(model, x0, z, steps=cfg.invert_steps)
+            x_T = inversions[cfg.invert_steps]
+            ref = ddim_sample(model, z, x_T, steps=cfg.steps).clamp(-1, 1)
+            cf = ddim_sample(model, z_star, x_T, steps=cfg.steps, guidance=cfg.z_guidance, z_from=z).clamp(-1, 1)
+        else:  # the same seeded noise for both: their difference is the code change alone
+            def decode(code, **kw):
+                return ddim_renoise_decode(model, code, x0, cfg.renoise, steps=cfg.steps,
+                                           generator=torch.Generator().manual_seed(cfg.seed), **kw).clamp(-1, 1)
+            ref, cf = decode(z), decode(z_star, guidance=cfg.z_guidance, z_from=z)
         with torch.no_grad():
             p_ref = head.probabilities(model.encode(ref).float())[:, j].numpy()
             p_cf = head.probabilities(model.encode(cf).float())[:, j].numpy()
@@ -112,7 +118,8 @@ def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings:
             change = (cf - ref).abs()
             change = change / (change.amax() + 1e-8) * 2 - 1
             n = min(8, len(keys))
-            path = Path(grid).with_name(f"{Path(grid).stem}_g{cfg.z_guidance:g}{Path(grid).suffix}")
+            tag = f"g{cfg.z_guidance:g}" + (f"_t{cfg.renoise:g}" if cfg.renoise else "")
+            path = Path(grid).with_name(f"{Path(grid).stem}_{tag}{Path(grid).suffix}")
             results[-1]["grid"] = str(save_grid([x0[:n], ref[:n], cf[:n], change[:n]], path,
                                                 f"counterfactuals toward {finding} (z guidance {cfg.z_guidance:g}): "
                                                 "original / reconstruction / counterfactual / |difference|"))

@@ -19,7 +19,7 @@ import math
 import torch
 
 from cxrray.pipelines.settings import ExplainConfig
-from cxrray.diffusion.ddim import ddim_invert, ddim_sample
+from cxrray.diffusion.ddim import ddim_invert, ddim_renoise_decode, ddim_sample
 from cxrray.pipelines.head import LinearHead, logit
 
 
@@ -42,28 +42,41 @@ def counterfactuals(model, head: LinearHead, x0: torch.Tensor, finding: str, cfg
                     x_T: torch.Tensor | None = None, with_reference: bool = False) -> dict[str, torch.Tensor]:
     """Counterfactuals of a batch toward/away from `finding`.
 
-    Returns float32 CPU tensors: original, counterfactual [B,1,S,S]; difference = counterfactual - original;
-    z, z_star [B, D]; x_T; probs_before (probe on z), probs_after (probe on the re-encoded counterfactual),
-    probs_latent (probe on z*) [B, F]; with `with_reference`, reference = decode(z, x_T) (the plain
-    reconstruction, the baseline against which a counterfactual's changes are measured) and probs_reference.
+    Returns float32 CPU tensors: original, counterfactual [B,1,S,S]; difference = counterfactual - original
+    (with `renoise`: counterfactual - reference); z, z_star [B, D]; x_T (inversion only); probs_before (probe
+    on z), probs_after (probe on the re-encoded counterfactual), probs_latent (probe on z*) [B, F]; with
+    `with_reference` (always with `renoise`), reference = the decode of z itself (the plain reconstruction,
+    the baseline against which a counterfactual's changes are measured) and probs_reference.
     """
     device = next(model.parameters()).device
     x0 = x0.to(device).float()
     with torch.no_grad():
         z = model.encode(x0).float()
-    if x_T is None:
-        x_T = ddim_invert(model, x0, z, steps=cfg.invert_steps)
-    x_T = x_T.to(device).float()
     z_star = shift_codes(head, z, finding, cfg, toward)
-    cf = ddim_sample(model, z_star, x_T, steps=cfg.steps, guidance=cfg.z_guidance, z_from=z).clamp(-1, 1)
+    if cfg.renoise is None:
+        if x_T is None:
+            x_T = ddim_invert(model, x0, z, steps=cfg.invert_steps)
+        x_T = x_T.to(device).float()
+
+        def decode(code, **kw):
+            return ddim_sample(model, code, x_T, steps=cfg.steps, **kw).clamp(-1, 1)
+    else:  # stochastic encoding: one seeded noise for every decode of this batch
+        def decode(code, **kw):
+            return ddim_renoise_decode(model, code, x0, cfg.renoise, steps=cfg.steps,
+                                       generator=torch.Generator().manual_seed(cfg.seed), **kw).clamp(-1, 1)
+    cf = decode(z_star, guidance=cfg.z_guidance, z_from=z)
     with torch.no_grad():
         z_cf = model.encode(cf).float()
-    out = {"original": x0, "counterfactual": cf, "difference": cf - x0, "z": z, "z_star": z_star, "x_T": x_T,
+    out = {"original": x0, "counterfactual": cf, "difference": cf - x0, "z": z, "z_star": z_star,
            "probs_before": head.probabilities(z), "probs_after": head.probabilities(z_cf),
            "probs_latent": head.probabilities(z_star)}
-    if with_reference:
-        ref = ddim_sample(model, z, x_T, steps=cfg.steps).clamp(-1, 1)
+    if x_T is not None:
+        out["x_T"] = x_T
+    if with_reference or cfg.renoise is not None:
+        ref = decode(z)
         with torch.no_grad():
             out["probs_reference"] = head.probabilities(model.encode(ref).float())
         out["reference"] = ref
+        if cfg.renoise is not None:  # the redrawn details are not the code's doing: compare with the reference
+            out["difference"] = cf - ref
     return {k: v.detach().cpu() for k, v in out.items()}

@@ -45,6 +45,10 @@ class ExplainConfig(StrictModel):
     # decode with eps(z) + g (eps(z*) - eps(z)): the code change amplified g times along the inverted
     # trajectory (1: DiffChest's plain decode of z*); see README for what it does on each preset
     z_guidance: float = Field(1.0, ge=1.0, le=50.0)
+    # None: decode the deterministic DDIM inversion (DiffChest). A fraction t in (0, 1): noise the image to
+    # t * T (seeded by `seed`; the same noise for reconstruction and counterfactual) and decode from there
+    # (Diff-AE's stochastic encoding): z steers what lies above that noise level, the rest is kept
+    renoise: float | None = Field(None, gt=0.0, lt=1.0)
     batch_size: int = Field(8, ge=1)
     actors: int | None = Field(None, ge=1)
     use_gpu: bool = False
