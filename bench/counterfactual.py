@@ -68,6 +68,8 @@ def main() -> None:
                         f"{g}_ssim_outside": round(r["ssim_outside"]["mean"], 3),
                         f"{g}_mean_abs_change": round(r["mean_abs_change"], 4)})
     figures["latent_effect"] = round(results[0]["latent_effect"]["mean"], 3)
+    # how much the decoder reads z at all: relative eps change when z is another patient's, per t
+    figures["eps_change_other_patient_z"] = {t: round(v, 4) for t, v in results[0]["eps_change_other_patient_z"].items()}
     report(figures)
 
 

@@ -203,3 +203,14 @@ def test_renoise_decode_is_seeded_keeps_the_image_at_low_noise_and_follows_the_c
     assert amplified.abs().mean() > 1.5 * plain.abs().mean()  # guidance amplifies the code change
     with pytest.raises(ValueError, match="start"):
         decode(z, 1.0)
+
+
+def test_z_sensitivity_is_zero_for_the_same_code_and_positive_for_another(mini):
+    from cxrray.pipelines.cf_eval import z_sensitivity
+
+    x0 = _images(3)
+    with torch.no_grad():
+        z = mini.encode(x0)
+    out = z_sensitivity(mini, x0, {"same": z.clone(), "other": torch.roll(z, 1, 0), "far": z * 5}, timesteps=(100, 900))
+    assert out["same"] == {100: 0.0, 900: 0.0}
+    assert all(v > 0 for v in out["other"].values()) and out["far"][100] > out["other"][100]

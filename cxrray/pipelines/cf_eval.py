@@ -89,6 +89,7 @@ def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings:
     j = head.index(finding)
     with torch.no_grad():
         z = model.encode(x0).float()
+    sensitivity = z_sensitivity(model, x0, {"other_patient": torch.roll(z, 1, 0)}, seed=seed)["other_patient"]
     inversions, results = {}, []
     for cfg in settings:
         z_star = shift_codes(head, z, finding, cfg, toward=1)
@@ -113,7 +114,8 @@ def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings:
             "image_effect": mean_ci(p_cf - p_ref, seed=seed), "latent_effect": mean_ci(
                 head.probabilities(z_star)[:, j].numpy() - head.probabilities(z)[:, j].numpy(), seed=seed),
             "energy_ratio": energy_ratio(diff, regions, seed=seed), "ssim_outside": mean_ci(ssim, seed=seed),
-            "mean_abs_change": float(np.abs(diff).mean()), "region_dilation_px": dilate_px})
+            "mean_abs_change": float(np.abs(diff).mean()), "region_dilation_px": dilate_px,
+            "eps_change_other_patient_z": sensitivity})
         if grid is not None:
             change = (cf - ref).abs()
             change = change / (change.amax() + 1e-8) * 2 - 1
@@ -124,3 +126,24 @@ def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings:
                                                 f"counterfactuals toward {finding} (z guidance {cfg.z_guidance:g}): "
                                                 "original / reconstruction / counterfactual / |difference|"))
     return results
+
+
+def z_sensitivity(model, x0: torch.Tensor, codes: dict[str, torch.Tensor], timesteps=(50, 200, 400, 600, 800, 950),
+                  seed: int = 0) -> dict[str, dict[int, float]]:
+    """How much the decoder reads z: ||eps(x_t, t, z') - eps(x_t, t, z)|| / ||eps(x_t, t, z)|| over the batch,
+    for each alternative code z' in `codes` and each t (x_t = x0 noised with one seeded noise). A decoder
+    that uses z moves by tens of percent when z is another patient's; ~0 means it ignores z."""
+    from cxrray.diffusion.schedule import make_scheduler
+
+    sched = make_scheduler("ddpm", **getattr(model, "schedule", {}))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        z = model.encode(x0).float()
+        out: dict[str, dict[int, float]] = {name: {} for name in codes}
+        for t in timesteps:
+            tt = torch.full((x0.shape[0],), int(t))
+            x_t = sched.add_noise(x0, noise, tt)
+            eps = model(x_t, tt, z)
+            for name, code in codes.items():
+                out[name][int(t)] = float((model(x_t, tt, code) - eps).norm() / eps.norm())
+    return out
