@@ -120,7 +120,7 @@ def _signal(proc: psutil.Process, sig: int) -> None:
 
 
 def start_head(num_cpus: int = 2, object_store_mb: int = 400, env: dict | None = None,
-               timeout: float = 90.0) -> RayHead:
+               timeout: float = 240.0) -> RayHead:
     """`ray start --head` on loopback; returns once the dashboard's Jobs API answers."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Unix socket paths <= 107 chars
     ports = {name: free_port() for name in (

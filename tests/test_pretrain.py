@@ -45,7 +45,7 @@ def mlflow_server(tmp_path_factory):
          "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
+    deadline = time.time() + 240  # its first start migrates the SQLite schema: slow on a loaded 2-core machine
     while time.time() < deadline:
         try:
             if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
@@ -54,7 +54,7 @@ def mlflow_server(tmp_path_factory):
             time.sleep(0.5)
     else:
         proc.kill()
-        pytest.fail("mlflow server did not answer /health within 90 s")
+        pytest.fail("mlflow server did not answer /health within 240 s")
     yield uri
     os.killpg(proc.pid, 15)
     try:
