@@ -43,7 +43,7 @@ def mlflow_server(tmp_path_factory):
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
          "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "wb"), start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240  # its first start migrates the SQLite schema: slow on a loaded 2-core machine
     while time.time() < deadline:
@@ -51,10 +51,12 @@ def mlflow_server(tmp_path_factory):
             if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
                 break
         except OSError:
+            if proc.poll() is not None:  # it exited (e.g. its port was taken): say why, do not wait out the deadline
+                pytest.fail(f"mlflow server exited ({proc.returncode}): {(folder / 'server.log').read_text()[-1500:]}")
             time.sleep(0.5)
     else:
         proc.kill()
-        pytest.fail("mlflow server did not answer /health within 240 s")
+        pytest.fail(f"mlflow server did not answer /health within 240 s: {(folder / 'server.log').read_text()[-1500:]}")
     yield uri
     os.killpg(proc.pid, 15)
     try:
