@@ -30,6 +30,7 @@ from cxrray.diffusion.ddim import ddim_invert, ddim_renoise_decode, ddim_sample
 from cxrray.eval.grids import save_grid
 from cxrray.eval.localisation import dilate, energy_ratio, ssim_outside
 from cxrray.io.loading import load_model
+from cxrray.pipelines.audit import mean_ci as audit_mean_ci
 from cxrray.pipelines.counterfactual import shift_codes
 from cxrray.pipelines.explain import select
 from cxrray.pipelines.head import load_head
@@ -54,10 +55,9 @@ def phantom_regions(keys: list[str], finding: str, phantom_cfg, salt: str, count
 
 
 def mean_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    values = np.asarray(values, np.float64)
-    boots = values[rng.integers(0, len(values), (n_boot, len(values)))].mean(1)
-    return {"mean": float(values.mean()), "ci": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]}
+    """{"mean", "ci"}: the audit's percentile bootstrap over images, as a record."""
+    mean, low, high = audit_mean_ci(values, n_boot, seed)
+    return {"mean": mean, "ci": [low, high]}
 
 
 def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings: list[ExplainConfig], *,
