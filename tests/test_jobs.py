@@ -8,6 +8,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -81,14 +82,21 @@ def phantoms(tmp_path_factory):
     return root
 
 
-def test_ingest_job_succeeds(ray_head, phantoms, tmp_path):
-    shards = tmp_path / "shards"
+@pytest.fixture(scope="module")
+def ingest_job(ray_head, phantoms, tmp_path_factory):
+    """One ingest job, shared: its test checks it, the pretraining job trains on its shards."""
+    shards = tmp_path_factory.mktemp("job-shards") / "shards"
     job_id = submit(ray_head, "python", "jobs/ingest.py", "--input", str(phantoms),
                     "--labels", str(phantoms / "labels.csv"), "--output", f"file://{shards}", "--size", "32")
     sockets: set = set()
     status = wait_for(ray_head, job_id, sockets=sockets)
-    logs = job_logs(ray_head, job_id)
-    assert status == "SUCCEEDED", logs[-3000:]
+    return SimpleNamespace(job_id=job_id, shards=shards, status=status, sockets=sockets,
+                           logs=job_logs(ray_head, job_id))
+
+
+def test_ingest_job_succeeds(ray_head, ingest_job):
+    job_id, shards, sockets, logs = ingest_job.job_id, ingest_job.shards, ingest_job.sockets, ingest_job.logs
+    assert ingest_job.status == "SUCCEEDED", logs[-3000:]
     # while the job ran, its driver and workers stayed on loopback too
     assert any("JobSupervisor" in name for *_, name in sockets), sockets  # the job's processes were seen
     assert_loopback_only(sockets)
@@ -124,13 +132,10 @@ def test_failing_job_reports_cli_error(ray_head, phantoms, tmp_path):
     assert not (tmp_path / "shards" / "manifest.json").exists()
 
 
-def _pretrain_jobs(ray_head, phantoms, tmp_path, targets: tuple[int, ...]) -> tuple[str, dict]:
-    """Ingest by job, then one pretraining job per target (each continues the same output); last logs."""
-    shards, run = tmp_path / "shards", tmp_path / "run"
-    status = wait_for(ray_head, submit(ray_head, "python", "jobs/ingest.py", "--input", str(phantoms),
-                                       "--labels", str(phantoms / "labels.csv"), "--output", str(shards),
-                                       "--size", "32"))
-    assert status == "SUCCEEDED"
+def _pretrain_jobs(ray_head, ingest_job, tmp_path, targets: tuple[int, ...]) -> tuple[str, dict]:
+    """One pretraining job per target on the ingest job's shards (each continues the same output); last logs."""
+    shards, run = ingest_job.shards, tmp_path / "run"
+    assert ingest_job.status == "SUCCEEDED", ingest_job.logs[-3000:]
     sets = ["model.image_size=32", "model.base_channels=16", "model.channel_mult=[1,2]", "model.norm_groups=8",
             "model.z_dim=64", "train.global_batch=4", "train.log_every=8", "train.checkpoint_every=8",
             "train.eval_split=null", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
@@ -145,13 +150,13 @@ def _pretrain_jobs(ray_head, phantoms, tmp_path, targets: tuple[int, ...]) -> tu
     return logs, json.loads((run / "latest.json").read_text())
 
 
-def test_pretrain_job_succeeds(ray_head, phantoms, tmp_path):
-    _, latest = _pretrain_jobs(ray_head, phantoms, tmp_path, (16,))
+def test_pretrain_job_succeeds(ray_head, ingest_job, tmp_path):
+    _, latest = _pretrain_jobs(ray_head, ingest_job, tmp_path, (16,))
     assert latest["images_shown"] == 16 and latest["latest_checkpoint"].endswith("checkpoint-000000000016")
 
 
 @pytest.mark.slow  # ~100 s more; the same continuation path (latest.json) is in the default suite via test_pretrain
-def test_pretrain_job_resubmission_continues(ray_head, phantoms, tmp_path):
-    logs, latest = _pretrain_jobs(ray_head, phantoms, tmp_path, (16, 24))
+def test_pretrain_job_resubmission_continues(ray_head, ingest_job, tmp_path):
+    logs, latest = _pretrain_jobs(ray_head, ingest_job, tmp_path, (16, 24))
     assert "resumed at 16 images shown" in logs
     assert latest["images_shown"] == 24 and latest["latest_checkpoint"].endswith("checkpoint-000000000024")

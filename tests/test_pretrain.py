@@ -66,12 +66,15 @@ def mlflow_server(tmp_path_factory):
         proc.wait(timeout=30)
 
 
-def test_deepspeed_pretraining_logs_to_mlflow_server_then_resumes(shards, mlflow_server, tmp_path, capfd):
-    out = f"file://{tmp_path / 'run'}"
-    args = ["pretrain", "--data", shards, "--output", out, "--images", "96",
+def _deepspeed_run(shards: str, out: str, tracking: str) -> list[str]:
+    return ["pretrain", "--data", shards, "--output", out, "--images", "96",
             *_sets(TINY32 + ["train.strategy=deepspeed", "train.zero_stage=1", "train.checkpoint_every=32",
-                             "train.eval_every=96", f"tracking.uri={mlflow_server}"])]
-    assert main(args) == 0
+                             "train.eval_every=96", f"tracking.uri={tracking}"])]
+
+
+def test_deepspeed_pretraining_logs_to_mlflow_server(shards, mlflow_server, tmp_path, capfd):
+    out = f"file://{tmp_path / 'run'}"
+    assert main(_deepspeed_run(shards, out, mlflow_server)) == 0
     logs = capfd.readouterr().out
     assert "[pretrain] 96/96 images" in logs and "recon_ssim" in logs
 
@@ -96,6 +99,20 @@ def test_deepspeed_pretraining_logs_to_mlflow_server_then_resumes(shards, mlflow
     assert "samples/samples_000000000096.png" in artifacts and "reconstructions/reconstructions_000000000096.png" in artifacts
     versions = client.search_model_versions("name='cxrray-diffae'")
     assert [v.run_id for v in versions] == [run.info.run_id]
+
+
+@pytest.mark.slow  # ~100 s: resuming is in the default suite through the ddpm family's test below
+def test_continuing_with_ddp_restarts_the_optimizer_and_keeps_the_run(shards, mlflow_server, tmp_path, capfd):
+    out = f"file://{tmp_path / 'run'}"
+    args = _deepspeed_run(shards, out, mlflow_server)
+    assert main(args) == 0
+    capfd.readouterr()
+    assert main(["status", "--output", out]) == 0
+    status = json.loads(capfd.readouterr().out)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
+    run = client.get_run(status["mlflow_run_id"])
 
     # continue the same output to more images with the DDP baseline: weights carry over, the
     # optimizer layout changed (so it restarts), images shown continue from 96, same MLflow run
