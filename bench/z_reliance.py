@@ -45,12 +45,10 @@ def x0_from(prediction: str, out, x_t, ab):
     return ab.sqrt() * x_t - (1 - ab).sqrt() * out
 
 
-def reliance(model, prediction: str, images, alphas_cumprod, timesteps=(200, 400, 600, 800)) -> dict:
+def reliance(model, prediction: str, images, sched, timesteps=(200, 400, 600, 800)) -> dict:
     import torch
 
-    from cxrray.diffusion.schedule import make_scheduler
-
-    sched = make_scheduler("ddpm")
+    alphas_cumprod = sched.alphas_cumprod
     with torch.no_grad():
         z = model.encode(images)
         other = torch.roll(z, 1, 0)
@@ -86,8 +84,8 @@ def train(prediction: str, images, test, args) -> dict:
     from cxrray.train.ema import ema_model
 
     torch.manual_seed(args.seed)
-    alphas_cumprod = make_scheduler("ddpm").alphas_cumprod
     sched = make_scheduler("ddpm")
+    alphas_cumprod = sched.alphas_cumprod
     model = DiffAE(preset_config("tiny"))
     ema = ema_model(model, 0.9999)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -107,7 +105,7 @@ def train(prediction: str, images, test, args) -> dict:
             rate = step / (time.perf_counter() - start)
             print(f"[{prediction}] step {step}/{args.steps} loss {float(loss):.4f} "
                   f"({rate:.2f} steps/s, ETA {(args.steps - step) / rate:.0f} s)", flush=True)
-    return reliance(ema.module, prediction, test, alphas_cumprod)
+    return reliance(ema.module, prediction, test, sched)
 
 
 def main() -> None:

@@ -40,10 +40,11 @@ def shards(ray_local, tmp_path_factory):
 def mlflow_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mlflow")
     port = free_port()
+    log = open(folder / "server.log", "wb")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
          "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "wb"), start_new_session=True)
+         "--workers", "1"], stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240  # its first start migrates the SQLite schema: slow on a loaded 2-core machine
     while time.time() < deadline:
@@ -64,6 +65,7 @@ def mlflow_server(tmp_path_factory):
     except subprocess.TimeoutExpired:  # a loaded machine can keep gunicorn's workers busy past 30 s
         os.killpg(proc.pid, 9)
         proc.wait(timeout=30)
+    log.close()
 
 
 def _deepspeed_run(shards: str, out: str, tracking: str) -> list[str]:
@@ -101,7 +103,7 @@ def test_deepspeed_pretraining_logs_to_mlflow_server(shards, mlflow_server, tmp_
     assert [v.run_id for v in versions] == [run.info.run_id]
 
 
-@pytest.mark.slow  # ~100 s: resuming is in the default suite through the ddpm family's test below
+@pytest.mark.slow  # ~110 s: resuming is in the default suite through the ddpm family's test below
 def test_continuing_with_ddp_restarts_the_optimizer_and_keeps_the_run(shards, mlflow_server, tmp_path, capfd):
     out = f"file://{tmp_path / 'run'}"
     args = _deepspeed_run(shards, out, mlflow_server)
@@ -112,7 +114,6 @@ def test_continuing_with_ddp_restarts_the_optimizer_and_keeps_the_run(shards, ml
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
-    run = client.get_run(status["mlflow_run_id"])
 
     # continue the same output to more images with the DDP baseline: weights carry over, the
     # optimizer layout changed (so it restarts), images shown continue from 96, same MLflow run
@@ -123,7 +124,7 @@ def test_continuing_with_ddp_restarts_the_optimizer_and_keeps_the_run(shards, ml
     assert main(["status", "--output", out]) == 0
     status2 = json.loads(capfd.readouterr().out)
     assert status2["images_shown"] == 128 and status2["mlflow_run_id"] == status["mlflow_run_id"]
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "images_shown")]
+    steps = [m.step for m in client.get_metric_history(status["mlflow_run_id"], "images_shown")]
     assert steps == sorted(steps) and steps[-1] == 128
 
 
