@@ -94,8 +94,9 @@ def main() -> None:
             model.encode(x0)
         sync()
 
-    head = LinearHead(["finding"], torch.randn(1, z.shape[1]).numpy(), torch.zeros(1).numpy(),
-                      z.mean(0).cpu().numpy(), (z.std(0) + 1e-6).cpu().numpy())
+    weight = torch.randn(1, z.shape[1]).numpy()
+    head = LinearHead(["finding"], weight, torch.zeros(1).numpy(), z.mean(0).cpu().numpy(),
+                      (z.std(0) + 1e-6).cpu().numpy(), pattern=weight)
     ecfg = ExplainConfig(steps=args.steps, invert_steps=args.invert_steps)
     r = args.repeats
     figures = {"bench": "explain", "preset": args.preset, "image_size": s, "batch": b, "device": str(device) if

@@ -55,8 +55,9 @@ def build_artifacts(root: Path, files: list[bytes], size: int) -> tuple[str, str
     with torch.no_grad():
         z = model.encode(x).numpy()
     rng = np.random.default_rng(0)
-    LinearHead(list(FINDINGS), rng.normal(size=(len(FINDINGS), z.shape[1])).astype(np.float32) / 8,
-               np.zeros(len(FINDINGS), np.float32), z.mean(0), z.std(0) + 1e-3).save(root / "probe")
+    weight = rng.normal(size=(len(FINDINGS), z.shape[1])).astype(np.float32) / 8
+    LinearHead(list(FINDINGS), weight, np.zeros(len(FINDINGS), np.float32), z.mean(0), z.std(0) + 1e-3,
+               pattern=weight).save(root / "probe")
     return str(ckpt), str(root / "probe")
 
 

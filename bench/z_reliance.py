@@ -9,7 +9,7 @@ Trains the tiny preset twice from the same seed on the same batches (plain loop,
 product's warm-up), then on test images: the relative change of the predicted x0 when z is another
 patient's, per t, and the mean |difference| of two 20-step DDIM decodes from one shared x_T (own z vs
 another's). A decoder that ignores z scores ~0; the counterfactual decode can only change the image
-as much as the second figure allows. Prints one JSON line. The product trains eps today (issue 12).
+as much as the second figure allows. Prints one JSON line. The tiny preset trains v since issue 12.
 """
 from __future__ import annotations
 
@@ -38,74 +38,48 @@ def load_split(uri: str, split: str, limit: int):
     return torch.as_tensor(png16_to_model(np.stack(out[:limit])))[:, None]
 
 
-def x0_from(prediction: str, out, x_t, ab):
-    """The network's output -> its x0 estimate."""
-    if prediction == "eps":
-        return (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
-    return ab.sqrt() * x_t - (1 - ab).sqrt() * out
-
-
-def reliance(model, prediction: str, images, sched, timesteps=(200, 400, 600, 800)) -> dict:
+def reliance(model, images) -> dict:
+    """x0 change under another patient's z per t, and two 20-step DDIM decodes from one shared x_T."""
     import torch
 
-    alphas_cumprod = sched.alphas_cumprod
+    from cxrray.diffusion.ddim import ddim_sample
+    from cxrray.pipelines.cf_eval import z_sensitivity
+
     with torch.no_grad():
         z = model.encode(images)
-        other = torch.roll(z, 1, 0)
-        noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
-        change = {}
-        for t in timesteps:
-            tt = torch.full((len(images),), t)
-            x_t = sched.add_noise(images, noise, tt)
-            ab = alphas_cumprod[t]
-            own, theirs = (x0_from(prediction, model(x_t, tt, c), x_t, ab) for c in (z, other))
-            change[t] = round(float((own - theirs).norm() / own.norm()), 4)
-
-        def decode(code):  # deterministic DDIM, 20 steps, from the shared x_T
-            x, ts = noise.clone(), list(range(999, -1, -50))
-            for i, t in enumerate(ts):
-                ab = alphas_cumprod[t]
-                ab_prev = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
-                x0 = x0_from(prediction, model(x, torch.full((len(x),), t), code), x, ab).clamp(-1, 1)
-                x = ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * (x - ab.sqrt() * x0) / (1 - ab).sqrt()
-            return x
-
-        own_decode = decode(z)
-        return {"x0_change_other_z": change,
-                "decode_diff_other_z": round(float((own_decode - decode(other)).abs().mean()), 4),
-                "decode_vs_own_image": round(float((own_decode - images).abs().mean()), 4)}
+    other = torch.roll(z, 1, 0)
+    change = z_sensitivity(model, images, {"other": other}, timesteps=(200, 400, 600, 800), seed=1)["other"]
+    x_T = torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
+    own, theirs = (ddim_sample(model, code, x_T, steps=20, clip=True) for code in (z, other))
+    return {"x0_change_other_z": {t: round(v, 4) for t, v in change.items()},
+            "decode_diff_other_z": round(float((own - theirs).abs().mean()), 4),
+            "decode_vs_own_image": round(float((own - images).abs().mean()), 4)}
 
 
-def train(prediction: str, images, test, args) -> dict:
+def train(prediction_type: str, images, test, args) -> dict:
+    """The tiny preset trained with `prediction_type` by a plain loop on the product's loss; seeded."""
     import torch
 
-    from cxrray.diffusion.schedule import make_scheduler
+    from cxrray.diffusion.schedule import training_loss
     from cxrray.families.diffae.network import DiffAE, preset_config
     from cxrray.train.ema import ema_model
 
     torch.manual_seed(args.seed)
-    sched = make_scheduler("ddpm")
-    alphas_cumprod = sched.alphas_cumprod
-    model = DiffAE(preset_config("tiny"))
+    model = DiffAE(preset_config("tiny", prediction_type=prediction_type))
     ema = ema_model(model, 0.9999)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     g, start = torch.Generator().manual_seed(args.seed), time.perf_counter()
     for step in range(1, args.steps + 1):
-        x0 = images[torch.randint(0, len(images), (args.batch,), generator=g)]
-        t = torch.randint(0, 1000, (args.batch,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        ab = alphas_cumprod[t].view(-1, 1, 1, 1)
-        target = noise if prediction == "eps" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
-        loss = torch.nn.functional.mse_loss(model(sched.add_noise(x0, noise, t), t, model.encode(x0)), target)
+        loss = training_loss(model, images[torch.randint(0, len(images), (args.batch,), generator=g)], generator=g)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         ema.update_parameters(model)
         if step % 50 == 0:
             rate = step / (time.perf_counter() - start)
-            print(f"[{prediction}] step {step}/{args.steps} loss {float(loss):.4f} "
+            print(f"[{prediction_type}] step {step}/{args.steps} loss {float(loss):.4f} "
                   f"({rate:.2f} steps/s, ETA {(args.steps - step) / rate:.0f} s)", flush=True)
-    return reliance(ema.module, prediction, test, sched)
+    return reliance(ema.module, test)
 
 
 def main() -> None:
@@ -124,9 +98,9 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     images, test = load_split(args.shards, "train", args.train_images), load_split(args.shards, "test", args.test_images)
     figures = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "test_images": len(test)}
-    for prediction in ("eps", "v"):  # eps first: the baseline, Diff-AE's own parameterisation
-        for key, value in train(prediction, images, test, args).items():
-            figures[f"{prediction}_{key}"] = value
+    for name, prediction_type in (("eps", "epsilon"), ("v", "v_prediction")):  # eps first: the baseline (Diff-AE)
+        for key, value in train(prediction_type, images, test, args).items():
+            figures[f"{name}_{key}"] = value
     report(figures)
 
 

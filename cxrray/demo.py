@@ -1,6 +1,7 @@
 """The main job on the embedded default: phantoms (with a planted confounder) -> ingest -> pretrain (tiny)
--> held-out report -> encode -> linear probe -> counterfactuals -> confounder audit, ending in one HTML
-page (demo_out/report.html). Everything lands in local files and the local MLflow."""
+-> held-out report -> encode -> linear probe -> counterfactual grid -> confounder audit, its counterfactuals
+measured against the phantoms' ground truth, ending in one HTML page (demo_out/report.html). Everything lands
+in local files and the local MLflow."""
 from __future__ import annotations
 
 import json
@@ -20,30 +21,32 @@ def run_demo(cfg: Config, n: int, workdir: Path, shards: str, run: str) -> dict:
     from cxrray.train.pretrain import pretrain
 
     phantoms = workdir / "phantoms"
-    print(f"[demo] 1/8 phantoms: {n} DICOMs (confounder {cfg.phantom.confounder}) -> {phantoms}", flush=True)
+    print(f"[demo] 1/9 phantoms: {n} DICOMs (confounder {cfg.phantom.confounder}) -> {phantoms}", flush=True)
     step = max(1, n // 5)
     generate(n, phantoms, cfg.phantom,
              progress=lambda d, t: (d % step == 0 or d == t) and print(f"[phantoms] {d}/{t}", flush=True))
-    print(f"[demo] 2/8 ingest -> {shards}", flush=True)
+    print(f"[demo] 2/9 ingest -> {shards}", flush=True)
     manifest = ingest(phantoms, shards, cfg.ingest, source="folder", metadata=phantoms / "labels.csv")
-    print(f"[demo] 3/8 pretrain {cfg.preset} to {cfg.train.images:,} images -> {run}", flush=True)
+    print(f"[demo] 3/9 pretrain {cfg.preset} to {cfg.train.images:,} images -> {run}", flush=True)
     status = pretrain(cfg, shards, run)
     checkpoint = status["latest_checkpoint"]
-    print("[demo] 4/8 held-out reconstruction and samples", flush=True)
+    print("[demo] 4/9 held-out reconstruction and samples", flush=True)
     report = held_out_report(cfg, shards, checkpoint, workdir, status["mlflow_run_id"])
-    print("[demo] 5/8 encode z for every image", flush=True)
+    print("[demo] 5/9 encode z for every image", flush=True)
     encodings = run.rstrip("/") + "-encodings"
     index = encode(checkpoint, shards, encodings, cfg.encode)
-    print("[demo] 6/8 linear probe", flush=True)
+    print("[demo] 6/9 linear probe", flush=True)
     probe = run_probe(encodings, workdir / "probe", cfg)
-    print(f"[demo] 7/8 counterfactuals toward {', '.join(AUDITED)}", flush=True)
+    print(f"[demo] 7/9 counterfactuals toward {', '.join(AUDITED)}", flush=True)
     grid = counterfactual_grid(cfg, shards, checkpoint, workdir / "probe", workdir)
-    print(f"[demo] 8/8 confounder audit of {', '.join(AUDITED)}", flush=True)
+    print(f"[demo] 8/9 confounder audit of {', '.join(AUDITED)}", flush=True)
     audited = audit(checkpoint, str(workdir / "probe"), shards, AUDITED, workdir / "audit", cfg)
+    print("[demo] 9/9 the audit's counterfactuals against the phantoms' ground truth", flush=True)
+    measured = ground_truth(cfg, shards, workdir / "audit" / "counterfactuals", n)
     summary = {"shards": {"uri": shards, "samples": manifest["samples"], "rejected": manifest["rejected"],
                           "splits": manifest["splits"]},
                "pretrain": status, "held_out": report, "encodings": {"uri": encodings, "rows": index["rows"]},
-               "probe": probe, "counterfactual_grid": grid,
+               "probe": probe, "counterfactual_grid": grid, "counterfactual_measured": measured,
                "audit": {f: {"top": r["candidates"][0]["label"] if r["candidates"] else None,
                              **{k: r[k] for k in ("confounders", "entangled", "unvalidated")}}
                          for f, r in audited["findings"].items()}}
@@ -59,8 +62,9 @@ def run_demo(cfg: Config, n: int, workdir: Path, shards: str, run: str) -> dict:
 
 
 def counterfactual_grid(cfg: Config, shards: str, checkpoint: str, probe: Path, workdir: Path, n: int = 6) -> str:
-    """Counterfactuals of n test images toward each audited finding: one row per image, original then, per
-    finding, counterfactual and signed difference (mid-grey 0, brighter: denser; scaled per image)."""
+    """Counterfactuals (`cfg.explain`) of n test images toward each audited finding: one row per image,
+    original then, per finding, counterfactual and its signed difference from the reconstruction (the code
+    change alone; mid-grey 0, brighter: denser; scaled per image)."""
     import torch
 
     from cxrray.data.imaging import decode_png16, png16_to_model
@@ -70,7 +74,7 @@ def counterfactual_grid(cfg: Config, shards: str, checkpoint: str, probe: Path, 
 
     samples, _ = select(shards, "test", limit=n, seed=cfg.explain.seed)
     out = Storage(str((workdir / "counterfactuals").resolve()))
-    explain_shards(checkpoint, str(probe), shards, AUDITED, out.uri, cfg, samples)
+    explain_shards(checkpoint, str(probe), shards, AUDITED, out.uri, cfg, samples, reference=True)
 
     def image(key: str, finding: str, kind: str) -> torch.Tensor:
         record = json.loads(out.read_bytes(f"{stem(key, finding)}.json"))
@@ -81,13 +85,60 @@ def counterfactual_grid(cfg: Config, shards: str, checkpoint: str, probe: Path, 
         tiles = [image(s["key"], AUDITED[0], "original")]
         for finding in AUDITED:
             cf = image(s["key"], finding, "counterfactual")
-            diff = cf - tiles[0]
+            diff = cf - image(s["key"], finding, "reference")
             tiles += [cf, (diff / (diff.abs().amax() + 1e-6)).clamp(-1, 1)]
         rows.append(torch.stack(tiles))
-    columns = ", ".join(f"counterfactual toward {f}, its difference" for f in AUDITED)
+    columns = ", ".join(f"counterfactual toward {f}, its difference from the reconstruction" for f in AUDITED)
+    e = cfg.explain
+    step = f"eps {e.eps:g}" if e.mode == "linear" else f"to p {e.target_probability:g}"
     return str(save_grid(rows, workdir / "counterfactuals.png",
-                         f"one test image per row: original, {columns} (DDIM {cfg.explain.steps}, z guidance "
-                         f"{cfg.explain.z_guidance:g})"))
+                         f"one test image per row: original, {columns} ({e.direction} direction, {step}, "
+                         f"DDIM {e.invert_steps} + {e.steps})"))
+
+
+def ground_truth(cfg: Config, shards: str, records: Path, n: int) -> dict:
+    """Per audited finding, the audit's counterfactuals measured against where the finding can appear in each
+    phantom (`cxrray.pipelines.cf_eval.measure_records`): image effect, energy inside/outside the region,
+    SSIM outside, the other labels' image effects."""
+    from cxrray.data.settings import resolve_salt
+    from cxrray.pipelines.cf_eval import measure_records
+
+    out = {}
+    for finding in AUDITED:
+        r = measure_records(str(records.resolve()), shards, finding, phantom_cfg=cfg.phantom, phantom_count=n,
+                            salt=resolve_salt(cfg.ingest))
+        out[finding] = {k: r[k] for k in ("images", "image_effect", "latent_effect", "energy_ratio", "ssim_outside",
+                                          "mean_abs_change", "image_effect_by_label")}
+        print(f"[demo] toward {finding}: image effect {r['image_effect']['mean']:+.3f} (latent "
+              f"{r['latent_effect']['mean']:+.3f}), energy in/out of its region {r['energy_ratio']['ratio'] or float('nan'):.2f}, "
+              f"SSIM outside {r['ssim_outside']['mean']:.3f}", flush=True)
+    return out
+
+
+READING_GUIDE = ("Each row is one test image: the original, then for each finding the counterfactual and its "
+                 "difference from the reconstruction (mid-grey: unchanged, brighter: denser), and the table below "
+                 "says whether that change is the finding: the probe's probability on the re-encoded counterfactual "
+                 "(image effect, vs the probe on the moved code: latent effect) and how much more of the change lies "
+                 "where the finding can appear in the phantom than elsewhere (energy ratio; 1 = no more there).")
+MEASURED_COLUMNS = ["toward", "images", "image effect", "image effect 95% CI", "latent effect",
+                    "energy in/out of region", "energy 95% CI", "SSIM outside region", "largest other image effect"]
+
+
+def measured_rows(measured: dict) -> list[dict]:
+    """One table row per finding from `ground_truth`'s output."""
+    def ci(pair):
+        return "–".join("n/a" if v is None else f"{v:.3f}" for v in pair)
+
+    rows = []
+    for finding, m in measured.items():
+        others = {k: v for k, v in m["image_effect_by_label"].items() if k != finding}
+        top = max(others, key=others.get) if others else None
+        rows.append({"toward": finding, "images": m["images"], "image effect": m["image_effect"]["mean"],
+                     "image effect 95% CI": ci(m["image_effect"]["ci"]), "latent effect": m["latent_effect"]["mean"],
+                     "energy in/out of region": m["energy_ratio"]["ratio"], "energy 95% CI": ci(m["energy_ratio"]["ci"]),
+                     "SSIM outside region": m["ssim_outside"]["mean"],
+                     "largest other image effect": f"{top} {others[top]:+.3f}" if top else "n/a"})
+    return rows
 
 
 def write_report(workdir: Path, summary: dict, audited: dict) -> Path:
@@ -108,7 +159,9 @@ def write_report(workdir: Path, summary: dict, audited: dict) -> Path:
          + "".join(html.image(g, Path(g).stem) for g in summary["held_out"]["grids"])),
         ("Linear probe on z (test split)", html.table(rows, list(rows[0])) + html.table(fractions, list(fractions[0]))
          + html.image(workdir / "probe" / "roc.png", "ROC curves", width=560)),
-        ("Counterfactual explanations", html.image(summary["counterfactual_grid"], "counterfactuals")),
+        ("Counterfactual explanations", f"<p>{html.esc(READING_GUIDE)}</p>"
+         + html.image(summary["counterfactual_grid"], "counterfactuals")
+         + html.table(measured_rows(summary["counterfactual_measured"]), MEASURED_COLUMNS)),
         ("Confounder audit", audit_body),
     ]
     page = workdir / "report.html"

@@ -214,3 +214,51 @@ def test_z_sensitivity_is_zero_for_the_same_code_and_positive_for_another(mini):
     out = z_sensitivity(mini, x0, {"same": z.clone(), "other": torch.roll(z, 1, 0), "far": z * 5}, timesteps=(100, 900))
     assert out["same"] == {100: 0.0, 900: 0.0}
     assert all(v > 0 for v in out["other"].values()) and out["far"][100] > out["other"][100]
+
+
+class VFromEps(nn.Module):
+    """An eps model re-expressed as the v it implies, v = sqrt(ab) eps - sqrt(1-ab) x0_hat, declared as a
+    v_prediction model: every sampler must decode it exactly as it decodes the eps model."""
+
+    def __init__(self, eps_model: GaussDenoiser):
+        super().__init__()
+        self.eps_model, self.schedule = eps_model, {"prediction_type": "v_prediction"}
+
+    def forward(self, x, t, z):
+        a = self.eps_model.ab[t].view(-1, 1, 1, 1)
+        eps = self.eps_model(x, t, z)
+        return a.sqrt() * eps - (1 - a).sqrt() * (x - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def test_v_prediction_samples_and_inverts_exactly_as_the_eps_model_it_equals():
+    eps_model = GaussDenoiser(mu=0.1, sd=0.3)
+    v_model = VFromEps(eps_model)
+    x0 = 0.1 + 0.3 * torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    x_T = ddim_invert(eps_model, x0, None, 20)
+    assert torch.allclose(ddim_invert(v_model, x0, None, 20), x_T, atol=1e-4)
+    # diffusers' own inverse step converts v with the neighbouring timestep's alpha: not the same walk
+    inv = DDIMInverseScheduler(**{**make_scheduler("ddim_inverse").config, "prediction_type": "v_prediction"})
+    inv.set_timesteps(20)
+    x = x0.clone()
+    for t in inv.timesteps:
+        x = inv.step(v_model(x, torch.full((2,), int(t)), None), int(t), x, return_dict=False)[0]
+    assert (x - x_T).abs().max() > 100 * (ddim_invert(v_model, x0, None, 20) - x_T).abs().max()
+    assert torch.allclose(ddim_sample(v_model, None, x_T, 20), ddim_sample(eps_model, None, x_T, 20), atol=1e-4)
+
+
+def test_v_prediction_loss_regresses_the_velocity():
+    torch.manual_seed(0)
+    model = DiffAE(MINI.model_copy(update={"prediction_type": "v_prediction"}))
+    assert model.schedule == {"prediction_type": "v_prediction"}
+    x0 = _images(3, seed=4)
+    loss = training_loss(model, x0, generator=torch.Generator().manual_seed(11))
+    g = torch.Generator().manual_seed(11)  # the same draws, in the loss's order: t, then noise
+    t = torch.randint(0, T, (3,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    ab = make_scheduler("ddpm").alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    with torch.no_grad():
+        out = model(x_t, t, model.encode(x0))
+    v = ab.sqrt() * noise - (1 - ab).sqrt() * x0
+    assert torch.isclose(loss, ((out - v) ** 2).mean(), rtol=1e-4)
+    assert not torch.isclose(loss, ((out - noise) ** 2).mean(), rtol=1e-2)

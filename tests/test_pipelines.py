@@ -26,6 +26,7 @@ from cxrray.data.phantom import generate
 from cxrray.data.shards import read_manifest, read_tar
 from cxrray.data.storage import Storage
 from cxrray.diffusion.ddim import ddim_invert
+from cxrray.errors import InputError
 from cxrray.families.diffae.network import DiffAE, DiffAEConfig
 from cxrray.pipelines.encodings import read_encodings, stack
 from cxrray.pipelines.head import LinearHead
@@ -57,7 +58,7 @@ def world(tmp_path_factory):
     weight = (rng.normal(size=(len(vocab), MINI.z_dim)) / np.sqrt(MINI.z_dim)).astype(np.float32)
     weight[vocab.index("chest_tube")] = weight[vocab.index("effusion")] * 0.95 + 0.05 * weight[vocab.index("chest_tube")]
     head = LinearHead(vocab, weight, np.full(len(vocab), -1.0, np.float32), z.mean(0), z.std(0) + 1e-6,
-                      {"fit_split": "train"})
+                      {"fit_split": "train"}, pattern=weight)  # pattern = weight: a probe on whitened codes
     head.save(root / "probe")
     (root / "probe" / "metrics.json").write_text(json.dumps({  # as `cxrray probe` writes it: every probe validated
         "fit_split": "train", "findings": {label: {"evaluated": True, "auroc": 0.9} for label in vocab}}))
@@ -182,8 +183,8 @@ def test_audit_ranks_the_label_the_direction_drags_along(world, ray_local, tmp_p
     from cxrray.pipelines.audit import audit
 
     cfg = load_config("tiny", ["explain.steps=3", "explain.invert_steps=3", "audit.images=6", "audit.split=train",
-                               "audit.bootstrap=200", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
-    assert cfg.audit.measure == "latent"  # tiny preset
+                               "audit.bootstrap=200", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                               "audit.measure=latent", "audit.mode=closed_form"])  # a random model: latent only
     result = audit(world["ckpt"], world["probe"], world["shards"], ["effusion", "nodule"], tmp_path / "audit", cfg)
     # both findings in one explain fan-out (one actor pool), each image's outputs only for findings it is negative for
     assert capfd.readouterr().out.count("[explain] 0/") == 1
@@ -209,6 +210,22 @@ def test_audit_ranks_the_label_the_direction_drags_along(world, ray_local, tmp_p
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     arts = {a.path for a in client.list_artifacts(result["mlflow_run_id"], "audit")}
     assert {"audit/audit.json", "audit/audit.html"} <= arts
+    # the audit's own counterfactuals, measured against the phantoms' regions without decoding again
+    from cxrray.pipelines.cf_eval import measure_records
+
+    records = [json.loads((tmp_path / "audit" / "counterfactuals" / n).read_text()) for n in written if ".effusion." in n]
+    ref_png = (tmp_path / "audit" / "counterfactuals" / records[0]["files"]["reference"]).read_bytes()
+    assert "reconstruction" in _png_text(ref_png)["cxrray:provenance"]
+    measured = measure_records(f"file://{tmp_path}/audit/counterfactuals", world["shards"], "effusion",
+                               phantom_cfg=world["cfg"].phantom, phantom_count=N, salt=os.environ["CXRRAY_SALT"])
+    assert measured["images"] == 6 and measured["explain"]["mode"] == "closed_form"
+    by_hand = np.mean([r["probs_after"]["effusion"] - r["probs_reference"]["effusion"] for r in records])
+    assert measured["image_effect"]["mean"] == pytest.approx(by_hand, abs=1e-6)
+    assert measured["energy_ratio"]["ratio"] > 0 and 0 < measured["ssim_outside"]["mean"] <= 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no counterfactuals toward 'nodule'"):
+        measure_records(f"file://{tmp_path}/empty", world["shards"], "nodule", phantom_cfg=world["cfg"].phantom,
+                        phantom_count=N, salt=os.environ["CXRRAY_SALT"])
 
 
 def test_cli_rejects_unknown_finding_and_missing_checkpoint(world, tmp_path, capsys):

@@ -128,6 +128,26 @@ def test_fit_head_is_sklearn_on_labelled_rows_only():
     assert res["findings"]["half_unlabelled"]["negatives"] == int((y[:, 1] == 0).sum())
     only_pos = np.where(np.isnan(y), np.nan, 1.0)
     assert evaluate(head, z, only_pos, 10, 50)["findings"]["x"]["reason"] == "no test negatives"
+    # activation pattern: Cov(zn) w over the finding's labelled rows (Haufe et al. 2014)
+    np.testing.assert_allclose(head.pattern[1], np.cov(zn[keep], rowvar=False) @ head.weight[1], rtol=1e-4, atol=1e-5)
+
+
+def test_pattern_follows_the_data_where_the_weight_follows_noise():
+    """Two informative columns, one of them also carrying a large nuisance that a third column measures:
+    the probe's weight leans on the nuisance-cancelling column, its pattern points along the signal."""
+    rng = np.random.default_rng(0)
+    y = rng.random(2000) < 0.5
+    signal, nuisance = y * 1.0, rng.normal(size=2000) * 3
+    z = np.stack([signal + nuisance + rng.normal(size=2000) * 0.3, nuisance + rng.normal(size=2000) * 0.05,
+                  rng.normal(size=2000)], axis=1)
+    head = fit_head(z, y[:, None].astype(float), ["f"], C=10.0)
+    w, a = head.weight[0], head.pattern[0]
+    zn = (z - z.mean(0)) / z.std(0)
+    mean_diff = zn[y].mean(0) - zn[~y].mean(0)
+    cos = lambda u, v: float(u @ v / np.linalg.norm(u) / np.linalg.norm(v))  # noqa: E731
+    assert cos(a, mean_diff) > 0.99, (a, mean_diff)
+    # the weight subtracts the nuisance (column 1 ~ -column 0); the pattern barely touches column 1
+    assert w[1] < -0.8 * w[0] < 0 and abs(a[1]) < 0.25 * a[0], (w, a)
 
 
 def test_patient_subsampling_never_splits_a_patient():
@@ -207,6 +227,7 @@ def test_head_round_trip(probe_run):
     again = load_head(probe_run["out"] / "fraction-1.0")
     assert head.findings == FINDINGS and head.info["fraction"] == 1.0
     np.testing.assert_array_equal(head.weight, again.weight)
+    assert head.pattern.shape == head.weight.shape and np.abs(head.pattern).sum() > 0
     frame, _ = read_encodings(probe_run["uri"])
     z = stack(frame[frame["split"] == "test"], "z")
     import torch
@@ -226,3 +247,32 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["probe", "--encodings", uri, "--output", str(tmp_path / "o"), "--fraction", "1.5"]) == 2
     assert "fractions must be in (0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_counterfactual_codes_move_along_the_chosen_direction():
+    import math
+
+    import torch
+
+    from cxrray.errors import InputError
+    from cxrray.pipelines.counterfactual import shift_codes
+    from cxrray.pipelines.head import LinearHead
+    from cxrray.pipelines.settings import ExplainConfig
+
+    rng = np.random.default_rng(0)
+    weight, pattern = rng.normal(size=(1, 16)).astype(np.float32), rng.normal(size=(1, 16)).astype(np.float32)
+    pattern[0] += weight[0]  # w.a > 0, as Cov(zn) w always has
+    head = LinearHead(["f"], weight, np.array([-1.0], np.float32), np.full(16, 0.5, np.float32),
+                      np.full(16, 2.0, np.float32), pattern=pattern)
+    z = torch.as_tensor(rng.normal(size=(5, 16)), dtype=torch.float32)
+    for direction, d in (("pattern", pattern[0]), ("filter", weight[0])):
+        closed = shift_codes(head, z, "f", ExplainConfig(mode="closed_form", direction=direction, target_probability=0.8))
+        np.testing.assert_allclose(head.probabilities(closed)[:, 0].numpy(), 0.8, atol=1e-4)  # reaches p_t exactly
+        moved = (head.normalize(closed) - head.normalize(z)).numpy()
+        np.testing.assert_allclose(np.abs(moved @ d) / np.linalg.norm(moved, axis=1) / np.linalg.norm(d), 1, atol=1e-4)
+        linear = shift_codes(head, z, "f", ExplainConfig(mode="linear", direction=direction, eps=0.5), toward=-1)
+        step = (head.normalize(linear) - head.normalize(z)).numpy()
+        np.testing.assert_allclose(step, np.broadcast_to(-0.5 * math.sqrt(16) * d / np.linalg.norm(d), step.shape),
+                                   atol=1e-4)
+    with pytest.raises(InputError, match="explain.direction=filter"):
+        shift_codes(LinearHead(["f"], weight, head.bias, head.z_mean, head.z_std), z, "f", ExplainConfig())

@@ -76,8 +76,9 @@ def artifacts(tmp_path_factory):
     with torch.no_grad():
         z = model.encode(torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1).numpy()
     rng = np.random.default_rng(0)
-    head = LinearHead(FINDINGS, (rng.normal(size=(4, 64)) / 8).astype(np.float32),
-                      np.array([0.1, -0.3, 0.2, np.nan], np.float32), z.mean(0), z.std(0) + 1e-3)
+    weight = (rng.normal(size=(4, 64)) / 8).astype(np.float32)
+    head = LinearHead(FINDINGS, weight, np.array([0.1, -0.3, 0.2, np.nan], np.float32), z.mean(0), z.std(0) + 1e-3,
+                      pattern=weight)  # pattern = weight: the pattern of a probe on whitened codes
     head.save(root / "probe")
 
     yy, xx = np.mgrid[0:80, 0:64]

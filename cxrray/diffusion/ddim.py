@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from cxrray.diffusion.schedule import T, make_scheduler
+from cxrray.diffusion.schedule import T, eps_and_x0, make_scheduler
 
 Progress = Callable[[int, int], None] | None
 
@@ -37,13 +37,19 @@ def _check_steps(steps: int) -> int:
     return steps
 
 
-def _eps(model, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None, guidance: float = 1.0,
+def _eps(model, sched, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None, guidance: float = 1.0,
          null: torch.Tensor | None = None) -> torch.Tensor:
-    """The model's noise prediction; with guidance != 1, classifier-free: eps_u + g (eps_c - eps_u)."""
+    """The noise the model implies at (x, t) (it may predict eps or v: `model.schedule["prediction_type"]`);
+    with guidance != 1, classifier-free: eps_u + g (eps_c - eps_u)."""
     tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
-    eps = model(x, tt, z).float()
+    kind = getattr(model, "schedule", {}).get("prediction_type", "epsilon")
+
+    def eps_under(code):
+        return eps_and_x0(kind, sched.alphas_cumprod, model(x, tt, code).float(), x, tt)[0]
+
+    eps = eps_under(z)
     if guidance != 1.0 and null is not None:
-        eps_u = model(x, tt, null).float()
+        eps_u = eps_under(null)
         eps = eps_u + guidance * (eps - eps_u)
     return eps
 
@@ -52,11 +58,12 @@ def _walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int,
           clip: bool = False, guidance: float = 1.0, null: torch.Tensor | None = None, start: float = 1.0,
           generator: torch.Generator | None = None, **step_kwargs) -> torch.Tensor:
     """Run one sampler over `steps` steps ("ddim": x_T -> x0, "ddim_inverse": x0 -> x_T, "ddpm":
-    ancestral x_T -> x0) under the model's own schedule (`model.schedule`, default linear T = 1000).
+    ancestral x_T -> x0) under the model's own schedule (`model.schedule`; default linear T = 1000, eps prediction).
     `start` < 1 (ddim only): `x` is a clean image, noised to the first timestep <= start * T with noise
     from `generator`, and only the remaining steps run (SDEdit / Diff-AE's stochastic encoding)."""
     steps = _check_steps(steps)
-    sched = make_scheduler(kind, clip_sample=clip, **getattr(model, "schedule", {}))
+    # the samplers step in eps; `_eps` converts a v model's output at the timestep it was queried at
+    sched = make_scheduler(kind, clip_sample=clip, **{**getattr(model, "schedule", {}), "prediction_type": "epsilon"})
     sched.set_timesteps(steps, device=x.device)
     x = x.float()
     timesteps = sched.timesteps
@@ -68,7 +75,7 @@ def _walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int,
         step_kwargs["generator"] = generator
     with _eval(model):
         for i, t in enumerate(timesteps):
-            eps = _eps(model, x, t, z, guidance, null)
+            eps = _eps(model, sched, x, t, z, guidance, null)
             x = sched.step(eps, int(t), x, return_dict=False, **step_kwargs)[0]
             if progress is not None:
                 progress(i + 1, len(timesteps))

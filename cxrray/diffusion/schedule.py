@@ -22,12 +22,14 @@ SchedulerKind = Literal["ddpm", "ddim", "ddim_inverse"]
 
 
 def make_scheduler(kind: SchedulerKind = "ddpm", beta_schedule: str = "linear", beta_start: float = 1e-4,
-                   beta_end: float = 0.02, clip_sample: bool = False, num_train_timesteps: int = T):
+                   beta_end: float = 0.02, clip_sample: bool = False, num_train_timesteps: int = T,
+                   prediction_type: str = "epsilon"):
     """A fresh diffusers scheduler (they are stateful after `set_timesteps`, so never share one across calls).
     `clip_sample` clips the predicted x0 to [-1, 1] at each step: for sampling from random x_T only, since
-    it breaks the exact mirror between inversion and decoding."""
+    it breaks the exact mirror between inversion and decoding. `prediction_type` is what the model outputs
+    ("epsilon" or "v_prediction"); the schedulers' `step` converts either."""
     common = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end,
-                  clip_sample=clip_sample, prediction_type="epsilon")
+                  clip_sample=clip_sample, prediction_type=prediction_type)
     if kind == "ddpm":
         return DDPMScheduler(**common)
     ddim = dict(common, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
@@ -41,16 +43,34 @@ def make_scheduler(kind: SchedulerKind = "ddpm", beta_schedule: str = "linear", 
 def training_loss(model, x0: torch.Tensor, generator: torch.Generator | None = None,
                   scheduler: DDPMScheduler | None = None) -> torch.Tensor:
     """Diff-AE's L_simple: z = encode(x0) (gradients reach the encoder), t ~ U{0..T-1}, eps ~ N(0, I),
-    x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, loss = mean ||model(x_t, t, z) - eps||^2 (a scalar).
+    x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps, loss = mean ||model(x_t, t, z) - target||^2 (a scalar), where
+    the target is eps, or v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 for a model with
+    `schedule["prediction_type"] == "v_prediction"` (the scheduler defaults to the model's `schedule`).
 
     `generator` draws t and eps (it may live on the CPU while x0 is on an accelerator).
     """
-    scheduler = scheduler or make_scheduler("ddpm")
+    scheduler = scheduler or make_scheduler("ddpm", **getattr(model, "schedule", {}))
     b, device = x0.shape[0], x0.device
     gen_device = generator.device if generator is not None else device
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=gen_device).to(device)
     noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=torch.float32).to(device, x0.dtype)
     z = model.encode(x0)
     x_t = scheduler.add_noise(x0, noise, t)
-    eps = model(x_t, t, z)
-    return F.mse_loss(eps.float(), noise.float())
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    return F.mse_loss(model(x_t, t, z).float(), target.float())
+
+
+def eps_and_x0(prediction_type: str, alphas_cumprod: torch.Tensor, output: torch.Tensor, x_t: torch.Tensor,
+               t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise and clean image a model output implies at (x_t, t), t the timestep the model was queried at
+    (int or [B]): for "epsilon" eps = output, x0 = (x_t - sqrt(1-ab) eps) / sqrt(ab); for "v_prediction"
+    eps = sqrt(ab) v + sqrt(1-ab) x_t, x0 = sqrt(ab) x_t - sqrt(1-ab) v (exact for either, since
+    x_t = sqrt(ab) x0 + sqrt(1-ab) eps). Written here because diffusers converts only inside `step`, and its
+    inverse DDIM step converts v with the neighbouring timestep's ab instead of the queried one."""
+    ab = alphas_cumprod.to(x_t.device)[torch.as_tensor(t, device=x_t.device).reshape(-1)].float()
+    ab = ab.view(-1, *([1] * (x_t.dim() - 1)))
+    if prediction_type == "epsilon":
+        return output, (x_t - (1 - ab).sqrt() * output) / ab.sqrt()
+    if prediction_type == "v_prediction":
+        return ab.sqrt() * output + (1 - ab).sqrt() * x_t, ab.sqrt() * x_t - (1 - ab).sqrt() * output
+    raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")

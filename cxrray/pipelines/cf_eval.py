@@ -86,18 +86,19 @@ def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings:
     x0 = torch.as_tensor(png16_to_model(np.stack([decode_png16(pngs[k]) for k in keys])))[:, None]
     pre = manifest["preprocessing"]
     regions = dilate(phantom_regions(keys, finding, phantom_cfg, salt, phantom_count, pre["size"], pre["fit"]), dilate_px)
-    j = head.index(finding)
     with torch.no_grad():
         z = model.encode(x0).float()
     sensitivity = z_sensitivity(model, x0, {"other_patient": torch.roll(z, 1, 0)}, seed=seed)["other_patient"]
-    inversions, results = {}, []
+    inversions, references, results = {}, {}, []
     for cfg in settings:
         z_star = shift_codes(head, z, finding, cfg, toward=1)
         if cfg.renoise is None:
             if cfg.invert_steps not in inversions:
                 inversions[cfg.invert_steps] = ddim_invert(model, x0, z, steps=cfg.invert_steps)
             x_T = inversions[cfg.invert_steps]
-            ref = ddim_sample(model, z, x_T, steps=cfg.steps).clamp(-1, 1)
+            if (cfg.invert_steps, cfg.steps) not in references:
+                references[cfg.invert_steps, cfg.steps] = ddim_sample(model, z, x_T, steps=cfg.steps).clamp(-1, 1)
+            ref = references[cfg.invert_steps, cfg.steps]
             cf = ddim_sample(model, z_star, x_T, steps=cfg.steps, guidance=cfg.z_guidance, z_from=z).clamp(-1, 1)
         else:  # the same seeded noise for both: their difference is the code change alone
             def decode(code, **kw):
@@ -105,37 +106,92 @@ def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings:
                                            generator=torch.Generator().manual_seed(cfg.seed), **kw).clamp(-1, 1)
             ref, cf = decode(z), decode(z_star, guidance=cfg.z_guidance, z_from=z)
         with torch.no_grad():
-            p_ref = head.probabilities(model.encode(ref).float())[:, j].numpy()
-            p_cf = head.probabilities(model.encode(cf).float())[:, j].numpy()
-        diff = (cf - ref)[:, 0].numpy()
-        ssim = ssim_outside(ref[:, 0].numpy(), cf[:, 0].numpy(), regions)
-        results.append({
-            "finding": finding, "images": len(keys), "explain": cfg.model_dump(mode="json"),
-            "image_effect": mean_ci(p_cf - p_ref, seed=seed), "latent_effect": mean_ci(
-                head.probabilities(z_star)[:, j].numpy() - head.probabilities(z)[:, j].numpy(), seed=seed),
-            "energy_ratio": energy_ratio(diff, regions, seed=seed), "ssim_outside": mean_ci(ssim, seed=seed),
-            "mean_abs_change": float(np.abs(diff).mean()), "region_dilation_px": dilate_px,
-            "eps_change_other_patient_z": sensitivity})
+            probs = {"reference": head.probabilities(model.encode(ref).float()).numpy(),
+                     "after": head.probabilities(model.encode(cf).float()).numpy(),
+                     "latent": head.probabilities(z_star).numpy(), "before": head.probabilities(z).numpy()}
+        results.append({"explain": cfg.model_dump(mode="json"),
+                         **effects(finding, ref[:, 0].numpy(), cf[:, 0].numpy(), regions, probs, head.findings, seed),
+                         "region_dilation_px": dilate_px, "x0_change_other_patient_z": sensitivity})
+        r = results[-1]
+        print(f"[cf_eval] {len(results)}/{len(settings)} {setting_tag(cfg)}: image effect {r['image_effect']['mean']:+.3f} "
+              f"(latent {r['latent_effect']['mean']:+.3f}), energy in/out {r['energy_ratio']['ratio'] or float('nan'):.2f}, "
+              f"SSIM outside {r['ssim_outside']['mean']:.3f}, mean |change| {r['mean_abs_change']:.4f}", flush=True)
         if grid is not None:
             change = (cf - ref).abs()
             change = change / (change.amax() + 1e-8) * 2 - 1
             n = min(8, len(keys))
-            tag = f"g{cfg.z_guidance:g}" + (f"_t{cfg.renoise:g}" if cfg.renoise else "")
-            path = Path(grid).with_name(f"{Path(grid).stem}_{tag}{Path(grid).suffix}")
+            path = Path(grid).with_name(f"{Path(grid).stem}_{setting_tag(cfg)}{Path(grid).suffix}")
             results[-1]["grid"] = str(save_grid([x0[:n], ref[:n], cf[:n], change[:n]], path,
                                                 f"counterfactuals toward {finding} (z guidance {cfg.z_guidance:g}): "
                                                 "original / reconstruction / counterfactual / |difference|"))
     return results
 
 
+def effects(finding: str, ref: np.ndarray, cf: np.ndarray, regions: np.ndarray, probs: dict[str, np.ndarray],
+            labels: list[str], seed: int = 0) -> dict:
+    """The measures of one set of counterfactuals: reconstructions `ref` and counterfactuals `cf` [N, S, S] in
+    [-1, 1], `regions` bool [N, S, S] where the finding can appear, and probe probabilities [N, F] over `labels`
+    under "before" (z), "latent" (z*), "reference" (re-encoded ref) and "after" (re-encoded cf)."""
+    j = labels.index(finding)
+    image = probs["after"] - probs["reference"]
+    diff = cf - ref
+    return {"finding": finding, "images": len(ref),
+            "image_effect": mean_ci(image[:, j], seed=seed),
+            "latent_effect": mean_ci(probs["latent"][:, j] - probs["before"][:, j], seed=seed),
+            "energy_ratio": energy_ratio(diff, regions, seed=seed),
+            "ssim_outside": mean_ci(ssim_outside(ref, cf, regions), seed=seed),
+            "image_effect_by_label": {label: float(np.nanmean(image[:, i])) for i, label in enumerate(labels)
+                                      if np.isfinite(image[:, i]).all()},
+            "mean_abs_change": float(np.abs(diff).mean())}
+
+
+def measure_records(records_uri: str, data_uri: str, finding: str, *, phantom_cfg, phantom_count: int, salt: str,
+                    dilate_px: int = 2, seed: int = 0) -> dict:
+    """`effects` of counterfactuals an explain run already wrote toward `finding` with `reference` (the audit's):
+    every `{key}.{finding}.toward.json` under `records_uri`, its reference and counterfactual PNGs, against the
+    phantom regions of those keys. Nothing is decoded again."""
+    import json
+
+    from cxrray.data.shards import read_manifest
+    from cxrray.pipelines.explain import stem
+
+    store = Storage(records_uri)
+    suffix = f"{stem('', finding)}.json"
+    names = sorted(n for n in store.list() if n.endswith(suffix) and not n.startswith("."))
+    records = [json.loads(store.read_bytes(n)) for n in names]
+    records = [r for r in records if "reference" in r["files"]]
+    if not records:
+        raise InputError(f"no counterfactuals toward {finding!r} with a reference under {store.uri}")
+    labels = list(records[0]["probs_before"])
+
+    def images(kind: str) -> np.ndarray:
+        return np.stack([png16_to_model(decode_png16(store.read_bytes(r["files"][kind]))) for r in records])
+
+    pre = read_manifest(data_uri)["preprocessing"]
+    keys = [r["key"] for r in records]
+    regions = dilate(phantom_regions(keys, finding, phantom_cfg, salt, phantom_count, pre["size"], pre["fit"]), dilate_px)
+    probs = {kind: np.array([[r[f"probs_{kind}"][label] for label in labels] for r in records], dtype=np.float64)
+             for kind in ("before", "latent", "reference", "after")}
+    return {"explain": records[0]["explain"], **effects(finding, images("reference"), images("counterfactual"), regions,
+                                                        probs, labels, seed), "region_dilation_px": dilate_px}
+
+
+def setting_tag(cfg: ExplainConfig) -> str:
+    """A short name for one explain setting, e.g. "pattern_linear0.3_g1" or "filter_closed0.9_g3_t0.5"."""
+    step = f"linear{cfg.eps:g}" if cfg.mode == "linear" else f"closed{cfg.target_probability:g}"
+    return f"{cfg.direction}_{step}_g{cfg.z_guidance:g}" + (f"_t{cfg.renoise:g}" if cfg.renoise else "")
+
+
 def z_sensitivity(model, x0: torch.Tensor, codes: dict[str, torch.Tensor], timesteps=(50, 200, 400, 600, 800, 950),
                   seed: int = 0) -> dict[str, dict[int, float]]:
-    """How much the decoder reads z: ||eps(x_t, t, z') - eps(x_t, t, z)|| / ||eps(x_t, t, z)|| over the batch,
-    for each alternative code z' in `codes` and each t (x_t = x0 noised with one seeded noise). A decoder
-    that uses z moves by tens of percent when z is another patient's; ~0 means it ignores z."""
-    from cxrray.diffusion.schedule import make_scheduler
+    """How much the decoder reads z: ||x0_hat(x_t, t, z') - x0_hat(x_t, t, z)|| / ||x0_hat(x_t, t, z)|| over the
+    batch, x0_hat the clean image the model's output implies (so eps and v models compare), for each
+    alternative code z' in `codes` and each t (x_t = x0 noised with one seeded noise). A decoder that uses z
+    moves by tens of percent at high t when z is another patient's; ~0 means it ignores z."""
+    from cxrray.diffusion.schedule import eps_and_x0, make_scheduler
 
     sched = make_scheduler("ddpm", **getattr(model, "schedule", {}))
+    kind = sched.config.prediction_type
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         z = model.encode(x0).float()
@@ -143,7 +199,11 @@ def z_sensitivity(model, x0: torch.Tensor, codes: dict[str, torch.Tensor], times
         for t in timesteps:
             tt = torch.full((x0.shape[0],), int(t))
             x_t = sched.add_noise(x0, noise, tt)
-            eps = model(x_t, tt, z)
+
+            def x0_hat(code):
+                return eps_and_x0(kind, sched.alphas_cumprod, model(x_t, tt, code).float(), x_t, tt)[1]
+
+            own = x0_hat(z)
             for name, code in codes.items():
-                out[name][int(t)] = float((model(x_t, tt, code) - eps).norm() / eps.norm())
+                out[name][int(t)] = float((x0_hat(code) - own).norm() / own.norm())
     return out

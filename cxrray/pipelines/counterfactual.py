@@ -4,11 +4,13 @@ For an image x0 with code z and noise map x_T (deterministic DDIM inversion), th
 the probe's direction for a target finding and decoded with the same x_T, so everything but the
 finding's semantics is kept:
 
-- linear (eq. 5):      zn* = zn + eps * y_t * sqrt(D) * w / |w|     (Diff-AE's manipulation step)
-- closed form (eq. 4): zn* = zn + (logit(p_t) - (w.zn + b)) / |w|^2 * w   (smallest step reaching p_t)
+- linear (eq. 5):      zn* = zn + eps * y_t * sqrt(D) * d / |d|     (Diff-AE's manipulation step)
+- closed form (eq. 4): zn* = zn + (logit(p_t) - (w.zn + b)) / (w.d) * d   (smallest step along d reaching p_t)
 
-where zn = (z - mean) / std is the probe's normalised code, y_t = +1 (toward the finding) or -1 (away),
-and p_t = target_probability (1 - p_t away). With `z_guidance` g > 1 the decode follows
+where zn = (z - mean) / std is the probe's normalised code, w its weight, d the direction moved along
+(`explain.direction`: the probe's activation pattern Cov(zn) w, or w itself as in DiffChest, where the
+closed form is eq. 4 exactly), y_t = +1 (toward the finding) or -1 (away), and p_t = target_probability
+(1 - p_t away). With `z_guidance` g > 1 the decode follows
 eps(z) + g (eps(z*) - eps(z)) (the code change amplified along the inverted trajectory). Images are
 float32 [B, 1, S, S] in [-1, 1].
 """
@@ -28,13 +30,14 @@ def shift_codes(head: LinearHead, z: torch.Tensor, finding: str, cfg: ExplainCon
     if toward not in (1, -1):
         raise ValueError(f"toward must be +1 or -1, got {toward}")
     w, b = head.direction(finding, z)
+    d = head.pattern_of(finding, z) if cfg.direction == "pattern" else w
     zn = head.normalize(z.float())
     if cfg.mode == "linear":
-        zn_star = zn + cfg.eps * toward * math.sqrt(zn.shape[1]) * w / w.norm()
+        zn_star = zn + cfg.eps * toward * math.sqrt(zn.shape[1]) * d / d.norm()
     else:
         target = logit(cfg.target_probability if toward == 1 else 1 - cfg.target_probability)
-        step = (target - (zn @ w + b)) / w.dot(w)
-        zn_star = zn + step[:, None] * w
+        step = (target - (zn @ w + b)) / w.dot(d)
+        zn_star = zn + step[:, None] * d
     return head.denormalize(zn_star)
 
 

@@ -9,6 +9,7 @@ one counterfactual per finding. For each (key, finding, direction) it writes, un
   {key}.{finding}.{direction}.counterfactual.png  PNG-16 with provenance
   {key}.{finding}.{direction}.counterfactual.dcm  DICOM Secondary Capture, ImageType DERIVED
   {key}.{finding}.{direction}.difference.png      colour-coded signed difference (counterfactual - original)
+  {key}.{finding}.{direction}.reference.png       PNG-16 with provenance, the plain reconstruction (with `reference`)
   {key}.{finding}.{direction}.json                record: probabilities before/after for every finding, ...
 
 The JSON record is written last, so it marks a complete output; a rerun skips keys that have it,
@@ -115,6 +116,8 @@ class Explainer:
                   "regions": regions(r["difference"][i, 0].numpy()), **extra}
         if reference is not None:
             ref = reference["image"][i, 0].numpy()
+            files["reference"] = f"{prefix}.reference.png"  # the plain reconstruction decode(z, x_T): the baseline
+            self.out.write_bytes(files["reference"], derived.png16(ref, derived.provenance("reconstruction", self.identity)))
             record["probs_reference"] = dict(zip(names, reference["probs"][i].tolist()))
             record["regions_vs_reference"] = regions(cf - ref)
         self.out.write_bytes(f"{prefix}.json", json.dumps(record, indent=1, allow_nan=True).encode())

@@ -1,9 +1,15 @@
 """The linear probe head on z: logits = W @ ((z - mean) / std) + b, one row per finding.
 
-Stored as a directory: `head.safetensors` (weight [F, D], bias [F], z_mean [D], z_std [D], all float32)
-and `head.json` (findings, which rows are fitted, training facts). No pickle. A finding whose row is
-not fitted (too few positives/negatives in the fit set) has weight 0 and bias NaN and is refused as a
-counterfactual target.
+Stored as a directory: `head.safetensors` (weight [F, D], bias [F], z_mean [D], z_std [D], pattern [F, D],
+all float32) and `head.json` (findings, which rows are fitted, training facts). No pickle. A finding whose
+row is not fitted (too few positives/negatives in the fit set) has weight 0 and bias NaN and is refused as
+a counterfactual target.
+
+Two directions per finding, both in normalised-z space: the weight w (the "filter": what the probe reads)
+and the pattern a = Cov(zn) w over the fit rows (Haufe et al. 2014, "On the interpretation of weight vectors
+of linear models in multivariate neuroimaging": the direction along which the data vary with the probe's
+output; for a well-specified model proportional to the class-mean difference). With few fit images per
+z dimension w is dominated by low-variance directions the decoder does not render; a is not.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ class LinearHead:
     z_mean: np.ndarray  # [D], fine-tune set
     z_std: np.ndarray  # [D], fine-tune set (> 0)
     info: dict = field(default_factory=dict)
+    pattern: np.ndarray | None = None  # [F, D] Cov(zn) @ w per finding; None for heads saved before it existed
 
     @property
     def fitted(self) -> np.ndarray:
@@ -63,6 +70,14 @@ class LinearHead:
         i = self.index(finding)
         return self._t(self.weight[i], z_like), float(self.bias[i])
 
+    def pattern_of(self, finding: str, z_like: torch.Tensor) -> torch.Tensor:
+        """The finding's activation pattern a [D] (normalised-z space), on z_like's device."""
+        i = self.index(finding)
+        if self.pattern is None:
+            raise InputError("this probe was saved without activation patterns (before they existed): refit it "
+                             "with `cxrray probe`, or set explain.direction=filter")
+        return self._t(self.pattern[i], z_like)
+
     @staticmethod
     def _t(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(a, dtype=torch.float32, device=like.device)
@@ -70,9 +85,10 @@ class LinearHead:
     def save(self, out: str | Path) -> Path:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": self.weight.astype(np.float32), "bias": self.bias.astype(np.float32),
-                   "z_mean": self.z_mean.astype(np.float32), "z_std": self.z_std.astype(np.float32)},
-                  str(out / WEIGHTS))
+        arrays = {"weight": self.weight, "bias": self.bias, "z_mean": self.z_mean, "z_std": self.z_std}
+        if self.pattern is not None:
+            arrays["pattern"] = self.pattern
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()}, str(out / WEIGHTS))
         (out / META).write_text(json.dumps({"format": "cxrray-probe/1", "findings": self.findings,
                                             "fitted": self.fitted.tolist(), **self.info}, indent=1))
         return out
@@ -90,10 +106,11 @@ def load_head(uri: str | Path) -> LinearHead:
         path.write_bytes(store.read_bytes(WEIGHTS))
         arrays = load_file(str(path))
     head = LinearHead(list(meta["findings"]), arrays["weight"], arrays["bias"], arrays["z_mean"], arrays["z_std"],
-                      {k: v for k, v in meta.items() if k not in ("findings", "fitted", "format")})
-    if head.weight.shape != (len(head.findings), head.z_mean.shape[0]):
-        raise InputError(f"{store.uri}: weight shape {head.weight.shape} does not match "
-                         f"{len(head.findings)} findings x z_dim {head.z_mean.shape[0]}")
+                      {k: v for k, v in meta.items() if k not in ("findings", "fitted", "format")}, arrays.get("pattern"))
+    for name, array in (("weight", head.weight), ("pattern", head.pattern)):
+        if array is not None and array.shape != (len(head.findings), head.z_mean.shape[0]):
+            raise InputError(f"{store.uri}: {name} shape {array.shape} does not match "
+                             f"{len(head.findings)} findings x z_dim {head.z_mean.shape[0]}")
     return head
 
 

@@ -58,6 +58,7 @@ def fit_head(z: np.ndarray, labels: np.ndarray, findings: list[str], C: float, i
     that label is not NaN. This is exactly the multi-label BCE with NaN-masked targets, because that
     loss (and the L2 penalty) is a sum of independent per-finding terms. A finding with fewer than
     2 positives or 2 negatives is not fitted: weight 0, bias NaN, listed in info["not_fitted"].
+    Each fitted row also gets its activation pattern Cov(zn) w over its rows (see `cxrray.pipelines.head`).
     Findings are fitted in n_jobs threads (lbfgs spends its time in BLAS, outside the GIL)."""
     z, labels = np.asarray(z, np.float64), np.asarray(labels, np.float64)
     if len(z) == 0:
@@ -65,6 +66,7 @@ def fit_head(z: np.ndarray, labels: np.ndarray, findings: list[str], C: float, i
     mean, std = z.mean(axis=0), np.maximum(z.std(axis=0), STD_FLOOR)
     zn = (z - mean) / std
     weight, bias = np.zeros((len(findings), z.shape[1])), np.full(len(findings), np.nan)
+    pattern = np.zeros_like(weight)
     todo, not_fitted = [], []
     for j, name in enumerate(findings):
         y = labels[~np.isnan(labels[:, j]), j]
@@ -82,10 +84,13 @@ def fit_head(z: np.ndarray, labels: np.ndarray, findings: list[str], C: float, i
         fitted = Parallel(n_jobs=n_jobs, prefer="threads")(delayed(fit_one)(j) for j in todo)
     for j, clf in zip(todo, fitted):
         weight[j], bias[j] = clf.coef_[0], clf.intercept_[0]
+        rows = zn[~np.isnan(labels[:, j])]
+        pattern[j] = (rows - rows.mean(axis=0)).T @ ((rows - rows.mean(axis=0)) @ weight[j]) / (len(rows) - 1)
     not_converged = [findings[j] for j, clf in zip(todo, fitted) if clf.n_iter_[0] >= max_iter]
     meta = {**(info or {}), "C": C, "not_fitted": not_fitted, "not_converged": not_converged}
     f32 = np.float32
-    return LinearHead(list(findings), weight.astype(f32), bias.astype(f32), mean.astype(f32), std.astype(f32), meta)
+    return LinearHead(list(findings), weight.astype(f32), bias.astype(f32), mean.astype(f32), std.astype(f32), meta,
+                      pattern.astype(f32))
 
 
 def predict(head: LinearHead, z: np.ndarray) -> np.ndarray:

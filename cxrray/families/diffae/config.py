@@ -30,6 +30,10 @@ class DiffAEConfig(BaseModel):
     attention_head_dim: int | None = Field(None, ge=1)
     # the semantic encoder's levels; None: the U-Net's channel_mult
     encoder_channel_mult: tuple[int, ...] | None = None
+    # what the U-Net predicts, in diffusers' names: noise "epsilon" (Diff-AE) or "v_prediction",
+    # v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho). With epsilon the tiny decoder barely reads z (at high
+    # noise eps ~ x_t, so z buys little loss); v makes it carry the patient (bench/z_reliance.py).
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
 
     @field_validator("channel_mult", "encoder_channel_mult")
     @classmethod
@@ -97,7 +101,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized: one training step at batch 8 takes ~1-2 s on one thread.
     # Encoders go down to 4x4 (see the module docstring).
     "tiny": {"image_size": 64, "base_channels": 32, "channel_mult": (1, 2, 2), "attention_resolutions": (16,),
-             "encoder_channel_mult": (1, 2, 2, 2, 2)},
+             "encoder_channel_mult": (1, 2, 2, 2, 2), "prediction_type": "v_prediction"},
     "small": {"image_size": 128, "base_channels": 64, "channel_mult": (1, 1, 2, 2, 4),
               "attention_resolutions": (16,), "encoder_channel_mult": (1, 1, 2, 2, 4, 4)},
     # DiffChest / Diff-AE 256^2 autoencoder (Diff-AE's ffhq256 plan: net_enc_channel_mult (1,1,2,2,4,4,4)).

@@ -64,7 +64,7 @@ class SemanticEncoder(nn.Module):
 
 
 class DiffAE(nn.Module):
-    """Diffusion autoencoder: `encode(x0) -> z`, `forward(x_t, t, z) -> eps`.
+    """Diffusion autoencoder: `encode(x0) -> z`, `forward(x_t, t, z) -> eps or v` (`cfg.prediction_type`).
 
     Images are [B, in_channels, S, S] in [-1, 1]; t is an integer tensor [B] (or a scalar) in [0, 999].
     No dtype is hard-coded: run under `torch.autocast` for bf16, `.to(memory_format=torch.channels_last)`
@@ -97,13 +97,15 @@ class DiffAE(nn.Module):
         )
         # z -> time-embedding width; summed with the t-embedding inside the U-Net (class_embed_type="identity").
         self.z_proj = nn.Linear(cfg.z_dim, cfg.time_embed_dim)
+        # scheduler settings this model was trained under (read by the samplers and the loss)
+        self.schedule = {"prediction_type": cfg.prediction_type}
 
     def encode(self, x0: torch.Tensor) -> torch.Tensor:
         """Semantic code z [B, z_dim] of clean images x0 in [-1, 1]."""
         return self.encoder(x0)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | int, z: torch.Tensor) -> torch.Tensor:
-        """Predicted noise eps(x_t, t, z), same shape as x_t."""
+        """The prediction at (x_t, t) under z: noise eps or velocity v (`cfg.prediction_type`), same shape as x_t."""
         if not torch.is_tensor(t):
             t = torch.tensor([int(t)], dtype=torch.long, device=x_t.device)
         t = t.to(x_t.device).reshape(-1)

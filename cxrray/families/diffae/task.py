@@ -11,7 +11,7 @@ from cxrray.errors import InputError
 
 
 def loss(model, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Diff-AE's L_simple on the batch's images (labels and covariates are not used: self-supervised)."""
+    """Diff-AE's L_simple (eps or v target, `cfg.prediction_type`) on the batch's images (labels and covariates are not used: self-supervised)."""
     from cxrray.diffusion.schedule import training_loss
 
     return training_loss(model, batch["image"], generator)
@@ -57,7 +57,7 @@ def export(model, folder: Path) -> list[str]:
 
     folder = Path(folder)
     model.unet.save_pretrained(folder / "unet", safe_serialization=True)
-    make_scheduler("ddim").save_pretrained(folder / "scheduler")
+    make_scheduler("ddim", **model.schedule).save_pretrained(folder / "scheduler")
     save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(folder / "semantic_encoder.safetensors"))
     save_file({k: v.contiguous() for k, v in model.z_proj.state_dict().items()}, str(folder / "z_projection.safetensors"))
     return ["semantic encoder (semantic_encoder.safetensors): diffusers has no image -> vector encoder with attention",
