@@ -2,7 +2,7 @@
 baseline) beside amplified decodes, on the same images in the same run (`cxrray.pipelines.cf_eval`).
 
     make demo && python bench/counterfactual.py                  # the demo's model, probe and phantoms
-    python bench/counterfactual.py --finding cardiomegaly --direction pattern --eps 1 2 --guidance 1 3
+    python bench/counterfactual.py --finding cardiomegaly --axis pattern --eps 1 2 --guidance 1 3
     python bench/counterfactual.py --renoise 0.4 0.6 --guidance 1 3   # baseline + stochastic encodings
 
 Reads the demo's outputs (demo_out/, data_shards/demo, data_shards/demo-pretrain); prints per setting the
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--invert-steps", type=int, default=50)
     parser.add_argument("--mode", default="linear", choices=["closed_form", "linear"])
-    parser.add_argument("--direction", nargs="+", default=["filter", "pattern"], choices=["filter", "pattern"],
+    parser.add_argument("--axis", nargs="+", default=["filter", "pattern"], choices=["filter", "pattern"],
                         help="filter: the probe's weight (DiffChest, the baseline); pattern: Cov(z) w")
     parser.add_argument("--eps", type=float, nargs="+", default=[0.3, 1.0, 2.0, 3.0])
     parser.add_argument("--workdir", default="demo_out")
@@ -53,8 +53,8 @@ def main() -> None:
     decodes = ([(None, 1.0)] + [(t, g) for t in args.renoise for g in args.guidance] if args.renoise
                else [(None, g) for g in args.guidance])  # DiffChest's plain decode of the inversion: the baseline
     settings = [cfg.explain.model_copy(update={"z_guidance": g, "mode": args.mode, "eps": eps, "renoise": t,
-                                               "direction": d, "steps": args.steps, "invert_steps": args.invert_steps})
-                for d in args.direction for eps in args.eps for t, g in decodes]
+                                               "axis": a, "steps": args.steps, "invert_steps": args.invert_steps})
+                for a in args.axis for eps in args.eps for t, g in decodes]
     start = time.perf_counter()
     results = evaluate(args.checkpoint, str(Path(args.workdir) / "probe"), args.shards, args.finding, settings,
                        phantom_cfg=cfg.phantom, phantom_count=args.n, images=args.images, dilate_px=args.dilate,

@@ -92,7 +92,7 @@ def counterfactual_grid(cfg: Config, shards: str, checkpoint: str, probe: Path, 
     e = cfg.explain
     step = f"eps {e.eps:g}" if e.mode == "linear" else f"to p {e.target_probability:g}"
     return str(save_grid(rows, workdir / "counterfactuals.png",
-                         f"one test image per row: original, {columns} ({e.direction} direction, {step}, "
+                         f"one test image per row: original, {columns} ({e.axis} axis, {step}, "
                          f"DDIM {e.invert_steps} + {e.steps})"))
 
 

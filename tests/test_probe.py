@@ -265,14 +265,14 @@ def test_counterfactual_codes_move_along_the_chosen_direction():
     head = LinearHead(["f"], weight, np.array([-1.0], np.float32), np.full(16, 0.5, np.float32),
                       np.full(16, 2.0, np.float32), pattern=pattern)
     z = torch.as_tensor(rng.normal(size=(5, 16)), dtype=torch.float32)
-    for direction, d in (("pattern", pattern[0]), ("filter", weight[0])):
-        closed = shift_codes(head, z, "f", ExplainConfig(mode="closed_form", direction=direction, target_probability=0.8))
+    for axis, d in (("pattern", pattern[0]), ("filter", weight[0])):
+        closed = shift_codes(head, z, "f", ExplainConfig(mode="closed_form", axis=axis, target_probability=0.8))
         np.testing.assert_allclose(head.probabilities(closed)[:, 0].numpy(), 0.8, atol=1e-4)  # reaches p_t exactly
         moved = (head.normalize(closed) - head.normalize(z)).numpy()
         np.testing.assert_allclose(np.abs(moved @ d) / np.linalg.norm(moved, axis=1) / np.linalg.norm(d), 1, atol=1e-4)
-        linear = shift_codes(head, z, "f", ExplainConfig(mode="linear", direction=direction, eps=0.5), toward=-1)
+        linear = shift_codes(head, z, "f", ExplainConfig(mode="linear", axis=axis, eps=0.5), toward=-1)
         step = (head.normalize(linear) - head.normalize(z)).numpy()
         np.testing.assert_allclose(step, np.broadcast_to(-0.5 * math.sqrt(16) * d / np.linalg.norm(d), step.shape),
                                    atol=1e-4)
-    with pytest.raises(InputError, match="explain.direction=filter"):
+    with pytest.raises(InputError, match="explain.axis=filter"):
         shift_codes(LinearHead(["f"], weight, head.bias, head.z_mean, head.z_std), z, "f", ExplainConfig())

@@ -181,7 +181,8 @@ def test_healthz_and_models(server):
                                                    "capabilities": ["counterfactual", "encode", "invert", "sample"]}
     assert body["findings"] == FINDINGS[:3] and body["unfitted"] == ["rare"]
     assert body["limits"]["max_steps"] == 4 and body["limits"]["max_upload_bytes"] == UPLOAD_LIMIT
-    assert body["explain_defaults"] == {"eps": 0.3, "steps": 3, "invert_steps": 3, "mode": "linear"}
+    assert body["explain_defaults"] == {"eps": 1.0, "steps": 3, "invert_steps": 3, "mode": "linear",  # tiny preset
+                                        "axis": "pattern"}
 
 
 @pytest.mark.parametrize("kind,ctype", [("dicom", "application/dicom"), ("png", "image/png"), ("jpeg", "image/jpeg")])

@@ -13,7 +13,9 @@ explain settings given:
 - a grid (original / reconstruction / counterfactual / |difference| amplified) as PNG.
 
 The reconstruction decode(z, x_T) is the baseline: it shares x_T and the decoder's errors with the
-counterfactual, so their difference is the code change alone.
+counterfactual, so their difference is the code change alone. `evaluate` decodes (several settings, same
+images); `measure_records` measures counterfactuals an explain run already wrote with their reconstruction
+(the audit's, in the demo).
 """
 from __future__ import annotations
 
@@ -179,7 +181,7 @@ def measure_records(records_uri: str, data_uri: str, finding: str, *, phantom_cf
 def setting_tag(cfg: ExplainConfig) -> str:
     """A short name for one explain setting, e.g. "pattern_linear0.3_g1" or "filter_closed0.9_g3_t0.5"."""
     step = f"linear{cfg.eps:g}" if cfg.mode == "linear" else f"closed{cfg.target_probability:g}"
-    return f"{cfg.direction}_{step}_g{cfg.z_guidance:g}" + (f"_t{cfg.renoise:g}" if cfg.renoise else "")
+    return f"{cfg.axis}_{step}_g{cfg.z_guidance:g}" + (f"_t{cfg.renoise:g}" if cfg.renoise else "")
 
 
 def z_sensitivity(model, x0: torch.Tensor, codes: dict[str, torch.Tensor], timesteps=(50, 200, 400, 600, 800, 950),

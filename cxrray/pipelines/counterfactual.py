@@ -8,7 +8,7 @@ finding's semantics is kept:
 - closed form (eq. 4): zn* = zn + (logit(p_t) - (w.zn + b)) / (w.d) * d   (smallest step along d reaching p_t)
 
 where zn = (z - mean) / std is the probe's normalised code, w its weight, d the direction moved along
-(`explain.direction`: the probe's activation pattern Cov(zn) w, or w itself as in DiffChest, where the
+(`explain.axis`: the probe's activation pattern Cov(zn) w, or w itself as in DiffChest, where the
 closed form is eq. 4 exactly), y_t = +1 (toward the finding) or -1 (away), and p_t = target_probability
 (1 - p_t away). With `z_guidance` g > 1 the decode follows
 eps(z) + g (eps(z*) - eps(z)) (the code change amplified along the inverted trajectory). Images are
@@ -30,7 +30,7 @@ def shift_codes(head: LinearHead, z: torch.Tensor, finding: str, cfg: ExplainCon
     if toward not in (1, -1):
         raise ValueError(f"toward must be +1 or -1, got {toward}")
     w, b = head.direction(finding, z)
-    d = head.pattern_of(finding, z) if cfg.direction == "pattern" else w
+    d = head.pattern_of(finding, z) if cfg.axis == "pattern" else w
     zn = head.normalize(z.float())
     if cfg.mode == "linear":
         zn_star = zn + cfg.eps * toward * math.sqrt(zn.shape[1]) * d / d.norm()

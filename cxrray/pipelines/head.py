@@ -75,7 +75,7 @@ class LinearHead:
         i = self.index(finding)
         if self.pattern is None:
             raise InputError("this probe was saved without activation patterns (before they existed): refit it "
-                             "with `cxrray probe`, or set explain.direction=filter")
+                             "with `cxrray probe`, or set explain.axis=filter")
         return self._t(self.pattern[i], z_like)
 
     @staticmethod

@@ -38,10 +38,10 @@ class ExplainConfig(StrictModel):
     """Counterfactual explanations: z* = z + eps * y_t * w (DiffChest eq. 5) or the closed form (eq. 4)."""
 
     mode: Literal["linear", "closed_form"] = "linear"
-    # the direction moved along (normalised z): the probe's activation pattern Cov(zn) w (default: what the
-    # data vary along, so the decoder renders it) or its weight w ("filter", DiffChest's own; with few fit
-    # images per z dimension the decoder barely renders it: measured in the README)
-    direction: Literal["pattern", "filter"] = "pattern"
+    # the axis moved along (normalised z; toward/away is the direction along it): the probe's activation
+    # pattern Cov(zn) w (default: what the data vary along, so the decoder renders it) or its weight w
+    # ("filter", DiffChest's own; with few fit images per z dimension the decoder barely renders it: README)
+    axis: Literal["pattern", "filter"] = "pattern"
     eps: float = Field(0.3, gt=0, le=10)  # step along the unit direction, in units of sqrt(z_dim)
     target_probability: float = Field(0.9, gt=0, lt=1)  # closed form: probe probability to reach
     steps: int = Field(100, ge=1, le=1000)  # DDIM decode steps (paper: 100-200)

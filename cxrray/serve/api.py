@@ -256,7 +256,7 @@ def create_api(settings: dict, backend) -> FastAPI:
                                                      "max_invert_steps", "max_generate")},
                 "explain_defaults": {"eps": explain_defaults["eps"], "steps": default_steps,
                                      "invert_steps": min(explain_defaults["invert_steps"], settings["max_invert_steps"]),
-                                     "mode": explain_defaults["mode"]}}
+                                     "mode": explain_defaults["mode"], "axis": explain_defaults["axis"]}}
 
     @app.post("/v1/classify", openapi_extra=_form_schema({}),
               summary="Finding probabilities of one radiograph (linear probe on the semantic code)")
