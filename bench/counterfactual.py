@@ -64,7 +64,8 @@ def main() -> None:
                "steps": args.steps, "invert_steps": args.invert_steps, "seconds": round(time.perf_counter() - start, 1)}
     for r in results:
         g = setting_tag(ExplainConfig(**r["explain"]))
-        figures.update({f"{g}_latent_effect": round(r["latent_effect"]["mean"], 3),f"{g}_image_effect": round(r["image_effect"]["mean"], 3),
+        figures.update({f"{g}_latent_effect": round(r["latent_effect"]["mean"], 3),
+                        f"{g}_image_effect": round(r["image_effect"]["mean"], 3),
                         f"{g}_image_effect_ci": [round(v, 3) for v in r["image_effect"]["ci"]],
                         f"{g}_energy_ratio": None if r["energy_ratio"]["ratio"] is None else round(r["energy_ratio"]["ratio"], 2),
                         f"{g}_energy_ratio_ci": [None if v is None else round(v, 2) for v in r["energy_ratio"]["ci"]],

@@ -76,16 +76,16 @@ def counterfactual_grid(cfg: Config, shards: str, checkpoint: str, probe: Path, 
     out = Storage(str((workdir / "counterfactuals").resolve()))
     explain_shards(checkpoint, str(probe), shards, AUDITED, out.uri, cfg, samples, reference=True)
 
-    def image(key: str, finding: str, kind: str) -> torch.Tensor:
-        record = json.loads(out.read_bytes(f"{stem(key, finding)}.json"))
-        return torch.as_tensor(png16_to_model(decode_png16(out.read_bytes(record["files"][kind]))))[None]
+    def images(key: str, finding: str, *kinds: str) -> list[torch.Tensor]:
+        files = json.loads(out.read_bytes(f"{stem(key, finding)}.json"))["files"]
+        return [torch.as_tensor(png16_to_model(decode_png16(out.read_bytes(files[k]))))[None] for k in kinds]
 
     rows = []
     for s in samples:
-        tiles = [image(s["key"], AUDITED[0], "original")]
+        tiles = images(s["key"], AUDITED[0], "original")
         for finding in AUDITED:
-            cf = image(s["key"], finding, "counterfactual")
-            diff = cf - image(s["key"], finding, "reference")
+            cf, ref = images(s["key"], finding, "counterfactual", "reference")
+            diff = cf - ref
             tiles += [cf, (diff / (diff.abs().amax() + 1e-6)).clamp(-1, 1)]
         rows.append(torch.stack(tiles))
     columns = ", ".join(f"counterfactual toward {f}, its difference from the reconstruction" for f in AUDITED)
@@ -101,7 +101,7 @@ def ground_truth(cfg: Config, shards: str, records: Path, n: int) -> dict:
     phantom (`cxrray.pipelines.cf_eval.measure_records`): image effect, energy inside/outside the region,
     SSIM outside, the other labels' image effects."""
     from cxrray.data.settings import resolve_salt
-    from cxrray.pipelines.cf_eval import measure_records
+    from cxrray.pipelines.cf_eval import describe, measure_records
 
     out = {}
     for finding in AUDITED:
@@ -109,9 +109,7 @@ def ground_truth(cfg: Config, shards: str, records: Path, n: int) -> dict:
                             salt=resolve_salt(cfg.ingest))
         out[finding] = {k: r[k] for k in ("images", "image_effect", "latent_effect", "energy_ratio", "ssim_outside",
                                           "mean_abs_change", "image_effect_by_label")}
-        print(f"[demo] toward {finding}: image effect {r['image_effect']['mean']:+.3f} (latent "
-              f"{r['latent_effect']['mean']:+.3f}), energy in/out of its region {r['energy_ratio']['ratio'] or float('nan'):.2f}, "
-              f"SSIM outside {r['ssim_outside']['mean']:.3f}", flush=True)
+        print(f"[demo] toward {finding}: {describe(r)}", flush=True)
     return out
 
 

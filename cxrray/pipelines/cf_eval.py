@@ -56,6 +56,13 @@ def phantom_regions(keys: list[str], finding: str, phantom_cfg, salt: str, count
     return np.stack(out)
 
 
+def finding_regions(keys: list[str], finding: str, manifest: dict, phantom_cfg, salt: str, count: int,
+                    dilate_px: int) -> np.ndarray:
+    """`phantom_regions` on the shards' grid (the manifest's preprocessing), dilated by `dilate_px` pixels."""
+    pre = manifest["preprocessing"]
+    return dilate(phantom_regions(keys, finding, phantom_cfg, salt, count, pre["size"], pre["fit"]), dilate_px)
+
+
 def mean_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
     """{"mean", "ci"}: the audit's percentile bootstrap over images, as a record."""
     mean, low, high = audit_mean_ci(values, n_boot, seed)
@@ -86,8 +93,7 @@ def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings:
         pngs.update({k: png for k, png, _ in read_tar(store.read_bytes(shard), shard) if k in wanted})
     keys = [c["key"] for c in chosen]
     x0 = torch.as_tensor(png16_to_model(np.stack([decode_png16(pngs[k]) for k in keys])))[:, None]
-    pre = manifest["preprocessing"]
-    regions = dilate(phantom_regions(keys, finding, phantom_cfg, salt, phantom_count, pre["size"], pre["fit"]), dilate_px)
+    regions = finding_regions(keys, finding, manifest, phantom_cfg, salt, phantom_count, dilate_px)
     with torch.no_grad():
         z = model.encode(x0).float()
     sensitivity = z_sensitivity(model, x0, {"other_patient": torch.roll(z, 1, 0)}, seed=seed)["other_patient"]
@@ -114,10 +120,7 @@ def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings:
         results.append({"explain": cfg.model_dump(mode="json"),
                          **effects(finding, ref[:, 0].numpy(), cf[:, 0].numpy(), regions, probs, head.findings, seed),
                          "region_dilation_px": dilate_px, "x0_change_other_patient_z": sensitivity})
-        r = results[-1]
-        print(f"[cf_eval] {len(results)}/{len(settings)} {setting_tag(cfg)}: image effect {r['image_effect']['mean']:+.3f} "
-              f"(latent {r['latent_effect']['mean']:+.3f}), energy in/out {r['energy_ratio']['ratio'] or float('nan'):.2f}, "
-              f"SSIM outside {r['ssim_outside']['mean']:.3f}, mean |change| {r['mean_abs_change']:.4f}", flush=True)
+        print(f"[cf_eval] {len(results)}/{len(settings)} {setting_tag(cfg)}: {describe(results[-1])}", flush=True)
         if grid is not None:
             change = (cf - ref).abs()
             change = change / (change.amax() + 1e-8) * 2 - 1
@@ -142,9 +145,17 @@ def effects(finding: str, ref: np.ndarray, cf: np.ndarray, regions: np.ndarray, 
             "latent_effect": mean_ci(probs["latent"][:, j] - probs["before"][:, j], seed=seed),
             "energy_ratio": energy_ratio(diff, regions, seed=seed),
             "ssim_outside": mean_ci(ssim_outside(ref, cf, regions), seed=seed),
-            "image_effect_by_label": {label: float(np.nanmean(image[:, i])) for i, label in enumerate(labels)
+            "image_effect_by_label": {label: float(np.mean(image[:, i])) for i, label in enumerate(labels)
                                       if np.isfinite(image[:, i]).all()},
             "mean_abs_change": float(np.abs(diff).mean())}
+
+
+def describe(result: dict) -> str:
+    """One line of an `effects` result, for progress output."""
+    ratio = result["energy_ratio"]["ratio"]
+    return (f"image effect {result['image_effect']['mean']:+.3f} (latent {result['latent_effect']['mean']:+.3f}), "
+            f"energy in/out of the region {float('nan') if ratio is None else ratio:.2f}, "
+            f"SSIM outside {result['ssim_outside']['mean']:.3f}, mean |change| {result['mean_abs_change']:.4f}")
 
 
 def measure_records(records_uri: str, data_uri: str, finding: str, *, phantom_cfg, phantom_count: int, salt: str,
@@ -169,9 +180,8 @@ def measure_records(records_uri: str, data_uri: str, finding: str, *, phantom_cf
     def images(kind: str) -> np.ndarray:
         return np.stack([png16_to_model(decode_png16(store.read_bytes(r["files"][kind]))) for r in records])
 
-    pre = read_manifest(data_uri)["preprocessing"]
-    keys = [r["key"] for r in records]
-    regions = dilate(phantom_regions(keys, finding, phantom_cfg, salt, phantom_count, pre["size"], pre["fit"]), dilate_px)
+    regions = finding_regions([r["key"] for r in records], finding, read_manifest(data_uri), phantom_cfg, salt,
+                              phantom_count, dilate_px)
     probs = {kind: np.array([[r[f"probs_{kind}"][label] for label in labels] for r in records], dtype=np.float64)
              for kind in ("before", "latent", "reference", "after")}
     return {"explain": records[0]["explain"], **effects(finding, images("reference"), images("counterfactual"), regions,
