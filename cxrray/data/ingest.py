@@ -76,9 +76,9 @@ def ingest(input_dir: str | os.PathLike, output_uri: str, cfg: IngestConfig, *, 
     manifest, rejects = shards.build_manifest(
         parts, meta_rejects, dataset=dataset, findings=findings, covariates=covariates,
         preprocessing=preprocessing, split_rule=split_rule, version=__version__)
-    _write_if_changed(store, shards.REJECTS, b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in rejects))
-    _write_if_changed(store, shards.MANIFEST, shards.dumps(manifest))
-    removed = _remove_stale(store, {t["shard"] for t in tasks})
+    shards.write_if_changed(store, shards.REJECTS, b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in rejects))
+    shards.write_if_changed(store, shards.MANIFEST, shards.dumps(manifest))
+    removed = shards.remove_stale(store, {t["shard"] for t in tasks})
     progress(f"[ingest] wrote {manifest['samples']} samples in {len(manifest['shards'])} shards, "
              f"{manifest['rejected']} rejected {manifest['rejects_by_reason']}"
              + (f", removed {removed} stale objects" if removed else ""))
@@ -153,9 +153,8 @@ def build_shard(row: dict, context: dict) -> dict:
     task = json.loads(row["task"])
     store = Storage(context["out"])
     name = task["shard"]
-    existing = shards.load_part(store, name)
-    if existing and existing["fingerprint"] == task["fingerprint"] and (
-        existing["samples"] == 0 or (store.exists(name) and store.size(name) == existing["bytes"])):
+    existing = shards.reusable_part(store, name, task["fingerprint"])
+    if existing:
         return {"part": json.dumps({**existing, "reused": True})}
     samples, rejects = [], []
     for item in task["items"]:
@@ -167,22 +166,7 @@ def build_shard(row: dict, context: dict) -> dict:
             reason = scrub_message(f"internal_error: {type(exc).__name__}: {str(exc)[:200]}",
                                    known_from_row(item["row"] or {}))
             rejects.append({"path": item["rel"], "code": "internal_error", "reason": reason})
-    part = {"name": name, "fingerprint": task["fingerprint"], "samples": len(samples), "rejects": rejects,
-            "sha256": None, "bytes": 0, "splits": {}, "patients": {}, "positives": {}}
-    if samples:
-        data = shards.write_tar(samples)
-        store.write_bytes(name, data)
-        part.update(sha256=shards.sha256(data), bytes=len(data))
-        part["members"] = sorted({m for *_, extras in samples for m in extras})
-        for _, _, meta, _ in samples:
-            split = meta["split"]
-            part["splits"][split] = part["splits"].get(split, 0) + 1
-            part["patients"].setdefault(split, set()).add(meta["patient"])
-            for finding, value in zip(context["findings"], meta["labels"]):
-                if value == 1:
-                    part["positives"][finding] = part["positives"].get(finding, 0) + 1
-        part["patients"] = {s: sorted(p) for s, p in part["patients"].items()}
-    store.write_bytes(shards.part_name(name), shards.dumps(part))
+    part = shards.write_shard(store, name, task["fingerprint"], samples, rejects, context["findings"])
     return {"part": json.dumps(part)}
 
 
@@ -253,24 +237,6 @@ def _png8(mask: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _write_if_changed(store: Storage, name: str, data: bytes) -> None:
-    try:
-        if store.read_bytes(name) == data:
-            return
-    except (FileNotFoundError, OSError):
-        pass
-    store.write_bytes(name, data)
-
-
-def _remove_stale(store: Storage, shard_names: set[str]) -> int:
-    """Delete shard tars / part records of earlier plans that this manifest does not list."""
-    keep = shard_names | {shards.part_name(s) for s in shard_names}
-    stale = [n for n in store.list() if (n.endswith(".tar") or n.startswith(shards.PARTS + "/")) and n not in keep]
-    for name in stale:
-        store.delete(name)
-    return len(stale)
 
 
 def prepare_image(data: bytes, cfg: IngestConfig) -> "np.ndarray":

@@ -70,6 +70,58 @@ def load_part(store: Storage, shard: str) -> dict | None:
         return None
 
 
+def reusable_part(store: Storage, shard: str, fingerprint: str) -> dict | None:
+    """The part record of `shard` if a run with the same `fingerprint` completed it (object present, same size)."""
+    existing = load_part(store, shard)
+    if existing and existing["fingerprint"] == fingerprint and (
+            existing["samples"] == 0 or (store.exists(shard) and store.size(shard) == existing["bytes"])):
+        return existing
+    return None
+
+
+def write_shard(store: Storage, name: str, fingerprint: str, samples: list[tuple], rejects: list[dict],
+                findings: list[str]) -> dict:
+    """Write the tar of `samples` ((key, png, meta, extras)), then its part record (counts per split,
+    patients, positives, members); returns the record. The record is written last: it marks the shard done."""
+    part = {"name": name, "fingerprint": fingerprint, "samples": len(samples), "rejects": rejects,
+            "sha256": None, "bytes": 0, "splits": {}, "patients": {}, "positives": {}}
+    if samples:
+        data = write_tar(samples)
+        store.write_bytes(name, data)
+        part.update(sha256=sha256(data), bytes=len(data))
+        part["members"] = sorted({m for *_, extras in samples for m in extras})
+        patients: dict[str, set] = {}
+        for _, _, meta, _ in samples:
+            split = meta["split"]
+            part["splits"][split] = part["splits"].get(split, 0) + 1
+            patients.setdefault(split, set()).add(meta["patient"])
+            for finding, value in zip(findings, meta["labels"]):
+                if value == 1:
+                    part["positives"][finding] = part["positives"].get(finding, 0) + 1
+        part["patients"] = {s: sorted(p) for s, p in patients.items()}
+    store.write_bytes(part_name(name), dumps(part))
+    return part
+
+
+def write_if_changed(store: Storage, name: str, data: bytes) -> None:
+    """Write unless the object already holds exactly `data` (reruns leave finished outputs untouched)."""
+    try:
+        if store.read_bytes(name) == data:
+            return
+    except (FileNotFoundError, OSError):
+        pass
+    store.write_bytes(name, data)
+
+
+def remove_stale(store: Storage, shard_names: set[str]) -> int:
+    """Delete shard tars / part records of earlier plans that this manifest does not list."""
+    keep = shard_names | {part_name(s) for s in shard_names}
+    stale = [n for n in store.list() if (n.endswith(".tar") or n.startswith(PARTS + "/")) and n not in keep]
+    for name in stale:
+        store.delete(name)
+    return len(stale)
+
+
 def build_manifest(parts: list[dict], meta_rejects: list[dict], *, dataset: str, findings: list[str],
                    covariates: list[str], preprocessing: dict, split_rule: dict, version: str) -> tuple[dict, list[dict]]:
     """Manifest + sorted reject records from the part records of one ingest plan."""
