@@ -116,7 +116,7 @@ def test_thousand_phantoms_with_broken_files_add_up_and_rerun_changes_nothing(ra
     assert sum(s["samples"] for s in manifest["shards"]) == 1000
     assert sum(v["images"] for v in manifest["splits"].values()) == 1000
     assert manifest["label_vocabulary"][:2] == ["cardiomegaly", "effusion"]
-    assert manifest["covariates"] == ["ivsd", "lvidd", "lvpwd"]
+    assert manifest["covariates"] == ["ctr", "ivsd", "lvidd", "lvpwd"]
     assert "[ingest]" in logs.out and "inputs/s" in logs.out
 
     before = snapshot(out)

@@ -335,3 +335,41 @@ def test_config_assignment_is_validated():
         cfg.compressed_fraction = 2.0
     with pytest.raises(pydantic.ValidationError, match="confounder"):
         cfg.confounder = "tube:effusion"
+
+
+def _heart_table(cfg: PhantomConfig, n: int = 2000) -> dict[str, np.ndarray]:
+    cases = [sample_case(i, cfg) for i in range(n)]
+    return {"age": np.array([c.age for c in cases], float), "ctr": np.array([c.ctr for c in cases]),
+            "young0": np.array([c.age < 60 for c in cases]),
+            "positive": np.array([c.labels["slvh"] or c.labels["dlv"] for c in cases], float),
+            "labels": [c.labels for c in cases]}
+
+
+def test_age_options_make_age_visible_and_prevalence_age_dependent():
+    """cxr_ddpm's 'lift in the young' needs age in the image and disease that depends on it (issue 13, part 4)."""
+    base = _heart_table(PhantomConfig())
+    aged = _heart_table(PhantomConfig(age_heart=0.04))
+    r_base, r_aged = np.corrcoef(base["age"], base["ctr"])[0, 1], np.corrcoef(aged["age"], aged["ctr"])[0, 1]
+    assert r_aged > r_base + 0.3, (r_base, r_aged)
+
+    old, young = base["age"] >= 70, base["age"] < 50
+    flat = base["positive"][old].mean() / base["positive"][young].mean()
+    assert 0.6 < flat < 1.7, flat  # default: prevalence barely depends on age
+    sloped = _heart_table(PhantomConfig(disease_age_slope=1.0))
+    steep = sloped["positive"][old].mean() / sloped["positive"][young].mean()
+    assert steep > 2 * flat, (flat, steep)
+
+
+def test_young_positives_can_be_thinned_out_leaving_the_old_untouched():
+    base = _heart_table(PhantomConfig())
+    thin = _heart_table(PhantomConfig(young_positive_keep=0.2, young_age=60))
+    young = base["age"] < 55  # young at every study (first-study age < 60)
+    assert thin["positive"][young].mean() < 0.6 * base["positive"][young].mean()
+    old = base["age"] >= 66  # at least 60 at the first study (studies span <= 4.4 years)
+    assert all(a == b for a, b, o in zip(base["labels"], thin["labels"], old) if o)
+    assert thin["positive"][old].mean() == base["positive"][old].mean()
+
+
+def test_labels_csv_records_the_drawn_ctr(tmp_path):
+    table = generate(3, tmp_path, PhantomConfig(size=64))
+    assert [round(sample_case(i, PhantomConfig(size=64)).ctr, 4) for i in range(3)] == list(table["ctr"])

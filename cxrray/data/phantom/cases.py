@@ -21,7 +21,8 @@ from .config import FINDINGS, LABELS, PREVALENCE, PhantomConfig
 from .names import FAMILY, GIVEN_F, GIVEN_M, INSTITUTIONS, STREETS, TOWNS
 
 _BLOCK = 32  # patients are drawn per block of consecutive indices
-_TAG_BLOCK, _TAG_PATIENT, _TAG_STUDY, _TAG_RENDER, _TAG_CODEC, _TAG_IDS, _TAG_REPORT = 1, 2, 3, 4, 5, 6, 7
+_TAG_BLOCK, _TAG_PATIENT, _TAG_STUDY, _TAG_RENDER, _TAG_CODEC, _TAG_IDS, _TAG_REPORT, _TAG_THIN = 1, 2, 3, 4, 5, 6, 7, 8
+_DILATED, _HYPER = 0.14, 0.15  # prevalence of the latent ventricles at age 61 (flat across age by default)
 _EPOCH = _dt.date(2012, 1, 1)
 
 #: echo thresholds (cm): slvh if IVSd or LVPWd above, dlv if LVIDd above
@@ -99,6 +100,7 @@ class PhantomCase:
             "ivsd": self.ivsd,
             "lvidd": self.lvidd,
             "lvpwd": self.lvpwd,
+            "ctr": round(self.ctr, 4),
         }
         out.update({k: int(self.labels[k]) for k in LABELS})
         return out
@@ -134,8 +136,12 @@ def _patient(number: int, cfg: PhantomConfig) -> tuple[Patient, dict, _dt.date]:
     birth = first_study - _dt.timedelta(days=int(age0 * 365.25))
     address = (f"{rng.integers(1, 400)} {STREETS[rng.integers(len(STREETS))]}^^"
                f"{TOWNS[rng.integers(len(TOWNS))]}^^{rng.integers(10000, 99999)}")
-    dilated = bool(rng.random() < 0.14)
-    hyper = bool(rng.random() < 0.15)
+    dilated = bool(rng.random() < _age_prevalence(_DILATED, age0, cfg.disease_age_slope))
+    hyper = bool(rng.random() < _age_prevalence(_HYPER, age0, cfg.disease_age_slope))
+    if (dilated or hyper) and age0 < cfg.young_age and cfg.young_positive_keep < 1.0:
+        # thin out young patients with structural heart disease (their own stream: nothing else shifts)
+        if np.random.default_rng([cfg.seed, _TAG_THIN, number]).random() >= cfg.young_positive_keep:
+            dilated = hyper = False
     male = sex == "M"
     # baseline echo (cm); mixture of normal hearts and latent dilated / hypertrophied ventricles
     lvidd = rng.normal(5.05 if male else 4.55, 0.42 if male else 0.38) + dilated * rng.normal(1.35, 0.35)
@@ -157,6 +163,13 @@ def _patient(number: int, cfg: PhantomConfig) -> tuple[Patient, dict, _dt.date]:
         habitus=float(np.clip(rng.normal(1.0, 0.04), 0.9, 1.1)),
     )
     return patient, echo, first_study
+
+
+def _age_prevalence(p61: float, age: float, slope: float) -> float:
+    """Prevalence at `age` with log-odds `slope` per decade around p61 at 61 years (slope 0: p61 exactly)."""
+    if slope == 0.0:
+        return p61
+    return float(1.0 / (1.0 + np.exp(-(np.log(p61 / (1 - p61)) + slope * (age - 61.0) / 10.0))))
 
 
 def _codec(index: int, cfg: PhantomConfig) -> tuple[str, str]:
@@ -206,7 +219,7 @@ def sample_case(index: int, cfg: PhantomConfig) -> PhantomCase:
     # heart width grows with the LV outer diameter (LVIDd + both walls); past ~0.8 cm above the sex
     # norm the ventricle remodels and the silhouette widens steeply, so CTR is bimodal around 0.5
     x = (lvidd + ivsd + lvpwd) - d_ref
-    ctr = 0.425 + 0.03 * x + 0.1 / (1.0 + np.exp(-(x - 0.8) / 0.15)) + 0.0005 * (age - 60)
+    ctr = 0.425 + 0.03 * x + 0.1 / (1.0 + np.exp(-(x - 0.8) / 0.15)) + cfg.age_heart / 10 * (age - 60)  # per decade; default = 0.0005 per year
     ctr += rng.normal(0, 0.015)
     ctr = float(np.clip(ctr, 0.34, 0.74))
 

@@ -81,6 +81,16 @@ class PhantomConfig(BaseModel):
     seed: int = Field(0, ge=0, lt=2**63)
     report_phi_fraction: float = Field(0.25, ge=0.0, le=1.0,
                                        description="fraction of reports carrying identifying prose (de-id yardstick)")
+    # age as the image shows it and as disease depends on it (cxr_ddpm's "lift in the young" needs both)
+    age_heart: float = Field(0.005, ge=0.0, le=0.1, description="cardiothoracic ratio added per decade of age "
+                                                                 "above 60 (0.005: barely visible)")
+    disease_age_slope: float = Field(0.0, ge=-3.0, le=3.0, description="log-odds per decade (around age 61) of "
+                                     "the latent dilated / hypertrophied ventricle behind DLV / SLVH; 0: flat")
+    young_age: float = Field(60.0, ge=0.0, le=120.0, description="age (at the first study) below which "
+                                                                 "young_positive_keep applies")
+    young_positive_keep: float = Field(1.0, ge=0.0, le=1.0, description="fraction of young patients with a latent "
+                                       "heart disease kept as such (the rest get normal hearts): a Base set "
+                                       "that under-represents the young with disease")
     masks: bool = Field(False, description="also write each drawn finding's ground-truth mask (masks/*.png, "
                                            "labels.csv columns mask:<label>)")
 

@@ -17,7 +17,7 @@ from .masks import DRAWN, finding_masks
 from .report import compose_report
 
 #: labels.csv columns, in order
-COLUMNS = ("path", "patient", "study", "sex", "age", "view", "report", "ivsd", "lvidd", "lvpwd") + LABELS
+COLUMNS = ("path", "patient", "study", "sex", "age", "view", "report", "ivsd", "lvidd", "lvpwd", "ctr") + LABELS
 #: per-image de-identification yardstick beside labels.csv: {"path", "phi": {category: [str]}, "clinical": [str]}
 TRUTH = "report_truth.jsonl"
 

@@ -30,6 +30,9 @@ CHEXPERT_FINDINGS = (
     "Fracture", "Support Devices",
 )
 ECHO_COVARIATES = ("ivsd", "lvidd", "lvpwd")
+#: numeric measurements a folder CSV may carry as covariates: the echo ones (cm) and the cardiothoracic
+#: ratio (phantoms record the one they drew)
+MEASUREMENTS = ECHO_COVARIATES + ("ctr",)
 
 _SEXES = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}
 _VIEWS = {"PA": "PA", "AP": "AP", "AP_HORIZONTAL": "AP", "L": "LATERAL", "LL": "LATERAL", "LATERAL": "LATERAL"}

@@ -2,7 +2,8 @@
 
 Reads a CSV that lies in the image folder: `path` (relative to the CSV's folder; required) and optional
 `patient` (default: the path), `study`, `sex`, `age`, `view`, `split` (train/val/test; overrides the automatic
-split when non-blank), `report`. Columns `ivsd`, `lvidd`, `lvpwd` are echo covariates (cm). A column `mask:NAME`
+split when non-blank), `report`. Columns `ivsd`, `lvidd`, `lvpwd` are echo covariates (cm), `ctr` the
+cardiothoracic ratio. A column `mask:NAME`
 holds the relative path of the image's mask of NAME (a PNG on the image's pixel grid; blank: none), which
 ingest carries into the shards as the extra member `mask_NAME`. Every other column is a finding, in file order,
 with values 1 / 0 / blank (NaN). Rows with another label value, an absolute path, a path
@@ -17,7 +18,7 @@ from typing import Literal, Mapping
 
 from cxrray.data.sources.base import SourceTable
 from cxrray.data.sources.common import (
-    ECHO_COVARIATES, CsvRows, RowError, assign_splits, check_options, collect, make_table, norm_sex, norm_split,
+    MEASUREMENTS, CsvRows, RowError, assign_splits, check_options, collect, make_table, norm_sex, norm_split,
     norm_view, parse_age, parse_label, parse_measure,
 )
 from cxrray.data.splits import DEFAULT_FRACTIONS
@@ -53,13 +54,13 @@ def load_folder(
 ) -> SourceTable:
     check_options(fractions, uncertain)  # folder labels have no uncertain value; the option is only validated
     rows = CsvRows(metadata, required=("path",))
-    covariates = [c for c in rows.columns if c in ECHO_COVARIATES]
+    covariates = [c for c in rows.columns if c in MEASUREMENTS]
     masks = [c for c in rows.columns if c.startswith(MASK_PREFIX)]
     bad = [c for c in masks if not _MASK_NAME.match(c[len(MASK_PREFIX):])]
     if bad:
         raise InputError(f"{metadata}: mask column(s) {bad}: the name after 'mask:' must be lower-case letters, "
                          f"digits and _ (at most 26)")
-    findings = [c for c in rows.columns if c not in META and c not in ECHO_COVARIATES and c not in masks]
+    findings = [c for c in rows.columns if c not in META and c not in MEASUREMENTS and c not in masks]
     first_row: dict[str, int] = {}
 
     def parse(row: dict[str, str], n: int) -> tuple[dict, list[float]]:
