@@ -12,28 +12,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 
-from _common import report
-
-
-def best_rate(fn, images: int, repeats: int) -> float:
-    return paired_rates(fn, None, images, repeats)[0]
-
-
-def paired_rates(fa, fb, images: int, repeats: int) -> tuple[float, float | None]:
-    """Best images/s of fa and fb, timed alternately (A B A B ...) so machine noise hits both alike."""
-    fns = [f for f in (fa, fb) if f is not None]
-    for f in fns:
-        f()  # warm-up
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, f in enumerate(fns):
-            start = time.perf_counter()
-            f()
-            times[i].append(time.perf_counter() - start)
-    rates = [images / min(t) for t in times]
-    return rates[0], (rates[1] if len(rates) > 1 else None)
+from _common import best_rate, paired_rates, report
 
 
 def main() -> None:

@@ -101,6 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--invert-steps", type=int, default=None, help="inversion steps (encode.invert_steps)")
     _add_config_args(p)
 
+    p = sub.add_parser("cohort", help="synthetic cohort specs (covariate DDPM)")
+    csub = p.add_subparsers(dest="cohort_command", required=True)
+    c = csub.add_parser("describe", help="the composition a cohort spec will have, before anything is generated")
+    c.add_argument("spec", help="cohort spec YAML")
+    c.add_argument("--checkpoint", required=True, help="the covariate DDPM (its training statistics and ranges)")
+    c.add_argument("--n", type=int, default=None, help="override the spec's count")
+
+    p = sub.add_parser("generate", help="a cohort spec -> synthetic shards (Ray Data actor pool, resumable)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory or pretraining output URI")
+    p.add_argument("--cohort", required=True, help="cohort spec YAML")
+    p.add_argument("--output", required=True, help="shards URI (file:// or s3://)")
+    p.add_argument("--n", type=int, default=None, help="override the spec's count")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (generate.steps)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None, help="generate.sampler")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (generate.guidance)")
+    _add_config_args(p)
+
     p = sub.add_parser("explain", help="counterfactual explanations for a file or for the images of a shards URI")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--probe", required=True, help="probe directory written by `cxrray probe`")
@@ -249,6 +266,42 @@ def cmd_encode(args) -> int:
     return 0
 
 
+def _cohort_model(checkpoint: str):
+    from cxrray.io.loading import model_config, model_identity, resolve_checkpoint
+
+    model_identity(checkpoint, "generate")
+    cfg = model_config(json.loads(resolve_checkpoint(checkpoint).read_bytes("state.json")))
+    if not hasattr(cfg, "covariate_stats"):
+        raise InputError(f"{checkpoint}: a {cfg.family} model has no covariates; cohorts need a covariate DDPM")
+    return cfg
+
+
+def cmd_cohort(args) -> int:
+    from cxrray.pipelines.cohort import describe, describe_text, draw, load_spec
+
+    model = _cohort_model(args.checkpoint)
+    summary = describe(draw(load_spec(args.spec, args.n), model), model)
+    print(describe_text(summary))
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from cxrray.pipelines.cohort import load_spec
+    from cxrray.pipelines.generate import generate_cohort
+
+    spec = load_spec(args.cohort, args.n)
+    overrides = list(args.overrides) + [f"generate.{k}={v}" for k, v in
+                                        (("steps", args.steps), ("sampler", args.sampler), ("guidance", args.guidance))
+                                        if v is not None]
+    cfg = load_config(args.config, overrides).generate
+    _cohort_model(args.checkpoint)
+    manifest = generate_cohort(args.checkpoint, spec, args.output, cfg)
+    print(json.dumps({"output": args.output, "samples": manifest["samples"], "shards": len(manifest["shards"]),
+                      "positives": manifest["positives"]}))
+    return 0
+
+
 def cmd_explain(args) -> int:
     from cxrray.pipelines.explain import explain
 
@@ -301,6 +354,7 @@ def cmd_serve(args) -> int:
 COMMANDS = {"config": cmd_config, "phantoms": cmd_phantoms, "ingest": cmd_ingest, "sources": cmd_sources, "deid": cmd_deid, "export": cmd_export,
             "pretrain": cmd_pretrain, "status": cmd_status, "demo": cmd_demo,
             "probe": cmd_probe, "encode": cmd_encode, "explain": cmd_explain, "audit": cmd_audit,
+            "cohort": cmd_cohort, "generate": cmd_generate,
             "serve": cmd_serve}
 
 

@@ -17,7 +17,9 @@ from cxrray.data.phantom.config import PhantomConfig
 from cxrray.data.settings import DecodeConfig, IngestConfig, StrictModel, resolve_salt  # noqa: F401 (re-exported)
 from cxrray.errors import ConfigError
 from cxrray.families import FAMILIES, get_family
-from cxrray.pipelines.settings import AuditConfig, EncodeConfig, ExplainConfig, ProbeConfig  # noqa: F401 (re-exported)
+from cxrray.pipelines.settings import (  # noqa: F401 (re-exported)
+    AuditConfig, EncodeConfig, ExplainConfig, GenerateConfig, ProbeConfig,
+)
 from cxrray.serve.settings import ServeConfig  # noqa: F401 (re-exported)
 from cxrray.train.settings import TrainConfig  # noqa: F401 (re-exported)
 
@@ -47,6 +49,7 @@ class Config(StrictModel):
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="before")

@@ -160,3 +160,32 @@ def test_pretrain_job_resubmission_continues(ray_head, ingest_job, tmp_path):
     logs, latest = _pretrain_jobs(ray_head, ingest_job, tmp_path, (16, 24))
     assert "resumed at 16 images shown" in logs
     assert latest["images_shown"] == 24 and latest["latest_checkpoint"].endswith("checkpoint-000000000024")
+
+
+def test_generate_job_writes_a_cohort_on_the_cluster(ray_head, tmp_path):
+    import torch
+
+    from cxrray.families import get_family
+    from cxrray.families.ddpm.config import DDPMConfig
+    from conftest import write_checkpoint
+
+    cfg = DDPMConfig(image_size=16, base_channels=8, channel_mult=(1, 2), layers_per_block=1, attention_resolutions=(),
+                     norm_groups=8, covariates=("age", "sex", "lvidd"), covariate_stats={"age": (60, 15), "lvidd": (5, 0.5)})
+    torch.manual_seed(0)
+    ckpt = write_checkpoint(get_family("ddpm").build(cfg), tmp_path / "ckpt", 8)
+    spec = tmp_path / "cohort.yaml"
+    spec.write_text("n: 6\nseed: 3\ncovariates: {lvidd: {normal: [7.0, 0.2]}}\n")
+    out = tmp_path / "synthetic"
+    job_id = submit(ray_head, "python", "jobs/generate.py", "--checkpoint", f"file://{ckpt}", "--cohort", str(spec),
+                    "--output", f"file://{out}", "--steps", "2", "--set", "generate.shard_samples=2")
+    status, logs = wait_for(ray_head, job_id), job_logs(ray_head, job_id)
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "[generate] 3/3 units" in logs and "images/s" in logs and "ETA" in logs, logs[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == 6 and manifest["splits"]["synthetic"]["images"] == 6
+    assert manifest["positives"]["dlv"] == 6  # LVIDd 7.0 +- 0.2 cm: above both sexes' thresholds (5.9 / 5.3)
+    from ray.util.state import list_tasks
+
+    info = ray_head.job_client().get_job_info(job_id)
+    tasks = list_tasks(address=ray_head.address, filters=[("job_id", "=", info.job_id)], limit=1000)
+    assert any("ShardGenerator" in t.name and t.state == "FINISHED" for t in tasks), [t.name for t in tasks]

@@ -155,6 +155,9 @@ def test_second_family_trains_resumes_registers_and_exports_through_the_same_mac
     stats = state["model"]["covariate_stats"]  # from the training split, stored with the model
     assert state["model"]["family"] == "ddpm" and set(stats) == {"age", "ivsd", "lvidd", "lvpwd"}
     assert 40 < stats["age"][0] < 80 and 4.0 < stats["lvidd"][0] < 6.0 and state["data"]["samples"] == 96
+    corr = state["model"]["covariate_corr"]  # cohorts draw correlated covariates from it
+    assert all(corr[a][a] == 1.0 and corr[a][b] == corr[b][a] for a in corr for b in corr)
+    assert corr["ivsd"]["lvpwd"] > 0.5  # the phantoms grow both walls from one factor (r ~0.77 without hypertrophy)
     card = (folder / "README.md").read_text()
     assert "cxrray-ddpm" in card and "synthetic" in card and state["data"]["manifest_sha256"] in card
 

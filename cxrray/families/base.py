@@ -57,10 +57,11 @@ class Objective:
 
 @dataclass
 class GenerateRequest:
-    """What `Family.generate` gets: n images, DDIM steps, a seeded generator (CPU), the conditions (raw
-    values by name as `conditions(cfg)` describes them; an absent name is unobserved), the classifier-free
-    guidance scale, and a prior for families that sample a latent from data statistics (DiffAE: the
-    probe's z mean/std) or None."""
+    """What `Family.generate` gets: n images, sampler steps, a seeded generator (CPU), the conditions (raw
+    values by name as `conditions(cfg)` describes them, one value for all n images or a list of n, one
+    per image; an absent name is unobserved), the classifier-free guidance scale, the sampler ("ddim",
+    eta 0, or "ddpm", ancestral), and a prior for families that sample a latent from data statistics
+    (DiffAE: the probe's z mean/std) or None."""
 
     n: int
     steps: int
@@ -68,6 +69,7 @@ class GenerateRequest:
     conditions: dict[str, Any] = field(default_factory=dict)
     guidance: float = 1.0
     z_prior: tuple[Any, Any] | None = None
+    sampler: str = "ddim"
 
 
 @dataclass

@@ -77,3 +77,15 @@ class AuditConfig(StrictModel):
     min_probe_auroc: float = Field(0.6, ge=0, le=1)
     bootstrap: int = Field(1000, ge=10)
     seed: int = 0
+
+
+class GenerateConfig(StrictModel):
+    """Generation job (`cxrray generate`): a cohort spec's rows -> synthetic shards, one shard per unit."""
+
+    sampler: Literal["ddim", "ddpm"] = "ddim"  # ddim: eta 0; ddpm: ancestral (the paper's 1000 steps)
+    steps: int = Field(50, ge=1, le=1000)
+    guidance: float = Field(1.0, ge=1.0, le=20.0)  # classifier-free guidance (1 = plain conditional)
+    shard_samples: int = Field(64, ge=1)  # images per shard: the unit of resumption
+    batch_size: int = Field(16, ge=1)
+    actors: int | None = Field(None, ge=1)
+    use_gpu: bool = False

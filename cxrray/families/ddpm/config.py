@@ -40,6 +40,9 @@ class DDPMConfig(BaseModel):
     beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"  # cosine
     # {name: [mean, std]} of the numeric covariates on the training split; filled by pretraining
     covariate_stats: dict[str, tuple[float, float]] | None = None
+    # {name: {name: Pearson r}} of the numeric covariates on training rows that have them all (cohort
+    # specs draw correlated covariates from it); filled by pretraining
+    covariate_corr: dict[str, dict[str, float]] | None = None
 
     @field_validator("covariates")
     @classmethod

@@ -52,21 +52,32 @@ def evaluate(model: CovariateDDPM, batch: dict, seed: int, steps: int) -> Evalua
 
 @torch.no_grad()
 def generate(model: CovariateDDPM, request: GenerateRequest) -> Generated:
-    """n DDIM samples under one covariate setting (sex as "M"/"F"; absent covariates unobserved), with
-    classifier-free guidance `request.guidance` (1 = plain conditional)."""
+    """n samples (DDIM or DDPM) under covariates given once for all or per image (sex as "M"/"F"; absent
+    covariates unobserved), with classifier-free guidance `request.guidance` (1 = plain conditional)."""
     from cxrray.diffusion.ddim import sample_conditional
 
     unknown = sorted(set(request.conditions) - set(model.cfg.covariates))
     if unknown:
         raise InputError(f"unknown covariate(s) {unknown}; this model is conditioned on {list(model.cfg.covariates)}")
     device = next(model.parameters()).device
-    raw = {name: torch.full((request.n,), _raw(name, request.conditions.get(name)), device=device)
-           for name in model.cfg.covariates}
+    raw = {name: _per_image(name, request.conditions.get(name), request.n).to(device) for name in model.cfg.covariates}
     c = model.condition(raw)
     images = sample_conditional(model, request.n, c, steps=request.steps, generator=request.generator,
-                                guidance=request.guidance)
-    given = ", ".join(f"{k}={v}" for k, v in sorted(request.conditions.items())) or "no covariates (unconditional)"
-    return Generated(images, f"DDPM sample ({request.steps} DDIM steps, guidance {request.guidance:g}) given {given}")
+                                sampler=request.sampler, guidance=request.guidance)
+    per_image = any(isinstance(v, (list, tuple)) for v in request.conditions.values())
+    given = ("covariates per image" if per_image else
+             ", ".join(f"{k}={v}" for k, v in sorted(request.conditions.items())) or "no covariates (unconditional)")
+    return Generated(images, f"DDPM sample ({request.steps} {request.sampler.upper()} steps, guidance "
+                             f"{request.guidance:g}) given {given}")
+
+
+def _per_image(name: str, value, n: int) -> torch.Tensor:
+    """[n] raw values of one covariate from a single value (or None: unobserved) or a list of n."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise InputError(f"covariate {name!r}: {len(value)} values for {n} images")
+        return torch.tensor([_raw(name, v) for v in value], dtype=torch.float32)
+    return torch.full((n,), _raw(name, value), dtype=torch.float32)
 
 
 def _raw(name: str, value) -> float:
@@ -78,31 +89,43 @@ def _raw(name: str, value) -> float:
 
 
 def prepare(cfg: DDPMConfig, data_uri: str) -> DDPMConfig:
-    """Mean/std of each numeric covariate on the training rows of the shards (stored with the model)."""
+    """Mean/std of each numeric covariate on the training rows of the shards, and their correlations on
+    the rows that have them all (both stored with the model)."""
     wanted = [c for c in cfg.covariates if c in NUMERIC]
-    if not wanted or cfg.covariate_stats:
+    if not wanted or (cfg.covariate_stats and cfg.covariate_corr):
         return cfg
     from cxrray.data.shards import read_manifest, read_tar
     from cxrray.data.storage import Storage
 
     store = Storage(data_uri)
-    values: dict[str, list[float]] = {c: [] for c in wanted}
+    rows: list[list[float]] = []
     for shard in read_manifest(store)["shards"]:
         if not shard["splits"].get("train"):
             continue
         for _, _, meta in read_tar(store.read_bytes(shard["name"]), shard["name"]):
-            if meta["split"] != "train":
-                continue
-            for c in wanted:
-                v = meta.get("age") if c == "age" else (meta.get("covariates") or {}).get(c)
-                if v is not None and v == v:
-                    values[c].append(float(v))
-    missing = [c for c, v in values.items() if len(v) < 2]
+            if meta["split"] == "train":
+                rows.append([_value(meta, c) for c in wanted])
+    table = np.asarray(rows, dtype=np.float64).reshape(-1, len(wanted))
+    counts = {c: int(np.isfinite(table[:, i]).sum()) for i, c in enumerate(wanted)}
+    missing = [c for c, n in counts.items() if n < 2]
     if missing:
         raise InputError(f"{data_uri}: covariate(s) {missing} have fewer than 2 values in the train split; "
                          f"drop them from model.covariates")
-    stats = {c: (float(np.mean(v)), float(np.std(v) or 1.0)) for c, v in values.items()}
-    return cfg.model_copy(update={"covariate_stats": stats})
+    stats = cfg.covariate_stats or {c: (float(np.nanmean(table[:, i])), float(np.nanstd(table[:, i]) or 1.0))
+                                    for i, c in enumerate(wanted)}
+    complete = table[np.isfinite(table).all(axis=1)]
+    corr = None
+    if len(complete) >= 3:
+        r = np.nan_to_num(np.corrcoef(complete, rowvar=False).reshape(len(wanted), len(wanted)))
+        r = (r + r.T) / 2  # exactly symmetric (corrcoef's divisions round differently)
+        np.fill_diagonal(r, 1.0)
+        corr = {a: {b: float(r[i, j]) for j, b in enumerate(wanted)} for i, a in enumerate(wanted)}
+    return cfg.model_copy(update={"covariate_stats": stats, "covariate_corr": corr})
+
+
+def _value(meta: dict, name: str) -> float:
+    v = meta.get("age") if name == "age" else (meta.get("covariates") or {}).get(name)
+    return float("nan") if v is None else float(v)
 
 
 def export(model: CovariateDDPM, folder: Path) -> list[str]:

@@ -42,6 +42,8 @@ def generate(model, request: GenerateRequest) -> Generated:
         raise InputError("a diffusion autoencoder samples z from the codes' statistics: serve it with a probe")
     if request.conditions:
         raise InputError(f"this model takes no conditions, got {sorted(request.conditions)}")
+    if request.sampler != "ddim":
+        raise InputError(f"a diffusion autoencoder decodes with DDIM, not {request.sampler!r}")
     mean, std = (torch.as_tensor(a, dtype=torch.float32) for a in request.z_prior)
     z = mean + std * torch.randn(request.n, mean.shape[0], generator=request.generator)
     images = sample(model, request.n, steps=request.steps, generator=request.generator, z=z)
