@@ -41,7 +41,9 @@ def test_batches_are_model_ready_and_split_filtered(shards):
     assert image.dtype == np.float32 and image.shape[1:] == (1, 32, 32)
     assert image.min() >= -1.0 and image.max() <= 1.0 and image.min() == -1.0
     assert labels.shape[1] == len(manifest["label_vocabulary"]) and set(np.unique(labels)) <= {0.0, 1.0}
-    assert covs.shape[1] == 3 and np.all((covs > 0.3) & (covs < 9))  # echo measurements in cm
+    assert manifest["covariates"] == ["ctr", "ivsd", "lvidd", "lvpwd"] and covs.shape[1] == 4
+    assert np.all((covs[:, 0] > 0.3) & (covs[:, 0] < 0.8))  # cardiothoracic ratio
+    assert np.all((covs[:, 1:] > 0.3) & (covs[:, 1:] < 9))  # echo measurements in cm
 
 
 def test_foreign_members_are_refused_never_unpickled(ray_local, shards, tmp_path):
