@@ -150,6 +150,8 @@ def _pretrain_jobs(ray_head, ingest_job, tmp_path, targets: tuple[int, ...]) -> 
     return logs, json.loads((run / "latest.json").read_text())
 
 
+@pytest.mark.slow  # 171-188 s; the default suite was 20:30 on a fresh clone with it. Pretraining on Ray Train +
+# DeepSpeed stays in the default suite (tests/test_pretrain.py), and so does `ray job submit` (the ingest job)
 def test_pretrain_job_succeeds(ray_head, ingest_job, tmp_path):
     _, latest = _pretrain_jobs(ray_head, ingest_job, tmp_path, (16,))
     assert latest["images_shown"] == 16 and latest["latest_checkpoint"].endswith("checkpoint-000000000016")
