@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -e ".[dev]"
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed==0.19.8"
 	$(BIN)/python -c "import torch, ray, deepspeed, pydicom, webdataset; assert '+cpu' in torch.__version__ or not torch.cuda.is_available()"
+	# DeepSpeed JIT-compiles its CPU shared-memory all-reduce op on first use (~90 s on 2 cores): build it
+	# here, once, into ~/.cache/torch_extensions, rather than inside the first training run
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.accelerator import get_accelerator; \
+		get_accelerator().create_op_builder('ShareMemCommBuilder').load()" > /dev/null
 	touch $@
 
 demo: install

@@ -118,6 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (generate.guidance)")
     _add_config_args(p)
 
+    p = sub.add_parser("experiment", help="downstream experiments on Ray Train + Tune")
+    esub = p.add_subparsers(dest="experiment_command", required=True)
+    e = esub.add_parser("cohorts", help="does a synthetic cohort help an SLVH/DLV detector? Base / Gen / Base+Gen / "
+                        "Base+Gen(Pos), seeds ensembled, paired tests on the real test split, report.html")
+    e.add_argument("--real", required=True, help="real shards URI (train / val / test splits, echo covariates)")
+    e.add_argument("--synthetic", required=True, help="synthetic shards URI written by `cxrray generate`")
+    e.add_argument("--output", required=True, help="output URI (file:// or s3://): fits, metrics, report.html")
+    e.add_argument("--arms", default=None, help="comma-separated subset of base,gen,base+gen,base+gen(pos)")
+    e.add_argument("--seeds", type=int, default=None, help="fits per arm (experiment.seeds)")
+    _add_config_args(e)
+
+    p = sub.add_parser("audit-synthetic", help="a synthetic set's fidelity (image-only judge), FID/KID and "
+                       "memorisation (nearest training image) against the real set it imitates")
+    p.add_argument("--synthetic", required=True, help="synthetic shards URI written by `cxrray generate`")
+    p.add_argument("--train", required=True, help="real shards URI: the generator's training split (and val / test)")
+    p.add_argument("--test", default=None, help="real shards URI of the test split (default: --train)")
+    p.add_argument("--output", required=True, help="output URI: audit.json, report.html, plots")
+    p.add_argument("--features-model", default=None, help="local TorchScript feature network (e.g. FID Inception) "
+                   "for a second FID/KID; never downloaded")
+    _add_config_args(p)
+
     p = sub.add_parser("explain", help="counterfactual explanations for a file or for the images of a shards URI")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--probe", required=True, help="probe directory written by `cxrray probe`")
@@ -302,6 +323,29 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from cxrray.pipelines.experiment import run_experiment
+
+    overrides = list(args.overrides) + ([f"experiment.seeds={args.seeds}"] if args.seeds else [])
+    overrides += [f"experiment.arms=[{args.arms}]"] if args.arms else []
+    metrics = run_experiment(args.real, args.synthetic, args.output, load_config(args.config, overrides))
+    composite = metrics["overall"]["findings"]["composite_slvh_dlv"]
+    print(json.dumps({"output": args.output, "composite_auroc": {a: composite[a]["auroc"]["value"] for a in composite},
+                      "p_vs_base": {a: composite[a]["auroc"].get("p_value") for a in composite if a != "base"},
+                      "young_lift": metrics["young_lift"], "mlflow_run_id": metrics["mlflow_run_id"]}))
+    return 0
+
+
+def cmd_audit_synthetic(args) -> int:
+    from cxrray.pipelines.synthetic_audit import run_synthetic_audit
+
+    audit = run_synthetic_audit(args.synthetic, args.train, args.output, load_config(args.config, args.overrides),
+                                test_uri=args.test, features_model=args.features_model)
+    print(json.dumps({"output": args.output, "fidelity": audit["fidelity"], "memorisation": audit["memorisation"],
+                      "fid": {k: v["fid"] for k, v in audit["quality"]["judge_features"].items()}}))
+    return 0
+
+
 def cmd_explain(args) -> int:
     from cxrray.pipelines.explain import explain
 
@@ -354,7 +398,7 @@ def cmd_serve(args) -> int:
 COMMANDS = {"config": cmd_config, "phantoms": cmd_phantoms, "ingest": cmd_ingest, "sources": cmd_sources, "deid": cmd_deid, "export": cmd_export,
             "pretrain": cmd_pretrain, "status": cmd_status, "demo": cmd_demo,
             "probe": cmd_probe, "encode": cmd_encode, "explain": cmd_explain, "audit": cmd_audit,
-            "cohort": cmd_cohort, "generate": cmd_generate,
+            "cohort": cmd_cohort, "generate": cmd_generate, "experiment": cmd_experiment, "audit-synthetic": cmd_audit_synthetic,
             "serve": cmd_serve}
 
 

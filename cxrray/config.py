@@ -18,7 +18,7 @@ from cxrray.data.settings import DecodeConfig, IngestConfig, StrictModel, resolv
 from cxrray.errors import ConfigError
 from cxrray.families import FAMILIES, get_family
 from cxrray.pipelines.settings import (  # noqa: F401 (re-exported)
-    AuditConfig, EncodeConfig, ExplainConfig, GenerateConfig, ProbeConfig,
+    AuditConfig, EncodeConfig, ExperimentConfig, ExplainConfig, GenerateConfig, ProbeConfig, SyntheticAuditConfig,
 )
 from cxrray.serve.settings import ServeConfig  # noqa: F401 (re-exported)
 from cxrray.train.settings import TrainConfig  # noqa: F401 (re-exported)
@@ -50,6 +50,8 @@ class Config(StrictModel):
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    synthetic_audit: SyntheticAuditConfig = Field(default_factory=SyntheticAuditConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="before")

@@ -108,3 +108,24 @@ def write_checkpoint(model, folder, images_shown: int):
                                                    "model": model.cfg.model_dump(mode="json")}))
     (folder / "COMPLETE").write_text(str(images_shown))
     return folder
+
+
+def kill_cli_when(args: list[str], env: dict, ready, timeout: float, waiting_for: str) -> None:
+    """Run `python -m cxrray.cli ARGS` in its own session and SIGKILL its whole process group as soon as
+    `ready()` is true; fails if it exits first or `ready()` stays false for `timeout` seconds."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "cxrray.cli", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"{args[0]} exited ({proc.returncode}) before it could be killed"
+            assert time.monotonic() < deadline, f"{waiting_for} within {timeout:.0f} s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -6,10 +6,6 @@ import hashlib
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -23,7 +19,7 @@ from cxrray.errors import InputError
 from cxrray.families import get_family
 from cxrray.families.ddpm.config import DDPMConfig
 from cxrray.pipelines.cohort import CohortSpec, describe, draw, load_spec, resolve
-from conftest import write_checkpoint
+from conftest import kill_cli_when, write_checkpoint
 
 # training statistics as CheXchoNet reports them roughly (years, cm); IVSd and LVPWd correlate strongly
 STATS = {"age": (62.0, 16.0), "ivsd": (1.05, 0.2), "lvidd": (4.7, 0.6), "lvpwd": (1.0, 0.18)}
@@ -128,10 +124,6 @@ def _spec(tmp_path, n: int = 12):
     return path
 
 
-def _cli(*args, env=None) -> list[str]:
-    return [sys.executable, "-m", "cxrray.cli", *args]
-
-
 def _shard_digests(root) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.glob("*.tar"))}
 
@@ -205,17 +197,8 @@ def test_generate_killed_then_rerun_is_byte_identical_to_an_uninterrupted_run(dd
     (ckpt, _), (spec, whole) = ddpm_checkpoint, uninterrupted
     killed = tmp_path / "killed"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(_cli("generate", "--checkpoint", ckpt, "--cohort", str(spec), "--output", f"file://{killed}",
-                                 *GEN), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    try:
-        while not list(killed.glob("_parts/*.json")):
-            assert proc.poll() is None, f"generate exited ({proc.returncode}) before it could be killed"
-            assert time.monotonic() < deadline, "generate wrote no shard within 120 s"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_cli_when(["generate", "--checkpoint", ckpt, "--cohort", str(spec), "--output", f"file://{killed}", *GEN], env,
+                  lambda: bool(list(killed.glob("_parts/*.json"))), 120, "generate wrote no shard")
     first = _shard_digests(killed)
     assert 1 <= len(first) < 4, "the kill must land mid-job"
     assert not (killed / "manifest.json").exists()

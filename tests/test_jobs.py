@@ -193,3 +193,21 @@ def test_generate_job_writes_a_cohort_on_the_cluster(ray_head, tmp_path):
     info = ray_head.job_client().get_job_info(job_id)
     tasks = list_tasks(address=ray_head.address, filters=[("job_id", "=", info.job_id)], limit=1000)
     assert any("ShardGenerator" in t.name and t.state == "FINISHED" for t in tasks), [t.name for t in tasks]
+
+
+@pytest.mark.slow  # ~90 s: the same experiment runs in the default suite on local Ray (tests/test_experiment.py)
+def test_experiment_job_fits_arms_on_the_cluster(ray_head, tmp_path):
+    from test_experiment import write_echo_shards
+
+    real = write_echo_shards(tmp_path / "real", 240, 1, splits=["train", "train", "val", "test", "test"])
+    gen = write_echo_shards(tmp_path / "gen", 100, 2, skew=1.0, dataset="synthetic")
+    job_id = submit(ray_head, "python", "jobs/experiment.py", "--real", real, "--synthetic", gen,
+                    "--output", f"file://{tmp_path}/out", "--arms", "base,base+gen(pos)", "--seeds", "1",
+                    "--set", "experiment.epochs=3", "--set", "experiment.width=8", "--set", "experiment.bootstrap=100",
+                    "--set", "experiment.paired_bootstrap=100", "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
+    status, logs = wait_for(ray_head, job_id, timeout=240), job_logs(ray_head, job_id)
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "[experiment] fits 2/2" in logs and "ETA" in logs, logs[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert set(metrics["fits"]) == {"base/seed0", "base+gen(pos)/seed0"}
+    assert metrics["overall"]["findings"]["composite_slvh_dlv"]["base+gen(pos)"]["auroc"]["p_value"] is not None

@@ -7,10 +7,6 @@ import hashlib
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +26,7 @@ from cxrray.errors import InputError
 from cxrray.families.diffae.network import DiffAE, DiffAEConfig
 from cxrray.pipelines.encodings import read_encodings, stack
 from cxrray.pipelines.head import LinearHead
-from conftest import write_checkpoint
+from conftest import kill_cli_when, write_checkpoint
 
 MINI = DiffAEConfig(image_size=32, base_channels=32, channel_mult=(1, 2), layers_per_block=1,
                     attention_resolutions=(16,), z_dim=64)
@@ -76,26 +72,12 @@ def _cli_env(ray_local) -> dict:
     return {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
 
 
-def _run_until(cmd: list[str], env: dict, ready, timeout: float = 120) -> None:
-    """Start `cmd`, SIGKILL its process group as soon as `ready()` holds (or fail after timeout)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while not ready():
-            assert proc.poll() is None, f"{cmd[3]} exited ({proc.returncode}) before it could be killed"
-            assert time.monotonic() < deadline, f"{cmd[3]} made no output within {timeout}s"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def test_encode_matches_model_and_resumes_after_kill(world, ray_local, tmp_path):
     out = tmp_path / "enc"
     common = ["--checkpoint", world["ckpt"], "--data", world["shards"], "--output", f"file://{out}", "--invert",
               "--invert-steps", "60", "--set", "encode.chunk=2", "--set", "encode.batch_size=2"]
-    cmd = [sys.executable, "-m", "cxrray.cli", "encode", *common]
-    _run_until(cmd, _cli_env(ray_local), lambda: len(list((out / "parts").glob("*.parquet"))) >= 1)
+    kill_cli_when(["encode", *common], _cli_env(ray_local), lambda: len(list((out / "parts").glob("*.parquet"))) >= 1,
+                  120, "encode made no output")
     first = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "parts").glob("*.parquet")}
     assert 1 <= len(first) < N // 2, "the kill must land mid-job"
     assert not (out / "encodings.json").exists()
@@ -162,8 +144,8 @@ def test_explain_shards_killed_then_rerun_writes_each_output_once(world, ray_loc
     common = ["--checkpoint", world["ckpt"], "--probe", world["probe"], "--input", world["shards"],
               "--finding", "effusion", "--finding", "nodule", "--output", f"file://{out}", "--limit", str(LIMIT),
               "--set", "explain.steps=30", "--set", "explain.invert_steps=30", "--set", "explain.batch_size=2"]
-    _run_until([sys.executable, "-m", "cxrray.cli", "explain", *common], _cli_env(ray_local),
-               lambda: out.exists() and len(list(out.glob("*.json"))) >= 1)
+    kill_cli_when(["explain", *common], _cli_env(ray_local), lambda: out.exists() and len(list(out.glob("*.json"))) >= 1,
+                  120, "explain made no output")
     killed = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
     assert 1 <= len(killed) < 2 * LIMIT
     assert main(["explain", *common]) == 0

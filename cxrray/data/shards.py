@@ -14,6 +14,7 @@ import math
 from collections import Counter
 from typing import Any, Iterable
 
+import numpy as np
 import webdataset as wds
 
 from cxrray.data.members import split_member
@@ -28,16 +29,19 @@ PARTS = "_parts"
 
 def dumps(obj: Any) -> bytes:
     """Canonical JSON (sorted keys, no NaN: NaN/inf become null)."""
-    return json.dumps(_nan_to_none(obj), sort_keys=True, indent=1, allow_nan=False).encode("utf-8")
+    return json.dumps(jsonable(obj), sort_keys=True, indent=1, allow_nan=False).encode("utf-8")
 
 
-def _nan_to_none(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """Nested data -> plain JSON types: NaN/inf -> None, numpy scalars / arrays -> Python, keys -> str."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
     return obj
 
 
@@ -50,7 +54,7 @@ def write_tar(samples: Iterable[tuple]) -> bytes:
             extras = rest[0] if rest else {}
             for ext in extras:
                 split_member(ext, f"{key}.{ext}")  # refuse to write what the readers would refuse
-            sink.write({"__key__": key, "png": png, "json": json.dumps(_nan_to_none(meta), sort_keys=True).encode(),
+            sink.write({"__key__": key, "png": png, "json": json.dumps(jsonable(meta), sort_keys=True).encode(),
                         **dict(sorted(extras.items()))})
     return buf.getvalue()
 

@@ -205,3 +205,44 @@ def subgroup_table(frame: pd.DataFrame, by: str, y_col: str, p_col: str, min_pos
         rows.append({"group": name, "n": len(y), "positives": positives, "auroc": auroc,
                      "ci_low": low, "ci_high": high})
     return pd.DataFrame(rows, columns=["group", "n", "positives", "auroc", "ci_low", "ci_high"])
+
+
+def compare_to_reference(y, scores: dict, reference: str, metric: Metric = roc_auc_score, n_boot: int = 2000,
+                         alpha: float = 0.05, seed: int = 0, groups=None) -> dict[str, dict]:
+    """Several models scored on the same cases, each against `reference`, from one set of paired redraws
+    (stratified, or clustered by `groups`): {name: value, ci_low, ci_high and, for the others,
+    diff = metric(name) - metric(reference), diff_ci_low, diff_ci_high, p_value} with the two-sided
+    bootstrap p-value of `paired_bootstrap`."""
+    names = list(scores)
+    y_c, *cleaned = _clean(y, *(scores[n] for n in names))
+    values = {n: float(metric(y_c, s)) for n, s in zip(names, cleaned)}
+    reps = bootstrap_distribution(y, [scores[n] for n in names], metric, n_boot, seed, groups)
+    ref = reps[:, names.index(reference)]
+    out = {}
+    for k, name in enumerate(names):
+        low, high = np.nanquantile(reps[:, k], [alpha / 2, 1 - alpha / 2])
+        row = {"value": values[name], "ci_low": float(low), "ci_high": float(high)}
+        if name != reference:
+            diffs = reps[:, k] - ref
+            diffs = diffs[~np.isnan(diffs)]
+            d_low, d_high = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
+            tail = min(int((diffs <= 0).sum()), int((diffs >= 0).sum())) + 1
+            row.update(diff=values[name] - values[reference], diff_ci_low=float(d_low), diff_ci_high=float(d_high),
+                       p_value=float(min(1.0, 2 * tail / (len(diffs) + 1))))
+        out[name] = row
+    return out
+
+
+def at_recall(y, p, recall: float = 0.5) -> dict:
+    """Precision and specificity at the highest threshold whose recall is >= `recall`: the
+    ceil(recall * positives)-th highest positive score (ties above it are called positive too)."""
+    y, p = _clean(y, p)
+    positives = np.sort(p[y == 1])[::-1]
+    if len(positives) == 0 or len(positives) == len(y):
+        return {"threshold": math.nan, "recall": math.nan, "precision": math.nan, "specificity": math.nan}
+    threshold = positives[max(0, math.ceil(recall * len(positives)) - 1)]
+    called = p >= threshold
+    tp, fp = int((called & (y == 1)).sum()), int((called & (y == 0)).sum())
+    tn = int(((~called) & (y == 0)).sum())
+    return {"threshold": float(threshold), "recall": tp / len(positives), "precision": tp / (tp + fp),
+            "specificity": tn / (tn + fp)}

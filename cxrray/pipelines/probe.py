@@ -27,6 +27,7 @@ from sklearn.metrics import roc_curve
 
 from cxrray.config import Config
 from cxrray.eval.stats import age_bins, binary_metrics, bootstrap_ci, paired_bootstrap, subgroup_table
+from cxrray.data.shards import jsonable
 from cxrray.pipelines.encodings import read_encodings, stack
 from cxrray.pipelines.head import LinearHead
 from cxrray.errors import InputError
@@ -219,16 +220,6 @@ def _metric_name(finding: str) -> str:
     return re.sub(r"[^\w\-. :/]", "_", finding)
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return None if math.isnan(obj) else float(obj)
-    return obj.item() if isinstance(obj, np.generic) else obj
-
-
 def run_probe(encodings_uri: str, output_dir: Path, cfg: Config, fractions: list[float] | None = None) -> dict:
     """Fit one head per fraction (cfg.probe.fractions unless given), evaluate, write the report and
     log it to MLflow; returns a short summary (also printed by `cxrray probe`)."""
@@ -306,7 +297,7 @@ def run_probe(encodings_uri: str, output_dir: Path, cfg: Config, fractions: list
                    "fit_split": fit_split, "test_split": pc.test_split, "test_images": len(test),
                    "encodings": encodings_uri, "checkpoint": index.get("checkpoint"),
                    "largest_fraction": largest, "mlflow_run_id": run_id}
-        (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1))
+        (out / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1))
         for name in ["metrics.json", "roc.png", *(f"{t}.{ext}" for t in tables for ext in ("csv", "md"))]:
             logger.artifact(out / name, "probe")
         for path in sorted(out.glob("head.*")):
@@ -315,7 +306,7 @@ def run_probe(encodings_uri: str, output_dir: Path, cfg: Config, fractions: list
         logger.finish("FAILED")
         raise
     logger.finish()
-    return _jsonable({"output": str(out), "metrics": str(out / "metrics.json"), "fit_split": fit_split,
+    return jsonable({"output": str(out), "metrics": str(out / "metrics.json"), "fit_split": fit_split,
                       "test_split": pc.test_split, "findings": len(findings), "evaluated": len(evaluated),
                       "not_fitted": len(heads[largest].info["not_fitted"]), "mean_auroc": best["mean_auroc"],
                       "mean_auroc_by_fraction": {k: v["mean_auroc"] for k, v in per_fraction.items()},

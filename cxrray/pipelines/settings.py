@@ -89,3 +89,58 @@ class GenerateConfig(StrictModel):
     batch_size: int = Field(16, ge=1)
     actors: int | None = Field(None, ge=1)
     use_gpu: bool = False
+
+
+ARMS = ("base", "gen", "base+gen", "base+gen(pos)")
+
+
+class ExperimentConfig(StrictModel):
+    """Downstream cohort experiment (`cxrray experiment cohorts`): the echo detector trained per arm and
+    seed on Ray Train, the grid fanned out with Ray Tune, evaluated on the real test split."""
+
+    arms: list[Literal["base", "gen", "base+gen", "base+gen(pos)"]] = Field(default_factory=lambda: list(ARMS))
+    seeds: int = Field(5, ge=1, le=100)  # the paper: 5 per arm, probabilities averaged
+    size_factor: float = Field(2.0, gt=0)  # every arm is resampled with replacement to this x |Base| images
+    positive: Literal["slvh", "dlv", "composite_slvh_dlv"] = "composite_slvh_dlv"  # what "(pos)" keeps
+    train_split: str = "train"  # Base: the real split the generator was trained on
+    val_split: str = "val"  # early stopping
+    test_split: str = "test"
+    # detector: a small CNN on the image + an MLP on (age, sex), regressing the three echo measurements
+    width: int = Field(16, ge=4, le=256)  # channels of the first conv block (doubled per block)
+    epochs: int = Field(30, ge=1)
+    patience: int = Field(5, ge=1)  # epochs without a better validation NLL before stopping
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    num_workers: int = Field(1, ge=1)  # Ray Train workers per fit (DDP when > 1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    max_concurrent: int | None = Field(None, ge=1)  # fits at once; None: as many as the cluster holds
+    # evaluation
+    bootstrap: int = Field(1000, ge=10)  # patient-clustered redraws for CIs
+    paired_bootstrap: int = Field(2000, ge=10)  # paired redraws of each arm against Base
+    age_bins: list[float] = Field(default_factory=lambda: [0, 60, 70, 80, 200])  # years, right-open
+    recall: float = Field(0.5, gt=0, lt=1)  # operating point for precision / specificity
+    min_positives: int = Field(5, ge=1)  # test positives a subgroup needs for an AUROC
+    seed: int = 0
+
+
+class SyntheticAuditConfig(StrictModel):
+    """`cxrray audit-synthetic`: fidelity (an image-only judge trained on real images), image quality
+    (FID / KID in the judge's feature space) and memorisation (nearest training image) of a synthetic set."""
+
+    train_split: str = "train"  # the real images the generator was trained on
+    val_split: str = "val"  # the judge's early stopping
+    test_split: str = "test"  # real images it never saw: the reference for every comparison
+    # judge: conv trunk + head regressing ivsd, lvidd, lvpwd, age and classifying sex from the image alone
+    width: int = Field(16, ge=4, le=256)
+    epochs: int = Field(30, ge=1)
+    patience: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    kid_subset: int = Field(100, ge=2)  # KID subset size (capped at the smaller set)
+    kid_subsets: int = Field(50, ge=1)
+    pixel_size: int = Field(32, ge=4)  # images are average-pooled to this side for the pixel-space search
+    near_copy_quantile: float = Field(0.01, gt=0, lt=0.5)  # a synthetic image is a near-copy when it is closer to
+    # its nearest training image than this quantile of real test images' nearest-training distances
+    grid_pairs: int = Field(8, ge=1)
+    seed: int = 0
