@@ -139,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "for a second FID/KID; never downloaded")
     _add_config_args(p)
 
+    p = sub.add_parser("reproduce", help="a paper's headline experiment in miniature, one command")
+    p.add_argument("paper", choices=["cxr_ddpm"], help="cxr_ddpm: synthetic cohorts (Streiffer et al.)")
+    p.add_argument("--preset", choices=["tiny", "paper"], default="tiny",
+                   help="tiny: a 2-core machine in <= 60 min; paper: the cluster configuration")
+    p.add_argument("--workdir", default="reproduce_out/cxr_ddpm", help="phantoms, reports, summary.json")
+    p.add_argument("--shards", default="file://data_shards/cxr_ddpm", help="URI for real / synthetic shards and the model")
+    p.add_argument("--n", type=int, default=None, help="phantom images (default: the preset's)")
+    _add_config_args(p)
+
     p = sub.add_parser("explain", help="counterfactual explanations for a file or for the images of a shards URI")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--probe", required=True, help="probe directory written by `cxrray probe`")
@@ -346,6 +355,20 @@ def cmd_audit_synthetic(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from cxrray.reproduce import PRESETS, reproduce_cxr_ddpm
+
+    preset = PRESETS[args.preset]
+    cfg = load_config(args.config or args.preset, preset["overrides"] + list(args.overrides))
+    _phantom_salt(cfg, "reproduce")
+    summary = reproduce_cxr_ddpm(cfg, Path(args.workdir), args.n or preset["n"], args.shards.rstrip("/"))
+    composite = summary["experiment"]["auroc"]["composite_slvh_dlv"]
+    print(json.dumps({"report": str(Path(args.workdir) / "reproduce.html"),
+                      "composite_auroc": {a: v["value"] for a, v in composite.items()},
+                      "young_lift": summary["experiment"]["young_lift"]}))
+    return 0
+
+
 def cmd_explain(args) -> int:
     from cxrray.pipelines.explain import explain
 
@@ -375,13 +398,18 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def _phantom_salt(cfg, command: str) -> None:
+    """Commands that ingest only their own phantoms may use a fixed salt when none is set."""
+    if not os.environ.get(cfg.ingest.salt_env) and cfg.ingest.salt is None:
+        print(f"[{command}] {cfg.ingest.salt_env} not set: using a fixed demo salt (phantoms carry no real identities)")
+        os.environ[cfg.ingest.salt_env] = DEMO_SALT
+
+
 def cmd_demo(args) -> int:
     from cxrray.demo import run_demo
 
     cfg = load_config(args.config, DEMO_OVERRIDES + list(args.overrides))
-    if not os.environ.get(cfg.ingest.salt_env) and cfg.ingest.salt is None:
-        print(f"[demo] {cfg.ingest.salt_env} not set: using a fixed demo salt (phantoms carry no real identities)")
-        os.environ[cfg.ingest.salt_env] = DEMO_SALT
+    _phantom_salt(cfg, "demo")
     summary = run_demo(cfg, n=args.n, workdir=Path(args.workdir), shards=args.output, run=args.run)
     print(json.dumps(summary, indent=1))
     return 0
@@ -398,7 +426,7 @@ def cmd_serve(args) -> int:
 COMMANDS = {"config": cmd_config, "phantoms": cmd_phantoms, "ingest": cmd_ingest, "sources": cmd_sources, "deid": cmd_deid, "export": cmd_export,
             "pretrain": cmd_pretrain, "status": cmd_status, "demo": cmd_demo,
             "probe": cmd_probe, "encode": cmd_encode, "explain": cmd_explain, "audit": cmd_audit,
-            "cohort": cmd_cohort, "generate": cmd_generate, "experiment": cmd_experiment, "audit-synthetic": cmd_audit_synthetic,
+            "cohort": cmd_cohort, "generate": cmd_generate, "experiment": cmd_experiment, "audit-synthetic": cmd_audit_synthetic, "reproduce": cmd_reproduce,
             "serve": cmd_serve}
 
 

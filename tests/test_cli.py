@@ -59,3 +59,18 @@ def test_phantoms_command_writes_dicoms_and_labels(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["images"] == 6 and len(list((out / "images").glob("*.dcm"))) == 6
     assert (out / "labels.csv").read_text().startswith("path,patient,study,sex,age,view,report,ivsd,lvidd,lvpwd,")
+
+
+def test_phantom_commands_fall_back_to_the_demo_salt_only_when_none_is_set(monkeypatch, capsys):
+    import os
+
+    from cxrray.cli import DEMO_SALT, _phantom_salt
+    from cxrray.config import load_config
+
+    cfg = load_config(None, [])
+    monkeypatch.delenv(cfg.ingest.salt_env, raising=False)
+    _phantom_salt(cfg, "reproduce")
+    assert os.environ[cfg.ingest.salt_env] == DEMO_SALT and "[reproduce]" in capsys.readouterr().out
+    monkeypatch.setenv(cfg.ingest.salt_env, "a-real-secret")
+    _phantom_salt(cfg, "demo")
+    assert os.environ[cfg.ingest.salt_env] == "a-real-secret" and capsys.readouterr().out == ""

@@ -8,7 +8,7 @@ Layers, bottom up (a module may import its own layer and those below):
   3 config (composes the sections that live beside their code), io (load_model, export, MLflow pyfunc)
   4 train, pipelines, tracking
   5 serve
-  6 cli, demo
+  6 cli, demo, reproduce
 Imports inside functions count too: a lazy import is still a dependency.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ LAYERS = {  # module prefix -> layer; the longest matching prefix wins
     "cxrray.config": 3, "cxrray.io": 3,
     "cxrray.train": 4, "cxrray.pipelines": 4, "cxrray.tracking": 4,
     "cxrray.serve": 5,
-    "cxrray.cli": 6, "cxrray.demo": 6,
+    "cxrray.cli": 6, "cxrray.demo": 6, "cxrray.reproduce": 6,
 }
 
 

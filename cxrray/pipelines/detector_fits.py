@@ -230,7 +230,7 @@ def run_fits(data: dict, stats: dict, cfg: ExperimentConfig, output_uri: str, da
             tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent),
             run_config=tune.RunConfig(name=f"experiment-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=out.path("ray"),
                                       storage_filesystem=out.fs, verbose=0,
-                                      callbacks=[_Progress(len(todo), progress)]),
+                                      callbacks=[_Progress(len(todo))]),
         )
         results = tuner.fit()
         errors = [str(r.error).splitlines()[0] for r in results if r.error is not None]
@@ -246,14 +246,14 @@ def run_fits(data: dict, stats: dict, cfg: ExperimentConfig, output_uri: str, da
 class _Progress(Callback):
     """Prints `[experiment] fits i/N  ARM seed k: best val NLL v at epoch e  r fits/min  ETA m:ss`."""
 
-    def __init__(self, total: int, progress):
-        self.total, self.progress = total, progress
+    def __init__(self, total: int):  # no callable kept: Tune pickles its callbacks
+        self.total = total
         self.start, self.done = time.perf_counter(), 0
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
         last, unit = trial.last_result or {}, trial.config["unit"]
         elapsed = time.perf_counter() - self.start
-        self.progress(f"[experiment] fits {self.done}/{self.total}  {unit['arm']} seed {unit['seed']}: best val NLL "
+        print(f"[experiment] fits {self.done}/{self.total}  {unit['arm']} seed {unit['seed']}: best val NLL "
                       f"{last.get('best_val_nll', float('nan')):.3f} at epoch {last.get('best_epoch', '?')}  "
-                      f"{self.done / elapsed * 60:.1f} fits/min  ETA {eta(self.done, self.total, elapsed)}")
+                      f"{self.done / elapsed * 60:.1f} fits/min  ETA {eta(self.done, self.total, elapsed)}", flush=True)
