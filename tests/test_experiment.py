@@ -198,7 +198,7 @@ def test_experiment_cli_refuses_mismatched_sizes_with_exit_2(experiment_data, tm
     assert code == 2 and "differ in size" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # ~3 min: 4 arms x 2 seeds, a SIGKILL mid-grid and the rerun
+@pytest.mark.slow  # ~6.5 min (382 s): 4 arms x 2 seeds, a SIGKILL mid-grid and the rerun
 def test_experiment_killed_then_rerun_fits_each_arm_and_seed_exactly_once(experiment_data, ray_local, tmp_path):
     import os
     import time
