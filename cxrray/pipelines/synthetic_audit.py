@@ -113,20 +113,8 @@ def fidelity(judge: nn.Module, stats: dict, syn: EchoSet, test: EchoSet, seed: i
     return out
 
 
-class JudgeFeatures(nn.Module):
-    """The judge's trunk as a torchmetrics feature extractor: [N, 1, S, S] in [-1, 1] -> [N, F]."""
-
-    def __init__(self, judge: nn.Module):
-        super().__init__()
-        self.trunk = judge.features
-        self.num_features = int(judge.head[0].in_features)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.trunk(images.float())
-
-
 class ScriptedFeatures(nn.Module):
-    """A user's TorchScript feature network (e.g. the FID Inception) as a torchmetrics feature extractor:
+    """A user's TorchScript feature network (e.g. the FID Inception) as a second feature space:
     [N, 1, S, S] in [-1, 1] -> uint8 RGB [N, 3, 299, 299] -> its features [N, D]. Loaded with torch.jit.load
     from a local file the user trusts (TorchScript runs the file's code): never from shards or uploads."""
 
@@ -160,14 +148,14 @@ class _Precomputed(nn.Module):
         return features
 
 
-def image_quality(extractor: nn.Module, sets: dict[str, torch.Tensor], cfg: SyntheticAuditConfig) -> dict:
-    """FID and KID (mean, sd over subsets) for synthetic-vs-train, synthetic-vs-test and train-vs-test, in the
-    feature space of `extractor` ([N, 1, S, S] -> [N, F], with a `num_features` attribute)."""
+def image_quality(features: dict[str, torch.Tensor], cfg: SyntheticAuditConfig) -> dict:
+    """FID and KID (mean, sd over subsets) for synthetic-vs-train, synthetic-vs-test and train-vs-test, from
+    each set's features [N, F] (computed once per set by the caller)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    features = {name: _apply(extractor, images).double() for name, images in sets.items()}
-    given = _Precomputed(extractor.num_features)
+    features = {name: f.double() for name, f in features.items()}
+    given = _Precomputed(next(iter(features.values())).shape[1])
     out = {}
     for a, b in (("synthetic", "train"), ("synthetic", "test"), ("train", "test")):
         subset = min(cfg.kid_subset, len(features[a]), len(features[b]))
@@ -248,11 +236,12 @@ def run_synthetic_audit(synthetic_uri: str, train_uri: str, output_uri: str, cfg
     judge, stats, record = train_judge(train, val, ac)
     faithful = fidelity(judge, stats, syn, test, ac.seed)
     images = {"synthetic": _images(syn), "train": _images(train), "test": _images(test)}
-    quality = {"judge_features": image_quality(JudgeFeatures(judge), images, ac)}
+    feats = {k: _apply(judge.features, v) for k, v in images.items()}
+    quality = {"judge_features": image_quality(feats, ac)}
     if scripted is not None:
-        quality["torchscript_features"] = image_quality(scripted, images, ac)
+        quality["torchscript_features"] = image_quality({k: _apply(scripted, v) for k, v in images.items()}, ac)
     pooled = {k: nn.functional.adaptive_avg_pool2d(v, ac.pixel_size).flatten(1).numpy() for k, v in images.items()}
-    feats = {k: _apply(judge.features, v).numpy() for k, v in images.items()}
+    feats = {k: v.numpy() for k, v in feats.items()}
     mu, sd = feats["train"].mean(axis=0), feats["train"].std(axis=0) + 1e-6
     memo = memorisation({"pixels": pooled, "features": {k: (v - mu) / sd for k, v in feats.items()}}, ac.near_copy_quantile)
     pix = memo["pixels"]
