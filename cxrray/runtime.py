@@ -31,6 +31,7 @@ def ensure_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **common)
         return
+    _loopback_only()
     ray.init(
         address="local",
         num_cpus=num_cpus or os.cpu_count(),
@@ -40,3 +41,17 @@ def ensure_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None
         runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}},
         **common,
     )
+
+
+def _loopback_only() -> None:
+    """Make a local Ray bind to 127.0.0.1. `_node_ip_address="127.0.0.1"` alone is not enough: Ray
+    resolves localhost to the machine's address while multi-node clusters are enabled, and the GCS,
+    raylet and agents listened on every interface (measured: "::", "0.0.0.0", the external address).
+    With clusters disabled (the environment variable for the processes Ray starts, the constant for
+    this already-imported driver: Ray reads it at import) it binds to loopback, as `ray start
+    --node-ip-address=127.0.0.1` with the variable at 0 does. Only a new local Ray is affected;
+    tests/test_runtime.py fails if a Ray upgrade changes this."""
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False

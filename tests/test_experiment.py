@@ -82,6 +82,17 @@ def test_arms_have_the_same_size_and_draw_from_their_pool():
     assert not np.array_equal(arm_index("base", 40, gen_labels, "composite_slvh_dlv", 2.0, 1)[0], ib)  # seeds differ
 
 
+def test_fits_at_once_are_what_the_cluster_holds():
+    from cxrray.pipelines.detector_fits import concurrent_fits
+    from cxrray.pipelines.settings import ExperimentConfig
+
+    assert concurrent_fits(ExperimentConfig(), {"CPU": 2.0}) == 2  # 20 fits on 2 CPUs: 2 at a time, not 20
+    assert concurrent_fits(ExperimentConfig(num_workers=2, cpus_per_worker=1.5), {"CPU": 16.0}) == 5
+    assert concurrent_fits(ExperimentConfig(use_gpu=True, num_workers=2), {"CPU": 64.0, "GPU": 8.0}) == 4
+    assert concurrent_fits(ExperimentConfig(use_gpu=True), {"CPU": 64.0}) == 1  # never zero: waits for a GPU
+    assert concurrent_fits(ExperimentConfig(max_concurrent=3), {"CPU": 2.0}) == 3
+
+
 def test_label_probabilities_follow_the_thresholds():
     # a man with LVIDd exactly at 5.9 cm and tiny sigma: P(DLV) = 1/2; walls far below 1.5: P(SLVH) ~ 0
     echo_mean, echo_sd = torch.tensor([1.0, 5.0, 1.0]), torch.tensor([0.2, 0.5, 0.2])

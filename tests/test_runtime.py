@@ -24,3 +24,33 @@ def test_local_mode_ignores_a_stale_current_cluster_file():
         STALE.unlink(missing_ok=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "cpus 1.0" in done.stdout
+
+
+LISTENING = """
+import json, socket, psutil, ray
+from cxrray.runtime import ensure_ray
+ensure_ray(1, 80)
+out = []
+for proc in psutil.Process().children(recursive=True):
+    try:
+        out += [(c.laddr.ip, c.laddr.port, proc.name()) for c in proc.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr)]
+    except psutil.Error:
+        pass
+print(json.dumps({"sockets": out, "node_ip": ray.util.get_node_ip_address()}))
+ray.shutdown()
+"""
+
+
+def test_local_ray_listens_on_loopback_only():
+    """The Ray a CLI command starts for itself (no RAY_ADDRESS) binds every socket to loopback."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    done = subprocess.run([sys.executable, "-c", LISTENING], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    names = {name for _, _, name in found["sockets"]}
+    assert {"gcs_server", "raylet"} <= names, found  # not vacuous
+    exposed = [s for s in found["sockets"] if s[0] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    assert not exposed and found["node_ip"] == "127.0.0.1", found

@@ -114,7 +114,9 @@ class ExperimentConfig(StrictModel):
     num_workers: int = Field(1, ge=1)  # Ray Train workers per fit (DDP when > 1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
-    max_concurrent: int | None = Field(None, ge=1)  # fits at once; None: as many as the cluster holds
+    # fits at once; None: as many as the cluster's current CPUs / GPUs hold (set it where an autoscaler
+    # should grow the cluster for more)
+    max_concurrent: int | None = Field(None, ge=1)
     # evaluation
     bootstrap: int = Field(1000, ge=10)  # patient-clustered redraws for CIs
     paired_bootstrap: int = Field(2000, ge=10)  # paired redraws of each arm against Base
