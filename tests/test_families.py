@@ -21,11 +21,15 @@ SMALL = {"image_size": 32, "base_channels": 16, "channel_mult": [1, 2], "layers_
          "attention_resolutions": [16], "norm_groups": 8}
 EXTRA = {"diffae": {"z_dim": 32}, "ddpm": {"covariates": ["age", "sex", "ivsd", "lvidd", "lvpwd"],
                                            "covariate_stats": {"age": [60.0, 15.0], "ivsd": [1.0, 0.2],
-                                                               "lvidd": [5.0, 0.5], "lvpwd": [0.95, 0.2]}}}
+                                                               "lvidd": [5.0, 0.5], "lvpwd": [0.95, 0.2]}},
+         "vae": {"disc_start": 0, "disc_channels": 8}}  # the adversarial terms from the first step
 
 
 def tiny(name: str):
-    return get_family(name).config(**{**SMALL, **EXTRA.get(name, {}), "family": name})
+    """The family's config at the test size (SMALL's fields it has, then its EXTRA)."""
+    config = get_family(name).config
+    return config(**{**{k: v for k, v in SMALL.items() if k in config.model_fields}, **EXTRA.get(name, {}),
+                     "family": name})
 
 
 def batch(n: int = 4, seed: int = 0) -> dict:
@@ -75,7 +79,8 @@ def test_family_contract(name, tmp_path):
     for title, rows in first.grids.items():
         assert all(torch.equal(a, b) for a, b in zip(rows, again.grids[title])), title
         assert tuple(rows[-1].shape) == (2, 1, 32, 32)
-    assert float(first.grids["samples"][-1].abs().max()) <= 1.0 + 1e-5  # sampling from noise clips x0
+    if "sample" in family.capabilities:
+        assert float(first.grids["samples"][-1].abs().max()) <= 1.0 + 1e-5  # sampling from noise clips x0
     # generation (Serve's /v1/generate) is seeded, takes the family's own conditions and refuses others
     if family.generate is not None:
         images = [family.generate(loaded.model, generate_request(family, loaded.model)).images for _ in range(2)]
@@ -123,19 +128,36 @@ def test_family_loads_from_the_mlflow_registry_by_alias(name, tmp_path, monkeypa
     assert loaded.family is family and loaded.identity["images_shown"] == 96
     assert loaded.identity["name"] == f"cxrray-{name}" and loaded.identity["version"] == "1"
     assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in model.state_dict().items())
+    if family.capabilities & {"encode", "reconstruct"}:  # the registered pyfunc answers images with z / images
+        import mlflow
+
+        from cxrray.io.loading import mlflow_uris
+
+        images = batch(2)["image"]
+        with mlflow_uris(uri):
+            out = mlflow.pyfunc.load_model(f"models:/cxrray-{name}@latest").predict(images.numpy())
+        with torch.no_grad():
+            expected = model.eval().encode(images) if "encode" in family.capabilities else model.eval()(images)
+        np.testing.assert_allclose(out, expected.numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_diffusers_export_loads_with_diffusers_and_matches(name, tmp_path):
-    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-
     family = get_family(name)
     torch.manual_seed(0)
     model = family.build(tiny(name)).eval()
     notes = family.export(model, tmp_path)
-    unet = UNet2DModel.from_pretrained(tmp_path / "unet").eval()
-    scheduler_cls = DDPMScheduler if name == "ddpm" else DDIMScheduler
-    scheduler = scheduler_cls.from_pretrained(tmp_path / "scheduler")
+    ours, theirs = (_exported_vae if name == "vae" else _exported_unet)(name, model, tmp_path)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert notes and all(isinstance(n, str) for n in notes)  # what diffusers cannot express is named
+
+
+def _exported_unet(name: str, model, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """eps of our model and of diffusers' UNet2DModel loaded from the export, same inputs."""
+    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(folder / "unet").eval()
+    scheduler = (DDPMScheduler if name == "ddpm" else DDIMScheduler).from_pretrained(folder / "scheduler")
     assert scheduler.config.num_train_timesteps == 1000
     x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([10, 500])
@@ -147,9 +169,25 @@ def test_diffusers_export_loads_with_diffusers_and_matches(name, tmp_path):
         else:
             cond = model.condition({k: b[k] for k in ("age", "sex", "ivsd", "lvidd", "lvpwd")})
             ours, labels = model(x, t, cond), model.covariate_proj(cond)
-        theirs = unet(x, t, class_labels=labels).sample
-    assert torch.allclose(ours, theirs, atol=1e-5)
-    assert notes and all(isinstance(n, str) for n in notes)  # what diffusers cannot express is named
+        return ours, unet(x, t, class_labels=labels).sample
+
+
+def _exported_vae(name: str, model, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled latents and reconstructions of ours and of diffusers' AutoencoderKL loaded from the export
+    (latents x its scaling_factor, as diffusers' pipelines scale them)."""
+    from diffusers import AutoencoderKL
+
+    model.latent_std.fill_(2.5)
+    family = get_family(name)
+    family.export(model, folder)
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    assert abs(vae.config.scaling_factor - 0.4) < 1e-6
+    x = batch(2)["image"]
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+        theirs = torch.cat([z.flatten(1), vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1).flatten(1)], 1)
+        ours = torch.cat([model.latents(x).flatten(1), model(x).flatten(1)], 1)
+    return ours, theirs
 
 
 def test_config_picks_the_family_and_its_presets():

@@ -14,6 +14,7 @@ from cxrray.families.base import CAPABILITIES, CapabilityError, Evaluation, Fami
 FAMILIES: dict[str, str] = {
     "diffae": "cxrray.families.diffae",  # DiffChest: semantic encoder + z-conditioned U-Net
     "ddpm": "cxrray.families.ddpm",  # cxr_ddpm: covariate-conditioned pixel DDPM
+    "vae": "cxrray.families.vae",  # Cheff stage 1: KL autoencoder, factor 4
 }
 
 

@@ -2,7 +2,7 @@
 model contains no pickled Python object.
 
 predict: for a family that can `encode` (diffae), images [B, 1, S, S] in [-1, 1] -> z [B, z_dim]; for
-a generator (ddpm), a table of covariates (one row per image; columns age, sex (M/F), ivsd, lvidd,
+an autoencoder (`reconstruct`: vae), images -> reconstructions [B, 1, S, S] in [-1, 1]; for a generator (ddpm), a table of covariates (one row per image; columns age, sex (M/F), ivsd, lvidd,
 lvpwd; blanks = missing) -> images [B, 1, S, S] in [-1, 1], DDIM 50 steps, seeded by the row index."""
 import json
 
@@ -27,6 +27,8 @@ class CxrrayModel(mlflow.pyfunc.PythonModel):
         with torch.no_grad():
             if "encode" in self.family.capabilities:
                 return self.model.encode(torch.as_tensor(np.asarray(model_input), dtype=torch.float32)).numpy()
+            if "reconstruct" in self.family.capabilities:
+                return self.model(torch.as_tensor(np.asarray(model_input), dtype=torch.float32)).numpy()
             from cxrray.diffusion.ddim import sample_conditional
             from cxrray.families.ddpm.config import COVARIATES
 
