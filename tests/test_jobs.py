@@ -216,17 +216,10 @@ def test_experiment_job_fits_arms_on_the_cluster(ray_head, tmp_path):
 @pytest.mark.slow  # the same audit runs in the default suite on local Ray (tests/test_synthetic_audit.py)
 def test_audit_synthetic_job_flags_copies_on_the_cluster(ray_head, tmp_path):
     from test_experiment import write_echo_shards
-
-    from cxrray.data import shards
-    from cxrray.data.storage import Storage
+    from test_synthetic_audit import training_copies
 
     real = write_echo_shards(tmp_path / "real", 240, 1, splits=["train", "train", "val", "test", "test"])
-    store = Storage(real)
-    train = [s for shard in shards.read_manifest(store)["shards"]
-             for s in shards.read_tar(store.read_bytes(shard["name"])) if s[2]["split"] == "train"][:10]
-    copied = [(f"copy-{i}", png, {**meta, "key": f"copy-{i}", "split": "synthetic", "patient": f"copy-{i}"}, {})
-              for i, (_, png, meta) in enumerate(train)]
-    leaky = write_echo_shards(tmp_path / "leaky", 80, 2, skew=1.0, dataset="synthetic", extra=copied)
+    leaky = write_echo_shards(tmp_path / "leaky", 80, 2, skew=1.0, dataset="synthetic", extra=training_copies(real, 10))
     job_id = submit(ray_head, "python", "jobs/audit_synthetic.py", "--synthetic", leaky, "--train", real,
                     "--output", f"file://{tmp_path}/out", "--set", "synthetic_audit.epochs=4",
                     "--set", "synthetic_audit.width=8", "--set", "synthetic_audit.kid_subset=40",

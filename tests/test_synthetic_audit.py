@@ -33,18 +33,22 @@ def test_nearest_is_exact_and_flags_copies():
     assert memo["p_value_more_than_expected"] < 1e-6
 
 
+def training_copies(real: str, n: int) -> list[tuple]:
+    """The first n training samples of `real` as synthetic rows `copy-<i>` (a generator that memorised)."""
+    store = Storage(real)
+    train = [s for shard in shards.read_manifest(store)["shards"]
+             for s in shards.read_tar(store.read_bytes(shard["name"])) if s[2]["split"] == "train"][:n]
+    return [(f"copy-{i}", png, {**meta, "key": f"copy-{i}", "split": "synthetic", "patient": f"copy-{i}"}, {})
+            for i, (_, png, meta) in enumerate(train)]
+
+
 @pytest.fixture(scope="module")
 def audit_sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
     real = write_echo_shards(root / "real", 480, 1, splits=["train", "train", "val", "test", "test"])
     good = write_echo_shards(root / "gen", 160, 4, skew=1.0, dataset="synthetic")
     # a "generator" that memorised: 20 training images copied verbatim into an otherwise fresh set
-    real_store = Storage(real)
-    train = [s for shard in shards.read_manifest(real_store)["shards"]
-             for s in shards.read_tar(real_store.read_bytes(shard["name"])) if s[2]["split"] == "train"][:20]
-    copied = [(f"copy-{i}", png, {**meta, "key": f"copy-{i}", "split": "synthetic", "patient": f"copy-{i}"}, {})
-              for i, (_, png, meta) in enumerate(train)]
-    leaky = write_echo_shards(root / "leaky", 160, 2, skew=1.0, dataset="synthetic", extra=copied)
+    leaky = write_echo_shards(root / "leaky", 160, 2, skew=1.0, dataset="synthetic", extra=training_copies(real, 20))
     noise = write_echo_shards(root / "noise", 160, 3, informative=False, skew=1.0, dataset="synthetic")
     return real, good, leaky, noise
 
