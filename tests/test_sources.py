@@ -11,6 +11,7 @@ import pytest
 
 from cxrray.data.sources import SOURCES, load_source
 from cxrray.data.sources.mimic import report_section
+from cxrray.errors import InputError
 
 N = np.nan
 
@@ -191,6 +192,12 @@ def test_report_sections():
     assert report_section(REPORT_IMPRESSION) == "Small left effusion."
     assert report_section(REPORT_NEITHER) is None
     assert report_section(" FINDINGS: \n IMPRESSION: Stable.\n") == "Stable."  # empty FINDINGS falls back
+    # Cheff's text: FINDINGS and IMPRESSION joined; either alone when the other is missing
+    both = "findings+impression"
+    assert report_section(REPORT_FULL, both) == ("The lungs are clear. No pleural effusion or pneumothorax. "
+                                                 "No acute cardiopulmonary process.")
+    assert report_section(REPORT_IMPRESSION, both) == "Small left effusion."
+    assert report_section(REPORT_NEITHER, both) is None
 
 
 def _mimic(tmp_path, split_file=True):
@@ -250,6 +257,10 @@ def test_mimic(tmp_path):
     assert sorted(reasons) == [6, 7]
     assert "'subject_id'" in reasons[6] and "'abc'" in reasons[6]
     assert "mimic-cxr-2.0.0-chexpert.csv row 4" in reasons[7] and "'Atelectasis'" in reasons[7]
+    cheff = load_source("mimic", _mimic(tmp_path), sections="findings+impression").meta["report"].tolist()
+    assert cheff[0].endswith("pneumothorax. No acute cardiopulmonary process.") and cheff[2] == "Small left effusion."
+    with pytest.raises(InputError, match="sections='impression'"):
+        load_source("mimic", _mimic(tmp_path), sections="impression")
 
 
 def test_mimic_without_split_file_and_jpg(tmp_path):

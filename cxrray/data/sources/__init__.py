@@ -5,7 +5,7 @@
 
 Every adapter takes the metadata file plus keyword options `seed`, `fractions` (patient-level split fractions)
 and `uncertain` ("nan" / "positive" / "negative": what an uncertain label becomes), and some its own
-(`padchest`: `protocol`; `mimic`: `reports`, `extension`).
+(`padchest`: `protocol`; `mimic`: `reports`, `extension`, `sections`).
 """
 from __future__ import annotations
 

@@ -10,7 +10,9 @@ Beside it, each optional (plain or `.gz`):
 - `patients.csv` (MIMIC-IV hosp): `subject_id, gender, anchor_age[, anchor_year]`; age is
   `anchor_age + StudyDate year - anchor_year` when both years are known, else `anchor_age`.
 - reports root (option `reports`, default `files/` beside the metadata): `p{sid[:2]}/p{sid}/s{study}.txt`; the report
-  is the FINDINGS section, else IMPRESSION, else None (whitespace collapsed).
+  is (option `sections`) the FINDINGS section, else IMPRESSION (`"findings"`, default), or Cheff's FINDINGS and
+  IMPRESSION joined by a space, either alone if the other is missing (`"findings+impression"`); else None
+  (whitespace collapsed).
 
 Image paths: `files/p{sid[:2]}/p{sid}/s{study}/{dicom_id}{extension}` (`extension=".jpg"` for MIMIC-CXR-JPG).
 """
@@ -29,6 +31,7 @@ from cxrray.data.sources.common import (
     norm_split, norm_view, parse_age, parse_label, plausible_age, required, sibling,
 )
 from cxrray.data.splits import DEFAULT_FRACTIONS
+from cxrray.errors import InputError
 
 LABEL_FILE = "mimic-cxr-2.0.0-chexpert.csv"
 SPLIT_FILE = "mimic-cxr-2.0.0-split.csv"
@@ -36,16 +39,22 @@ PATIENTS_FILE = "patients.csv"
 _HEADER = re.compile(r"^[ \t]*([A-Z][A-Z0-9 /&(),'-]*?)[ \t]*:", re.MULTILINE)
 
 
-def report_section(text: str) -> str | None:
-    """FINDINGS section of a MIMIC report, else IMPRESSION, else None; any other `HEADER:` ends a section."""
+SECTIONS = ("findings", "findings+impression")
+
+
+def report_section(text: str, sections: str = "findings") -> str | None:
+    """FINDINGS section of a MIMIC report, else IMPRESSION (`sections="findings"`), or both joined by a space
+    (`"findings+impression"`, Cheff's text); None when neither is there. Any other `HEADER:` ends a section."""
     matches = list(_HEADER.finditer(text))
-    sections: dict[str, str] = {}
+    found: dict[str, str] = {}
     for match, following in zip(matches, matches[1:] + [None]):
         body = " ".join(text[match.end(): following.start() if following else len(text)].split())
         name = match.group(1).split()[0]
-        if name in ("FINDINGS", "IMPRESSION") and body and name not in sections:
-            sections[name] = body
-    return sections.get("FINDINGS") or sections.get("IMPRESSION")
+        if name in ("FINDINGS", "IMPRESSION") and body and name not in found:
+            found[name] = body
+    if sections == "findings+impression":
+        return " ".join(found[n] for n in ("FINDINGS", "IMPRESSION") if n in found) or None
+    return found.get("FINDINGS") or found.get("IMPRESSION")
 
 
 def _year(text: str) -> float:
@@ -111,8 +120,11 @@ def load_mimic(
     uncertain: Literal["nan", "positive", "negative"] = "nan",
     reports: str | os.PathLike | None = None,
     extension: str = ".dcm",
+    sections: Literal["findings", "findings+impression"] = "findings",
 ) -> SourceTable:
     uncertain_value = check_options(fractions, uncertain)
+    if sections not in SECTIONS:
+        raise InputError(f"mimic: option sections={sections!r}; allowed: {list(SECTIONS)}")
     rows = CsvRows(metadata, required=("dicom_id", "subject_id", "study_id"))
     findings, labels_by_study = _read_labels(sibling(rows.path, LABEL_FILE), uncertain_value)
     split_by_dicom, split_by_subject = _read_splits(sibling(rows.path, SPLIT_FILE))
@@ -124,7 +136,7 @@ def load_mimic(
     def report(subject: str, study: str) -> str | None:
         if study not in report_cache:
             file = report_root / f"p{subject[:2]}" / f"p{subject}" / f"s{study}.txt"
-            report_cache[study] = report_section(file.read_text(errors="replace")) if file.is_file() else None
+            report_cache[study] = report_section(file.read_text(errors="replace"), sections) if file.is_file() else None
         return report_cache[study]
 
     def parse(row: dict[str, str], n: int) -> tuple[dict, list[float]]:
