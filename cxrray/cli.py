@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--invert-steps", type=int, default=None, help="inversion steps (encode.invert_steps)")
     _add_config_args(p)
 
+    p = sub.add_parser("latents", help="image shards -> latent shards (frozen VAE) + tokenised reports, on a Ray "
+                                      "actor pool")
+    p.add_argument("--vae", required=True, help="autoencoder checkpoint, pretraining output or models:/ URI")
+    p.add_argument("--data", required=True, help="image shards URI")
+    p.add_argument("--output", required=True, help="latent shards URI (file:// or s3://)")
+    _add_config_args(p)
+
     p = sub.add_parser("cohort", help="synthetic cohort specs (covariate DDPM)")
     csub = p.add_subparsers(dest="cohort_command", required=True)
     c = csub.add_parser("describe", help="the composition a cohort spec will have, before anything is generated")
@@ -296,6 +303,15 @@ def cmd_encode(args) -> int:
     return 0
 
 
+def cmd_latents(args) -> int:
+    from cxrray.pipelines.latents import latents
+
+    manifest = latents(args.vae, args.data, args.output, load_config(args.config, args.overrides).latents)
+    print(json.dumps({"samples": manifest["samples"], "shape": manifest["latents"]["shape"],
+                      "vocab_size": manifest["latents"]["vocab_size"], "output": args.output}))
+    return 0
+
+
 def _cohort_model(checkpoint: str):
     from cxrray.io.loading import model_config, model_identity, resolve_checkpoint
 
@@ -425,7 +441,7 @@ def cmd_serve(args) -> int:
 
 COMMANDS = {"config": cmd_config, "phantoms": cmd_phantoms, "ingest": cmd_ingest, "sources": cmd_sources, "deid": cmd_deid, "export": cmd_export,
             "pretrain": cmd_pretrain, "status": cmd_status, "demo": cmd_demo,
-            "probe": cmd_probe, "encode": cmd_encode, "explain": cmd_explain, "audit": cmd_audit,
+            "probe": cmd_probe, "encode": cmd_encode, "latents": cmd_latents, "explain": cmd_explain, "audit": cmd_audit,
             "cohort": cmd_cohort, "generate": cmd_generate, "experiment": cmd_experiment, "audit-synthetic": cmd_audit_synthetic, "reproduce": cmd_reproduce,
             "serve": cmd_serve}
 

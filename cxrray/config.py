@@ -18,7 +18,8 @@ from cxrray.data.settings import DecodeConfig, IngestConfig, StrictModel, resolv
 from cxrray.errors import ConfigError
 from cxrray.families import FAMILIES, get_family
 from cxrray.pipelines.settings import (  # noqa: F401 (re-exported)
-    AuditConfig, EncodeConfig, ExperimentConfig, ExplainConfig, GenerateConfig, ProbeConfig, SyntheticAuditConfig,
+    AuditConfig, EncodeConfig, ExperimentConfig, ExplainConfig, GenerateConfig, LatentsConfig, ProbeConfig,
+    SyntheticAuditConfig,
 )
 from cxrray.serve.settings import ServeConfig  # noqa: F401 (re-exported)
 from cxrray.train.settings import TrainConfig  # noqa: F401 (re-exported)
@@ -46,6 +47,7 @@ class Config(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    latents: LatentsConfig = Field(default_factory=LatentsConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)

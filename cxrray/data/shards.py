@@ -175,10 +175,10 @@ def read_manifest(uri: str | Storage) -> dict:
     return manifest
 
 
-def read_tar(data: bytes, source: str = "shard") -> list[tuple[str, bytes, dict]]:
-    """Tar bytes written by `write_tar` -> [(key, png_bytes, meta)] in stored order. Only `.png`, `.json`
-    and the extra members of `members.py` are accepted (extras are checked, not returned; anything else
-    raises: nothing is ever unpickled)."""
+def read_tar(data: bytes, source: str = "shard", extras: bool = False) -> list[tuple]:
+    """Tar bytes written by `write_tar` -> [(key, png_bytes, meta)] in stored order, or with `extras`
+    [(key, png_bytes, meta, {"NAME.KIND": bytes})]. Only `.png`, `.json` and the extra members of
+    `members.py` are accepted (anything else raises: nothing is ever unpickled)."""
     import tarfile
 
     samples: dict[str, dict[str, bytes]] = {}
@@ -187,10 +187,11 @@ def read_tar(data: bytes, source: str = "shard") -> list[tuple[str, bytes, dict]
             if not member.isfile():
                 continue
             key, _, ext = member.name.partition(".")
-            if split_member(ext, f"{source}:{member.name}")[0]:
-                continue  # an extra member: the streaming reader decodes it
+            split_member(ext, f"{source}:{member.name}")
             samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    missing = [k for k, v in samples.items() if set(v) != {"png", "json"}]
+    missing = [k for k, v in samples.items() if not {"png", "json"} <= set(v)]
     if missing:
         raise InputError(f"{source}: samples without both .png and .json: {missing[:5]}")
+    if extras:
+        return [(k, v.pop("png"), json.loads(v.pop("json")), v) for k, v in samples.items()]
     return [(k, v["png"], json.loads(v["json"])) for k, v in samples.items()]

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from cxrray.errors import InputError
 
-CAPABILITIES = ("encode", "sample", "invert", "counterfactual", "generate", "reconstruct")
+CAPABILITIES = ("encode", "sample", "invert", "counterfactual", "generate", "reconstruct", "latents")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Config sections of the batch jobs (`encode`, `probe`, `explain`, `audit`): typed data owned by
+"""Config sections of the batch jobs (`encode`, `latents`, `probe`, `explain`, `audit`, ...): typed data owned by
 the jobs. Torch-free; `cxrray.config` composes them."""
 from __future__ import annotations
 
@@ -17,6 +17,20 @@ class EncodeConfig(StrictModel):
     batch_size: int = Field(16, ge=1)
     chunk: int = Field(256, ge=1)  # samples per Parquet part: the unit of resumption
     actors: int | None = Field(None, ge=1)  # actor-pool size; None: one per GPU / two CPU actors locally
+    use_gpu: bool = False
+
+
+class LatentsConfig(StrictModel):
+    """Latents job (`cxrray latents`): image shards -> latent shards (scaled VAE posterior means) with the
+    reports tokenised by a WordPiece tokenizer trained here on the training split's de-identified reports."""
+
+    max_tokens: int = Field(150, ge=4, le=512)  # Cheff: 150
+    vocab_size: int = Field(8000, ge=64, le=100_000)
+    # a word enters the tokenizer only if this many patients' reports use it (see data/report_tokens.py)
+    min_patients: int = Field(3, ge=1)
+    tokenizer_split: str = "train"
+    batch_size: int = Field(16, ge=1)
+    actors: int | None = Field(None, ge=1)
     use_gpu: bool = False
 
 

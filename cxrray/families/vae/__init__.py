@@ -13,7 +13,7 @@ FAMILY = Family(
     build=lazy("cxrray.families.vae.network", "KLAutoencoder"),
     loss=lazy(TASK, "loss"), evaluate=lazy(TASK, "evaluate"), export=lazy(TASK, "export"),
     objectives=(Objective("discriminator", lazy(TASK, "discriminator_loss"), lazy(TASK, "discriminator_parameters")),),
-    capabilities=frozenset({"reconstruct"}),
+    capabilities=frozenset({"reconstruct", "latents"}),
 )
 
 __all__ = ["FAMILY", "PRESETS", "VAEConfig"]
