@@ -115,9 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", required=True, help="the covariate DDPM (its training statistics and ranges)")
     c.add_argument("--n", type=int, default=None, help="override the spec's count")
 
-    p = sub.add_parser("generate", help="a cohort spec -> synthetic shards (Ray Data actor pool, resumable)")
+    p = sub.add_parser("generate", help="a cohort spec (covariate DDPM) or report prompts (latent diffusion) -> "
+                                        "synthetic shards (Ray Data actor pool, resumable)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory or pretraining output URI")
-    p.add_argument("--cohort", required=True, help="cohort spec YAML")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--cohort", help="cohort spec YAML")
+    what.add_argument("--prompts", help="text file, one report prompt per line (an empty line: unconditional)")
+    p.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt (with --prompts)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (with --prompts; a cohort spec has its own)")
     p.add_argument("--output", required=True, help="shards URI (file:// or s3://)")
     p.add_argument("--n", type=int, default=None, help="override the spec's count")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (generate.steps)")
@@ -334,15 +339,27 @@ def cmd_cohort(args) -> int:
 
 def cmd_generate(args) -> int:
     from cxrray.pipelines.cohort import load_spec
-    from cxrray.pipelines.generate import generate_cohort
+    from cxrray.pipelines.generate import generate_cohort, generate_prompts
 
-    spec = load_spec(args.cohort, args.n)
     overrides = list(args.overrides) + [f"generate.{k}={v}" for k, v in
                                         (("steps", args.steps), ("sampler", args.sampler), ("guidance", args.guidance))
                                         if v is not None]
     cfg = load_config(args.config, overrides).generate
-    _cohort_model(args.checkpoint)
-    manifest = generate_cohort(args.checkpoint, spec, args.output, cfg)
+    if args.prompts:
+        if args.n_per_prompt < 1:
+            raise InputError(f"--n-per-prompt must be >= 1, got {args.n_per_prompt}")
+        try:
+            prompts = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{args.prompts}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        if not prompts:
+            raise InputError(f"{args.prompts}: no prompts (one per line; an empty line means unconditional)")
+        manifest = generate_prompts(args.checkpoint, [" ".join(p.split()) for p in prompts], args.n_per_prompt,
+                                    args.output, cfg, seed=args.seed)
+    else:
+        spec = load_spec(args.cohort, args.n)
+        _cohort_model(args.checkpoint)
+        manifest = generate_cohort(args.checkpoint, spec, args.output, cfg)
     print(json.dumps({"output": args.output, "samples": manifest["samples"], "shards": len(manifest["shards"]),
                       "positives": manifest["positives"]}))
     return 0

@@ -25,11 +25,30 @@ EXTRA = {"diffae": {"z_dim": 32}, "ddpm": {"covariates": ["age", "sex", "ivsd", 
          "vae": {"disc_start": 0, "disc_channels": 8}}  # the adversarial terms from the first step
 
 
+REPORTS = ["Small left pleural effusion.", "Pacemaker in the left upper chest.", "Heart size is enlarged.",
+           "Large pleural effusion in the right lower lung.", "No acute findings."]
+
+
+def ldm_extra() -> dict:
+    """The latent diffusion model at the test size: a 32² autoencoder (8² latents) and a tokenizer trained
+    on a few reports (as `cxrray latents` would give it)."""
+    from cxrray.data.report_tokens import train_tokenizer
+
+    tokenizer = train_tokenizer([(f"p{i}", r) for i in range(3) for r in REPORTS], vocab_size=120, min_patients=1,
+                                max_tokens=16)
+    vae = get_family("vae").config(**{**{k: v for k, v in SMALL.items() if k in ("image_size", "base_channels",
+                                                                               "layers_per_block", "norm_groups")},
+                                      "channel_mult": [1, 2, 2]})
+    return {"latent_size": 8, "attention_resolutions": [4], "head_channels": 8, "text_width": 32, "text_layers": 1,
+            "text_heads": 2, "max_tokens": 16, "tokenizer": tokenizer.to_str(), "vocab_size": tokenizer.get_vocab_size(),
+            "vae": vae.model_dump()}
+
+
 def tiny(name: str):
     """The family's config at the test size (SMALL's fields it has, then its EXTRA)."""
     config = get_family(name).config
-    return config(**{**{k: v for k, v in SMALL.items() if k in config.model_fields}, **EXTRA.get(name, {}),
-                     "family": name})
+    extra = ldm_extra() if name == "ldm" else EXTRA.get(name, {})
+    return config(**{**{k: v for k, v in SMALL.items() if k in config.model_fields}, **extra, "family": name})
 
 
 def batch(n: int = 4, seed: int = 0) -> dict:
@@ -98,8 +117,8 @@ def generate_request(family, model, **extra):
     """A seeded request with a valid value for each of the family's conditions (mid-range, first choice)."""
     from cxrray.families import GenerateRequest
 
-    conditions = {k: spec["enum"][0] if "enum" in spec else (spec["minimum"] + spec["maximum"]) / 2
-                  for k, spec in family.conditions(model.cfg).items()}
+    conditions = {k: spec["enum"][0] if "enum" in spec else spec["examples"][0] if "examples" in spec
+                  else (spec["minimum"] + spec["maximum"]) / 2 for k, spec in family.conditions(model.cfg).items()}
     prior = (torch.zeros(model.cfg.z_dim), torch.ones(model.cfg.z_dim)) if "encode" in family.capabilities else None
     return GenerateRequest(n=2, steps=3, generator=torch.Generator().manual_seed(5), conditions={**conditions, **extra},
                            guidance=2.0, z_prior=prior)
@@ -139,6 +158,21 @@ def test_family_loads_from_the_mlflow_registry_by_alias(name, tmp_path, monkeypa
         with torch.no_grad():
             expected = model.eval().encode(images) if "encode" in family.capabilities else model.eval()(images)
         np.testing.assert_allclose(out, expected.numpy(), atol=1e-5)
+    elif family.generate is not None:  # ... and a generator a table of conditions with images, as generate does
+        import mlflow
+        import pandas as pd
+
+        from cxrray.families import GenerateRequest
+        from cxrray.io.loading import mlflow_uris
+
+        request = generate_request(family, model)
+        table = pd.DataFrame([request.conditions] * 2)
+        with mlflow_uris(uri):
+            out = mlflow.pyfunc.load_model(f"models:/cxrray-{name}@latest").predict(table, params={"steps": 3, "seed": 4})
+        expected = family.generate(model.eval(), GenerateRequest(
+            n=2, steps=3, generator=torch.Generator().manual_seed(4),
+            conditions={k: [v, v] for k, v in request.conditions.items()})).images
+        np.testing.assert_allclose(out, expected.numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -147,7 +181,8 @@ def test_diffusers_export_loads_with_diffusers_and_matches(name, tmp_path):
     torch.manual_seed(0)
     model = family.build(tiny(name)).eval()
     notes = family.export(model, tmp_path)
-    ours, theirs = (_exported_vae if name == "vae" else _exported_unet)(name, model, tmp_path)
+    exported = {"vae": _exported_vae, "ldm": _exported_ldm}.get(name, _exported_unet)
+    ours, theirs = exported(name, model, tmp_path)
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert notes and all(isinstance(n, str) for n in notes)  # what diffusers cannot express is named
 
@@ -170,6 +205,31 @@ def _exported_unet(name: str, model, folder: Path) -> tuple[torch.Tensor, torch.
             cond = model.condition({k: b[k] for k in ("age", "sex", "ivsd", "lvidd", "lvpwd")})
             ours, labels = model(x, t, cond), model.covariate_proj(cond)
         return ours, unet(x, t, class_labels=labels).sample
+
+
+def _exported_ldm(name: str, model, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """eps of ours and of diffusers' UNet2DConditionModel + transformers' BertModel and fast tokenizer loaded
+    from the export, for a prompt; the exported autoencoder and scheduler load too."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, BertModel
+
+    from cxrray.families.ldm.task import prompt_ids
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    text = BertModel.from_pretrained(folder / "text_encoder").eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    assert (scheduler.config.beta_end, scheduler.config.beta_schedule) == (0.0295, "scaled_linear")
+    assert AutoencoderKL.from_pretrained(folder / "vae").config.latent_channels == 3
+    prompt = [REPORTS[0], ""]
+    ids = tokenizer(prompt, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    assert torch.equal(ids["input_ids"], prompt_ids(model, prompt))
+    z, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    with torch.no_grad():
+        ours = model(z, t, model.context(prompt_ids(model, prompt)))
+        hidden = text(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
+        theirs = unet(z, t, encoder_hidden_states=hidden, encoder_attention_mask=ids["attention_mask"].bool()).sample
+    return ours, theirs
 
 
 def _exported_vae(name: str, model, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:

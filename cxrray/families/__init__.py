@@ -15,6 +15,7 @@ FAMILIES: dict[str, str] = {
     "diffae": "cxrray.families.diffae",  # DiffChest: semantic encoder + z-conditioned U-Net
     "ddpm": "cxrray.families.ddpm",  # cxr_ddpm: covariate-conditioned pixel DDPM
     "vae": "cxrray.families.vae",  # Cheff stage 1: KL autoencoder, factor 4
+    "ldm": "cxrray.families.ldm",  # Cheff stage 2: report-conditioned latent diffusion
 }
 
 

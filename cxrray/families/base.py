@@ -17,6 +17,8 @@ calls only these fields, so it never branches on a family's class:
   VAE's discriminator), stepped after the main one on the same batch;
 - `prepare(cfg, data_uri) -> cfg`: driver-side, before training (e.g. covariate statistics from the
   training split, stored in the config and so with the model);
+- `initialise(model)`: on each worker when training starts from scratch (not on resume), fill parts
+  that come trained from elsewhere (a latent diffusion model's frozen autoencoder, from its checkpoint);
 - `evaluate(model, batch, seed, steps) -> Evaluation`: what the loop logs (metrics and image rows);
 - `capabilities`: what jobs and Serve may ask (`require` refuses the rest with a clear message);
 - `export(model, folder) -> list[str]`: diffusers `save_pretrained` folders, returning what could not
@@ -95,6 +97,7 @@ class Family:
     capabilities: frozenset[str]
     export: Callable[[Any, Any], list[str]]
     prepare: Callable[[Any, str], Any] = staticmethod(lambda cfg, data_uri: cfg)
+    initialise: Callable[[Any], None] = staticmethod(lambda model: None)
     objectives: tuple[Objective, ...] = ()
     generate: Callable[[Any, GenerateRequest], Generated] | None = None
     conditions: Callable[[Any], dict[str, dict]] = no_conditions

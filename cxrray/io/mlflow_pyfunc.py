@@ -2,8 +2,10 @@
 model contains no pickled Python object.
 
 predict: for a family that can `encode` (diffae), images [B, 1, S, S] in [-1, 1] -> z [B, z_dim]; for
-an autoencoder (`reconstruct`: vae), images -> reconstructions [B, 1, S, S] in [-1, 1]; for a generator (ddpm), a table of covariates (one row per image; columns age, sex (M/F), ivsd, lvidd,
-lvpwd; blanks = missing) -> images [B, 1, S, S] in [-1, 1], DDIM 50 steps, seeded by the row index."""
+an autoencoder (`reconstruct`: vae), images -> reconstructions [B, 1, S, S] in [-1, 1]; for a generator, a
+table with one row per image and a column per condition of the family (ddpm: age, sex (M/F), ivsd, lvidd,
+lvpwd; ldm: prompt; blanks = missing / unconditional) -> images [B, 1, S, S] in [-1, 1], DDIM
+(params `steps`, default 50, and `seed`, default 0)."""
 import json
 
 import mlflow
@@ -29,24 +31,24 @@ class CxrrayModel(mlflow.pyfunc.PythonModel):
                 return self.model.encode(torch.as_tensor(np.asarray(model_input), dtype=torch.float32)).numpy()
             if "reconstruct" in self.family.capabilities:
                 return self.model(torch.as_tensor(np.asarray(model_input), dtype=torch.float32)).numpy()
-            from cxrray.diffusion.ddim import sample_conditional
-            from cxrray.families.ddpm.config import COVARIATES
+            from cxrray.families import GenerateRequest
 
             rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-            values = {k: torch.tensor([_code(k, r.get(k)) for r in rows], dtype=torch.float32)
-                      for k in COVARIATES}
-            c = self.model.condition(values)
-            generator = torch.Generator().manual_seed(int((params or {}).get("seed", 0)))
-            steps = int((params or {}).get("steps", 50))
-            return sample_conditional(self.model, len(rows), c, steps=steps, generator=generator).numpy()
+            schema = self.family.conditions(self.model.cfg)
+            conditions = {k: [_value(spec, r.get(k)) for r in rows] for k, spec in schema.items()
+                          if any(_value(spec, r.get(k)) is not None for r in rows)}
+            request = GenerateRequest(n=len(rows), steps=int((params or {}).get("steps", 50)), conditions=conditions,
+                                      generator=torch.Generator().manual_seed(int((params or {}).get("seed", 0))))
+            return self.family.generate(self.model, request).images.numpy()
 
 
-def _code(name, value) -> float:
+def _value(spec: dict, value):
+    """A table cell -> the raw condition value (None: blank / missing; an enum matched by its first letters)."""
     if value is None or value == "" or (isinstance(value, float) and value != value):
-        return float("nan")
-    if name == "sex":
-        return {"M": 1.0, "F": 0.0}.get(str(value).upper()[:1], float("nan"))
-    return float(value)
+        return None
+    if "enum" in spec:
+        return next((e for e in spec["enum"] if str(value).strip().upper().startswith(str(e).upper())), None)
+    return str(value) if spec.get("type") == "string" else float(value)
 
 
 mlflow.models.set_model(CxrrayModel())

@@ -1,16 +1,19 @@
-"""Generation job: a cohort spec -> synthetic images as shards in exactly the format ingest writes.
+"""Generation job: rows of conditions -> synthetic images as shards in exactly the format ingest writes.
 
-The driver draws the cohort's rows (`cohort.draw`, a pure function of the spec and the model's
-statistics) and cuts them into shards of `generate.shard_samples`. Each shard is one work unit of the
+Rows come from a cohort spec (`generate_cohort`: `cohort.draw`, a pure function of the spec and a
+covariate DDPM's statistics) or from report prompts (`generate_prompts`: each prompt K times for a
+report-conditioned latent diffusion model; an empty prompt is unconditional). The driver cuts them into
+shards of `generate.shard_samples`. Each shard is one work unit of the
 shared fan-out (`fanout.py`): an actor loads the model once, samples the shard's rows from a generator
 seeded by (spec seed, shard index), writes the tar and then its part record (`shards.write_shard`).
 A shard whose part record carries this run's fingerprint is skipped, so a killed run, rerun, writes
 every sample exactly once, and each shard is byte-identical to the one an uninterrupted run writes
 (same rows, same seed, same batches). `manifest.json` is written last from the part records.
 
-Each sample: dataset `synthetic`, split `synthetic`, its own synthetic patient id, the requested
-covariates, labels from them (the CheXchoNet thresholds), and provenance (model, version, seed,
-covariates, sampler, steps, guidance) in its JSON and in the PNG's `cxrray:provenance` text chunk.
+Each sample: dataset `synthetic`, split `synthetic`, its own synthetic patient id, what it was asked for
+(a cohort's covariates and the labels they imply under the CheXchoNet thresholds; a prompt as its
+`report`), and provenance (model, version, seed, conditions, sampler, steps, guidance) in its JSON and in
+the PNG's `cxrray:provenance` text chunk.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from cxrray import __version__
 from cxrray.data import shards
 from cxrray.data.sources.chexchonet import FINDINGS
 from cxrray.data.storage import Storage
+from cxrray.errors import InputError
 from cxrray.io.loading import PUBLIC, model_config, model_identity, resolve_checkpoint
 from cxrray.pipelines.cohort import ECHO, CohortSpec, describe, draw
 from cxrray.pipelines.fanout import fan_out
@@ -41,7 +45,7 @@ def unit_seed(seed: int, shard_index: int) -> int:
 class ShardGenerator:
     """Actor: loads the EMA model once; each call samples one shard's rows and writes the shard."""
 
-    def __init__(self, checkpoint: str, output_uri: str, cfg: dict, model: dict, fingerprint: str):
+    def __init__(self, checkpoint: str, output_uri: str, cfg: dict, model: dict, fingerprint: str, findings: list[str]):
         import torch
 
         from cxrray.io.loading import load_model
@@ -52,14 +56,14 @@ class ShardGenerator:
             torch.set_num_threads(1)
         loaded = load_model(checkpoint)
         self.model, self.family = loaded.model.to(self.device), loaded.family
-        self.out, self.identity, self.fingerprint = Storage(output_uri), model, fingerprint
+        self.out, self.identity, self.fingerprint, self.findings = Storage(output_uri), model, fingerprint, findings
 
     def __call__(self, batch: dict) -> dict:
         start = time.perf_counter()
         unit = json.loads(batch["unit"][0])
         images = self._sample(unit["rows"], unit["seed"])
         samples = [self._sample_record(row, image, unit["seed"]) for row, image in zip(unit["rows"], images)]
-        shards.write_shard(self.out, unit["shard"], self.fingerprint, samples, [], FINDINGS)
+        shards.write_shard(self.out, unit["shard"], self.fingerprint, samples, [], self.findings)
         return {"images": np.array([len(samples)]), "seconds": np.array([time.perf_counter() - start])}
 
     def _sample(self, rows: list[dict], seed: int) -> np.ndarray:
@@ -68,10 +72,11 @@ class ShardGenerator:
         from cxrray.families import GenerateRequest
 
         generator = torch.Generator(device="cpu").manual_seed(seed)
+        names = sorted(self.family.conditions(self.model.cfg))
         out = []
         for i in range(0, len(rows), self.cfg.batch_size):
             chunk = rows[i:i + self.cfg.batch_size]
-            conditions = {name: [_condition(r, name) for r in chunk] for name in self.model.cfg.covariates}
+            conditions = {name: [r["conditions"].get(name) for r in chunk] for name in names}
             made = self.family.generate(self.model, GenerateRequest(
                 n=len(chunk), steps=self.cfg.steps, generator=generator, conditions=conditions,
                 guidance=self.cfg.guidance, sampler=self.cfg.sampler))
@@ -82,32 +87,43 @@ class ShardGenerator:
         from cxrray.pipelines.derived import png16
 
         key = f"syn-{self.fingerprint}-{row['index']:07d}"
+        meta = row["meta"]
         made = {"model": self.identity, "shard_seed": seed, "index": row["index"], "sampler": self.cfg.sampler,
-                "steps": self.cfg.steps, "guidance": self.cfg.guidance, "sex": row["sex"], "age": row["age"],
-                "covariates": row["covariates"]}
+                "steps": self.cfg.steps, "guidance": self.cfg.guidance, **row["conditions"]}
         text = (f"SYNTHETIC - {self.cfg.sampler.upper()} sample ({self.cfg.steps} steps, guidance {self.cfg.guidance:g}, "
-                f"seed {seed}, image {row['index']}) given {_covariate_text(row)} by model {self.identity['name']} "
+                f"seed {seed}, image {row['index']}) given {row['given']} by model {self.identity['name']} "
                 f"version {self.identity['version']} - cxrray {__version__}; not an acquired radiograph")
-        meta = {"key": key, "dataset": DATASET, "patient": key, "study": key, "view": None, "sex": row["sex"],
-                "age": row["age"], "labels": row["labels"], "covariates": row["covariates"], "report": None,
-                "split": SPLIT, "source": {"synthetic": made, "provenance": text}}
+        meta = {"key": key, "dataset": DATASET, "patient": key, "study": key, "view": None, "sex": meta.get("sex"),
+                "age": meta.get("age"), "labels": meta.get("labels", []), "covariates": meta.get("covariates", {}),
+                "report": meta.get("report"), "split": SPLIT, "source": {"synthetic": made, "provenance": text}}
         return key, png16(image, text), meta, {}
 
 
-def _condition(row: dict, name: str):
-    return row["sex"] if name == "sex" else row["age"] if name == "age" else row["covariates"].get(name)
-
-
-def _covariate_text(row: dict) -> str:
+def cohort_row(row: dict) -> dict:
+    """A drawn cohort row -> a generation row: the covariates as conditions, labels and covariates as metadata."""
+    conditions = {"sex": row["sex"], "age": row["age"], **row["covariates"]}
     parts = [f"sex {row['sex']}"] if row["sex"] else []
     parts += [f"age {row['age']:g}"] if row["age"] is not None else []
     parts += [f"{k} {v:g} cm" for k, v in sorted(row["covariates"].items())]
-    return ", ".join(parts) or "no covariates"
+    return {"index": row["index"], "conditions": {k: v for k, v in conditions.items() if v is not None},
+            "given": ", ".join(parts) or "no covariates",
+            "meta": {k: row[k] for k in ("sex", "age", "labels", "covariates")}}
 
 
-def plan(rows: list[dict], spec: CohortSpec, fingerprint: str, per_shard: int) -> list[dict]:
+def prompt_rows(prompts: list[str], per_prompt: int) -> list[dict]:
+    """Each prompt `per_prompt` times, in order ("" = unconditional)."""
+    rows = []
+    for p, prompt in enumerate(prompts):
+        for _ in range(per_prompt):
+            rows.append({"index": len(rows), "conditions": {"prompt": prompt} if prompt else {},
+                         "given": f"the report prompt #{p} ({len(prompt)} characters)" if prompt else "no prompt",
+                         "meta": {"report": prompt or None, "prompt_index": p}})
+    return rows
+
+
+def plan(rows: list[dict], seed: int, fingerprint: str, per_shard: int) -> list[dict]:
     """One unit per shard: its name, seed and rows."""
-    return [{"shard": f"synthetic-{fingerprint}-{i:05d}.tar", "seed": unit_seed(spec.seed, i),
+    return [{"shard": f"synthetic-{fingerprint}-{i:05d}.tar", "seed": unit_seed(seed, i),
              "rows": rows[start:start + per_shard]}
             for i, start in enumerate(range(0, len(rows), per_shard))]
 
@@ -116,16 +132,46 @@ def generate_cohort(checkpoint: str, spec: CohortSpec, output_uri: str, cfg: Gen
                     timing: dict | None = None) -> dict:
     """Generate the cohort `spec` describes under `output_uri`; returns the manifest written there.
     `timing`, if given, receives the fan-out's seconds and images (after the actors started)."""
+    model_cfg = model_config(json.loads(resolve_checkpoint(checkpoint).read_bytes("state.json")))
+    drawn = draw(spec, model_cfg)
+    return generate_rows(checkpoint, [cohort_row(r) for r in drawn], output_uri, cfg, seed=spec.seed,
+                         request={"spec": spec.model_dump(mode="json")}, findings=list(FINDINGS),
+                         covariates=[c for c in ECHO if c in model_cfg.covariates], timing=timing,
+                         described={"expected": describe(drawn, model_cfg), "labels_from":
+                                    "the requested covariates (CheXchoNet thresholds), not the image"})
+
+
+def generate_prompts(checkpoint: str, prompts: list[str], per_prompt: int, output_uri: str, cfg: GenerateConfig,
+                     seed: int = 0) -> dict:
+    """Generate `per_prompt` images for each report prompt ("" = unconditional) with a report-conditioned
+    model; returns the manifest. Each sample's `report` is its prompt."""
+    model_cfg = model_config(json.loads(resolve_checkpoint(checkpoint).read_bytes("state.json")))
+    from cxrray.families import get_family
+
+    if any(prompts) and "prompt" not in get_family(model_cfg.family).conditions(model_cfg):
+        raise InputError(f"{checkpoint}: a {model_cfg.family} model does not take report prompts")
+    limit = get_family(model_cfg.family).conditions(model_cfg).get("prompt", {}).get("maxLength", 0)
+    long = [i for i, p in enumerate(prompts) if len(p) > limit]
+    if long:
+        raise InputError(f"prompts {long[:5]} are longer than {limit} characters")
+    return generate_rows(checkpoint, prompt_rows(prompts, per_prompt), output_uri, cfg, seed=seed,
+                         request={"prompts": prompts, "per_prompt": per_prompt, "seed": seed}, findings=[],
+                         covariates=[], described={"labels_from": "none: each sample's report is its prompt"})
+
+
+def generate_rows(checkpoint: str, rows: list[dict], output_uri: str, cfg: GenerateConfig, *, seed: int,
+                  request: dict, findings: list[str], covariates: list[str], described: dict,
+                  timing: dict | None = None) -> dict:
+    """Generate `rows` (each {"index", "conditions", "given", "meta"}) into shards under `output_uri`."""
     identity = model_identity(checkpoint, "generate")
     model_cfg = model_config(json.loads(resolve_checkpoint(checkpoint).read_bytes("state.json")))
-    rows = draw(spec, model_cfg)
     public = {k: identity[k] for k in PUBLIC if identity.get(k) is not None}
-    settings = {"model": public, "checkpoint": identity["checkpoint"], "spec": spec.model_dump(mode="json"),
+    settings = {"model": public, "checkpoint": identity["checkpoint"], **request,
                 "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance,
                 "shard_samples": cfg.shard_samples, "batch_size": cfg.batch_size}
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     out = Storage(output_uri)
-    units = plan(rows, spec, fingerprint, cfg.shard_samples)
+    units = plan(rows, seed, fingerprint, cfg.shard_samples)
     out.remove_partial()
     todo = [u for u in units if shards.reusable_part(out, u["shard"], fingerprint) is None]
     print(f"[generate] {len(units) - len(todo)}/{len(units)} shards already written; generating {len(todo)} "
@@ -135,7 +181,8 @@ def generate_cohort(checkpoint: str, spec: CohortSpec, output_uri: str, cfg: Gen
         configure_data()
         result = fan_out("generate", [{"unit": json.dumps(u)} for u in todo], ShardGenerator,
                 {"checkpoint": checkpoint, "output_uri": out.uri, "cfg": cfg.model_dump(), "model": public,
-                 "fingerprint": fingerprint}, use_gpu=cfg.use_gpu, actors=cfg.actors, count="images", what="images")
+                 "fingerprint": fingerprint, "findings": findings}, use_gpu=cfg.use_gpu, actors=cfg.actors,
+                         count="images", what="images")
         if timing is not None:
             timing.update(seconds=result.seconds, images=result.counted)
     parts = [shards.load_part(out, u["shard"]) for u in units]
@@ -143,16 +190,15 @@ def generate_cohort(checkpoint: str, spec: CohortSpec, output_uri: str, cfg: Gen
     if missing:
         raise RuntimeError(f"[generate] shards not written: {missing[:5]}")
     manifest, _ = shards.build_manifest(
-        parts, [], dataset=DATASET, findings=list(FINDINGS), covariates=[c for c in ECHO if c in model_cfg.covariates],
+        parts, [], dataset=DATASET, findings=findings, covariates=covariates,
         preprocessing={"size": model_cfg.image_size, "fit": "synthetic", "png_bits": 16, "photometric": "MONOCHROME2",
                        "model_range": [-1.0, 1.0]},
         split_rule={"level": "synthetic", "split": SPLIT}, version=__version__)
-    manifest["generation"] = {**settings, "fingerprint": fingerprint, "expected": describe(rows, model_cfg),
-                              "labels_from": "the requested covariates (CheXchoNet thresholds), not the image"}
+    manifest["generation"] = {**settings, "fingerprint": fingerprint, **described}
     manifest["generation"].pop("checkpoint")  # a local path says nothing to a reader of the shards
     shards.write_if_changed(out, shards.REJECTS, b"")
     shards.write_if_changed(out, shards.MANIFEST, shards.dumps(manifest))
     removed = shards.remove_stale(out, {u["shard"] for u in units})
     print(f"[generate] wrote {manifest['samples']:,} images in {len(units)} shards -> {out.uri}/{shards.MANIFEST}"
-          + (f"; removed {removed} objects of an earlier spec" if removed else ""), flush=True)
+          + (f"; removed {removed} objects of an earlier run" if removed else ""), flush=True)
     return manifest

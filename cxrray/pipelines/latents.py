@@ -102,11 +102,7 @@ class ShardLatents:
     @torch.no_grad()
     def encode(self, pngs: list[bytes]) -> np.ndarray:
         x = torch.as_tensor(png16_to_model(np.stack([decode_png16(p) for p in pngs]))[:, None]).to(self.device)
-        size = self.vae.cfg.image_size
-        if x.shape[-1] != size:
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", antialias=True,
-                                                align_corners=False).clamp(-1, 1)
-        return self.vae.latents(x).float().cpu().numpy()
+        return self.vae.latents(self.vae.fit(x)).float().cpu().numpy()
 
     def __call__(self, batch: dict) -> dict:
         rows = []

@@ -69,6 +69,8 @@ def train_loop_per_worker(config: dict) -> None:
         saved = json.loads((Path(folder) / "state.json").read_text()) if folder else None
         if saved:
             ckpt_io.load_weights(model, Path(folder) / "model.safetensors")
+        else:
+            family.initialise(model)  # parts trained elsewhere (a frozen autoencoder)
         ema = ema_model(model, tc.ema_decay)
         engine = build_engine(model, family, tc, world, device)
         ema.to(device)

@@ -77,10 +77,12 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
         return status_summary(out.uri)
     family = get_family(cfg.model.family)
     manifest = read_manifest(data_uri)
-    if manifest["preprocessing"]["size"] != cfg.model.image_size:
-        raise InputError(f"shards at {data_uri} are {manifest['preprocessing']['size']}² but model.image_size is "
-                         f"{cfg.model.image_size}: ingest with --size {cfg.model.image_size} or pick another preset")
     cfg = cfg.model_copy(update={"model": family.prepare(cfg.model, data_uri)})  # e.g. covariate statistics
+    # latent shards (`cxrray latents`) are of images at the autoencoder's size, whatever their PNGs' size
+    size = (manifest.get("latents") or {}).get("image_size") or manifest["preprocessing"]["size"]
+    if size != cfg.model.image_size:
+        raise InputError(f"shards at {data_uri} are {size}² but model.image_size is "
+                         f"{cfg.model.image_size}: ingest with --size {cfg.model.image_size} or pick another preset")
     ensure_ray()
     from ray.train.torch import TorchConfig, TorchTrainer
 

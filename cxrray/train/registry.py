@@ -7,9 +7,22 @@ from pathlib import Path
 
 from cxrray.config import Config
 from cxrray.data.storage import Storage
+from cxrray.families import get_family
 from cxrray.io.loading import mlflow_uris
 
 MODEL_CODE = Path(__file__).resolve().parents[1] / "io" / "mlflow_pyfunc.py"
+
+
+def _predict_signature(family: str):
+    """For a model whose pyfunc generates (no encode / reconstruct): no input schema (a condition table) and
+    the `steps` and `seed` params (MLflow passes predict params only when the signature declares them). None
+    for image-input models (a params-only signature makes MLflow reshape their arrays)."""
+    if get_family(family).capabilities & {"encode", "reconstruct"}:
+        return None
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec
+
+    return ModelSignature(inputs=None, params=ParamSchema([ParamSpec("steps", "long", 50), ParamSpec("seed", "long", 0)]))
 
 
 def register_model(cfg: Config, checkpoint_uri: str, logger) -> str | None:
@@ -29,7 +42,8 @@ def register_model(cfg: Config, checkpoint_uri: str, logger) -> str | None:
                 artifacts[key] = str(Path(tmp) / file)
         with mlflow_uris(logger.uri), mlflow.start_run(run_id=logger.run_id):
             info = mlflow.pyfunc.log_model(name="model", python_model=str(MODEL_CODE), artifacts=artifacts,
-                                           pip_requirements=["cxrray"], registered_model_name=name)
+                                           pip_requirements=["cxrray"], registered_model_name=name,
+                                           signature=_predict_signature(cfg.model.family))
     version = info.registered_model_version
     if version is None:
         return None

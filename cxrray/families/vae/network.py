@@ -60,6 +60,15 @@ class KLAutoencoder(nn.Module):
         """Unscaled latents -> images (not clamped)."""
         return self.autoencoder.decode(z).sample
 
+    def fit(self, images: torch.Tensor) -> torch.Tensor:
+        """Images of any side -> this autoencoder's side (bicubic, antialiased, clamped to [-1, 1])."""
+        size = self.cfg.image_size
+        if images.shape[-1] == size and images.shape[-2] == size:
+            return images
+        resized = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bicubic",
+                                                  antialias=True, align_corners=False)
+        return resized.clamp(-1, 1).to(images.dtype)
+
     def latents(self, images: torch.Tensor) -> torch.Tensor:
         """Scaled latents for diffusion: the posterior mean / latent_std (unit variance over the training set)."""
         return self.posterior(images).mode() / self.latent_std

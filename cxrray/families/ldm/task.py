@@ -1,0 +1,209 @@
+"""Training objective, data preparation, evaluation, generation and export of the latent diffusion model.
+
+The loss is eps-MSE on latents at t ~ U{0..T-1} under the model's schedule. Latents come from the batch's
+`latent` column (latent shards, `cxrray latents`) or, without it, from the frozen autoencoder on the fly;
+report ids from its `tokens` column (a report-conditioned model), each row replaced by the empty report
+with probability `cond_drop` (classifier-free guidance).
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cxrray.errors import InputError
+from cxrray.families.base import Evaluation, Generated, GenerateRequest
+from cxrray.families.ldm.config import LDMConfig
+from cxrray.families.ldm.network import LatentDiffusion, empty_report
+
+
+def batch_latents(model: LatentDiffusion, batch: dict) -> torch.Tensor:
+    if "latent" in batch:
+        return torch.as_tensor(batch["latent"]).float()
+    return model.latents(batch["image"].float())
+
+
+def batch_ids(model: LatentDiffusion, batch: dict, n: int, device) -> torch.Tensor | None:
+    """Report ids long [n, max_tokens] (the empty report where the batch has none); None when text=False."""
+    if not model.cfg.text:
+        return None
+    if "tokens" in batch:
+        ids = torch.as_tensor(batch["tokens"]).to(device).long()
+        if ids.shape[1] != model.cfg.max_tokens:
+            raise InputError(f"tokens have {ids.shape[1]} positions; the model takes {model.cfg.max_tokens}")
+        vocab = model.text.config.vocab_size
+        if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+            raise InputError(f"token ids outside the model's vocabulary of {vocab}: were these latents tokenised "
+                             "by another tokenizer?")
+        return ids
+    return empty_report(n, model.cfg.max_tokens, device)
+
+
+def loss(model: LatentDiffusion, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+    from cxrray.diffusion.schedule import make_scheduler
+
+    z0 = batch_latents(model, batch)
+    device = next(model.unet.parameters()).device
+    z0 = z0.to(device)
+    b = z0.shape[0]
+    gen_device = generator.device if generator is not None else device
+    sched = make_scheduler("ddpm", **model.schedule)
+    t = torch.randint(0, model.cfg.timesteps, (b,), generator=generator, device=gen_device).to(device)
+    noise = torch.randn(z0.shape, generator=generator, device=gen_device).to(device, z0.dtype)
+    ids = batch_ids(model, batch, b, device)
+    if ids is not None:
+        drop = torch.rand(b, generator=generator, device=gen_device).to(device) < model.cfg.cond_drop
+        ids = torch.where(drop[:, None], empty_report(b, ids.shape[1], device), ids)
+    eps = model(sched.add_noise(z0, noise, t), t, model.context(ids, b))
+    return F.mse_loss(eps.float(), noise.float())
+
+
+def prepare(cfg: LDMConfig, data_uri: str) -> LDMConfig:
+    """The autoencoder's config from `vae_checkpoint`; from latent shards, the tokenizer (a report-
+    conditioned model), checked to come from that same autoencoder."""
+    from cxrray.data.report_tokens import load_tokenizer
+    from cxrray.data.shards import read_manifest
+    from cxrray.data.storage import Storage
+    from cxrray.io.loading import model_config, model_identity, resolve_checkpoint
+
+    if not cfg.vae_checkpoint:
+        raise InputError("model.vae_checkpoint is required: the autoencoder whose latents this model learns")
+    vae_store = resolve_checkpoint(cfg.vae_checkpoint)
+    vae_cfg = model_config(json.loads(vae_store.read_bytes("state.json")))
+    if vae_cfg.family != "vae":
+        raise InputError(f"model.vae_checkpoint {cfg.vae_checkpoint} is a {vae_cfg.family!r} model, not an autoencoder")
+    manifest = read_manifest(data_uri)
+    section = manifest.get("latents")
+    update = {"vae": vae_cfg, "image_size": vae_cfg.image_size, "latent_size": vae_cfg.latent_size,
+              "latent_channels": vae_cfg.latent_channels, "in_channels": vae_cfg.in_channels}
+    if section:
+        made_by = section["vae"]["checkpoint"]
+        if made_by != model_identity(vae_store.uri)["checkpoint"]:
+            raise InputError(f"{data_uri} holds latents of the autoencoder {made_by}, not of model.vae_checkpoint "
+                             f"{vae_store.uri}: rerun `cxrray latents` or point at that autoencoder")
+    if cfg.text:
+        if not section or not section.get("tokenizer"):
+            raise InputError(f"{data_uri}: a report-conditioned model trains on latent shards with tokenised reports "
+                             "(`cxrray latents`); set model.text=false for an unconditional model")
+        tokenizer = Storage(data_uri).read_bytes(section["tokenizer"]).decode()
+        update.update(tokenizer=tokenizer, max_tokens=section["max_tokens"],
+                      vocab_size=load_tokenizer(tokenizer, section["max_tokens"]).get_vocab_size())
+    return LDMConfig(**{**cfg.model_dump(), **{k: v for k, v in update.items() if k != "vae"}, "vae": vae_cfg})
+
+
+def initialise(model: LatentDiffusion) -> None:
+    """Copy the frozen autoencoder's (EMA) weights in from `vae_checkpoint` (a fresh start only)."""
+    if model.vae is not None and model.cfg.vae_checkpoint:
+        from cxrray.io.loading import load_ema
+
+        model.vae.load_state_dict(load_ema(model.cfg.vae_checkpoint).state_dict())
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(json_text: str, max_tokens: int):
+    from cxrray.data.report_tokens import load_tokenizer
+
+    return load_tokenizer(json_text, max_tokens)
+
+
+def prompt_ids(model: LatentDiffusion, prompts: list[str], device=None) -> torch.Tensor:
+    """Report texts -> ids long [n, max_tokens] with the model's own tokenizer ("" = the empty report)."""
+    from cxrray.data.report_tokens import encode_reports
+
+    if not model.cfg.tokenizer:
+        raise InputError("this model has no tokenizer: it was not trained on tokenised reports")
+    return torch.as_tensor(encode_reports(_tokenizer(model.cfg.tokenizer, model.cfg.max_tokens), prompts),
+                           device=device).long()
+
+
+@torch.no_grad()
+def sample_latents(model: LatentDiffusion, ids: torch.Tensor | None, n: int, steps: int,
+                   generator: torch.Generator, guidance: float = 1.0, sampler: str = "ddim",
+                   progress=None) -> torch.Tensor:
+    """n latents from z_T ~ N(0, I) under report ids (None: unconditional), DDIM (eta 0) or DDPM, with
+    classifier-free guidance against the empty report; float32 [n, C, s, s]."""
+    from cxrray.diffusion.ddim import _walk
+
+    device = next(model.unet.parameters()).device
+    shape = (n, model.cfg.latent_channels, model.cfg.latent_size, model.cfg.latent_size)
+    z_T = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device)
+    context = model.context(ids, n)
+    null = model.context(None, n) if guidance != 1.0 and model.cfg.text else None
+    extra = {"eta": 0.0} if sampler == "ddim" else {}
+    return _walk(model, sampler, z_T, context, steps, progress, clip=False, guidance=guidance, null=null,
+                 generator=generator, **extra)
+
+
+@torch.no_grad()
+def evaluate(model: LatentDiffusion, batch: dict, seed: int, steps: int) -> Evaluation:
+    """Samples under the eval images' reports (DDIM), decoded, beside the real images at the autoencoder's size."""
+    device = next(model.unet.parameters()).device
+    n = batch["image"].shape[0] if "image" in batch else batch["latent"].shape[0]
+    ids = batch_ids(model, {k: v for k, v in batch.items() if k == "tokens"}, n, device)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    z = sample_latents(model, ids, n, steps, generator)
+    metrics = {"latent_mean": float(z.mean()), "latent_std": float(z.std())}
+    if model.vae is None:
+        return Evaluation(metrics)
+    real = model.vae.fit(batch["image"].to(device).float()) if "image" in batch else model.decode(batch["latent"].to(device))
+    samples = model.decode(z)
+    metrics.update(sample_mean=float(samples.mean()), sample_std=float(samples.std()))
+    return Evaluation(metrics, {"samples": [real, samples]})
+
+
+@torch.no_grad()
+def generate(model: LatentDiffusion, request: GenerateRequest) -> Generated:
+    """n images under one prompt or one per image (`conditions["prompt"]`; "", None or absent: unconditional)."""
+    unknown = sorted(set(request.conditions) - ({"prompt"} if model.cfg.text else set()))
+    if unknown:
+        raise InputError(f"this model conditions on {['prompt'] if model.cfg.text else 'nothing'}; got {unknown}")
+    if model.vae is None:
+        raise InputError("this latent diffusion model has no autoencoder to decode with")
+    prompt = request.conditions.get("prompt")
+    prompts = None
+    if model.cfg.text and prompt is not None:
+        prompts = [prompt] * request.n if isinstance(prompt, str) else ["" if p is None else p for p in prompt]
+        if len(prompts) != request.n:
+            raise InputError(f"{len(prompts)} prompts for {request.n} images")
+    device = next(model.unet.parameters()).device
+    ids = prompt_ids(model, prompts, device) if prompts is not None else None
+    z = sample_latents(model, ids, request.n, request.steps, request.generator, request.guidance, request.sampler)
+    what = "report-conditioned" if prompts is not None and any(prompts) else "unconditional"
+    how = (f"{what} latent diffusion, {request.sampler.upper()} {request.steps} steps, guidance {request.guidance:g}, "
+           f"decoded by the model's autoencoder")
+    return Generated(model.decode(z), how)
+
+
+def export(model: LatentDiffusion, folder: Path) -> list[str]:
+    """diffusers folders: `unet/`, `vae/`, `scheduler/` (DDIM under the model's schedule), and for a report-
+    conditioned model `text_encoder/` (transformers BertModel) and `tokenizer/` (a fast tokenizer)."""
+    from diffusers import DDIMScheduler
+
+    from cxrray.families.vae.task import export as export_vae
+
+    folder = Path(folder)
+    notes = []
+    model.unet.save_pretrained(folder / "unet", safe_serialization=True)
+    DDIMScheduler(**model.schedule, clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                  timestep_spacing="leading").save_pretrained(folder / "scheduler")
+    if model.cfg.text:
+        from transformers import PreTrainedTokenizerFast
+
+        model.text.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=_tokenizer(model.cfg.tokenizer, model.cfg.max_tokens),
+                                            pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                            sep_token="[SEP]", mask_token="[MASK]",
+                                            model_max_length=model.cfg.max_tokens) if model.cfg.tokenizer else None
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder / "tokenizer")
+        notes.append("the U-Net cross-attends to text_encoder's last hidden states under the attention mask "
+                     "(ids != [PAD]); an empty report ([CLS] [SEP]) is the unconditional input")
+    else:
+        notes.append("unconditional: the U-Net cross-attends to a learned constant [1, 1, text_width] "
+                     "(null_context), which diffusers' classes do not hold")
+    if model.vae is not None:
+        notes += export_vae(model.vae, folder)
+    return notes
