@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--log-steps", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    parser.add_argument("--cpus-per-worker", type=float, default=0.5)  # leave CPUs for the Ray Data reads
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()

@@ -35,6 +35,19 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+PARAM_LIMIT = 6000  # MLflow's longest param value
+
+
+def _param(value: str) -> str:
+    """A param value, or for one too long to log (a tokenizer's JSON) its size and digest: a truncated blob
+    would look like the value and is not."""
+    if len(value) <= PARAM_LIMIT:
+        return value
+    import hashlib
+
+    return f"<{len(value):,} characters, sha256 {hashlib.sha256(value.encode()).hexdigest()[:16]}; saved with the model>"
+
+
 def start_run(cfg: TrackingConfig, params: Mapping[str, Any], run_name: str, run_id: str | None = None) -> str:
     """Create (or continue) a run; params are the full config, flattened (`train.lr`, ...)."""
     uri = tracking_uri(cfg)
@@ -56,7 +69,7 @@ def start_run(cfg: TrackingConfig, params: Mapping[str, Any], run_name: str, run
     from mlflow.entities import Param
 
     for start in range(0, len(items), 100):
-        mlflow.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in items[start:start + 100]])
+        mlflow.log_batch(run.info.run_id, params=[Param(k, _param(v)) for k, v in items[start:start + 100]])
     return run.info.run_id
 
 

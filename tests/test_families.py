@@ -22,7 +22,8 @@ SMALL = {"image_size": 32, "base_channels": 16, "channel_mult": [1, 2], "layers_
 EXTRA = {"diffae": {"z_dim": 32}, "ddpm": {"covariates": ["age", "sex", "ivsd", "lvidd", "lvpwd"],
                                            "covariate_stats": {"age": [60.0, 15.0], "ivsd": [1.0, 0.2],
                                                                "lvidd": [5.0, 0.5], "lvpwd": [0.95, 0.2]}},
-         "vae": {"disc_start": 0, "disc_channels": 8}}  # the adversarial terms from the first step
+         "vae": {"disc_start": 0, "disc_channels": 8},  # the adversarial terms from the first step
+         "sr": {"low_size": 16}}
 
 
 REPORTS = ["Small left pleural effusion.", "Pacemaker in the left upper chest.", "Heart size is enlarged.",
@@ -147,7 +148,7 @@ def test_family_loads_from_the_mlflow_registry_by_alias(name, tmp_path, monkeypa
     assert loaded.family is family and loaded.identity["images_shown"] == 96
     assert loaded.identity["name"] == f"cxrray-{name}" and loaded.identity["version"] == "1"
     assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in model.state_dict().items())
-    if family.capabilities & {"encode", "reconstruct"}:  # the registered pyfunc answers images with z / images
+    if family.capabilities & {"encode", "reconstruct", "upscale"}:  # the registered pyfunc answers images
         import mlflow
 
         from cxrray.io.loading import mlflow_uris
@@ -156,7 +157,12 @@ def test_family_loads_from_the_mlflow_registry_by_alias(name, tmp_path, monkeypa
         with mlflow_uris(uri):
             out = mlflow.pyfunc.load_model(f"models:/cxrray-{name}@latest").predict(images.numpy())
         with torch.no_grad():
-            expected = model.eval().encode(images) if "encode" in family.capabilities else model.eval()(images)
+            if "upscale" in family.capabilities:  # the pyfunc's DDIM: 50 steps from seed 0
+                from cxrray.families.sr.task import upscale
+
+                expected = upscale(model.eval(), images, 50, torch.Generator().manual_seed(0))
+            else:
+                expected = model.eval().encode(images) if "encode" in family.capabilities else model.eval()(images)
         np.testing.assert_allclose(out, expected.numpy(), atol=1e-5)
     elif family.generate is not None:  # ... and a generator a table of conditions with images, as generate does
         import mlflow
@@ -181,7 +187,7 @@ def test_diffusers_export_loads_with_diffusers_and_matches(name, tmp_path):
     torch.manual_seed(0)
     model = family.build(tiny(name)).eval()
     notes = family.export(model, tmp_path)
-    exported = {"vae": _exported_vae, "ldm": _exported_ldm}.get(name, _exported_unet)
+    exported = {"vae": _exported_vae, "ldm": _exported_ldm, "sr": _exported_sr}.get(name, _exported_unet)
     ours, theirs = exported(name, model, tmp_path)
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert notes and all(isinstance(n, str) for n in notes)  # what diffusers cannot express is named
@@ -230,6 +236,21 @@ def _exported_ldm(name: str, model, folder: Path) -> tuple[torch.Tensor, torch.T
         hidden = text(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
         theirs = unet(z, t, encoder_hidden_states=hidden, encoder_attention_mask=ids["attention_mask"].bool()).sample
     return ours, theirs
+
+
+def _exported_sr(name: str, model, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """eps of ours and of diffusers' UNet2DModel from the export on [x_t, bicubic(low)] (SR3's input)."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from cxrray.families.sr.network import resize
+
+    unet = UNet2DModel.from_pretrained(folder / "unet").eval()
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    assert (scheduler.config.num_train_timesteps, scheduler.config.beta_schedule) == (2000, "squaredcos_cap_v2")
+    x, low = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)), batch(2)["image"][..., ::2, ::2]
+    t = torch.tensor([10, 1500])
+    with torch.no_grad():
+        return model(x, t, low), unet(torch.cat([x, resize(low, 32)], 1), t).sample
 
 
 def _exported_vae(name: str, model, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:

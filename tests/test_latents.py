@@ -179,12 +179,18 @@ LDM = ["model.family=ldm", "model.image_size=16", "model.latent_size=4", "model.
 def ldm_run(job, first_run, tmp_path_factory):
     import contextlib
 
+    import os
+
     out = tmp_path_factory.mktemp("ldm") / "run"
     sets = [*LDM, f"model.vae_checkpoint={job['root'] / 'vae'}", f"tracking.uri=sqlite:///{out.parent}/mlflow.db"]
     args = ["pretrain", "--data", f"file://{job['out']}", "--output", f"file://{out}", "--images", "32"]
-    logs = io.StringIO()
-    with contextlib.redirect_stdout(logs):
-        assert main([*args, *[a for s in sets for a in ("--set", s)]]) == 0
+    logs, cwd = io.StringIO(), os.getcwd()
+    os.chdir(out.parent)  # MLflow's artifacts (mlartifacts/) land beside its database: all of it is grepped
+    try:
+        with contextlib.redirect_stdout(logs):
+            assert main([*args, *[a for s in sets for a in ("--set", s)]]) == 0
+    finally:
+        os.chdir(cwd)
     return out, logs.getvalue()
 
 
@@ -214,6 +220,28 @@ def test_latent_diffusion_trains_on_the_latent_shards_with_their_autoencoder_and
         conditions={"prompt": "Large pleural effusion in the right lower lung."}, guidance=2.0))
     assert tuple(made.images.shape) == (2, 1, 16, 16) and float(made.images.abs().max()) <= 1.0
     assert "report-conditioned latent diffusion" in made.how
+
+
+def test_no_planted_identifier_reaches_the_trained_model_or_mlflow(job, ldm_run):
+    """Every byte of the run (checkpoints with the tokenizer in their config, MLflow's database, params and
+    artifacts, the registered model) and its logs, searched for every planted identifier."""
+    from mlflow.tracking import MlflowClient
+
+    out, logs = ldm_run
+    root = out.parent
+    blobs = every_byte(root)
+    assert any(name.startswith("mlartifacts/") for name in blobs) and "mlflow.db" in blobs
+    truth = read_truth(job["phantoms"] / TRUTH)
+    result = measure(truth, {path: "" for path in truth}, corpus=b"\n".join([logs.encode(), *blobs.values()]))
+    assert result["identifiers"] > 10 * N
+    assert all(row["removed"] >= 0.99 for row in result["by_category"].values()), result["leak_examples"]
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("cxrray-pretrain").experiment_id])[0]
+    from cxrray.tracking import PARAM_LIMIT, _param
+
+    tokenizer = (job["out"] / "tokenizer.json").read_text()
+    assert run.data.params["model.tokenizer"] == _param(tokenizer)  # whole when it fits, else size + digest
+    assert _param("x" * (PARAM_LIMIT + 1)).startswith(f"<{PARAM_LIMIT + 1:,} characters, sha256 ")
 
 
 def test_generate_from_report_prompts_writes_shards_with_the_prompt_and_provenance(ldm_run, tmp_path, capfd):
@@ -272,3 +300,34 @@ def test_the_schedule_leaves_signal_at_T_as_the_paper_says():
         assert abs(slopes[end] - float(sched.alphas_cumprod[-1].sqrt())) < 1.5e-3  # what the schedule implies
     assert slopes[0.0195] > 0.010 and abs(slopes[0.0295]) < 0.004  # measured: 0.0119 vs 0.0018
     assert get_family("ldm").preset("paper").beta_end == 0.0295 == get_family("ldm").preset("tiny").beta_end
+
+
+SR = ["model.family=sr", "model.image_size=32", "model.low_size=16", "model.base_channels=16",
+      "model.channel_mult=[1,2]", "model.attention_resolutions=[]", "model.norm_groups=8", "model.layers_per_block=1",
+      "train.global_batch=8", "train.cpus_per_worker=0.5", "train.log_every=8", "train.eval_images=4",
+      "train.sample_steps=3", "train.checkpoint_every=16", "train.strategy=deepspeed", "train.zero_stage=1"]
+
+
+@pytest.mark.slow  # two Ray Train runs (~100 s): the model itself is in the family contract test
+def test_super_resolution_trains_on_bicubic_pairs_then_fine_tunes_on_the_autoencoders_outputs(job, tmp_path):
+    """Cheff's SR3 schedule of training: a base run on bicubic pairs, then `model.degrade=autoencoder` from
+    `model.init_from` (the base weights copied in) with the frozen autoencoder making D(E(x))."""
+    from safetensors.torch import load_file
+
+    def run(name, *extra):
+        sets = [*SR, *extra, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+        assert main(["pretrain", "--data", f"file://{job['data']}", "--output", f"file://{tmp_path / name}",
+                     "--images", "16", *[a for s in sets for a in ("--set", s)]]) == 0
+        folder = sorted((tmp_path / name).glob("ray/*/checkpoint-*"))[-1]
+        return folder, json.loads((folder / "state.json").read_text())
+
+    base, base_state = run("base")
+    assert base_state["model"]["degrade"] == "bicubic" and base_state["model"]["timesteps"] == 2000
+    assert base_state["metrics"]["sr_psnr"] > 0 and base_state["metrics"]["bicubic_psnr"] > 0
+    tuned, state = run("tuned", "model.degrade=autoencoder", f"model.vae_checkpoint={job['root'] / 'vae'}",
+                       f"model.init_from={tmp_path / 'base'}", "train.lr=1e-9")
+    assert state["model"]["vae"]["image_size"] == 16
+    weights, start = load_file(tuned / "model.safetensors"), load_file(base / "ema.safetensors")
+    assert all(torch.equal(weights[f"vae.{k}"], v) for k, v in job["vae"].state_dict().items())
+    # at lr 1e-9 the fine-tune's U-Net is still the base model's EMA: it started from it
+    assert all(torch.allclose(weights[k], start[k], atol=1e-6) for k in start if k.startswith("unet."))

@@ -16,6 +16,7 @@ FAMILIES: dict[str, str] = {
     "ddpm": "cxrray.families.ddpm",  # cxr_ddpm: covariate-conditioned pixel DDPM
     "vae": "cxrray.families.vae",  # Cheff stage 1: KL autoencoder, factor 4
     "ldm": "cxrray.families.ldm",  # Cheff stage 2: report-conditioned latent diffusion
+    "sr": "cxrray.families.sr",  # Cheff stage 3: SR3 super-resolution
 }
 
 

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from cxrray.errors import InputError
 
-CAPABILITIES = ("encode", "sample", "invert", "counterfactual", "generate", "reconstruct", "latents")
+CAPABILITIES = ("encode", "sample", "invert", "counterfactual", "generate", "reconstruct", "latents", "upscale")
 
 
 @dataclass

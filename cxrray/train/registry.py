@@ -17,7 +17,7 @@ def _predict_signature(family: str):
     """For a model whose pyfunc generates (no encode / reconstruct): no input schema (a condition table) and
     the `steps` and `seed` params (MLflow passes predict params only when the signature declares them). None
     for image-input models (a params-only signature makes MLflow reshape their arrays)."""
-    if get_family(family).capabilities & {"encode", "reconstruct"}:
+    if get_family(family).capabilities & {"encode", "reconstruct", "upscale"}:
         return None
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec
