@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
+
+from cxrray.data.storage import Storage
 
 TENSOR = "__tensor__"
 
@@ -98,3 +100,27 @@ def save_weights(module: torch.nn.Module, path: Path) -> None:
 
 def load_weights(module: torch.nn.Module, path: Path) -> None:
     module.load_state_dict(load_file(str(path)))
+
+
+def resolve_checkpoint(uri: str) -> Storage:
+    """The complete checkpoint directory named by `uri` (directly or through latest.json)."""
+    store = Storage(uri)
+    if store.exists("COMPLETE"):
+        return store
+    if store.exists("latest.json"):
+        latest = json.loads(store.read_bytes("latest.json")).get("latest_checkpoint")
+        if not latest:
+            raise FileNotFoundError(f"{store.uri}: pretraining has not written a checkpoint yet (latest.json has none)")
+        return resolve_checkpoint(latest)
+    raise FileNotFoundError(f"{store.uri} is not a complete cxrray checkpoint (no COMPLETE marker) "
+                            f"nor a pretraining output (no latest.json)")
+
+
+def read_state(uri: str) -> dict:
+    """state.json of the complete checkpoint named by `uri` (a directory or a pretraining output)."""
+    return json.loads(resolve_checkpoint(uri).read_bytes("state.json"))
+
+
+def read_weights(uri: str, weights: str = "ema.safetensors") -> dict[str, torch.Tensor]:
+    """The tensors of one weights file of the checkpoint named by `uri` (file:// or s3://), read in memory."""
+    return load(resolve_checkpoint(uri).read_bytes(weights))

@@ -18,7 +18,7 @@ from pathlib import Path
 from cxrray import __version__
 from cxrray.data.storage import Storage
 from cxrray.families import Family, get_family
-from cxrray.io.checkpoint import load_weights
+from cxrray.io.checkpoint import load_weights, resolve_checkpoint  # noqa: F401 (re-exported)
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 #: identity fields that may be shown to API clients and written into provenance
@@ -31,20 +31,6 @@ class LoadedModel:
     family: Family
     state: dict  # the checkpoint's state.json
     identity: dict  # PUBLIC fields + "checkpoint"
-
-
-def resolve_checkpoint(uri: str) -> Storage:
-    """The complete checkpoint directory named by `uri` (directly or through latest.json)."""
-    store = Storage(uri)
-    if store.exists("COMPLETE"):
-        return store
-    if store.exists("latest.json"):
-        latest = json.loads(store.read_bytes("latest.json")).get("latest_checkpoint")
-        if not latest:
-            raise FileNotFoundError(f"{store.uri}: pretraining has not written a checkpoint yet (latest.json has none)")
-        return resolve_checkpoint(latest)
-    raise FileNotFoundError(f"{store.uri} is not a complete cxrray checkpoint (no COMPLETE marker) "
-                            f"nor a pretraining output (no latest.json)")
 
 
 def model_config(state: dict):

@@ -7,7 +7,6 @@ with probability `cond_drop` (classifier-free guidance).
 """
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -67,23 +66,25 @@ def prepare(cfg: LDMConfig, data_uri: str) -> LDMConfig:
     from cxrray.data.report_tokens import load_tokenizer
     from cxrray.data.shards import read_manifest
     from cxrray.data.storage import Storage
-    from cxrray.io.loading import model_config, model_identity, resolve_checkpoint
+    from cxrray.families.vae.config import VAEConfig
+    from cxrray.io.checkpoint import read_state, resolve_checkpoint
 
     if not cfg.vae_checkpoint:
         raise InputError("model.vae_checkpoint is required: the autoencoder whose latents this model learns")
-    vae_store = resolve_checkpoint(cfg.vae_checkpoint)
-    vae_cfg = model_config(json.loads(vae_store.read_bytes("state.json")))
-    if vae_cfg.family != "vae":
-        raise InputError(f"model.vae_checkpoint {cfg.vae_checkpoint} is a {vae_cfg.family!r} model, not an autoencoder")
+    vae_model = read_state(cfg.vae_checkpoint)["model"]
+    if vae_model.get("family") != "vae":
+        raise InputError(f"model.vae_checkpoint {cfg.vae_checkpoint} is a {vae_model.get('family')!r} model, "
+                         "not an autoencoder")
+    vae_cfg = VAEConfig(**vae_model)
     manifest = read_manifest(data_uri)
     section = manifest.get("latents")
-    update = {"vae": vae_cfg, "image_size": vae_cfg.image_size, "latent_size": vae_cfg.latent_size,
+    update = {"image_size": vae_cfg.image_size, "latent_size": vae_cfg.latent_size,
               "latent_channels": vae_cfg.latent_channels, "in_channels": vae_cfg.in_channels}
     if section:
-        made_by = section["vae"]["checkpoint"]
-        if made_by != model_identity(vae_store.uri)["checkpoint"]:
+        made_by, ours = section["vae"]["checkpoint"], resolve_checkpoint(cfg.vae_checkpoint).uri
+        if made_by != ours:
             raise InputError(f"{data_uri} holds latents of the autoencoder {made_by}, not of model.vae_checkpoint "
-                             f"{vae_store.uri}: rerun `cxrray latents` or point at that autoencoder")
+                             f"{ours}: rerun `cxrray latents` or point at that autoencoder")
     if cfg.text:
         if not section or not section.get("tokenizer"):
             raise InputError(f"{data_uri}: a report-conditioned model trains on latent shards with tokenised reports "
@@ -91,15 +92,15 @@ def prepare(cfg: LDMConfig, data_uri: str) -> LDMConfig:
         tokenizer = Storage(data_uri).read_bytes(section["tokenizer"]).decode()
         update.update(tokenizer=tokenizer, max_tokens=section["max_tokens"],
                       vocab_size=load_tokenizer(tokenizer, section["max_tokens"]).get_vocab_size())
-    return LDMConfig(**{**cfg.model_dump(), **{k: v for k, v in update.items() if k != "vae"}, "vae": vae_cfg})
+    return LDMConfig(**{**cfg.model_dump(), **update, "vae": vae_cfg})
 
 
 def initialise(model: LatentDiffusion) -> None:
     """Copy the frozen autoencoder's (EMA) weights in from `vae_checkpoint` (a fresh start only)."""
     if model.vae is not None and model.cfg.vae_checkpoint:
-        from cxrray.io.loading import load_ema
+        from cxrray.io.checkpoint import read_weights
 
-        model.vae.load_state_dict(load_ema(model.cfg.vae_checkpoint).state_dict())
+        model.vae.load_state_dict(read_weights(model.cfg.vae_checkpoint))
 
 
 @lru_cache(maxsize=4)

@@ -4,7 +4,6 @@ The loss is eps-MSE at t ~ U{0..T-1} under the cosine schedule (T = 2000) on the
 resolution), conditioned on their own degraded copy (`SuperResolution.degrade`)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -35,25 +34,28 @@ def prepare(cfg: SRConfig, data_uri: str) -> SRConfig:
         return cfg
     if not cfg.vae_checkpoint:
         raise InputError("model.degrade=autoencoder needs model.vae_checkpoint (the cascade's autoencoder)")
-    from cxrray.io.loading import model_config, resolve_checkpoint
+    from cxrray.families.vae.config import VAEConfig
+    from cxrray.io.checkpoint import read_state
 
-    vae_cfg = model_config(json.loads(resolve_checkpoint(cfg.vae_checkpoint).read_bytes("state.json")))
-    if vae_cfg.family != "vae":
-        raise InputError(f"model.vae_checkpoint {cfg.vae_checkpoint} is a {vae_cfg.family!r} model, not an autoencoder")
+    vae_model = read_state(cfg.vae_checkpoint)["model"]
+    if vae_model.get("family") != "vae":
+        raise InputError(f"model.vae_checkpoint {cfg.vae_checkpoint} is a {vae_model.get('family')!r} model, "
+                         "not an autoencoder")
+    vae_cfg = VAEConfig(**vae_model)
     return SRConfig(**{**cfg.model_dump(), "vae": vae_cfg, "low_size": vae_cfg.image_size})
 
 
 def initialise(model: SuperResolution) -> None:
-    """Copy in the base model's weights (`init_from`: the fine-tune) and the autoencoder's (EMA) weights."""
-    from cxrray.io.loading import load_ema
+    """Copy in the base model's U-Net (`init_from`: the fine-tune) and the autoencoder's (EMA) weights."""
+    from cxrray.io.checkpoint import read_state, read_weights
 
     if model.cfg.init_from:
-        base = load_ema(model.cfg.init_from)
-        if getattr(base.cfg, "family", None) != "sr":
+        if read_state(model.cfg.init_from)["model"].get("family") != "sr":
             raise InputError(f"model.init_from {model.cfg.init_from} is not a super-resolution model")
-        model.unet.load_state_dict(base.unet.state_dict())
+        base = read_weights(model.cfg.init_from)
+        model.unet.load_state_dict({k[len("unet."):]: v for k, v in base.items() if k.startswith("unet.")})
     if model.vae is not None and model.cfg.vae_checkpoint:
-        model.vae.load_state_dict(load_ema(model.cfg.vae_checkpoint).state_dict())
+        model.vae.load_state_dict(read_weights(model.cfg.vae_checkpoint))
 
 
 @torch.no_grad()
