@@ -54,7 +54,7 @@ def _eps(model, sched, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None,
     return eps
 
 
-def _walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, progress: Progress,
+def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, progress: Progress,
           clip: bool = False, guidance: float = 1.0, null: torch.Tensor | None = None, start: float = 1.0,
           generator: torch.Generator | None = None, **step_kwargs) -> torch.Tensor:
     """Run one sampler over `steps` steps ("ddim": x_T -> x0, "ddim_inverse": x0 -> x_T, "ddpm":
@@ -88,7 +88,7 @@ def ddim_sample(model, z: torch.Tensor, x_T: torch.Tensor, steps: int = 100, pro
     `clip` clips each step's predicted x0 to [-1, 1] (random x_T only; keep it off to decode an inversion).
     With `z_from` (the code x_T was inverted with) and `guidance` g != 1, each step follows
     eps(z_from) + g (eps(z) - eps(z_from)): the change of code, amplified g times (g = 1: plain decode)."""
-    return _walk(model, "ddim", x_T, z, steps, progress, clip=clip, guidance=guidance, null=z_from, eta=0.0)
+    return walk(model, "ddim", x_T, z, steps, progress, clip=clip, guidance=guidance, null=z_from, eta=0.0)
 
 
 def ddim_renoise_decode(model, z: torch.Tensor, x0: torch.Tensor, start: float, steps: int = 100,
@@ -100,14 +100,14 @@ def ddim_renoise_decode(model, z: torch.Tensor, x0: torch.Tensor, start: float, 
     by the code. `guidance`/`z_from` as in `ddim_sample`. Returns float32."""
     if not 0.0 < start < 1.0:
         raise ValueError(f"start must be in (0, 1), got {start}")
-    return _walk(model, "ddim", x0, z, steps, None, guidance=guidance, null=z_from, start=start,
+    return walk(model, "ddim", x0, z, steps, None, guidance=guidance, null=z_from, start=start,
                  generator=generator, eta=0.0)
 
 
 def ddim_invert(model, x0: torch.Tensor, z: torch.Tensor, steps: int = 250, progress: Progress = None) -> torch.Tensor:
     """Deterministic DDIM inversion x0 -> x_T given z (the model is queried at each step's target timestep,
     the mirror of `ddim_sample` with the same `steps`). Returns float32."""
-    return _walk(model, "ddim_inverse", x0, z, steps, progress)
+    return walk(model, "ddim_inverse", x0, z, steps, progress)
 
 
 def _model_device(model) -> torch.device:
@@ -159,7 +159,7 @@ def sample_conditional(model, n: int, c: torch.Tensor | None, steps: int = 50, g
     c = c.to(device) if c is not None else None
     null = model.null_condition(n, device) if guidance != 1.0 and c is not None else None
     extra = {"eta": 0.0} if sampler == "ddim" else {"generator": generator}
-    return _walk(model, sampler, x_T, c, steps, progress, clip=True, guidance=guidance, null=null, **extra)
+    return walk(model, sampler, x_T, c, steps, progress, clip=True, guidance=guidance, null=null, **extra)
 
 
 def reconstruct(model, x0: torch.Tensor, steps: int = 100, progress: Progress = None) -> torch.Tensor:

@@ -66,16 +66,12 @@ def prepare(cfg: LDMConfig, data_uri: str) -> LDMConfig:
     from cxrray.data.report_tokens import load_tokenizer
     from cxrray.data.shards import read_manifest
     from cxrray.data.storage import Storage
-    from cxrray.families.vae.config import VAEConfig
-    from cxrray.io.checkpoint import read_state, resolve_checkpoint
+    from cxrray.families.vae.task import frozen_config
+    from cxrray.io.checkpoint import resolve_checkpoint
 
     if not cfg.vae_checkpoint:
         raise InputError("model.vae_checkpoint is required: the autoencoder whose latents this model learns")
-    vae_model = read_state(cfg.vae_checkpoint)["model"]
-    if vae_model.get("family") != "vae":
-        raise InputError(f"model.vae_checkpoint {cfg.vae_checkpoint} is a {vae_model.get('family')!r} model, "
-                         "not an autoencoder")
-    vae_cfg = VAEConfig(**vae_model)
+    vae_cfg = frozen_config(cfg.vae_checkpoint, "model.vae_checkpoint")
     manifest = read_manifest(data_uri)
     section = manifest.get("latents")
     update = {"image_size": vae_cfg.image_size, "latent_size": vae_cfg.latent_size,
@@ -126,7 +122,7 @@ def sample_latents(model: LatentDiffusion, ids: torch.Tensor | None, n: int, ste
                    progress=None) -> torch.Tensor:
     """n latents from z_T ~ N(0, I) under report ids (None: unconditional), DDIM (eta 0) or DDPM, with
     classifier-free guidance against the empty report; float32 [n, C, s, s]."""
-    from cxrray.diffusion.ddim import _walk
+    from cxrray.diffusion.ddim import walk
 
     device = next(model.unet.parameters()).device
     shape = (n, model.cfg.latent_channels, model.cfg.latent_size, model.cfg.latent_size)
@@ -134,7 +130,7 @@ def sample_latents(model: LatentDiffusion, ids: torch.Tensor | None, n: int, ste
     context = model.context(ids, n)
     null = model.context(None, n) if guidance != 1.0 and model.cfg.text else None
     extra = {"eta": 0.0} if sampler == "ddim" else {}
-    return _walk(model, sampler, z_T, context, steps, progress, clip=False, guidance=guidance, null=null,
+    return walk(model, sampler, z_T, context, steps, progress, clip=False, guidance=guidance, null=null,
                  generator=generator, **extra)
 
 

@@ -34,14 +34,9 @@ def prepare(cfg: SRConfig, data_uri: str) -> SRConfig:
         return cfg
     if not cfg.vae_checkpoint:
         raise InputError("model.degrade=autoencoder needs model.vae_checkpoint (the cascade's autoencoder)")
-    from cxrray.families.vae.config import VAEConfig
-    from cxrray.io.checkpoint import read_state
+    from cxrray.families.vae.task import frozen_config
 
-    vae_model = read_state(cfg.vae_checkpoint)["model"]
-    if vae_model.get("family") != "vae":
-        raise InputError(f"model.vae_checkpoint {cfg.vae_checkpoint} is a {vae_model.get('family')!r} model, "
-                         "not an autoencoder")
-    vae_cfg = VAEConfig(**vae_model)
+    vae_cfg = frozen_config(cfg.vae_checkpoint, "model.vae_checkpoint")
     return SRConfig(**{**cfg.model_dump(), "vae": vae_cfg, "low_size": vae_cfg.image_size})
 
 
@@ -63,13 +58,13 @@ def upscale(model: SuperResolution, low: torch.Tensor, steps: int, generator: to
             progress=None) -> torch.Tensor:
     """Low-resolution images [B, C, s, s] in [-1, 1] (any s: resized to low_size) -> [B, C, S, S], DDIM
     (eta 0) from noise, x0 clipped to [-1, 1]."""
-    from cxrray.diffusion.ddim import _walk
+    from cxrray.diffusion.ddim import walk
 
     device = next(model.unet.parameters()).device
     low = resize(low.to(device).float(), model.cfg.low_size)
     shape = (low.shape[0], model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size)
     x_T = torch.randn(shape, generator=generator, device=generator.device).to(device)
-    return _walk(model, "ddim", x_T, low, steps, progress, clip=True, eta=0.0)
+    return walk(model, "ddim", x_T, low, steps, progress, clip=True, eta=0.0)
 
 
 @torch.no_grad()

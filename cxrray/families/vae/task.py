@@ -131,6 +131,19 @@ def evaluate(model: KLAutoencoder, batch: dict, seed: int, steps: int) -> Evalua
     return Evaluation(metrics, {"reconstructions": [x, x_hat, bicubic]})
 
 
+def frozen_config(uri: str, setting: str):
+    """The VAEConfig of the autoencoder checkpoint at `uri`, which the config field `setting` named (another
+    family's frozen stage); InputError if it is not an autoencoder."""
+    from cxrray.errors import InputError
+    from cxrray.families.vae.config import VAEConfig
+    from cxrray.io.checkpoint import read_state
+
+    model = read_state(uri)["model"]
+    if model.get("family") != "vae":
+        raise InputError(f"{setting} {uri} is a {model.get('family')!r} model, not an autoencoder")
+    return VAEConfig(**model)
+
+
 def export(model: KLAutoencoder, folder: Path) -> list[str]:
     """A diffusers `vae/` folder (AutoencoderKL, `scaling_factor` = 1 / latent_std); the discriminator
     is training-only and left out."""
