@@ -121,8 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--cohort", help="cohort spec YAML")
     what.add_argument("--prompts", help="text file, one report prompt per line (an empty line: unconditional)")
-    p.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt (with --prompts)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (with --prompts; a cohort spec has its own)")
+    what.add_argument("--prompts-from", metavar="DATA_URI", help="shards URI: its split's de-identified reports "
+                                                                 "are the prompts (labels kept with each image)")
+    p.add_argument("--split", default="test", help="the split whose reports --prompts-from takes (default test)")
+    p.add_argument("--max-prompts", type=int, default=None, help="the first N reports (sample-key order)")
+    p.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt (with --prompts, --prompts-from)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (with prompts; a cohort spec has its own)")
+    p.add_argument("--sr", default=None, help="super-resolution checkpoint: upscale each image (the Cheff cascade)")
     p.add_argument("--output", required=True, help="shards URI (file:// or s3://)")
     p.add_argument("--n", type=int, default=None, help="override the spec's count")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (generate.steps)")
@@ -150,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features-model", default=None, help="local TorchScript feature network (e.g. FID Inception) "
                    "for a second FID/KID; never downloaded")
     _add_config_args(p)
+
+    p = sub.add_parser("evaluate", help="measure trained models as their papers do")
+    esub = p.add_subparsers(dest="evaluate_command", required=True)
+    e = esub.add_parser("generation", help="the Cheff cascade: Table 2 analogue, FID/KID, MS-SSIM, conditioning "
+                                           "AUROC and prevalence (judge trained on real images), device removal")
+    e.add_argument("--ldm", required=True, help="report-conditioned latent diffusion checkpoint")
+    e.add_argument("--sr", default=None, help="super-resolution checkpoint (the cascade's last stage)")
+    e.add_argument("--sr-base", default=None, help="the SR model before its D(E(x)) fine-tune (Table 2's base row)")
+    e.add_argument("--data", required=True, help="real shards URI (train/val/test splits, at least the output size)")
+    e.add_argument("--output", required=True, help="output URI: generation_eval.json, report.html, grids")
+    e.add_argument("--features-model", default=None, help="local TorchScript feature network (FID Inception)")
+    _add_config_args(e)
 
     p = sub.add_parser("reproduce", help="a paper's headline experiment in miniature, one command")
     p.add_argument("paper", choices=["cxr_ddpm"], help="cxr_ddpm: synthetic cohorts (Streiffer et al.)")
@@ -339,15 +356,23 @@ def cmd_cohort(args) -> int:
 
 def cmd_generate(args) -> int:
     from cxrray.pipelines.cohort import load_spec
-    from cxrray.pipelines.generate import generate_cohort, generate_prompts
+    from cxrray.pipelines.generate import generate_cohort, generate_prompts, report_prompts
 
     overrides = list(args.overrides) + [f"generate.{k}={v}" for k, v in
                                         (("steps", args.steps), ("sampler", args.sampler), ("guidance", args.guidance))
                                         if v is not None]
     cfg = load_config(args.config, overrides).generate
-    if args.prompts:
-        if args.n_per_prompt < 1:
-            raise InputError(f"--n-per-prompt must be >= 1, got {args.n_per_prompt}")
+    if (args.prompts or args.prompts_from) and args.n_per_prompt < 1:
+        raise InputError(f"--n-per-prompt must be >= 1, got {args.n_per_prompt}")
+    if args.sr and args.cohort:
+        raise InputError("--sr upscales a latent diffusion model's samples (with --prompts or --prompts-from)")
+    if args.prompts_from:
+        if args.max_prompts is not None and args.max_prompts < 1:
+            raise InputError(f"--max-prompts must be >= 1, got {args.max_prompts}")
+        prompts, sources, findings = report_prompts(args.prompts_from, args.split, args.max_prompts)
+        manifest = generate_prompts(args.checkpoint, prompts, args.n_per_prompt, args.output, cfg, seed=args.seed,
+                                    sr=args.sr, sources=sources, findings=findings)
+    elif args.prompts:
         try:
             prompts = Path(args.prompts).read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as exc:
@@ -355,7 +380,7 @@ def cmd_generate(args) -> int:
         if not prompts:
             raise InputError(f"{args.prompts}: no prompts (one per line; an empty line means unconditional)")
         manifest = generate_prompts(args.checkpoint, [" ".join(p.split()) for p in prompts], args.n_per_prompt,
-                                    args.output, cfg, seed=args.seed)
+                                    args.output, cfg, seed=args.seed, sr=args.sr)
     else:
         spec = load_spec(args.cohort, args.n)
         _cohort_model(args.checkpoint)
@@ -385,6 +410,16 @@ def cmd_audit_synthetic(args) -> int:
                                 test_uri=args.test, features_model=args.features_model)
     print(json.dumps({"output": args.output, "fidelity": audit["fidelity"], "memorisation": audit["memorisation"],
                       "fid": {k: v["fid"] for k, v in audit["quality"]["judge_features"].items()}}))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from cxrray.pipelines.generation_eval import run_generation_eval
+
+    result = run_generation_eval(args.ldm, args.data, args.output, load_config(args.config, args.overrides), sr=args.sr,
+                                 sr_base=args.sr_base, features_model=args.features_model)
+    print(json.dumps({"output": args.output, "table2": result["table2"], "device_removal": result["device_removal"],
+                      "auroc": {r["label"]: r.get("auroc_generated") for r in result["conditioning"]}}))
     return 0
 
 
@@ -459,7 +494,8 @@ def cmd_serve(args) -> int:
 COMMANDS = {"config": cmd_config, "phantoms": cmd_phantoms, "ingest": cmd_ingest, "sources": cmd_sources, "deid": cmd_deid, "export": cmd_export,
             "pretrain": cmd_pretrain, "status": cmd_status, "demo": cmd_demo,
             "probe": cmd_probe, "encode": cmd_encode, "latents": cmd_latents, "explain": cmd_explain, "audit": cmd_audit,
-            "cohort": cmd_cohort, "generate": cmd_generate, "experiment": cmd_experiment, "audit-synthetic": cmd_audit_synthetic, "reproduce": cmd_reproduce,
+            "cohort": cmd_cohort, "generate": cmd_generate, "experiment": cmd_experiment, "audit-synthetic": cmd_audit_synthetic, "evaluate": cmd_evaluate,
+            "reproduce": cmd_reproduce,
             "serve": cmd_serve}
 
 

@@ -18,8 +18,8 @@ from cxrray.data.settings import DecodeConfig, IngestConfig, StrictModel, resolv
 from cxrray.errors import ConfigError
 from cxrray.families import FAMILIES, get_family
 from cxrray.pipelines.settings import (  # noqa: F401 (re-exported)
-    AuditConfig, EncodeConfig, ExperimentConfig, ExplainConfig, GenerateConfig, LatentsConfig, ProbeConfig,
-    SyntheticAuditConfig,
+    AuditConfig, EncodeConfig, ExperimentConfig, ExplainConfig, GenerateConfig, GenerationEvalConfig, LatentsConfig,
+    ProbeConfig, SyntheticAuditConfig,
 )
 from cxrray.serve.settings import ServeConfig  # noqa: F401 (re-exported)
 from cxrray.train.settings import TrainConfig  # noqa: F401 (re-exported)
@@ -54,6 +54,7 @@ class Config(StrictModel):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     synthetic_audit: SyntheticAuditConfig = Field(default_factory=SyntheticAuditConfig)
+    generation_eval: GenerationEvalConfig = Field(default_factory=GenerationEvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="before")

@@ -272,23 +272,31 @@ def ddpm_server(server, artifacts):
     """The same application for a covariate-conditioned DDPM checkpoint, served without a probe at /ddpm."""
     from ray import serve
 
-    from cxrray.config import load_config
     from cxrray.families.ddpm.network import CovariateDDPM, DDPMConfig
-    from cxrray.serve.app import make_app
 
     cfg = DDPMConfig(image_size=32, base_channels=32, channel_mult=(1, 2), layers_per_block=1,
                      attention_resolutions=(16,), covariates=("age", "sex", "ivsd"),
                      covariate_stats={"age": (60.0, 15.0), "ivsd": (1.0, 0.2)})
     torch.manual_seed(0)
     ckpt = write_checkpoint(CovariateDDPM(cfg).eval(), artifacts.root / "ddpm-ckpt", 321)
-    serve.run(make_app(str(ckpt), None, load_config("tiny", SETS)), name="cxrray-ddpm", route_prefix="/ddpm")
-    srv = SimpleNamespace(base=server.base + "/ddpm")
+    yield deploy_beside(server, ckpt, "ddpm")
+    serve.delete("cxrray-ddpm")
+
+
+def deploy_beside(server, ckpt, name: str, **extra) -> SimpleNamespace:
+    """The application for `ckpt`, without a probe, on the same Serve instance at /<name>, once healthy."""
+    from ray import serve
+
+    from cxrray.config import load_config
+    from cxrray.serve.app import make_app
+
+    serve.run(make_app(str(ckpt), None, load_config("tiny", SETS)), name=f"cxrray-{name}", route_prefix=f"/{name}")
+    srv = SimpleNamespace(base=f"{server.base}/{name}", **extra)
     deadline = time.monotonic() + 60
     while call(srv, "GET", "/healthz", auth=False).status_code != 200:
-        assert time.monotonic() < deadline, "the ddpm app did not become healthy within 60 s"
+        assert time.monotonic() < deadline, f"the {name} app did not become healthy within 60 s"
         time.sleep(0.2)
-    yield srv
-    serve.delete("cxrray-ddpm")
+    return srv
 
 
 def test_ddpm_generates_under_validated_covariates(ddpm_server):
@@ -329,6 +337,117 @@ def test_ddpm_service_refuses_what_its_family_cannot_do(ddpm_server, artifacts):
         r = call(ddpm_server, "POST", path, files=upload(artifacts.images["png"], "image/png"), data={"finding": "effusion"})
         assert r.status_code == 422 and r.json()["error"] == "not_supported", r.text
         assert "family ddpm" in r.json()["detail"] and "generate, sample" in r.json()["detail"]
+
+
+# ---------------------------------------------------------------- a report-conditioned latent diffusion model (Cheff)
+
+PROMPT = "Large pleural effusion in the right lower lung. A pacemaker in the left upper chest."
+
+
+@pytest.fixture(scope="module")
+def ldm_server(server, artifacts):
+    """The application for a tiny report-conditioned latent diffusion checkpoint, without a probe, at /ldm."""
+    from ray import serve
+
+    from cxrray.families import get_family
+    from test_families import tiny
+
+    torch.manual_seed(0)
+    model = get_family("ldm").build(tiny("ldm")).eval()
+    ckpt = write_checkpoint(model, artifacts.root / "ldm-ckpt", 77)
+    yield deploy_beside(server, ckpt, "ldm", model=model)
+    serve.delete("cxrray-ldm")
+
+
+def decoded(item: dict) -> torch.Tensor:
+    from cxrray.data.imaging import decode_png16, png16_to_model
+
+    return torch.from_numpy(png16_to_model(decode_png16(base64.b64decode(item["data"]))))
+
+
+def test_latent_diffusion_generates_from_a_report_prompt(ldm_server):
+    """/v1/generate {"conditions": {"prompt": ...}}: the family's own images (to PNG-16 precision), seeded."""
+    from cxrray.families import GenerateRequest, get_family
+
+    models = call(ldm_server, "GET", "/v1/models").json()
+    assert models["endpoints"] == ["generate", "inpaint", "outpaint"]
+    assert models["conditions"]["prompt"]["type"] == "string" and models["conditions"]["prompt"]["maxLength"] == 2000
+    body = {"seed": 5, "n": 2, "steps": 3, "guidance": 2.0, "conditions": {"prompt": PROMPT}}
+    r = call(ldm_server, "POST", "/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    direct = get_family("ldm").generate(ldm_server.model, GenerateRequest(
+        n=2, steps=3, generator=torch.Generator().manual_seed(5), conditions={"prompt": PROMPT}, guidance=2.0))
+    got = torch.stack([decoded(i) for i in r.json()["images"]])
+    assert torch.allclose(got, direct.images[:, 0].clamp(-1, 1), atol=1e-4)
+    assert "report-conditioned latent diffusion" in r.json()["provenance"] and "cxrray-ldm" in r.json()["provenance"]
+    other = call(ldm_server, "POST", "/v1/generate", json={**body, "conditions": {"prompt": "No acute findings."}})
+    assert other.json()["images"][0]["data"] != r.json()["images"][0]["data"]  # the report reaches the network
+    too_long = call(ldm_server, "POST", "/v1/generate", json={**body, "conditions": {"prompt": "x" * 2001}})
+    assert too_long.status_code == 422 and too_long.json()["error"] == "out_of_range", too_long.text
+    not_text = call(ldm_server, "POST", "/v1/generate", json={**body, "conditions": {"prompt": 5}})
+    assert not_text.status_code == 422 and "prompt must be a string" in not_text.json()["detail"]
+
+
+def paint_upload(art, mask: np.ndarray, **fields) -> dict:
+    return {"files": {"file": (FILENAME, art.images["png"], "image/png"), "mask": ("mask.png", _png(mask), "image/png")},
+            "data": {"seed": "4", "steps": "3", **fields}}
+
+
+def test_inpaint_and_outpaint_answer_the_familys_own_images(ldm_server, artifacts):
+    """Image + mask upload: the mask follows the image's geometry; inpainting is the family's, outpainting the
+    inverted mask; both marked synthetic with what was done."""
+    from cxrray.config import load_config
+    from cxrray.families import GenerateRequest, get_family
+    from cxrray.serve.uploads import prepare_image_and_mask
+
+    mask = np.zeros((48, 40), np.uint8)
+    mask[10:30, 5:25] = 255
+    cfg = load_config("tiny", SETS)
+    image, prepared = prepare_image_and_mask(artifacts.images["png"], _png(mask), 32, cfg.ingest.fit, cfg.ingest.decode,
+                                             PIXEL_LIMIT)
+    assert 0.1 < prepared.mean() < 0.5 and set(np.unique(prepared)) == {0.0, 1.0}
+    x, m = torch.from_numpy(image)[None, None], torch.from_numpy(prepared)[None, None]
+    for path, region in (("/v1/inpaint", m), ("/v1/outpaint", 1 - m)):
+        r = call(ldm_server, "POST", path, **paint_upload(artifacts, mask, prompt=PROMPT, guidance="2"))
+        assert r.status_code == 200, r.text
+        assert r.json()["masked"] == pytest.approx(float(prepared.mean()))
+        direct = get_family("ldm").inpaint(ldm_server.model, x, region, GenerateRequest(
+            n=1, steps=3, generator=torch.Generator().manual_seed(4), conditions={"prompt": PROMPT}, guidance=2.0))
+        assert torch.allclose(decoded(r.json()["image"]), direct.images[0, 0].clamp(-1, 1), atol=1e-4), path
+        text = png_provenance(base64.b64decode(r.json()["image"]["data"]))
+        assert text.startswith("SYNTHETIC") and path.split("/")[-1] + "ed" in text and "cxrray-ldm" in text
+
+
+@pytest.mark.parametrize("change, status, code, fragment", [
+    ({"mask": None}, 422, "missing_file", "`mask`"),
+    ({"mask": np.zeros((40, 48), np.uint8)}, 422, "mask_shape", "the mask is 40x48; the image is 48x40"),
+    ({"mask_bytes": b"not a png"}, 422, "invalid_mask", "must be a PNG"),
+    ({"seed": None}, 422, "missing_field", "seed"),
+    ({"steps": "9"}, 422, "out_of_range", "steps must be in 1..4"),
+    ({"guidance": "50"}, 422, "out_of_range", "guidance must be in 1..20"),
+    ({"prompt": "x" * 2001}, 422, "out_of_range", "prompt is 2001 characters"),
+    ({"strength": "0.5"}, 422, "unknown_field", "strength"),
+], ids=["no-mask", "mask-shape", "mask-not-png", "no-seed", "steps", "guidance", "prompt-length", "unknown-field"])
+def test_inpaint_rejects_bad_requests(ldm_server, artifacts, change, status, code, fragment):
+    request = paint_upload(artifacts, np.zeros((48, 40), np.uint8))
+    for key, value in change.items():
+        if key == "mask":
+            request["files"].pop("mask") if value is None else request["files"].update(
+                mask=("mask.png", _png(value), "image/png"))
+        elif key == "mask_bytes":
+            request["files"]["mask"] = ("mask.png", value, "image/png")
+        elif value is None:
+            request["data"].pop(key)
+        else:
+            request["data"][key] = value
+    r = call(ldm_server, "POST", "/v1/inpaint", **request)
+    assert r.status_code == status and r.json()["error"] == code and fragment in r.json()["detail"], r.text
+    assert call(ldm_server, "GET", "/healthz", auth=False).status_code == 200
+
+
+def test_a_model_that_cannot_inpaint_says_so(server, artifacts):
+    r = call(server, "POST", "/v1/inpaint", **paint_upload(artifacts, np.zeros((48, 40), np.uint8)))
+    assert r.status_code == 422 and r.json()["error"] == "not_supported" and "cannot inpaint" in r.json()["detail"]
 
 
 # ---------------------------------------------------------------- errors

@@ -56,11 +56,15 @@ def _eps(model, sched, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None,
 
 def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, progress: Progress,
           clip: bool = False, guidance: float = 1.0, null: torch.Tensor | None = None, start: float = 1.0,
-          generator: torch.Generator | None = None, **step_kwargs) -> torch.Tensor:
+          generator: torch.Generator | None = None, known: tuple[torch.Tensor, torch.Tensor] | None = None,
+          **step_kwargs) -> torch.Tensor:
     """Run one sampler over `steps` steps ("ddim": x_T -> x0, "ddim_inverse": x0 -> x_T, "ddpm":
     ancestral x_T -> x0) under the model's own schedule (`model.schedule`; default linear T = 1000, eps prediction).
     `start` < 1 (ddim only): `x` is a clean image, noised to the first timestep <= start * T with noise
-    from `generator`, and only the remaining steps run (SDEdit / Diff-AE's stochastic encoding)."""
+    from `generator`, and only the remaining steps run (SDEdit / Diff-AE's stochastic encoding).
+    `known` = (x0 of the same shape as x, keep mask broadcastable to it, 1 = known): before the first step and
+    after each one, where keep is 1 the sample is replaced by x0 forward-noised (fresh noise from `generator`)
+    to the timestep the sample is now at, and by x0 itself at the end (inpainting as in LDM / Cheff)."""
     steps = _check_steps(steps)
     # the samplers step in eps; `_eps` converts a v model's output at the timestep it was queried at
     sched = make_scheduler(kind, clip_sample=clip, **{**getattr(model, "schedule", {}), "prediction_type": "epsilon"})
@@ -73,13 +77,34 @@ def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, 
         x = sched.add_noise(x, noise.to(x.device), timesteps[:1].expand(x.shape[0]))
     if kind == "ddpm":
         step_kwargs["generator"] = generator
+    paste = _paster(sched, known, generator) if known is not None else None
+    if paste is not None:
+        x = paste(x, timesteps[0])
     with _eval(model):
         for i, t in enumerate(timesteps):
             eps = _eps(model, sched, x, t, z, guidance, null)
             x = sched.step(eps, int(t), x, return_dict=False, **step_kwargs)[0]
+            if paste is not None:
+                x = paste(x, timesteps[i + 1] if i + 1 < len(timesteps) else None)
             if progress is not None:
                 progress(i + 1, len(timesteps))
     return x
+
+
+def _paster(sched, known: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator | None):
+    """x, t -> x with the known region set to q(x_t | x0) (t None: x0 itself)."""
+    x0, keep = known[0].float(), known[1].float()
+
+    def paste(x: torch.Tensor, t) -> torch.Tensor:
+        if t is None:
+            target = x0.to(x.device)
+        else:
+            noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
+            target = sched.add_noise(x0.to(x.device), noise.to(x.device), t.reshape(1).expand(x.shape[0]).to(x.device))
+        keep_here = keep.to(x.device)
+        return keep_here * target + (1 - keep_here) * x
+
+    return paste
 
 
 def ddim_sample(model, z: torch.Tensor, x_T: torch.Tensor, steps: int = 100, progress: Progress = None,

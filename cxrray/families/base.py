@@ -25,7 +25,10 @@ calls only these fields, so it never branches on a family's class:
   be expressed in diffusers' classes;
 - `conditions(cfg) -> {name: JSON schema}`: what a generation request may condition on (validated by
   Serve against these names and ranges), and `generate(model, GenerateRequest) -> Generated` (the
-  "sample" capability: seeded images from noise, under those conditions where the family has them).
+  "sample" capability: seeded images from noise, under those conditions where the family has them);
+- `inpaint(model, images, mask, GenerateRequest) -> Generated` (the "inpaint" capability): images [n, C, S, S]
+  with the region where mask [n, C, S, S] is 1 generated anew under the request's conditions, the rest kept;
+- `upscale(model, low, steps, generator) -> images` (the "upscale" capability): super-resolution.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ from typing import Any, Callable
 
 from cxrray.errors import InputError
 
-CAPABILITIES = ("encode", "sample", "invert", "counterfactual", "generate", "reconstruct", "latents", "upscale")
+CAPABILITIES = ("encode", "sample", "invert", "counterfactual", "generate", "reconstruct", "latents", "upscale",
+                "inpaint")
 
 
 @dataclass
@@ -100,6 +104,8 @@ class Family:
     initialise: Callable[[Any], None] = staticmethod(lambda model: None)
     objectives: tuple[Objective, ...] = ()
     generate: Callable[[Any, GenerateRequest], Generated] | None = None
+    inpaint: Callable[[Any, Any, Any, GenerateRequest], Generated] | None = None
+    upscale: Callable[..., Any] | None = None
     conditions: Callable[[Any], dict[str, dict]] = no_conditions
     description: str = ""
 

@@ -33,9 +33,7 @@ class CxrrayModel(mlflow.pyfunc.PythonModel):
             if "reconstruct" in self.family.capabilities:
                 return self.model(torch.as_tensor(np.asarray(model_input), dtype=torch.float32)).numpy()
             if "upscale" in self.family.capabilities:
-                from cxrray.families.sr.task import upscale
-
-                return upscale(self.model, torch.as_tensor(np.asarray(model_input), dtype=torch.float32), steps=50,
+                return self.family.upscale(self.model, torch.as_tensor(np.asarray(model_input), dtype=torch.float32), steps=50,
                                generator=torch.Generator().manual_seed(0)).numpy()
             from cxrray.families import GenerateRequest
 

@@ -45,7 +45,8 @@ def unit_seed(seed: int, shard_index: int) -> int:
 class ShardGenerator:
     """Actor: loads the EMA model once; each call samples one shard's rows and writes the shard."""
 
-    def __init__(self, checkpoint: str, output_uri: str, cfg: dict, model: dict, fingerprint: str, findings: list[str]):
+    def __init__(self, checkpoint: str, output_uri: str, cfg: dict, model: dict, fingerprint: str, findings: list[str],
+                 sr: str | None = None):
         import torch
 
         from cxrray.io.loading import load_model
@@ -56,6 +57,9 @@ class ShardGenerator:
             torch.set_num_threads(1)
         loaded = load_model(checkpoint)
         self.model, self.family = loaded.model.to(self.device), loaded.family
+        self.sr = load_model(sr) if sr else None  # the cascade's last stage: each batch upscaled
+        if self.sr is not None:
+            self.sr.model.to(self.device)
         self.out, self.identity, self.fingerprint, self.findings = Storage(output_uri), model, fingerprint, findings
 
     def __call__(self, batch: dict) -> dict:
@@ -79,8 +83,10 @@ class ShardGenerator:
             conditions = {name: [r["conditions"].get(name) for r in chunk] for name in names}
             made = self.family.generate(self.model, GenerateRequest(
                 n=len(chunk), steps=self.cfg.steps, generator=generator, conditions=conditions,
-                guidance=self.cfg.guidance, sampler=self.cfg.sampler))
-            out.append(made.images[:, 0].float().cpu().numpy())
+                guidance=self.cfg.guidance, sampler=self.cfg.sampler)).images
+            if self.sr is not None:
+                made = self.sr.family.upscale(self.sr.model, made, self.cfg.sr_steps, generator)
+            out.append(made[:, 0].float().cpu().numpy())
         return np.concatenate(out)
 
     def _sample_record(self, row: dict, image: np.ndarray, seed: int) -> tuple[str, bytes, dict, dict]:
@@ -90,12 +96,18 @@ class ShardGenerator:
         meta = row["meta"]
         made = {"model": self.identity, "shard_seed": seed, "index": row["index"], "sampler": self.cfg.sampler,
                 "steps": self.cfg.steps, "guidance": self.cfg.guidance, **row["conditions"]}
+        upscaled = (f", upscaled by SR3 model {self.sr.identity['name']} version {self.sr.identity['version']} "
+                    f"({self.cfg.sr_steps} DDIM steps)") if self.sr is not None else ""
+        if self.sr is not None:
+            made["upscaled_by"] = {k: self.sr.identity[k] for k in PUBLIC if self.sr.identity.get(k) is not None}
+            made["sr_steps"] = self.cfg.sr_steps
         text = (f"SYNTHETIC - {self.cfg.sampler.upper()} sample ({self.cfg.steps} steps, guidance {self.cfg.guidance:g}, "
                 f"seed {seed}, image {row['index']}) given {row['given']} by model {self.identity['name']} "
-                f"version {self.identity['version']} - cxrray {__version__}; not an acquired radiograph")
+                f"version {self.identity['version']}{upscaled} - cxrray {__version__}; not an acquired radiograph")
         meta = {"key": key, "dataset": DATASET, "patient": key, "study": key, "view": None, "sex": meta.get("sex"),
                 "age": meta.get("age"), "labels": meta.get("labels", []), "covariates": meta.get("covariates", {}),
-                "report": meta.get("report"), "split": SPLIT, "source": {"synthetic": made, "provenance": text}}
+                "report": meta.get("report"), "split": SPLIT, "source": {"synthetic": made, "provenance": text},
+                **({"prompt_from": meta["prompt_from"]} if "prompt_from" in meta else {})}
         return key, png16(image, text), meta, {}
 
 
@@ -110,15 +122,38 @@ def cohort_row(row: dict) -> dict:
             "meta": {k: row[k] for k in ("sex", "age", "labels", "covariates")}}
 
 
-def prompt_rows(prompts: list[str], per_prompt: int) -> list[dict]:
-    """Each prompt `per_prompt` times, in order ("" = unconditional)."""
+def prompt_rows(prompts: list[str], per_prompt: int, sources: list[dict] | None = None) -> list[dict]:
+    """Each prompt `per_prompt` times, in order ("" = unconditional). With `sources` (one per prompt: the real
+    sample whose report it is, {"key", "labels"}), each row keeps that sample's key and labels."""
     rows = []
     for p, prompt in enumerate(prompts):
+        source = sources[p] if sources else {}
         for _ in range(per_prompt):
             rows.append({"index": len(rows), "conditions": {"prompt": prompt} if prompt else {},
                          "given": f"the report prompt #{p} ({len(prompt)} characters)" if prompt else "no prompt",
-                         "meta": {"report": prompt or None, "prompt_index": p}})
+                         "meta": {"report": prompt or None, "prompt_index": p, "labels": source.get("labels", []),
+                                  **({"prompt_from": source["key"]} if source else {})}})
     return rows
+
+
+def report_prompts(data_uri: str, split: str, limit: int | None = None) -> tuple[list[str], list[dict], list[str]]:
+    """The de-identified reports of a shard set's `split` as prompts, in sample-key order (first `limit`):
+    (prompts, sources [{"key", "labels"}], the set's findings). Samples without a report are skipped."""
+    from cxrray.data.shards import read_manifest, read_tar
+
+    store = Storage(data_uri)
+    manifest = read_manifest(store)
+    names = [s["name"] for s in manifest["shards"] if s.get("splits", {}).get(split)]
+    if not names:
+        raise InputError(f"{data_uri} has no {split!r} samples; its splits: {sorted(manifest.get('splits', {}))}")
+    found = sorted((meta["key"], " ".join(meta["report"].split()), meta.get("labels", []))
+                   for name in names for _, _, meta in read_tar(store.read_bytes(name), name)
+                   if meta.get("split") == split and (meta.get("report") or "").strip())
+    if not found:
+        raise InputError(f"{data_uri}: no {split!r} sample has a report")
+    found = found[:limit] if limit else found
+    return [p for _, p, _ in found], [{"key": k, "labels": labels} for k, _, labels in found], \
+        list(manifest.get("label_vocabulary", []))
 
 
 def plan(rows: list[dict], seed: int, fingerprint: str, per_shard: int) -> list[dict]:
@@ -142,9 +177,12 @@ def generate_cohort(checkpoint: str, spec: CohortSpec, output_uri: str, cfg: Gen
 
 
 def generate_prompts(checkpoint: str, prompts: list[str], per_prompt: int, output_uri: str, cfg: GenerateConfig,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, sr: str | None = None, sources: list[dict] | None = None,
+                     findings: list[str] | None = None) -> dict:
     """Generate `per_prompt` images for each report prompt ("" = unconditional) with a report-conditioned
-    model; returns the manifest. Each sample's `report` is its prompt."""
+    model, upscaled by the SR model `sr` when given (the cascade); returns the manifest. Each sample's
+    `report` is its prompt; with `sources` (prompts from a real set, `report_prompts`), its labels are
+    those of the real sample whose report it is (`findings` names them)."""
     model_cfg = model_config(json.loads(resolve_checkpoint(checkpoint).read_bytes("state.json")))
     from cxrray.families import get_family
 
@@ -154,21 +192,33 @@ def generate_prompts(checkpoint: str, prompts: list[str], per_prompt: int, outpu
     long = [i for i, p in enumerate(prompts) if len(p) > limit]
     if long:
         raise InputError(f"prompts {long[:5]} are longer than {limit} characters")
-    return generate_rows(checkpoint, prompt_rows(prompts, per_prompt), output_uri, cfg, seed=seed,
-                         request={"prompts": prompts, "per_prompt": per_prompt, "seed": seed}, findings=[],
-                         covariates=[], described={"labels_from": "none: each sample's report is its prompt"})
+    request = {"prompts": prompts, "per_prompt": per_prompt, "seed": seed,
+               **({"prompts_from": [s["key"] for s in sources]} if sources else {})}
+    labels_from = ("the real sample whose de-identified report is the prompt (prompt_from)" if sources
+                   else "none: each sample's report is its prompt")
+    return generate_rows(checkpoint, prompt_rows(prompts, per_prompt, sources), output_uri, cfg, seed=seed,
+                         request=request, findings=list(findings or []) if sources else [], covariates=[],
+                         described={"labels_from": labels_from}, sr=sr)
 
 
 def generate_rows(checkpoint: str, rows: list[dict], output_uri: str, cfg: GenerateConfig, *, seed: int,
                   request: dict, findings: list[str], covariates: list[str], described: dict,
-                  timing: dict | None = None) -> dict:
-    """Generate `rows` (each {"index", "conditions", "given", "meta"}) into shards under `output_uri`."""
+                  timing: dict | None = None, sr: str | None = None) -> dict:
+    """Generate `rows` (each {"index", "conditions", "given", "meta"}) into shards under `output_uri`, each
+    batch upscaled by the super-resolution model `sr` when given."""
     identity = model_identity(checkpoint, "generate")
     model_cfg = model_config(json.loads(resolve_checkpoint(checkpoint).read_bytes("state.json")))
     public = {k: identity[k] for k in PUBLIC if identity.get(k) is not None}
     settings = {"model": public, "checkpoint": identity["checkpoint"], **request,
                 "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance,
                 "shard_samples": cfg.shard_samples, "batch_size": cfg.batch_size}
+    size = model_cfg.image_size
+    if sr:
+        sr_identity = model_identity(sr, "upscale")
+        sr_cfg = model_config(json.loads(resolve_checkpoint(sr).read_bytes("state.json")))
+        settings.update(sr={k: sr_identity[k] for k in PUBLIC if sr_identity.get(k) is not None},
+                        sr_checkpoint=sr_identity["checkpoint"], sr_steps=cfg.sr_steps)
+        size = sr_cfg.image_size
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     out = Storage(output_uri)
     units = plan(rows, seed, fingerprint, cfg.shard_samples)
@@ -181,7 +231,7 @@ def generate_rows(checkpoint: str, rows: list[dict], output_uri: str, cfg: Gener
         configure_data()
         result = fan_out("generate", [{"unit": json.dumps(u)} for u in todo], ShardGenerator,
                 {"checkpoint": checkpoint, "output_uri": out.uri, "cfg": cfg.model_dump(), "model": public,
-                 "fingerprint": fingerprint, "findings": findings}, use_gpu=cfg.use_gpu, actors=cfg.actors,
+                 "fingerprint": fingerprint, "findings": findings, "sr": sr}, use_gpu=cfg.use_gpu, actors=cfg.actors,
                          count="images", what="images")
         if timing is not None:
             timing.update(seconds=result.seconds, images=result.counted)
@@ -191,11 +241,12 @@ def generate_rows(checkpoint: str, rows: list[dict], output_uri: str, cfg: Gener
         raise RuntimeError(f"[generate] shards not written: {missing[:5]}")
     manifest, _ = shards.build_manifest(
         parts, [], dataset=DATASET, findings=findings, covariates=covariates,
-        preprocessing={"size": model_cfg.image_size, "fit": "synthetic", "png_bits": 16, "photometric": "MONOCHROME2",
+        preprocessing={"size": size, "fit": "synthetic", "png_bits": 16, "photometric": "MONOCHROME2",
                        "model_range": [-1.0, 1.0]},
         split_rule={"level": "synthetic", "split": SPLIT}, version=__version__)
     manifest["generation"] = {**settings, "fingerprint": fingerprint, **described}
-    manifest["generation"].pop("checkpoint")  # a local path says nothing to a reader of the shards
+    for local in ("checkpoint", "sr_checkpoint"):  # a local path says nothing to a reader of the shards
+        manifest["generation"].pop(local, None)
     shards.write_if_changed(out, shards.REJECTS, b"")
     shards.write_if_changed(out, shards.MANIFEST, shards.dumps(manifest))
     removed = shards.remove_stale(out, {u["shard"] for u in units})

@@ -99,6 +99,7 @@ class GenerateConfig(StrictModel):
     sampler: Literal["ddim", "ddpm"] = "ddim"  # ddim: eta 0; ddpm: ancestral (the paper's 1000 steps)
     steps: int = Field(50, ge=1, le=1000)
     guidance: float = Field(1.0, ge=1.0, le=20.0)  # classifier-free guidance (1 = plain conditional)
+    sr_steps: int = Field(100, ge=1, le=2000)  # DDIM steps of the super-resolution stage (`generate --sr`)
     shard_samples: int = Field(64, ge=1)  # images per shard: the unit of resumption
     batch_size: int = Field(16, ge=1)
     actors: int | None = Field(None, ge=1)
@@ -159,4 +160,37 @@ class SyntheticAuditConfig(StrictModel):
     near_copy_quantile: float = Field(0.01, gt=0, lt=0.5)  # a synthetic image is a near-copy when it is closer to
     # its nearest training image than this quantile of real test images' nearest-training distances
     grid_pairs: int = Field(8, ge=1)
+    seed: int = 0
+
+
+class GenerationEvalConfig(StrictModel):
+    """`cxrray evaluate generation` (Cheff): the cascade's Table 2 analogue, FID / KID and MS-SSIM of its
+    samples, conditioning accuracy read by a judge trained on real images, unconditional finding
+    prevalence, and device removal by inpainting on phantoms against the same phantom without the device."""
+
+    train_split: str = "train"  # the judge's training images (the real set's)
+    val_split: str = "val"  # the judge's early stopping
+    test_split: str = "test"  # reference images and the reports used as prompts
+    images: int = Field(128, ge=2)  # real test images for Table 2 and as the FID / KID reference
+    prompts: int = Field(128, ge=2)  # test reports used as prompts (one sample each; key order)
+    unconditional: int = Field(128, ge=2)  # unconditional samples (prevalence, diversity)
+    steps: int = Field(50, ge=1, le=1000)  # latent DDIM steps (Cheff: 150)
+    sr_steps: int = Field(50, ge=1, le=2000)  # SR3 DDIM steps
+    guidance: float = Field(1.0, ge=1.0, le=20.0)  # classifier-free guidance (Cheff: 1, none)
+    batch_size: int = Field(32, ge=1)
+    # judge: conv trunk + one logit per finding/device, trained on the real training split at the output size
+    width: int = Field(16, ge=4, le=256)
+    epochs: int = Field(30, ge=1)
+    patience: int = Field(5, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_positives: int = Field(5, ge=1)  # a label is judged only with this many positives in train and test
+    kid_subset: int = Field(50, ge=2)
+    kid_subsets: int = Field(50, ge=1)
+    diversity_pairs: int = Field(64, ge=1)  # random pairs for MS-SSIM
+    inpaint_cases: int = Field(16, ge=1)  # phantoms with a device, rendered with and without it
+    inpaint_devices: list[str] = Field(default_factory=lambda: ["pacemaker", "chest_tube"])
+    inpaint_dilate: int = Field(1, ge=0, le=16)  # pixels the device mask is grown by before inpainting
+    grid_prompts: list[str] = Field(default_factory=lambda: [
+        "Large pleural effusion in the right lower lung. A pacemaker in the left upper chest.",
+        "The heart is enlarged.", "No acute cardiopulmonary process.", ""])  # a grid row each ("": unconditional)
     seed: int = 0

@@ -28,13 +28,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cxrray.data.settings import DecodeConfig
 from cxrray.pipelines.settings import ExplainConfig
 from cxrray.serve.uploads import (FORM_OVERHEAD, ApiError, media_type, parse_multipart, prepare_image,
-                                  read_body, upload_from)
+                                  prepare_image_and_mask, read_body, upload_parts)
 
 log = logging.getLogger("cxrray.serve")
 JSON_LIMIT = 64 * 1024
 INFO_TTL_S = 30.0
 MAX_SEED = 2**63 - 1
 EXPLAIN_FIELDS = {"finding", "eps", "steps", "invert_steps", "format", "direction"}
+PAINT_FIELDS = {"seed", "steps", "guidance", "prompt"}
+REQUIRED_FIELDS = ("finding", "mask", "seed")  # of the multipart forms that have them
 MAX_GUIDANCE = 20.0
 
 
@@ -45,8 +47,9 @@ class GenerateBody(BaseModel):
     seed: int = Field(..., ge=0, le=MAX_SEED, description="seeds the noise: same body, same images")
     n: int = Field(1, ge=1, description="images to draw (at most serve.max_generate)")
     steps: int | None = Field(None, ge=1, description="DDIM steps (at most serve.max_steps)")
-    conditions: dict[str, float | str] = Field(default_factory=dict,
-                                               description="covariates by name, e.g. {\"age\": 71, \"sex\": \"F\"}")
+    conditions: dict[str, float | str] = Field(default_factory=dict, description=(
+        "the model's conditions by name: covariates, e.g. {\"age\": 71, \"sex\": \"F\"}, or a report "
+        "{\"prompt\": \"Large pleural effusion in the right lower lung.\"}"))
     guidance: float = Field(1.0, ge=1.0, le=MAX_GUIDANCE, description="classifier-free guidance scale (1: off)")
 
 
@@ -55,7 +58,7 @@ def _form_schema(fields: dict[str, dict]) -> dict:
     props = {"file": {"type": "string", "format": "binary",
                       "description": "DICOM, PNG or JPEG radiograph (identifiers are never stored or echoed)"}, **fields}
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {
-        "schema": {"type": "object", "properties": props, "required": ["file"] + (["finding"] if "finding" in fields else [])}}}}}
+        "schema": {"type": "object", "properties": props, "required": ["file"] + [k for k in REQUIRED_FIELDS if k in fields]}}}}}
 
 
 EXPLAIN_FORM = _form_schema({
@@ -65,6 +68,20 @@ EXPLAIN_FORM = _form_schema({
     "invert_steps": {"type": "integer", "minimum": 1, "description": "DDIM inversion steps"},
     "direction": {"type": "string", "enum": ["toward", "away"]},
     "format": {"type": "string", "enum": ["png", "dicom"], "description": "counterfactual as PNG-16 or DICOM SC"}})
+
+
+def _paint_form(mask: str) -> dict:
+    """OpenAPI body of /v1/inpaint and /v1/outpaint: image, mask (what its nonzero pixels mean) and fields."""
+    return _form_schema({
+        "mask": {"type": "string", "format": "binary", "description": f"PNG of the image's rows x columns; {mask}"},
+        "seed": {"type": "integer", "minimum": 0, "description": "seeds the noise: same request, same image"},
+        "steps": {"type": "integer", "minimum": 1, "description": "DDIM steps (at most serve.max_steps)"},
+        "guidance": {"type": "number", "minimum": 1, "maximum": MAX_GUIDANCE, "description": "classifier-free guidance"},
+        "prompt": {"type": "string", "description": "report the generated region follows (report-conditioned models)"}})
+
+
+INPAINT_FORM = _paint_form("nonzero pixels are generated anew, the rest is kept")
+OUTPAINT_FORM = _paint_form("nonzero pixels are kept, everything else is generated")
 GENERATE_BODY = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": GenerateBody.model_json_schema()}}}}
 
@@ -87,6 +104,9 @@ class HandleBackend:
     async def generate(self, seed, n, steps, conditions, guidance) -> dict:
         return await self.explainer.generate.remote(seed, n, steps, conditions, guidance)
 
+    async def inpaint(self, image, mask, seed, steps, conditions, guidance, outpaint) -> dict:
+        return await self.explainer.inpaint.remote(image, mask, seed, steps, conditions, guidance, outpaint)
+
 
 class LocalBackend:
     """One in-process `ModelService` (tests, benchmarks): the same answers without Serve."""
@@ -106,6 +126,9 @@ class LocalBackend:
 
     async def generate(self, seed, n, steps, conditions, guidance):
         return await asyncio.to_thread(self.service.generate, seed, n, steps, conditions, guidance)
+
+    async def inpaint(self, image, mask, seed, steps, conditions, guidance, outpaint):
+        return await asyncio.to_thread(self.service.inpaint, image, mask, seed, steps, conditions, guidance, outpaint)
 
 
 def _int(value, name: str, lo: int, hi: int) -> int:
@@ -143,6 +166,13 @@ def _conditions(given, schema: dict[str, dict]) -> dict:
         if "enum" in spec:
             if value not in spec["enum"]:
                 raise ApiError(422, "out_of_range", f"{name} must be one of {spec['enum']}, got {str(value)[:40]!r}")
+            out[name] = value
+        elif spec.get("type") == "string":
+            if not isinstance(value, str):
+                raise ApiError(422, "invalid_field", f"{name} must be a string, got {type(value).__name__}")
+            if len(value) > spec.get("maxLength", JSON_LIMIT):
+                raise ApiError(422, "out_of_range", f"{name} is {len(value)} characters; at most "
+                                                    f"{spec['maxLength']} are allowed")
             out[name] = value
         else:
             out[name] = _number(value, name, spec["minimum"], spec["maximum"])
@@ -216,16 +246,16 @@ def create_api(settings: dict, backend) -> FastAPI:
             return JSONResponse({"error": "internal_error", "detail": f"internal error ({type(exc).__name__})"},
                                 status_code=500)
 
-    async def upload(request: Request, allowed: set[str]) -> tuple[dict, bytes]:
+    async def upload(request: Request, allowed: set[str], parts: tuple[str, ...] = ("file",)) -> tuple[dict, list[bytes]]:
         if media_type(request.headers.get("content-type")) != "multipart/form-data":
             raise ApiError(415, "unsupported_media_type",
                            "send multipart/form-data with the image in a part named `file`")
-        body = await read_body(request, upload_limit + FORM_OVERHEAD)
+        body = await read_body(request, len(parts) * upload_limit + FORM_OVERHEAD)
         fields, files = parse_multipart(body, request.headers["content-type"])
-        unknown = sorted(set(fields) - allowed)
+        unknown = sorted(set(fields) - allowed - set(parts))
         if unknown:
             raise ApiError(422, "unknown_field", f"unknown form field(s) {unknown}; allowed: {sorted(allowed)}")
-        return fields, upload_from(fields, files, upload_limit)
+        return fields, upload_parts(fields, files, upload_limit, parts)
 
     def supported(i: dict, endpoint: str) -> None:
         if endpoint not in i.get("endpoints", ()):
@@ -263,7 +293,7 @@ def create_api(settings: dict, backend) -> FastAPI:
     async def classify(request: Request):
         i = await info()
         supported(i, "classify")
-        _, data = await upload(request, set())
+        _, (data,) = await upload(request, set())
         out = await _call(backend.classify(await image_of(data, i)))
         return {"findings": list(out["probabilities"]), **out}
 
@@ -272,7 +302,7 @@ def create_api(settings: dict, backend) -> FastAPI:
     async def explain(request: Request):
         i = await info()
         supported(i, "explain")
-        fields, data = await upload(request, EXPLAIN_FIELDS)
+        fields, (data,) = await upload(request, EXPLAIN_FIELDS)
         finding = fields.get("finding", "").strip()
         if not finding:
             raise ApiError(422, "missing_field", "form field `finding` is required")
@@ -325,5 +355,35 @@ def create_api(settings: dict, backend) -> FastAPI:
         guidance = _number(body.get("guidance", 1.0), "guidance", 1.0, MAX_GUIDANCE)
         out = await _call(backend.generate(seed, n, steps, conditions, guidance))
         return {"seed": seed, "n": n, "steps": steps, "conditions": conditions, "guidance": guidance, **out}
+
+    async def paint(request: Request, outpaint: bool) -> dict:
+        i = await info()
+        supported(i, "outpaint" if outpaint else "inpaint")
+        fields, (data, mask_data) = await upload(request, PAINT_FIELDS, ("file", "mask"))
+        if "seed" not in fields:
+            raise ApiError(422, "missing_field", "form field `seed` is required")
+        seed = _int(fields["seed"], "seed", 0, MAX_SEED)
+        steps = _int(fields.get("steps", default_steps), "steps", 1, settings["max_steps"])
+        try:
+            guidance = float(fields.get("guidance", 1.0))
+        except ValueError:
+            raise ApiError(422, "invalid_field", "guidance must be a number") from None
+        guidance = _number(guidance, "guidance", 1.0, MAX_GUIDANCE)
+        conditions = _conditions({"prompt": fields["prompt"]} if fields.get("prompt") else {}, i["conditions"])
+        image, mask = await asyncio.to_thread(prepare_image_and_mask, data, mask_data, i["model"]["image_size"],
+                                              settings["fit"], decode, settings["max_pixels"])
+        out = await _call(backend.inpaint(image, mask, seed, steps, conditions, guidance, outpaint))
+        return {"seed": seed, "steps": steps, "guidance": guidance, "conditions": conditions,
+                "masked": float(mask.mean()), **out}
+
+    @app.post("/v1/inpaint", openapi_extra=INPAINT_FORM,
+              summary="One radiograph with the masked region generated anew (e.g. a device removed), the rest kept")
+    async def inpaint(request: Request):
+        return await paint(request, outpaint=False)
+
+    @app.post("/v1/outpaint", openapi_extra=OUTPAINT_FORM,
+              summary="One radiograph with the masked region kept and everything around it generated")
+    async def outpaint(request: Request):
+        return await paint(request, outpaint=True)
 
     return app

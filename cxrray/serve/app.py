@@ -91,10 +91,13 @@ def run_server(checkpoint: str, probe: str | None, cfg: Config) -> int:
     from cxrray.pipelines.head import load_head
     from cxrray.runtime import ensure_ray
 
+    paints = []
     if not checkpoint.startswith(("models:/", "runs:/")):
         identity = model_identity(checkpoint)  # fail here, clearly, rather than in a replica
         if probe:
             get_family(identity["family"]).require("encode")  # a probe reads z
+        if get_family(identity["family"]).inpaint is not None:
+            paints = ["POST /v1/inpaint", "POST /v1/outpaint"]
     if probe:
         load_head(probe)
     s = cfg.serve
@@ -106,7 +109,7 @@ def run_server(checkpoint: str, probe: str | None, cfg: Config) -> int:
     url = f"http://{s.host}:{s.port}"
     print(json.dumps({"url": url, "auth": bool(os.environ.get(s.api_key_env)), "endpoints": [
         "GET /healthz", "GET /docs", "GET /v1/openapi.json", "GET /v1/models"] + (
-        ["POST /v1/classify", "POST /v1/explain"] if probe else []) + ["POST /v1/generate"]}), flush=True)
+        ["POST /v1/classify", "POST /v1/explain"] if probe else []) + ["POST /v1/generate"] + paints}), flush=True)
 
     def stop(signum, frame):
         raise KeyboardInterrupt

@@ -1,10 +1,12 @@
 """The model side of the service: `ModelService` (plain Python: a model of any family, plus a linear probe
 when the family encodes) and the two Serve deployments around it, `Classifier` (dynamic batching with
-`@serve.batch`) and `Explainer` (counterfactuals and seeded generation, one at a time per replica).
+`@serve.batch`) and `Explainer` (counterfactuals, seeded generation and in/outpainting, one at a time per
+replica).
 
 The service is generic over the family's capabilities (`cxrray.families`): classify needs "encode" and a
 probe, explain needs "counterfactual" and a probe, generate needs "sample" (under the family's
-conditions). `info()["endpoints"]` lists what this model can answer; the ingress refuses the rest.
+conditions), inpaint and outpaint need "inpaint". `info()["endpoints"]` lists what this model can answer;
+the ingress refuses the rest.
 
 Model URIs: a checkpoint (`file://`, a path, `s3://`; a checkpoint directory or a pretraining output)
 or an MLflow model (`models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/RUN_ID/model`), whose
@@ -28,7 +30,8 @@ from cxrray.pipelines.head import load_head
 from cxrray.pipelines import derived as outputs
 
 #: endpoint -> (capability it needs, whether it needs a probe)
-ENDPOINTS = {"classify": ("encode", True), "explain": ("counterfactual", True), "generate": ("sample", False)}
+ENDPOINTS = {"classify": ("encode", True), "explain": ("counterfactual", True), "generate": ("sample", False),
+             "inpaint": ("inpaint", False), "outpaint": ("inpaint", False)}
 
 
 class ModelService:
@@ -56,7 +59,8 @@ class ModelService:
         """The /v1 operations this model can answer (by capability, and the probe where one is needed)."""
         return [name for name, (capability, probe) in ENDPOINTS.items()
                 if capability in self.family.capabilities and (self.head is not None or not probe)
-                and (name != "generate" or self.family.generate is not None)]
+                and (name != "generate" or self.family.generate is not None)
+                and (ENDPOINTS[name][0] != "inpaint" or self.family.inpaint is not None)]
 
     def _need(self, endpoint: str) -> None:
         if endpoint not in self.endpoints():
@@ -118,6 +122,22 @@ class ModelService:
         return {"images": [{"media_type": "image/png", "data": outputs.b64(outputs.png16(im[0].numpy(), text))}
                            for im in out.images.cpu()], "provenance": text, "model": self.model_ref}
 
+    def inpaint(self, image: np.ndarray, mask: np.ndarray, seed: int, steps: int, conditions: dict | None = None,
+                guidance: float = 1.0, outpaint: bool = False) -> dict:
+        """The uploaded image with the masked region (1) generated anew (`outpaint`: the region kept), seeded
+        like `generate`; image and mask float32 [S, S] (validated and preprocessed by the ingress)."""
+        self._need("outpaint" if outpaint else "inpaint")
+        x = torch.from_numpy(np.array(image, dtype=np.float32))[None, None]
+        m = torch.from_numpy(np.array(mask, dtype=np.float32))[None, None]
+        out = self.family.inpaint(self.model, x, 1.0 - m if outpaint else m, GenerateRequest(
+            n=1, steps=steps, generator=torch.Generator().manual_seed(int(seed)), conditions=dict(conditions or {}),
+            guidance=guidance))
+        how = out.how.replace("inpainting", "outpainting") if outpaint else out.how
+        text = outputs.provenance(f"an uploaded image {'outpainted' if outpaint else 'inpainted'} from seed {seed}: "
+                                  f"{how}", self.identity)
+        return {"image": {"media_type": "image/png", "data": outputs.b64(outputs.png16(out.images[0, 0].cpu().numpy(), text))},
+                "provenance": text, "model": self.model_ref}
+
 
 @serve.deployment(name="Classifier")
 class Classifier:
@@ -159,3 +179,9 @@ class Explainer:
     async def generate(self, seed: int, n: int, steps: int, conditions: dict, guidance: float) -> dict:
         async with self.lock:
             return await asyncio.to_thread(self.service.generate, seed, n, steps, conditions, guidance)
+
+    async def inpaint(self, image: np.ndarray, mask: np.ndarray, seed: int, steps: int, conditions: dict,
+                      guidance: float, outpaint: bool) -> dict:
+        async with self.lock:
+            return await asyncio.to_thread(self.service.inpaint, image, mask, seed, steps, conditions, guidance,
+                                           outpaint)

@@ -19,7 +19,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from cxrray.data.settings import DecodeConfig
 from cxrray.data.dicom import RejectError, decode_file, known_identifiers
 from cxrray.data.text_deid import KnownIdentifiers, scrub_message
-from cxrray.data.imaging import model_input
+from cxrray.data.imaging import fit_square, model_input
 
 FILE_TYPES = {"application/dicom", "image/png", "image/jpeg", "application/octet-stream", ""}
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries, part headers and the small form fields
@@ -125,23 +125,29 @@ def parse_multipart(body: bytes, content_type: str) -> tuple[dict[str, str], dic
     return fields, files
 
 
-def upload_from(fields: dict, files: dict, limit: int) -> bytes:
-    """The single `file` part: present, of an accepted type, within the byte limit."""
-    extra = sorted(set(files) - {"file"})
+def upload_parts(fields: dict, files: dict, limit: int, names: tuple[str, ...] = ("file",)) -> list[bytes]:
+    """The file parts `names` (the image in `file`, e.g. a `mask` beside it), each present, of an accepted
+    type, within the byte limit; no other file part."""
+    extra = sorted(set(files) - set(names))
     if extra:
-        raise ApiError(422, "invalid_multipart", f"unexpected file part(s) {extra}; send one part named `file`")
-    if "file" not in files:
-        raise ApiError(422, "missing_file", "no `file` part: upload the image as multipart field `file`"
-                       + (" (it was sent as a text field)" if "file" in fields else ""))
-    data, ctype = files["file"]
-    if ctype not in FILE_TYPES:
-        raise ApiError(415, "unsupported_media_type",
-                       f"file type {ctype!r}; accepted: application/dicom, image/png, image/jpeg, application/octet-stream")
-    if len(data) > limit:
-        raise ApiError(413, "payload_too_large", f"file is {len(data)} bytes; the limit is {limit} bytes")
-    if not data:
-        raise ApiError(422, "empty_file", "the uploaded file has 0 bytes")
-    return data
+        raise ApiError(422, "invalid_multipart", f"unexpected file part(s) {extra}; send "
+                       + ", ".join(f"`{n}`" for n in names))
+    out = []
+    for name in names:
+        if name not in files:
+            what = "the image" if name == "file" else f"the {name}"
+            raise ApiError(422, "missing_file", f"no `{name}` part: upload {what} as multipart field `{name}`"
+                           + (" (it was sent as a text field)" if name in fields else ""))
+        data, ctype = files[name]
+        if ctype not in FILE_TYPES:
+            raise ApiError(415, "unsupported_media_type", f"{name} type {ctype!r}; accepted: application/dicom, "
+                                                          "image/png, image/jpeg, application/octet-stream")
+        if len(data) > limit:
+            raise ApiError(413, "payload_too_large", f"{name} is {len(data)} bytes; the limit is {limit} bytes")
+        if not data:
+            raise ApiError(422, "empty_file", f"the uploaded {name} has 0 bytes")
+        out.append(data)
+    return out
 
 
 def _header_facts(data: bytes) -> tuple[int | None, KnownIdentifiers]:
@@ -169,8 +175,8 @@ def _header_facts(data: bytes) -> tuple[int | None, KnownIdentifiers]:
         return None, scrub
 
 
-def prepare_image(data: bytes, size: int, fit: str, decode: DecodeConfig, max_pixels: int) -> np.ndarray:
-    """Upload bytes -> float32 [size, size] in [-1, 1], exactly what training saw for an ingested image."""
+def decode_upload(data: bytes, decode: DecodeConfig, max_pixels: int) -> np.ndarray:
+    """Upload bytes -> the decoded image, float [0, 1] [rows, cols] (identifiers dropped, never in an error)."""
     limit = min(max_pixels, decode.max_pixels)
     pixels, scrub = _header_facts(data)
     if pixels is not None and pixels > limit:
@@ -184,4 +190,33 @@ def prepare_image(data: bytes, size: int, fit: str, decode: DecodeConfig, max_pi
         raise ApiError(422, "invalid_image", detail, reason=err.code) from None
     image = decoded.pixels
     del decoded  # header covariates and raw identifiers: never kept, returned or logged
-    return model_input(image, size, fit)
+    return image
+
+
+def prepare_image(data: bytes, size: int, fit: str, decode: DecodeConfig, max_pixels: int) -> np.ndarray:
+    """Upload bytes -> float32 [size, size] in [-1, 1], exactly what training saw for an ingested image."""
+    return model_input(decode_upload(data, decode, max_pixels), size, fit)
+
+
+def prepare_image_and_mask(data: bytes, mask_data: bytes, size: int, fit: str, decode: DecodeConfig,
+                           max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its mask (a PNG of the image's rows x columns; nonzero = marked) -> the model input as
+    `prepare_image` and the mask float32 {0, 1} [size, size] through the same geometry (pad/crop, resize)."""
+    pixels = decode_upload(data, decode, max_pixels)
+    if mask_data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ApiError(422, "invalid_mask", "the mask must be a PNG (nonzero pixels mark the region)")
+    rows, cols = pixels.shape
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(mask_data)) as img:
+                if img.size != (cols, rows):  # checked on the header, before any pixel is decoded
+                    raise ApiError(422, "mask_shape", f"the mask is {img.size[1]}x{img.size[0]}; the image is "
+                                                      f"{rows}x{cols} (rows x columns): they must match")
+                mask = np.asarray(img.convert("L") if img.mode in ("RGB", "RGBA", "P", "LA") else img)
+    except ApiError:
+        raise
+    except Exception as exc:
+        raise ApiError(422, "invalid_mask", f"the mask PNG could not be read ({type(exc).__name__})") from None
+    marked = (mask > 0).astype(np.float32)
+    return model_input(pixels, size, fit), (fit_square(marked, size, fit) > 0.5).astype(np.float32)

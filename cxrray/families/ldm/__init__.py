@@ -13,7 +13,8 @@ FAMILY = Family(
     build=lazy("cxrray.families.ldm.network", "LatentDiffusion"),
     loss=lazy(TASK, "loss"), evaluate=lazy(TASK, "evaluate"), export=lazy(TASK, "export"),
     prepare=lazy(TASK, "prepare"), initialise=lazy(TASK, "initialise"), generate=lazy(TASK, "generate"),
-    conditions=conditions, capabilities=frozenset({"sample", "generate"}),
+    inpaint=lazy(TASK, "inpaint"), conditions=conditions,
+    capabilities=frozenset({"sample", "generate", "inpaint"}),
 )
 
 __all__ = ["FAMILY", "PRESETS", "LDMConfig"]

@@ -151,27 +151,63 @@ def evaluate(model: LatentDiffusion, batch: dict, seed: int, steps: int) -> Eval
     return Evaluation(metrics, {"samples": [real, samples]})
 
 
-@torch.no_grad()
-def generate(model: LatentDiffusion, request: GenerateRequest) -> Generated:
-    """n images under one prompt or one per image (`conditions["prompt"]`; "", None or absent: unconditional)."""
+def _request_ids(model: LatentDiffusion, request: GenerateRequest) -> tuple[torch.Tensor | None, str]:
+    """The request's report ids (None: unconditional) and what they are, in words; refuses other conditions."""
     unknown = sorted(set(request.conditions) - ({"prompt"} if model.cfg.text else set()))
     if unknown:
         raise InputError(f"this model conditions on {['prompt'] if model.cfg.text else 'nothing'}; got {unknown}")
     if model.vae is None:
         raise InputError("this latent diffusion model has no autoencoder to decode with")
     prompt = request.conditions.get("prompt")
-    prompts = None
-    if model.cfg.text and prompt is not None:
-        prompts = [prompt] * request.n if isinstance(prompt, str) else ["" if p is None else p for p in prompt]
-        if len(prompts) != request.n:
-            raise InputError(f"{len(prompts)} prompts for {request.n} images")
-    device = next(model.unet.parameters()).device
-    ids = prompt_ids(model, prompts, device) if prompts is not None else None
+    if not model.cfg.text or prompt is None:
+        return None, "unconditional"
+    prompts = [prompt] * request.n if isinstance(prompt, str) else ["" if p is None else p for p in prompt]
+    if len(prompts) != request.n:
+        raise InputError(f"{len(prompts)} prompts for {request.n} images")
+    ids = prompt_ids(model, prompts, next(model.unet.parameters()).device)
+    return ids, "report-conditioned" if any(prompts) else "unconditional"
+
+
+def _how(what: str, request: GenerateRequest) -> str:
+    return (f"{what} latent diffusion, {request.sampler.upper()} {request.steps} steps, guidance "
+            f"{request.guidance:g}, decoded by the model's autoencoder")
+
+
+@torch.no_grad()
+def generate(model: LatentDiffusion, request: GenerateRequest) -> Generated:
+    """n images under one prompt or one per image (`conditions["prompt"]`; "", None or absent: unconditional)."""
+    ids, what = _request_ids(model, request)
     z = sample_latents(model, ids, request.n, request.steps, request.generator, request.guidance, request.sampler)
-    what = "report-conditioned" if prompts is not None and any(prompts) else "unconditional"
-    how = (f"{what} latent diffusion, {request.sampler.upper()} {request.steps} steps, guidance {request.guidance:g}, "
-           f"decoded by the model's autoencoder")
-    return Generated(model.decode(z), how)
+    return Generated(model.decode(z), _how(what, request))
+
+
+def latent_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """Pixel mask [B, 1, S, S] (1 = to generate) -> latent mask [B, 1, s, s]: a latent cell is generated
+    when any of its pixels is (max-pooling, so a region's edge is never kept from the original)."""
+    return F.adaptive_max_pool2d((mask.float() > 0.5).float(), size)
+
+
+@torch.no_grad()
+def inpaint(model: LatentDiffusion, images: torch.Tensor, mask: torch.Tensor, request: GenerateRequest) -> Generated:
+    """Images [n, 1, S, S] in [-1, 1] with the region where mask [n, 1, S, S] is 1 generated anew (under the
+    request's prompt, if any) and the rest kept: after each sampler step the kept latents are replaced by the
+    original's latents noised to that step (Cheff / LDM inpainting). Outpainting is the inverted mask.
+    The result is decoded whole, so kept pixels differ from the original by the autoencoder's error."""
+    from cxrray.diffusion.ddim import walk
+
+    if images.shape != mask.shape or images.shape[0] != request.n:
+        raise InputError(f"mask {tuple(mask.shape)} must have the image's shape {tuple(images.shape)}, n = {request.n}")
+    ids, what = _request_ids(model, request)
+    device = next(model.unet.parameters()).device
+    z0 = model.latents(images.to(device).float())
+    keep = 1.0 - latent_mask(mask.to(device), z0.shape[-1])
+    z_T = torch.randn(z0.shape, generator=request.generator, device=request.generator.device).to(device)
+    null = model.context(None, request.n) if request.guidance != 1.0 and model.cfg.text else None
+    extra = {"eta": 0.0} if request.sampler == "ddim" else {}
+    z = walk(model, request.sampler, z_T, model.context(ids, request.n), request.steps, None, clip=False,
+             guidance=request.guidance, null=null, generator=request.generator, known=(z0, keep), **extra)
+    share = float(1.0 - keep.mean())
+    return Generated(model.decode(z), _how(f"{what} inpainting ({share:.0%} of the latent generated)", request))
 
 
 def export(model: LatentDiffusion, folder: Path) -> list[str]:

@@ -12,7 +12,8 @@ FAMILY = Family(
     description="SR3 super-resolution, cosine T = 2000, bicubic pairs or D(E(x)) fine-tune (Cheff stage 3)",
     build=lazy("cxrray.families.sr.network", "SuperResolution"),
     loss=lazy(TASK, "loss"), evaluate=lazy(TASK, "evaluate"), export=lazy(TASK, "export"),
-    prepare=lazy(TASK, "prepare"), initialise=lazy(TASK, "initialise"), capabilities=frozenset({"upscale"}),
+    prepare=lazy(TASK, "prepare"), initialise=lazy(TASK, "initialise"), upscale=lazy(TASK, "upscale"),
+    capabilities=frozenset({"upscale"}),
 )
 
 __all__ = ["FAMILY", "PRESETS", "SRConfig"]

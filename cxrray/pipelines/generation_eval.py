@@ -1,0 +1,375 @@
+"""`cxrray evaluate generation`: the Cheff cascade measured as the paper does, and what it shows only as pictures.
+
+- Table 2 analogue on real test images (MSE / PSNR / SSIM against the original at each stage's output size):
+  the autoencoder alone, D(E(x)); SR alone (each SR model given: base, fine-tuned) from the image at the
+  latent model's size; the cascade SR(D(E(x))); plain bicubic upscaling of the same input.
+- A judge (conv trunk + one logit per label) trained on the real training split reads findings and devices;
+  its trunk is the feature space of FID / KID (torchmetrics; Inception only from a local TorchScript file).
+- One sample per test-split report (its de-identified text as the prompt) and unconditional samples:
+  FID / KID against real test images (real train vs test as the floor); MS-SSIM between random pairs
+  (diversity; real test pairs as the reference); per label, the judge's AUROC on report-conditioned
+  samples against the label of the report's own image (bootstrap CI; the judge on real test images is
+  the ceiling); unconditional samples' judged prevalence against the judge's count on real test images
+  and the real labels (Wilson CIs).
+- Device removal on phantoms: the device's pixels (where the same phantom rendered without it differs),
+  grown by `inpaint_dilate`, inpainted without a prompt; mean |error| inside the mask against the device-free
+  render, for the inpainted image and for the original; PSNR outside the mask against the original, beside
+  D(E(x))'s (the autoencoder's floor: the whole latent is decoded).
+
+Not measured: laterality of left/right prompts (the shards' labels carry no side; the note says so).
+Output (URI; also logged to MLflow, run "evaluate-generation"): generation_eval.json, report.html,
+samples.png, inpainting.png, outpainting.png.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cxrray.data.imaging import decode_png16, png16_to_model
+from cxrray.data.shards import jsonable, read_manifest, read_tar
+from cxrray.data.storage import Storage
+from cxrray.errors import InputError
+from cxrray.eval import html
+from cxrray.eval.reconstruction import reconstruction_metrics
+from cxrray.families.sr.network import resize
+from cxrray.pipelines.cheff import Cheff
+from cxrray.pipelines.settings import GenerationEvalConfig
+
+#: the paper's Table 2 (256² test set; SR 256 -> 1024) and generation figures, quoted beside ours
+PAPER = {"autoencoder": {"mse": 0.0005, "psnr": 36.80, "ssim": 0.9926}, "sr_base": {"psnr": 24.59},
+         "sr_fine_tuned": {"psnr": 26.09}, "fid": 11.58, "kid": 0.0099, "pixel_cascade_fid": 46.54,
+         "pixel_cascade_kid": 0.0530}
+REPORT_TARGETS = ("effusion", "cardiomegaly", "chest_tube", "pacemaker")  # the issue's AUROC >= 0.8 labels
+
+
+class RealSet:
+    """A split of real shards: images float32 [N, 1, S, S] in [-1, 1], labels float [N, F] (NaN unknown),
+    de-identified reports and keys, in sample-key order."""
+
+    def __init__(self, uri: str, split: str, size: int, limit: int | None = None):
+        store = Storage(uri)
+        manifest = read_manifest(store)
+        self.findings = list(manifest.get("label_vocabulary", []))
+        rows = sorted((meta["key"], png, meta) for s in manifest["shards"] if s.get("splits", {}).get(split)
+                      for _, png, meta in read_tar(store.read_bytes(s["name"]), s["name"]) if meta.get("split") == split)
+        rows = rows[:limit] if limit else rows
+        if not rows:
+            raise InputError(f"{uri} has no {split!r} samples")
+        images = torch.from_numpy(np.stack([png16_to_model(decode_png16(png)) for _, png, _ in rows]))[:, None]
+        if images.shape[-1] < size:
+            raise InputError(f"{uri} holds {images.shape[-1]}² images; this evaluation needs at least {size}²")
+        self.images = resize(images, size)
+        self.labels = np.array([[np.nan if v is None else v for v in m.get("labels", [])] or [np.nan] * len(self.findings)
+                                for _, _, m in rows], dtype=np.float32).reshape(len(rows), len(self.findings))
+        self.reports = [" ".join((m.get("report") or "").split()) for _, _, m in rows]
+        self.keys = [k for k, _, _ in rows]
+
+
+class FindingJudge(nn.Module):
+    """image [B, 1, S, S] in [-1, 1] -> one logit per label; `features(image)` [B, F] is the FID / KID space."""
+
+    def __init__(self, labels: int, width: int):
+        from cxrray.pipelines.detector import conv_trunk
+
+        super().__init__()
+        self.features, channels = conv_trunk(width)
+        self.head = nn.Linear(channels, labels)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(image))
+
+
+def _masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    known = ~torch.isnan(labels)
+    return nn.functional.binary_cross_entropy_with_logits(logits[known], labels[known])
+
+
+def _apply(fn, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([fn(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def train_judge(train: RealSet, val: RealSet, cfg: GenerationEvalConfig) -> tuple[FindingJudge, dict]:
+    """The judge at its best validation loss (early stopping), and its training record."""
+    from cxrray.pipelines.detector_fits import train_epochs
+
+    torch.manual_seed(cfg.seed)
+    judge = FindingJudge(len(train.findings), cfg.width)
+    data = {"image": train.images, "labels": torch.from_numpy(train.labels)}
+    val_labels = torch.from_numpy(val.labels)
+
+    def validate(net) -> float:
+        net.eval()
+        return float(_masked_bce(_apply(net, val.images), val_labels))
+
+    state, best, epoch, history = train_epochs(judge, judge, data, lambda m, b: _masked_bce(m(b["image"]), b["labels"]),
+                                               validate, cfg, cfg.seed)
+    judge.load_state_dict(state)
+    return judge.eval(), {"best_epoch": epoch, "best_val_bce": best, "epochs_run": len(history)}
+
+
+def ms_ssim(images: torch.Tensor, pairs: int, seed: int) -> dict:
+    """Mean MS-SSIM over random distinct pairs (lower: more diverse). Scales: as many of MS-SSIM's five as
+    the image size allows with a 3-pixel window (small images), weights renormalised."""
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as msssim
+
+    rng = np.random.default_rng(seed)
+    n = len(images)
+    i = rng.integers(0, n, pairs)
+    j = (i + rng.integers(1, n, pairs)) % n
+    betas = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+    size = images.shape[-1]
+    scales = max(1, min(5, int(np.log2(size)) - 2))  # torchmetrics' limit at kernel 3: 16² -> 2, 128² -> 5
+    weights = tuple(float(b) / sum(betas[:scales]) for b in betas[:scales])
+    a, b = (images[i].float() + 1) / 2, (images[j].float() + 1) / 2
+    values = msssim(a, b, data_range=1.0, kernel_size=3, betas=weights, reduction="none")
+    return {"ms_ssim": float(values.mean()), "sd": float(values.std()), "pairs": int(pairs), "scales": scales}
+
+
+def _wilson(k: int, n: int) -> list[float]:
+    from statsmodels.stats.proportion import proportion_confint
+
+    return [float(v) for v in proportion_confint(k, n, method="wilson")] if n else [float("nan")] * 2
+
+
+def conditioning(judge: FindingJudge, findings: list[str], conditional: torch.Tensor, source_labels: np.ndarray,
+                 test: RealSet, unconditional: torch.Tensor, cfg: GenerationEvalConfig) -> list[dict]:
+    """Per label: AUROC of the judge on report-conditioned samples against the report's own label (and on the
+    real test images), and prevalence judged among unconditional samples vs real test (Wilson CIs)."""
+    from sklearn.metrics import roc_auc_score
+
+    from cxrray.eval.stats import bootstrap_ci
+
+    p_cond = torch.sigmoid(_apply(judge, conditional)).numpy()
+    p_real = torch.sigmoid(_apply(judge, test.images)).numpy()
+    p_unc = torch.sigmoid(_apply(judge, unconditional)).numpy()
+    rows = []
+    for f, name in enumerate(findings):
+        y_src, y_real = source_labels[:, f], test.labels[:, f]
+        known, known_real = ~np.isnan(y_src), ~np.isnan(y_real)
+        pos, pos_real = int(y_src[known].sum()), int(y_real[known_real].sum())
+        row = {"label": name, "prompts_with": pos, "prompts_without": int(known.sum()) - pos}
+        if min(pos, int(known.sum()) - pos, pos_real) < min(cfg.min_positives, 2):
+            rows.append({**row, "note": "too few positives or negatives to judge"})
+            continue
+        auc = float(roc_auc_score(y_src[known], p_cond[known, f]))
+        ci = bootstrap_ci(y_src[known], p_cond[known, f], n_boot=500, seed=cfg.seed)
+        k_unc, k_judged_real = int((p_unc[:, f] > 0.5).sum()), int((p_real[known_real, f] > 0.5).sum())
+        rows.append({**row, "auroc_generated": auc, "auroc_ci": list(ci),
+                     "auroc_real": float(roc_auc_score(y_real[known_real], p_real[known_real, f])),
+                     "prevalence_unconditional": k_unc / len(p_unc), "prevalence_unconditional_ci": _wilson(k_unc, len(p_unc)),
+                     "prevalence_judged_real": k_judged_real / int(known_real.sum()),
+                     "prevalence_real": pos_real / int(known_real.sum()),
+                     "prevalence_real_ci": _wilson(pos_real, int(known_real.sum()))})
+    return rows
+
+
+def device_phantoms(cfg: GenerationEvalConfig, size: int, fit: str) -> list[dict]:
+    """`inpaint_cases` phantoms with one of `inpaint_devices`: the ingest-decoded image, the same phantom
+    without the device mapped through the same intensity transform, and the device's mask, all at `size`."""
+    from cxrray.data.dicom import decode_file
+    from cxrray.data.imaging import fit_square, model_input
+    from cxrray.data.phantom import PhantomConfig
+    from cxrray.data.phantom.cases import sample_case
+    from cxrray.data.phantom.dicom import write_dicom
+    from cxrray.data.phantom.drawing import render
+    from cxrray.data.phantom.masks import THRESHOLD, counterpart
+    from cxrray.data.settings import DecodeConfig
+    from cxrray.eval.localisation import dilate
+
+    pcfg = PhantomConfig(size=max(64, 2 * size), seed=cfg.seed + 7919)
+    cases, index = [], 0
+    with tempfile.TemporaryDirectory() as tmp:
+        while len(cases) < cfg.inpaint_cases and index < 200 * cfg.inpaint_cases:
+            case, index = sample_case(index, pcfg), index + 1
+            device = next((d for d in cfg.inpaint_devices if case.labels.get(d)), None)
+            if device is None:
+                continue
+            with_device, without = render(case, pcfg), render(counterpart(case, device), pcfg)
+            changed = np.abs(with_device - without) > THRESHOLD
+            if not changed.any():
+                continue
+            path = Path(tmp) / f"{index}.dcm"
+            write_dicom(case, with_device, path, pcfg)
+            decoded = decode_file(path.read_bytes(), DecodeConfig()).pixels
+            order = np.argsort(with_device, axis=None)  # ingest's intensity map, applied to the device-free render
+            clean = np.where(changed, np.interp(without, with_device.ravel()[order], decoded.ravel()[order]), decoded)
+            mask = fit_square(changed.astype(np.float32), size, fit) > 0.05
+            cases.append({"device": device, "image": model_input(decoded, size, fit),
+                          "clean": model_input(clean.astype(np.float32), size, fit),
+                          "mask": dilate(mask[None], cfg.inpaint_dilate)[0]})
+    if not cases:
+        raise InputError(f"no phantom with {cfg.inpaint_devices} in {index} cases")
+    return cases
+
+
+def _psnr_where(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
+    mse = float((((a - b) / 2.0) ** 2)[where].mean())  # [-1, 1] -> unit range
+    return float(10 * np.log10(1.0 / max(mse, 1e-10)))
+
+
+def device_removal(cheff: Cheff, cases: list[dict], cfg: GenerationEvalConfig) -> tuple[dict, dict]:
+    """Inpaint each phantom's device (unconditional) and outpaint around a central box; measures and images."""
+    image = torch.from_numpy(np.stack([c["image"] for c in cases]))[:, None]
+    clean = np.stack([c["clean"] for c in cases])
+    mask = np.stack([c["mask"] for c in cases])
+    painted = torch.cat([cheff.inpaint(image[i:i + cfg.batch_size], torch.from_numpy(mask[i:i + cfg.batch_size, None])
+                                       .float(), seed=cfg.seed + i, steps=cfg.steps).images
+                         for i in range(0, len(cases), cfg.batch_size)])
+    recon = cheff.reconstruct(image)
+    x, p, r = image[:, 0].numpy(), painted[:, 0].clamp(-1, 1).numpy(), recon[:, 0].clamp(-1, 1).numpy()
+    inside = [float(np.abs(p[i] - clean[i])[mask[i]].mean()) for i in range(len(cases))]
+    before = [float(np.abs(x[i] - clean[i])[mask[i]].mean()) for i in range(len(cases))]
+    result = {"cases": len(cases), "devices": {d: sum(c["device"] == d for c in cases) for d in cfg.inpaint_devices},
+              "mask_fraction": float(mask.mean()),
+              "error_inside_inpainted": float(np.mean(inside)), "error_inside_original": float(np.mean(before)),
+              "removed_fraction": float(1 - np.mean(inside) / max(np.mean(before), 1e-8)),
+              "cases_improved": int(sum(a < b for a, b in zip(inside, before))),
+              "psnr_outside_inpainted": float(np.mean([_psnr_where(p[i], x[i], ~mask[i]) for i in range(len(cases))])),
+              "psnr_outside_autoencoder": float(np.mean([_psnr_where(r[i], x[i], ~mask[i]) for i in range(len(cases))]))}
+    keep = torch.zeros_like(image)
+    s = image.shape[-1]
+    keep[..., s // 4: 3 * s // 4, s // 4: 3 * s // 4] = 1
+    shown = min(8, len(cases))
+    outpainted = cheff.outpaint(image[:shown], keep[:shown], seed=cfg.seed, steps=cfg.steps).images
+    grids = {"inpainting": [image[:shown], torch.from_numpy(mask[:shown, None]).float() * 2 - 1, painted[:shown],
+                            torch.from_numpy(clean[:shown, None])],
+             "outpainting": [image[:shown], keep[:shown] * 2 - 1, outpainted]}
+    return result, grids
+
+
+def _sample(cheff: Cheff, prompts: list[str | None], cfg: GenerationEvalConfig, what: str, progress) -> torch.Tensor:
+    out, start = [], time.perf_counter()
+    for b, i in enumerate(range(0, len(prompts), cfg.batch_size)):
+        chunk = prompts[i:i + cfg.batch_size]
+        prompt = None if all(p is None for p in chunk) else ["" if p is None else p for p in chunk]
+        out.append(cheff.sample(prompt, n=len(chunk), seed=cfg.seed * 100_003 + b + (0 if prompt else 50_000),
+                                steps=cfg.steps, guidance=cfg.guidance, sr_steps=cfg.sr_steps).images)
+        done = i + len(chunk)
+        rate = done / (time.perf_counter() - start)
+        progress(f"[evaluate generation] {what}: {done}/{len(prompts)} images, {rate:.2f} img/s, "
+                 f"ETA {(len(prompts) - done) / rate:.0f} s")
+    return torch.cat(out).clamp(-1, 1)
+
+
+def table2(cheff: Cheff, sr_base: Cheff | None, real_out: torch.Tensor, cfg: GenerationEvalConfig) -> list[dict]:
+    """MSE / PSNR / SSIM of each stage against the originals (module doc)."""
+    low = resize(real_out, cheff.image_size)
+    recon = cheff.reconstruct(low)
+    rows = [{"stage": "autoencoder alone: D(E(x))", "size": cheff.image_size, **reconstruction_metrics(low, recon),
+             "paper_psnr": PAPER["autoencoder"]["psnr"], "paper_ssim": PAPER["autoencoder"]["ssim"]}]
+    if cheff.sr is None:
+        return rows
+    up = lambda c, x: torch.cat([c.upscale(x[i:i + cfg.batch_size], seed=cfg.seed, steps=cfg.sr_steps).images  # noqa: E731
+                                 for i in range(0, len(x), cfg.batch_size)])
+    size = cheff.output_size
+    stages = [("fine-tuned" if cheff.sr.model.cfg.degrade == "autoencoder" else "as given", cheff)]
+    stages += [("base", sr_base)] if sr_base is not None else []
+    for name, stage in stages:
+        paper = PAPER["sr_fine_tuned" if name == "fine-tuned" else "sr_base"]["psnr"]
+        rows.append({"stage": f"SR alone ({name}): SR(x)", "size": size, **reconstruction_metrics(real_out, up(stage, low)),
+                     "paper_psnr": paper})
+    rows.append({"stage": "cascade: SR(D(E(x)))", "size": size, **reconstruction_metrics(real_out, up(cheff, recon))})
+    rows.append({"stage": "bicubic upscaling of x", "size": size, **reconstruction_metrics(real_out, resize(low, size))})
+    return rows
+
+
+def run_generation_eval(ldm: str, data_uri: str, output_uri: str, cfg, sr: str | None = None,
+                        sr_base: str | None = None, features_model: str | None = None, progress=print) -> dict:
+    """The measures of the module doc for the cascade (`ldm`, optional `sr`, and `sr_base` for Table 2's
+    base row) against the real shards at `data_uri`; returns generation_eval.json."""
+    from cxrray.eval.grids import save_grid
+    from cxrray.pipelines.synthetic_audit import ScriptedFeatures, image_quality
+    from cxrray.tracking import RunLogger, start_run, tracking_uri
+
+    ec: GenerationEvalConfig = cfg.generation_eval
+    scripted = ScriptedFeatures(features_model) if features_model else None
+    cheff = Cheff.load(ldm, sr, device="cpu")
+    base = Cheff.load(ldm, sr_base, device="cpu") if sr_base else None
+    if not cheff.ldm.model.cfg.text:
+        raise InputError(f"{ldm} is not report-conditioned: conditioning accuracy needs prompts")
+    size = cheff.output_size
+    train, val = RealSet(data_uri, ec.train_split, size), RealSet(data_uri, ec.val_split, size)
+    test = RealSet(data_uri, ec.test_split, size)
+    progress(f"[evaluate generation] judge on {len(train.keys)} real images (val {len(val.keys)}) at {size}²; "
+             f"test {len(test.keys)}")
+    judge, record = train_judge(train, val, ec)
+    rows = table2(cheff, base, test.images[:ec.images], ec)
+    with_report = [i for i, r in enumerate(test.reports) if r][:ec.prompts]
+    conditional = _sample(cheff, [test.reports[i] for i in with_report], ec, "report-conditioned", progress)
+    unconditional = _sample(cheff, [None] * ec.unconditional, ec, "unconditional", progress)
+    sets = {"synthetic": conditional, "train": train.images, "test": test.images}
+    quality = {"judge_features": image_quality({k: _apply(judge.features, v) for k, v in sets.items()}, ec)}
+    if scripted is not None:
+        quality["torchscript_features"] = image_quality({k: _apply(scripted, v) for k, v in sets.items()}, ec)
+    diversity = {"report_conditioned": ms_ssim(conditional, ec.diversity_pairs, ec.seed),
+                 "unconditional": ms_ssim(unconditional, ec.diversity_pairs, ec.seed),
+                 "real_test": ms_ssim(test.images, ec.diversity_pairs, ec.seed)}
+    labels = conditioning(judge, test.findings, conditional, test.labels[with_report], test, unconditional, ec)
+    removal, paint_grids = device_removal(cheff, device_phantoms(ec, cheff.image_size, cfg.ingest.fit), ec)
+    result = {"ldm": ldm, "sr": sr, "sr_base": sr_base, "data": data_uri, "output_size": size, "judge": record,
+              "table2": rows, "quality": quality, "diversity": diversity, "conditioning": labels,
+              "device_removal": removal, "paper": PAPER, "config": ec.model_dump(mode="json"),
+              "not_measured": ["laterality of left/right prompts: the shards' labels carry no side"]}
+    out = Storage(output_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        grid_rows = [cheff.sample(p or None, n=6, seed=ec.seed, steps=ec.steps, guidance=ec.guidance,
+                                  sr_steps=ec.sr_steps).images for p in ec.grid_prompts]
+        save_grid(grid_rows, folder / "samples.png", "SYNTHETIC - Cheff cascade samples, one row per prompt")
+        save_grid(paint_grids["inpainting"], folder / "inpainting.png",
+                  "SYNTHETIC - rows: phantom, device mask, inpainted, the same phantom rendered without the device")
+        save_grid(paint_grids["outpainting"], folder / "outpainting.png",
+                  "SYNTHETIC - rows: phantom, kept region, outpainted")
+        _page(folder, result, ec)
+        run_id = start_run(cfg.tracking, {"generation_eval": result["config"], "ldm": ldm, "sr": sr or "",
+                                          "data": data_uri}, run_name="evaluate-generation")
+        result["mlflow_run_id"] = run_id
+        (folder / "generation_eval.json").write_text(json.dumps(jsonable(result), indent=1))
+        logger = RunLogger(tracking_uri(cfg.tracking), run_id)
+        logger.metrics({f"table2_psnr/{i}": r["psnr"] for i, r in enumerate(rows)}
+                       | {"fid_vs_test": quality["judge_features"]["synthetic_vs_test"]["fid"],
+                          "removed_fraction": removal["removed_fraction"]}
+                       | {f"auroc/{r['label']}": r["auroc_generated"] for r in labels if "auroc_generated" in r}, step=0)
+        for path in sorted(folder.iterdir()):
+            out.write_bytes(path.name, path.read_bytes())
+            logger.artifact(path, "evaluate-generation")
+        logger.finish()
+    judged = {r["label"]: r["auroc_generated"] for r in labels if "auroc_generated" in r}
+    progress(f"[evaluate generation] autoencoder PSNR {rows[0]['psnr']:.2f} dB; FID vs test "
+             f"{quality['judge_features']['synthetic_vs_test']['fid']:.3f}; AUROC "
+             + ", ".join(f"{k} {v:.2f}" for k, v in judged.items())
+             + f"; device removed {removal['removed_fraction']:.0%}; report {out.url('report.html')}")
+    return jsonable(result)
+
+
+def _page(folder: Path, result: dict, cfg: GenerationEvalConfig) -> None:
+    q = result["quality"]["judge_features"]
+    fid_rows = [{"pair": p, **v} for p, v in q.items()]
+    fid_rows.append({"pair": f"paper (Inception, 1024²): Cheff / pixel-space cascade",
+                     "fid": f"{PAPER['fid']} / {PAPER['pixel_cascade_fid']}", "kid": f"{PAPER['kid']} / {PAPER['pixel_cascade_kid']}"})
+    div_rows = [{"set": k, **v} for k, v in result["diversity"].items()]
+    cond_cols = ["label", "prompts_with", "prompts_without", "auroc_generated", "auroc_ci", "auroc_real",
+                 "prevalence_unconditional", "prevalence_unconditional_ci", "prevalence_judged_real", "prevalence_real", "note"]
+    removal = result["device_removal"]
+    sections = [
+        ("Table 2 analogue (ours beside the paper's)", html.table(result["table2"], ["stage", "size", "mse", "psnr", "ssim",
+                                                                                       "paper_psnr", "paper_ssim"], 4)),
+        ("Samples", html.image(folder / "samples.png", " | ".join(p or "(unconditional)" for p in cfg.grid_prompts))),
+        ("FID / KID (judge features; Inception only with --features-model)",
+         html.table(fid_rows, ["pair", "fid", "kid", "kid_sd", "kid_subset"], 4)),
+        ("Diversity (MS-SSIM of random pairs; lower is more diverse)", html.table(div_rows, list(div_rows[0]), 4)),
+        ("Conditioning accuracy and prevalence (judge trained on real images; target AUROC >= 0.8 for "
+         + ", ".join(REPORT_TARGETS) + ")", html.table(result["conditioning"], cond_cols, 3)),
+        ("Device removal by inpainting (phantoms)", html.table([removal], [k for k in removal if k != "devices"], 4)
+         + html.image(folder / "inpainting.png") + html.image(folder / "outpainting.png")),
+    ]
+    (folder / "report.html").write_text(html.page(
+        "Cheff cascade: generation evaluation", sections,
+        "Not measured: " + "; ".join(result["not_measured"]) + ". The paper's figures are on 1024² MaCheX images."))
