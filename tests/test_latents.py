@@ -143,6 +143,7 @@ def test_the_tokenizer_keeps_only_words_several_patients_use():
     assert tokenizer.decode(ids) == "pleural effusion"
 
 
+@pytest.mark.slow  # ~15 s; resumption of the shared fan-out is also tested for encode and generate
 def test_a_rerun_skips_finished_shards_and_a_lost_shard_is_written_once(job, first_run, capfd):
     before = every_byte(job["out"])
     assert main(job["args"]) == 0
@@ -244,6 +245,7 @@ def test_no_planted_identifier_reaches_the_trained_model_or_mlflow(job, ldm_run)
     assert _param("x" * (PARAM_LIMIT + 1)).startswith(f"<{PARAM_LIMIT + 1:,} characters, sha256 ")
 
 
+@pytest.mark.slow  # ~12 s; prompt generation with provenance is also in the cascade test (--prompts-from)
 def test_generate_from_report_prompts_writes_shards_with_the_prompt_and_provenance(ldm_run, tmp_path, capfd):
     """`cxrray generate --checkpoint LDM --prompts FILE --n-per-prompt K`: K images per line (an empty line is
     unconditional), each with its prompt as report and provenance in JSON and PNG; a rerun changes no byte."""
