@@ -169,11 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(e)
 
     p = sub.add_parser("reproduce", help="a paper's headline experiment in miniature, one command")
-    p.add_argument("paper", choices=["cxr_ddpm"], help="cxr_ddpm: synthetic cohorts (Streiffer et al.)")
+    p.add_argument("paper", choices=["cxr_ddpm", "cheff"], help="cxr_ddpm: synthetic cohorts (Streiffer et al.); "
+                                                                "cheff: the cascaded latent diffusion (Weber et al.)")
     p.add_argument("--preset", choices=["tiny", "paper"], default="tiny",
                    help="tiny: a 2-core machine in <= 60 min; paper: the cluster configuration")
-    p.add_argument("--workdir", default="reproduce_out/cxr_ddpm", help="phantoms, reports, summary.json")
-    p.add_argument("--shards", default="file://data_shards/cxr_ddpm", help="URI for real / synthetic shards and the model")
+    p.add_argument("--workdir", default=None, help="phantoms, reports, summary.json (default reproduce_out/PAPER)")
+    p.add_argument("--shards", default=None, help="URI for shards and models (default file://data_shards/PAPER)")
     p.add_argument("--n", type=int, default=None, help="phantom images (default: the preset's)")
     _add_config_args(p)
 
@@ -424,14 +425,26 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from cxrray.reproduce import PRESETS, reproduce_cxr_ddpm
+    from cxrray.reproduce import CHEFF_PRESETS, PRESETS, reproduce_cheff, reproduce_cxr_ddpm
 
+    workdir = Path(args.workdir or f"reproduce_out/{args.paper}")
+    shards = (args.shards or f"file://data_shards/{args.paper}").rstrip("/")
+    if args.paper == "cheff":
+        preset = CHEFF_PRESETS[args.preset]
+        _phantom_salt(load_config(args.config or args.preset, preset["common"] + list(args.overrides)), "reproduce")
+        summary = reproduce_cheff(args.config or args.preset, list(args.overrides), preset, workdir,
+                                  args.n or preset["n"], shards)
+        e = summary["evaluation"]
+        print(json.dumps({"report": str(workdir / "reproduce.html"), "table2": e["table2"],
+                          "auroc": {r["label"]: r.get("auroc_generated") for r in e["conditioning"]},
+                          "device_removed": e["device_removal"]["removed_fraction"]}))
+        return 0
     preset = PRESETS[args.preset]
     cfg = load_config(args.config or args.preset, preset["overrides"] + list(args.overrides))
     _phantom_salt(cfg, "reproduce")
-    summary = reproduce_cxr_ddpm(cfg, Path(args.workdir), args.n or preset["n"], args.shards.rstrip("/"))
+    summary = reproduce_cxr_ddpm(cfg, workdir, args.n or preset["n"], shards)
     composite = summary["experiment"]["auroc"]["composite_slvh_dlv"]
-    print(json.dumps({"report": str(Path(args.workdir) / "reproduce.html"),
+    print(json.dumps({"report": str(workdir / "reproduce.html"),
                       "composite_auroc": {a: v["value"] for a, v in composite.items()},
                       "young_lift": summary["experiment"]["young_lift"]}))
     return 0

@@ -1,4 +1,9 @@
-"""`cxrray reproduce cxr_ddpm`: the paper's headline experiment in miniature, one command.
+"""`cxrray reproduce cxr_ddpm | cheff`: a paper's headline experiment in miniature, one command.
+
+cheff (`reproduce_cheff`): phantoms with reports -> ingest at the SR's size and at the latent model's ->
+KL autoencoder -> latent shards + tokenizer -> report-conditioned latent diffusion -> SR3 on bicubic pairs,
+then fine-tuned on D(E(x)) -> `cxrray evaluate generation` -> one HTML page (its report, the stages'
+training figures). Below, cxr_ddpm:
 
 phantoms (age visible in the heart, disease rising with age, young patients with heart disease thinned
 out) -> ingest -> covariate DDPM (age, sex, IVSd, LVIDd, LVPWd) -> the paper's cohort (age -0.23 sd x0.84,
@@ -136,3 +141,111 @@ def _page(summary: dict) -> str:
     return html.page("cxr_ddpm reproduced in miniature (phantoms)", sections,
                      "Ours: phantoms, a tiny covariate DDPM, CPU. Paper: Streiffer et al., CheXchoNet (71,589 images), "
                      "1000-step DDPM. Figures are reported as measured, whichever way they fall.")
+
+
+# Cheff in miniature: per stage, the model and its training length (each stage's own `--set`s)
+CHEFF_PRESETS = {
+    "tiny": {"n": 2000, "common": ["phantom.size=160", 'ingest.split_fractions={"train": 0.7, "val": 0.1, "test": 0.2}',
+                                   "train.global_batch=16", "train.lr=0.0005"],
+             "stages": {"vae": ["model.family=vae", "train.images=12000", "train.checkpoint_every=6000",
+                                "train.eval_every=6000", "train.log_every=1600"],
+                        "ldm": ["model.family=ldm", "train.images=16000", "train.checkpoint_every=8000",
+                                "train.eval_every=8000", "train.log_every=1600"],
+                        "sr_base": ["model.family=sr", "train.images=4000", "train.checkpoint_every=2000",
+                                    "train.eval_every=4000", "train.log_every=800"],
+                        "sr": ["model.family=sr", "model.degrade=autoencoder", "train.images=2000",
+                               "train.checkpoint_every=2000", "train.eval_every=2000", "train.log_every=800"]}},
+    "paper": {"n": 200_000, "common": ["phantom.size=1024", "train.use_gpu=true", "generation_eval.steps=150",
+                                       "generation_eval.images=2000", "generation_eval.prompts=2000",
+                                       "generation_eval.unconditional=2000"],
+              "stages": {"vae": ["model.family=vae", "train.images=10000000"],
+                         "ldm": ["model.family=ldm", "train.images=50000000"],
+                         "sr_base": ["model.family=sr", "train.images=10000000"],
+                         "sr": ["model.family=sr", "model.degrade=autoencoder", "train.images=5000000"]}},
+}
+
+
+def reproduce_cheff(source: str, overrides: list[str], preset: dict, workdir: Path, n: int, shards: str,
+                    progress=print) -> dict:
+    """Every Cheff stage (module doc) under `workdir` / `shards`, each with the preset's common and stage
+    `--set`s then the user's `overrides`; returns summary.json's content, the page at workdir/reproduce.html."""
+    from cxrray.config import load_config
+    from cxrray.data.ingest import ingest
+    from cxrray.data.phantom import generate
+    from cxrray.pipelines.generation_eval import run_generation_eval
+    from cxrray.pipelines.latents import latents
+    from cxrray.train.pretrain import pretrain
+
+    def config(stage: str | None = None, *extra: str):
+        return load_config(source, preset["common"] + (preset["stages"][stage] if stage else []) + list(extra)
+                           + list(overrides))
+
+    cfg = config()
+    workdir.mkdir(parents=True, exist_ok=True)
+    low = config("ldm").model.image_size
+    high = config("sr_base").model.image_size
+    uri = {k: f"{shards}/{k}" for k in ("real_high", "real_low", "vae", "latents", "ldm", "sr_base", "sr")}
+    phantoms = workdir / "phantoms"
+    progress(f"[reproduce cheff] 1/8 phantoms: {n} DICOMs with reports")
+    if not (phantoms / "labels.csv").exists() or len((phantoms / "labels.csv").read_text().splitlines()) != n + 1:
+        step = max(1, n // 5)
+        generate(n, phantoms, cfg.phantom, progress=lambda d, t: (d % step == 0 or d == t) and progress(f"[phantoms] {d}/{t}"))
+    progress(f"[reproduce cheff] 2/8 ingest at {high}² and {low}²")
+    for key, size in (("real_high", high), ("real_low", low)):
+        ingest(phantoms, uri[key], config(None, f"ingest.size={size}").ingest, source="folder",
+               metadata=phantoms / "labels.csv", progress=progress)
+    runs = {}
+    progress("[reproduce cheff] 3/8 KL autoencoder")
+    runs["vae"] = pretrain(config("vae"), uri["real_low"], uri["vae"], progress=progress)
+    progress("[reproduce cheff] 4/8 latent shards + report tokenizer")
+    latents(uri["vae"], uri["real_low"], uri["latents"], cfg.latents)
+    progress("[reproduce cheff] 5/8 report-conditioned latent diffusion")
+    runs["ldm"] = pretrain(config("ldm", f"model.vae_checkpoint={uri['vae']}"), uri["latents"], uri["ldm"], progress=progress)
+    progress("[reproduce cheff] 6/8 SR3 on bicubic pairs")
+    runs["sr_base"] = pretrain(config("sr_base"), uri["real_high"], uri["sr_base"], progress=progress)
+    progress("[reproduce cheff] 7/8 SR3 fine-tuned on D(E(x))")
+    runs["sr"] = pretrain(config("sr", f"model.vae_checkpoint={uri['vae']}", f"model.init_from={uri['sr_base']}"),
+                          uri["real_high"], uri["sr"], progress=progress)
+    progress("[reproduce cheff] 8/8 evaluate generation")
+    evaluation = run_generation_eval(uri["ldm"], uri["real_high"], f"file://{(workdir / 'evaluation').resolve()}", cfg,
+                                     sr=uri["sr"], sr_base=uri["sr_base"], progress=progress)
+    from cxrray.io.loading import resolve_checkpoint
+
+    def last_metrics(run: dict) -> dict:
+        return json.loads(resolve_checkpoint(run["latest_checkpoint"]).read_bytes("state.json")).get("metrics", {})
+
+    summary = {"sizes": {"ldm": low, "sr": high}, "phantoms": n,
+               "training": {k: {"images_shown": r["images_shown"], "metrics": last_metrics(r)} for k, r in runs.items()},
+               "evaluation": {k: evaluation[k] for k in ("table2", "quality", "diversity", "conditioning",
+                                                         "device_removal", "paper", "not_measured")}}
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    page = workdir / "reproduce.html"
+    page.write_text(_cheff_page(summary))
+    progress(f"[reproduce cheff] done: {page} (evaluation/report.html beside it)")
+    return summary
+
+
+def _cheff_page(summary: dict) -> str:
+    e = summary["evaluation"]
+    training = [{"stage": k, "images_shown": v["images_shown"],
+                 **{m: v["metrics"].get(m) for m in ("loss", "psnr", "ssim", "sr_psnr", "bicubic_psnr")}}
+                for k, v in summary["training"].items()]
+    auroc = [{"label": r["label"], "ours": r.get("auroc_generated"), "ci": r.get("auroc_ci"), "judge on real": r.get("auroc_real"),
+              "target": 0.8 if r["label"] in ("effusion", "cardiomegaly", "chest_tube", "pacemaker") else None}
+             for r in e["conditioning"]]
+    q = e["quality"]["judge_features"]["synthetic_vs_test"]
+    sections = [
+        ("Table 2 analogue (ours beside the paper's)", html.table(e["table2"], ["stage", "size", "mse", "psnr", "ssim",
+                                                                              "paper_psnr", "paper_ssim"], 4)),
+        ("Generation", html.table([{"": "ours (judge features, vs real test)", "fid": q["fid"], "kid": q["kid"]},
+                                   {"": "paper, Cheff (Inception)", "fid": e["paper"]["fid"], "kid": e["paper"]["kid"]},
+                                   {"": "paper, pixel-space cascade", "fid": e["paper"]["pixel_cascade_fid"],
+                                    "kid": e["paper"]["pixel_cascade_kid"]}], ["", "fid", "kid"], 4)),
+        ("Report conditioning: the judge's AUROC on samples from test reports", html.table(auroc, list(auroc[0]), 3)),
+        ("Device removal by inpainting", html.table([e["device_removal"]], [k for k in e["device_removal"] if k != "devices"], 4)),
+        ("Training", html.table(training, list(training[0]), 4)),
+        ("Details", '<p><a href="evaluation/report.html">evaluation report (grids, FID/KID, diversity, prevalence)</a></p>'),
+    ]
+    return html.page(f"Cheff reproduced in miniature (phantoms, {summary['sizes']['ldm']}² -> {summary['sizes']['sr']}²)",
+                     sections, "Ours: phantoms, tiny models, CPU. Paper: Weber et al., MaCheX (~650k images), 256² -> 1024². "
+                     "Figures are reported as measured, whichever way they fall. Not measured: " + "; ".join(e["not_measured"]))

@@ -77,6 +77,7 @@ def write_checkpoint(model, folder: Path, shown: int = 64) -> str:
 def test_family_contract(name, tmp_path):
     family = get_family(name)
     assert family.name == name and family.capabilities and set(family.presets) >= {"tiny", "small", "paper"}
+    assert all(family.preset(preset).family == name for preset in family.presets)  # every preset composes
     torch.manual_seed(0)
     model = family.build(tiny(name))
     # one loss step changes the weights and lowers nothing to NaN

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from cxrray.config import load_config
-from cxrray.reproduce import PRESETS
+from cxrray.reproduce import CHEFF_PRESETS, PRESETS
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -18,6 +18,15 @@ def test_presets_compose_into_valid_configs(name):
     assert cfg.model.image_size == cfg.ingest.size
     assert cfg.phantom.young_positive_keep < 1 and cfg.phantom.disease_age_slope > 0 and cfg.phantom.age_heart > 0.005
     assert cfg.train.global_batch % cfg.train.num_workers == 0
+
+
+@pytest.mark.parametrize("name", sorted(CHEFF_PRESETS))
+def test_cheff_presets_compose_a_cascade_whose_stages_fit_together(name):
+    preset = CHEFF_PRESETS[name]
+    stages = {k: load_config(name, preset["common"] + extra).model for k, extra in preset["stages"].items()}
+    assert [m.family for m in stages.values()] == ["vae", "ldm", "sr", "sr"] and stages["sr"].degrade == "autoencoder"
+    assert stages["vae"].image_size == stages["ldm"].image_size == stages["sr"].low_size == stages["sr_base"].low_size
+    assert stages["ldm"].beta_end == 0.0295 and stages["sr"].timesteps == 2000
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +92,27 @@ def test_reproduce_chain_runs_end_to_end_at_toy_size(ray_local, tmp_path, monkey
     assert "0.78" in page and "experiment/report.html" in page and (tmp_path / "out" / "audit" / "report.html").exists()
     # a rerun reuses every finished stage (phantoms, shards, model, cohort, fits; the audit refits its judge)
     assert main(args) == 0
+
+
+@pytest.mark.slow  # ~8 min: every Cheff stage at toy sizes (the figures mean nothing; the chain does)
+def test_reproduce_cheff_chain_runs_end_to_end_at_toy_size(ray_local, tmp_path, monkeypatch):
+    """phantoms -> ingest at 128² and 64² -> vae -> latents -> ldm -> sr base -> sr fine-tune -> evaluation -> page."""
+    from cxrray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    toy = ["train.images=32", "train.checkpoint_every=32", "train.eval_every=32", "train.log_every=16",
+           "train.eval_images=4", "train.sample_steps=2", "generation_eval.images=8", "generation_eval.prompts=8",
+           "generation_eval.unconditional=8", "generation_eval.steps=2", "generation_eval.sr_steps=2",
+           "generation_eval.epochs=1", "generation_eval.inpaint_cases=2", "generation_eval.kid_subset=4",
+           "generation_eval.kid_subsets=2", "generation_eval.diversity_pairs=4", "generation_eval.min_positives=2",
+           "latents.vocab_size=300", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    args = ["reproduce", "cheff", "--n", "200", "--workdir", str(tmp_path / "out"), "--shards", f"file://{tmp_path}/shards",
+            *[a for item in toy for a in ("--set", item)]]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["sizes"] == {"ldm": 64, "sr": 128}
+    assert all(v["images_shown"] == 32 for v in summary["training"].values()) and len(summary["training"]) == 4
+    assert [r["stage"] for r in summary["evaluation"]["table2"]][0] == "autoencoder alone: D(E(x))"
+    assert len(summary["evaluation"]["table2"]) == 5 and summary["evaluation"]["device_removal"]["cases"] == 2
+    page = (tmp_path / "out" / "reproduce.html").read_text()
+    assert "36.8" in page and "11.58" in page and (tmp_path / "out" / "evaluation" / "report.html").exists()

@@ -68,8 +68,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # this machine: 64 -> 128
     "tiny": {"image_size": 128, "low_size": 64, "base_channels": 32, "channel_mult": (1, 1, 2, 2),
              "attention_resolutions": (), "layers_per_block": 1},
-    "small": {"image_size": 512, "low_size": 256, "base_channels": 64, "channel_mult": (1, 1, 2, 2, 4)},
-    # Cheff: 256 -> 1024, SR3 with T = 2000 and a cosine schedule
+    "small": {"image_size": 512, "low_size": 256, "base_channels": 64, "channel_mult": (1, 1, 2, 2, 4),
+              "attention_resolutions": (32,)},
+    # Cheff: 256 -> 1024, SR3 with T = 2000 and a cosine schedule; six levels reach 32², where the attention
+    # sits (16² was written here before and is not a level of this U-Net: the preset did not compose)
     "paper": {"image_size": 1024, "low_size": 256, "base_channels": 64, "channel_mult": (1, 1, 2, 2, 4, 4),
-              "attention_resolutions": (16,)},
+              "attention_resolutions": (32,)},
 }
