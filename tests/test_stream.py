@@ -153,6 +153,7 @@ def count_rows_loop(config):
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
+@pytest.mark.slow  # ~40 s; every pretraining test streams shards into Ray Train workers (the suite is held to 20 min)
 def test_stream_feeds_ray_train_workers(shards, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

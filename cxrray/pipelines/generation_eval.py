@@ -155,7 +155,7 @@ def conditioning(judge: FindingJudge, findings: list[str], conditional: torch.Te
         known, known_real = ~np.isnan(y_src), ~np.isnan(y_real)
         pos, pos_real = int(y_src[known].sum()), int(y_real[known_real].sum())
         row = {"label": name, "prompts_with": pos, "prompts_without": int(known.sum()) - pos}
-        if min(pos, int(known.sum()) - pos, pos_real) < min(cfg.min_positives, 2):
+        if min(pos, int(known.sum()) - pos, pos_real, int(known_real.sum()) - pos_real) < cfg.min_positives:
             rows.append({**row, "note": "too few positives or negatives to judge"})
             continue
         auc = float(roc_auc_score(y_src[known], p_cond[known, f]))
