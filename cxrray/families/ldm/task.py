@@ -74,10 +74,11 @@ def prepare(cfg: LDMConfig, data_uri: str) -> LDMConfig:
     vae_cfg = frozen_config(cfg.vae_checkpoint, "model.vae_checkpoint")
     manifest = read_manifest(data_uri)
     section = manifest.get("latents")
+    ours = resolve_checkpoint(cfg.vae_checkpoint).uri  # absolute: workers resolve it in another directory
     update = {"image_size": vae_cfg.image_size, "latent_size": vae_cfg.latent_size,
-              "latent_channels": vae_cfg.latent_channels, "in_channels": vae_cfg.in_channels}
+              "latent_channels": vae_cfg.latent_channels, "in_channels": vae_cfg.in_channels, "vae_checkpoint": ours}
     if section:
-        made_by, ours = section["vae"]["checkpoint"], resolve_checkpoint(cfg.vae_checkpoint).uri
+        made_by = section["vae"]["checkpoint"]
         if made_by != ours:
             raise InputError(f"{data_uri} holds latents of the autoencoder {made_by}, not of model.vae_checkpoint "
                              f"{ours}: rerun `cxrray latents` or point at that autoencoder")

@@ -29,7 +29,12 @@ def loss(model: SuperResolution, batch: dict, generator: torch.Generator | None 
 
 
 def prepare(cfg: SRConfig, data_uri: str) -> SRConfig:
-    """The autoencoder's config for the D(E(x)) fine-tune (from `vae_checkpoint`)."""
+    """The autoencoder's config for the D(E(x)) fine-tune (from `vae_checkpoint`); `init_from` and
+    `vae_checkpoint` as absolute checkpoint URIs (workers resolve them in another directory)."""
+    from cxrray.io.checkpoint import resolve_checkpoint
+
+    if cfg.init_from:
+        cfg = SRConfig(**{**cfg.model_dump(), "init_from": resolve_checkpoint(cfg.init_from).uri})
     if cfg.degrade != "autoencoder":
         return cfg
     if not cfg.vae_checkpoint:
@@ -37,7 +42,8 @@ def prepare(cfg: SRConfig, data_uri: str) -> SRConfig:
     from cxrray.families.vae.task import frozen_config
 
     vae_cfg = frozen_config(cfg.vae_checkpoint, "model.vae_checkpoint")
-    return SRConfig(**{**cfg.model_dump(), "vae": vae_cfg, "low_size": vae_cfg.image_size})
+    return SRConfig(**{**cfg.model_dump(), "vae": vae_cfg, "low_size": vae_cfg.image_size,
+                       "vae_checkpoint": resolve_checkpoint(cfg.vae_checkpoint).uri})
 
 
 def initialise(model: SuperResolution) -> None:
