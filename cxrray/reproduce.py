@@ -51,7 +51,6 @@ def reproduce_cxr_ddpm(cfg: Config, workdir: Path, n: int, shards: str, progress
     """Run every stage (module doc) under `workdir` / `shards`; returns the summary written to
     workdir/summary.json, the page at workdir/reproduce.html."""
     from cxrray.data.ingest import ingest
-    from cxrray.data.phantom import generate
     from cxrray.pipelines.cohort import CohortSpec, describe, draw
     from cxrray.pipelines.experiment import run_experiment
     from cxrray.pipelines.generate import generate_cohort
@@ -64,9 +63,7 @@ def reproduce_cxr_ddpm(cfg: Config, workdir: Path, n: int, shards: str, progress
     phantoms = workdir / "phantoms"
     progress(f"[reproduce] 1/7 phantoms: {n} DICOMs (age_heart {cfg.phantom.age_heart}, disease_age_slope "
              f"{cfg.phantom.disease_age_slope}, young_positive_keep {cfg.phantom.young_positive_keep})")
-    step = max(1, n // 5)
-    if not (phantoms / "labels.csv").exists() or len((phantoms / "labels.csv").read_text().splitlines()) != n + 1:
-        generate(n, phantoms, cfg.phantom, progress=lambda d, t: (d % step == 0 or d == t) and progress(f"[phantoms] {d}/{t}"))
+    _phantoms(n, phantoms, cfg.phantom, progress)
     progress(f"[reproduce] 2/7 ingest -> {real}")
     manifest = ingest(phantoms, real, cfg.ingest, source="folder", metadata=phantoms / "labels.csv", progress=progress)
     progress(f"[reproduce] 3/7 covariate DDPM to {cfg.train.images:,} images -> {run}")
@@ -90,11 +87,27 @@ def reproduce_cxr_ddpm(cfg: Config, workdir: Path, n: int, shards: str, progress
                "model": {"checkpoint": checkpoint, "images_shown": status["images_shown"]},
                "composition": composition, "synthetic": synthetic, "experiment": _headline(experiment),
                "audit": {"fidelity": audit["fidelity"], "quality": audit["quality"], "memorisation": audit["memorisation"]}}
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
-    page = workdir / "reproduce.html"
-    page.write_text(_page(summary))
+    page = _write(workdir, summary, _page(summary))
     progress(f"[reproduce] done: {page} (experiment/report.html, audit/report.html beside it)")
     return summary
+
+
+def _phantoms(n: int, folder: Path, phantom_cfg, progress) -> None:
+    """n phantom DICOMs under `folder`, unless the folder already holds exactly n (a rerun)."""
+    from cxrray.data.phantom import generate
+
+    labels = folder / "labels.csv"
+    if not labels.exists() or len(labels.read_text().splitlines()) != n + 1:
+        step = max(1, n // 5)
+        generate(n, folder, phantom_cfg, progress=lambda d, t: (d % step == 0 or d == t) and progress(f"[phantoms] {d}/{t}"))
+
+
+def _write(workdir: Path, summary: dict, page_html: str) -> Path:
+    """summary.json and reproduce.html under `workdir`; returns the page's path."""
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    page = workdir / "reproduce.html"
+    page.write_text(page_html)
+    return page
 
 
 def _headline(metrics: dict) -> dict:
@@ -174,7 +187,6 @@ def reproduce_cheff(source: str, overrides: list[str], preset: dict, workdir: Pa
     `--set`s then the user's `overrides`; returns summary.json's content, the page at workdir/reproduce.html."""
     from cxrray.config import load_config
     from cxrray.data.ingest import ingest
-    from cxrray.data.phantom import generate
     from cxrray.pipelines.generation_eval import run_generation_eval
     from cxrray.pipelines.latents import latents
     from cxrray.train.pretrain import pretrain
@@ -190,9 +202,7 @@ def reproduce_cheff(source: str, overrides: list[str], preset: dict, workdir: Pa
     uri = {k: f"{shards}/{k}" for k in ("real_high", "real_low", "vae", "latents", "ldm", "sr_base", "sr")}
     phantoms = workdir / "phantoms"
     progress(f"[reproduce cheff] 1/8 phantoms: {n} DICOMs with reports")
-    if not (phantoms / "labels.csv").exists() or len((phantoms / "labels.csv").read_text().splitlines()) != n + 1:
-        step = max(1, n // 5)
-        generate(n, phantoms, cfg.phantom, progress=lambda d, t: (d % step == 0 or d == t) and progress(f"[phantoms] {d}/{t}"))
+    _phantoms(n, phantoms, cfg.phantom, progress)
     progress(f"[reproduce cheff] 2/8 ingest at {high}² and {low}²")
     for key, size in (("real_high", high), ("real_low", low)):
         ingest(phantoms, uri[key], config(None, f"ingest.size={size}").ingest, source="folder",
@@ -221,9 +231,7 @@ def reproduce_cheff(source: str, overrides: list[str], preset: dict, workdir: Pa
                "training": {k: {"images_shown": r["images_shown"], "metrics": last_metrics(r)} for k, r in runs.items()},
                "evaluation": {k: evaluation[k] for k in ("table2", "quality", "diversity", "conditioning",
                                                          "device_removal", "paper", "not_measured")}}
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
-    page = workdir / "reproduce.html"
-    page.write_text(_cheff_page(summary))
+    page = _write(workdir, summary, _cheff_page(summary))
     progress(f"[reproduce cheff] done: {page} (evaluation/report.html beside it)")
     return summary
 
