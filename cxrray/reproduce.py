@@ -230,7 +230,7 @@ def reproduce_cheff(source: str, overrides: list[str], preset: dict, workdir: Pa
     summary = {"sizes": {"ldm": low, "sr": high}, "phantoms": n,
                "training": {k: {"images_shown": r["images_shown"], "metrics": last_metrics(r)} for k, r in runs.items()},
                "evaluation": {k: evaluation[k] for k in ("table2", "quality", "diversity", "conditioning",
-                                                         "device_removal", "paper", "not_measured")}}
+                                                         "laterality", "device_removal", "paper", "not_measured")}}
     page = _write(workdir, summary, _cheff_page(summary))
     progress(f"[reproduce cheff] done: {page} (evaluation/report.html beside it)")
     return summary
@@ -253,6 +253,10 @@ def _cheff_page(summary: dict) -> str:
                                    {"": "paper, pixel-space cascade", "fid": e["paper"]["pixel_cascade_fid"],
                                     "kid": e["paper"]["pixel_cascade_kid"]}], ["", "fid", "kid"], 4)),
         ("Report conditioning: the judge's AUROC on samples from test reports", html.table(auroc, list(auroc[0]), 3)),
+        ("Laterality: the judge's side of samples whose report gives one (target 0.8)",
+         html.table([{k: r.get(k) for k in ("label", "prompts_right", "prompts_left", "accuracy_generated", "accuracy_ci",
+                                            "accuracy_real", "note")} for r in e["laterality"]],
+                    ["label", "prompts_right", "prompts_left", "accuracy_generated", "accuracy_ci", "accuracy_real", "note"], 3)),
         ("Device removal by inpainting", html.table([e["device_removal"]], [k for k in e["device_removal"] if k != "devices"], 4)),
         ("Training", html.table(training, list(training[0]), 4)),
         ("Details", '<p><a href="evaluation/report.html">evaluation report (grids, FID/KID, diversity, prevalence)</a></p>'),

@@ -342,7 +342,7 @@ def test_evaluate_generation_writes_the_papers_measures_beside_ours(job, ldm_run
     stages = [r["stage"] for r in result["table2"]]
     assert stages == ["autoencoder alone: D(E(x))", "SR alone (as given): SR(x)", "SR alone (base): SR(x)",
                       "cascade: SR(D(E(x)))", "bicubic upscaling of x"]
-    test = RealSet(f"file://{job['data']}", "test", 32, limit=16)
+    test = RealSet(f"file://{job['data']}", "test", 32, GenerationEvalConfig().laterality, limit=16)
     cheff = Cheff.load(str(ldm_run[0]))
     low = resize(test.images, 16)
     direct = reconstruction_metrics(low, cheff.reconstruct(low))
@@ -354,7 +354,14 @@ def test_evaluate_generation_writes_the_papers_measures_beside_ours(job, ldm_run
     assert judged and all(0 <= r["auroc_generated"] <= 1 and 0 <= r["prevalence_real"] <= 1 for r in judged)
     removal = result["device_removal"]
     assert removal["cases"] == 4 and 0 < removal["mask_fraction"] < 0.5 and removal["error_inside_original"] > 0.02
-    assert "laterality" in result["not_measured"][0]
+    # laterality: a row per lateral label; the sided prompts are the test reports' own sides
+    with_report = [i for i, r in enumerate(test.reports) if r][:16]
+    assert [r["label"] for r in result["laterality"]] == list(GenerationEvalConfig().laterality)
+    for j, row in enumerate(result["laterality"]):
+        sides = test.sides[with_report, j]
+        assert (row["prompts_right"], row["prompts_left"]) == (int((sides == 1).sum()), int((sides == 0).sum()))
+        assert "note" in row or (0 <= row["accuracy_generated"] <= 1 and 0 <= row["accuracy_real"] <= 1)
+    assert sum(r["prompts_right"] + r["prompts_left"] for r in result["laterality"]) > 0
     # the device-free phantom is the original outside the device's (grown) mask, and differs inside it
     cases = device_phantoms(GenerationEvalConfig(inpaint_cases=4), 16, "pad")
     for case in cases:

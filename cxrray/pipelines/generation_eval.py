@@ -3,20 +3,21 @@
 - Table 2 analogue on real test images (MSE / PSNR / SSIM against the original at each stage's output size):
   the autoencoder alone, D(E(x)); SR alone (each SR model given: base, fine-tuned) from the image at the
   latent model's size; the cascade SR(D(E(x))); plain bicubic upscaling of the same input.
-- A judge (conv trunk + one logit per label) trained on the real training split reads findings and devices;
-  its trunk is the feature space of FID / KID (torchmetrics; Inception only from a local TorchScript file).
+- A judge (conv trunk + one logit per label, and one per lateral label for its side) trained on the real
+  training split reads findings, devices and the side a report gives them (cxrray.eval.laterality); its trunk
+  is the feature space of FID / KID (torchmetrics; Inception only from a local TorchScript file).
 - One sample per test-split report (its de-identified text as the prompt) and unconditional samples:
   FID / KID against real test images (real train vs test as the floor); MS-SSIM between random pairs
   (diversity; real test pairs as the reference); per label, the judge's AUROC on report-conditioned
   samples against the label of the report's own image (bootstrap CI; the judge on real test images is
   the ceiling); unconditional samples' judged prevalence against the judge's count on real test images
-  and the real labels (Wilson CIs).
+  and the real labels (Wilson CIs); per lateral label, laterality accuracy: the judged side of samples whose
+  prompt gives the label one side, against that side (Wilson CI; the judge on real test images is the ceiling).
 - Device removal on phantoms: the device's pixels (where the same phantom rendered without it differs),
   grown by `inpaint_dilate`, inpainted without a prompt; mean |error| inside the mask against the device-free
   render, for the inpainted image and for the original; PSNR outside the mask against the original, beside
   D(E(x))'s (the autoencoder's floor: the whole latent is decoded).
 
-Not measured: laterality of left/right prompts (the shards' labels carry no side; the note says so).
 Output (URI; also logged to MLflow, run "evaluate-generation"): generation_eval.json, report.html,
 samples.png, inpainting.png, outpainting.png.
 """
@@ -36,10 +37,12 @@ from cxrray.data.shards import jsonable, read_manifest, read_tar
 from cxrray.data.storage import Storage
 from cxrray.errors import InputError
 from cxrray.eval import html
+from cxrray.eval.laterality import side_targets
 from cxrray.eval.reconstruction import reconstruction_metrics
 from cxrray.families.sr.network import resize
 from cxrray.pipelines.cheff import Cheff
 from cxrray.pipelines.settings import GenerationEvalConfig
+from cxrray.pipelines.synthetic_audit import ScriptedFeatures, apply_batched, image_quality
 
 #: the paper's Table 2 (256² test set; SR 256 -> 1024) and generation figures, quoted beside ours
 PAPER = {"autoencoder": {"mse": 0.0005, "psnr": 36.80, "ssim": 0.9926}, "sr_base": {"psnr": 24.59},
@@ -50,9 +53,10 @@ REPORT_TARGETS = ("effusion", "cardiomegaly", "chest_tube", "pacemaker")  # the 
 
 class RealSet:
     """A split of real shards: images float32 [N, 1, S, S] in [-1, 1], labels float [N, F] (NaN unknown),
-    de-identified reports and keys, in sample-key order."""
+    sides float [N, L] (1 right, 0 left, NaN: the report gives the label no single side), de-identified
+    reports and keys, in sample-key order."""
 
-    def __init__(self, uri: str, split: str, size: int, limit: int | None = None):
+    def __init__(self, uri: str, split: str, size: int, laterality: dict[str, list[str]], limit: int | None = None):
         store = Storage(uri)
         manifest = read_manifest(store)
         self.findings = list(manifest.get("label_vocabulary", []))
@@ -69,10 +73,12 @@ class RealSet:
                                 for _, _, m in rows], dtype=np.float32).reshape(len(rows), len(self.findings))
         self.reports = [" ".join((m.get("report") or "").split()) for _, _, m in rows]
         self.keys = [k for k, _, _ in rows]
+        self.sides = side_targets(self.reports, laterality)
 
 
 class FindingJudge(nn.Module):
-    """image [B, 1, S, S] in [-1, 1] -> one logit per label; `features(image)` [B, F] is the FID / KID space."""
+    """image [B, 1, S, S] in [-1, 1] -> logits [B, labels + sides]: one per label, then one per lateral label
+    (its side, 1 = right); `features(image)` [B, F] is the FID / KID space."""
 
     def __init__(self, labels: int, width: int):
         from cxrray.pipelines.detector import conv_trunk
@@ -90,26 +96,31 @@ def _masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.binary_cross_entropy_with_logits(logits[known], labels[known])
 
 
-def _apply(fn, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([fn(images[i:i + batch]) for i in range(0, len(images), batch)])
-
-
-def train_judge(train: RealSet, val: RealSet, cfg: GenerationEvalConfig) -> tuple[FindingJudge, dict]:
-    """The judge at its best validation loss (early stopping), and its training record."""
+def train_judge(train: RealSet, val: RealSet, cfg: GenerationEvalConfig,
+                progress=lambda line: None) -> tuple[FindingJudge, dict]:
+    """The judge at its best validation loss (early stopping), and its training record; a progress line per epoch."""
     from cxrray.pipelines.detector_fits import train_epochs
 
     torch.manual_seed(cfg.seed)
-    judge = FindingJudge(len(train.findings), cfg.width)
-    data = {"image": train.images, "labels": torch.from_numpy(train.labels)}
-    val_labels = torch.from_numpy(val.labels)
+    judge = FindingJudge(len(train.findings) + train.sides.shape[1], cfg.width)
+    targets = lambda s: torch.from_numpy(np.concatenate([s.labels, s.sides], axis=1))  # noqa: E731
+    data = {"image": train.images, "labels": targets(train)}
+    val_labels = targets(val)
 
     def validate(net) -> float:
         net.eval()
-        return float(_masked_bce(_apply(net, val.images), val_labels))
+        return float(_masked_bce(apply_batched(net, val.images), val_labels))
+
+    start = time.perf_counter()
+
+    def report(m: dict) -> None:
+        per_epoch = (time.perf_counter() - start) / m["epoch"]
+        progress(f"[evaluate generation] judge epoch {m['epoch']}/{cfg.epochs}: val BCE {m['val_nll']:.4f} (best "
+                 f"{m['best_val_nll']:.4f} at {m['best_epoch']}), {per_epoch:.0f} s/epoch, "
+                 f"at most {per_epoch * (cfg.epochs - m['epoch']):.0f} s left")
 
     state, best, epoch, history = train_epochs(judge, judge, data, lambda m, b: _masked_bce(m(b["image"]), b["labels"]),
-                                               validate, cfg, cfg.seed)
+                                               validate, cfg, cfg.seed, report=report)
     judge.load_state_dict(state)
     return judge.eval(), {"best_epoch": epoch, "best_val_bce": best, "epochs_run": len(history)}
 
@@ -146,9 +157,9 @@ def conditioning(judge: FindingJudge, findings: list[str], conditional: torch.Te
 
     from cxrray.eval.stats import bootstrap_ci
 
-    p_cond = torch.sigmoid(_apply(judge, conditional)).numpy()
-    p_real = torch.sigmoid(_apply(judge, test.images)).numpy()
-    p_unc = torch.sigmoid(_apply(judge, unconditional)).numpy()
+    p_cond = torch.sigmoid(apply_batched(judge, conditional)).numpy()[:, :len(findings)]
+    p_real = torch.sigmoid(apply_batched(judge, test.images)).numpy()[:, :len(findings)]
+    p_unc = torch.sigmoid(apply_batched(judge, unconditional)).numpy()[:, :len(findings)]
     rows = []
     for f, name in enumerate(findings):
         y_src, y_real = source_labels[:, f], test.labels[:, f]
@@ -167,6 +178,28 @@ def conditioning(judge: FindingJudge, findings: list[str], conditional: torch.Te
                      "prevalence_judged_real": k_judged_real / int(known_real.sum()),
                      "prevalence_real": pos_real / int(known_real.sum()),
                      "prevalence_real_ci": _wilson(pos_real, int(known_real.sum()))})
+    return rows
+
+
+def laterality(judge: FindingJudge, findings: list[str], conditional: torch.Tensor, prompt_sides: np.ndarray,
+               test: RealSet, train: RealSet, cfg: GenerationEvalConfig) -> list[dict]:
+    """Per lateral label: accuracy of the judged side of samples whose prompt gives the label one side, and of
+    real test images whose report does (Wilson CIs); judged only with `min_positives` of each side in train."""
+    side_cond = torch.sigmoid(apply_batched(judge, conditional)).numpy()[:, len(findings):] > 0.5
+    side_real = torch.sigmoid(apply_batched(judge, test.images)).numpy()[:, len(findings):] > 0.5
+    rows = []
+    for j, name in enumerate(cfg.laterality):
+        stated, stated_real, in_train = ~np.isnan(prompt_sides[:, j]), ~np.isnan(test.sides[:, j]), train.sides[:, j]
+        row = {"label": name, "prompts_right": int((prompt_sides[stated, j] == 1).sum()),
+               "prompts_left": int((prompt_sides[stated, j] == 0).sum()),
+               "train_right": int((in_train == 1).sum()), "train_left": int((in_train == 0).sum())}
+        if min(row["train_right"], row["train_left"]) < cfg.min_positives or not stated.any():
+            rows.append({**row, "note": "too few sided reports to learn or judge the side"})
+            continue
+        hit = int((side_cond[stated, j] == (prompt_sides[stated, j] == 1)).sum())
+        hit_real = int((side_real[stated_real, j] == (test.sides[stated_real, j] == 1)).sum())
+        rows.append({**row, "accuracy_generated": hit / int(stated.sum()), "accuracy_ci": _wilson(hit, int(stated.sum())),
+                     "accuracy_real": hit_real / max(int(stated_real.sum()), 1), "real_sided": int(stated_real.sum())})
     return rows
 
 
@@ -285,7 +318,6 @@ def run_generation_eval(ldm: str, data_uri: str, output_uri: str, cfg, sr: str |
     """The measures of the module doc for the cascade (`ldm`, optional `sr`, and `sr_base` for Table 2's
     base row) against the real shards at `data_uri`; returns generation_eval.json."""
     from cxrray.eval.grids import save_grid
-    from cxrray.pipelines.synthetic_audit import ScriptedFeatures, image_quality
     from cxrray.tracking import RunLogger, start_run, tracking_uri
 
     ec: GenerationEvalConfig = cfg.generation_eval
@@ -295,28 +327,29 @@ def run_generation_eval(ldm: str, data_uri: str, output_uri: str, cfg, sr: str |
     if not cheff.ldm.model.cfg.text:
         raise InputError(f"{ldm} is not report-conditioned: conditioning accuracy needs prompts")
     size = cheff.output_size
-    train, val = RealSet(data_uri, ec.train_split, size), RealSet(data_uri, ec.val_split, size)
-    test = RealSet(data_uri, ec.test_split, size)
+    train, val, test = (RealSet(data_uri, split, size, ec.laterality)
+                        for split in (ec.train_split, ec.val_split, ec.test_split))
     progress(f"[evaluate generation] judge on {len(train.keys)} real images (val {len(val.keys)}) at {size}²; "
              f"test {len(test.keys)}")
-    judge, record = train_judge(train, val, ec)
+    judge, record = train_judge(train, val, ec, progress)
     rows = table2(cheff, base, test.images[:ec.images], ec)
     with_report = [i for i, r in enumerate(test.reports) if r][:ec.prompts]
     conditional = _sample(cheff, [test.reports[i] for i in with_report], ec, "report-conditioned", progress)
     unconditional = _sample(cheff, [None] * ec.unconditional, ec, "unconditional", progress)
     sets = {"synthetic": conditional, "train": train.images, "test": test.images}
-    quality = {"judge_features": image_quality({k: _apply(judge.features, v) for k, v in sets.items()}, ec)}
+    quality = {"judge_features": image_quality({k: apply_batched(judge.features, v) for k, v in sets.items()}, ec)}
     if scripted is not None:
-        quality["torchscript_features"] = image_quality({k: _apply(scripted, v) for k, v in sets.items()}, ec)
+        quality["torchscript_features"] = image_quality({k: apply_batched(scripted, v) for k, v in sets.items()}, ec)
     diversity = {"report_conditioned": ms_ssim(conditional, ec.diversity_pairs, ec.seed),
                  "unconditional": ms_ssim(unconditional, ec.diversity_pairs, ec.seed),
                  "real_test": ms_ssim(test.images, ec.diversity_pairs, ec.seed)}
     labels = conditioning(judge, test.findings, conditional, test.labels[with_report], test, unconditional, ec)
+    sides = laterality(judge, test.findings, conditional, test.sides[with_report], test, train, ec)
     removal, paint_grids = device_removal(cheff, device_phantoms(ec, cheff.image_size, cfg.ingest.fit), ec)
     result = {"ldm": ldm, "sr": sr, "sr_base": sr_base, "data": data_uri, "output_size": size, "judge": record,
               "table2": rows, "quality": quality, "diversity": diversity, "conditioning": labels,
-              "device_removal": removal, "paper": PAPER, "config": ec.model_dump(mode="json"),
-              "not_measured": ["laterality of left/right prompts: the shards' labels carry no side"]}
+              "laterality": sides, "device_removal": removal, "paper": PAPER, "config": ec.model_dump(mode="json"),
+              "not_measured": ["the paper's own figures for conditioning (it shows pictures only)"]}
     out = Storage(output_uri)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -336,7 +369,9 @@ def run_generation_eval(ldm: str, data_uri: str, output_uri: str, cfg, sr: str |
         logger.metrics({f"table2_psnr/{i}": r["psnr"] for i, r in enumerate(rows)}
                        | {"fid_vs_test": quality["judge_features"]["synthetic_vs_test"]["fid"],
                           "removed_fraction": removal["removed_fraction"]}
-                       | {f"auroc/{r['label']}": r["auroc_generated"] for r in labels if "auroc_generated" in r}, step=0)
+                       | {f"auroc/{r['label']}": r["auroc_generated"] for r in labels if "auroc_generated" in r}
+                       | {f"laterality/{r['label']}": r["accuracy_generated"] for r in sides if "accuracy_generated" in r},
+                       step=0)
         for path in sorted(folder.iterdir()):
             out.write_bytes(path.name, path.read_bytes())
             logger.artifact(path, "evaluate-generation")
@@ -344,7 +379,8 @@ def run_generation_eval(ldm: str, data_uri: str, output_uri: str, cfg, sr: str |
     judged = {r["label"]: r["auroc_generated"] for r in labels if "auroc_generated" in r}
     progress(f"[evaluate generation] autoencoder PSNR {rows[0]['psnr']:.2f} dB; FID vs test "
              f"{quality['judge_features']['synthetic_vs_test']['fid']:.3f}; AUROC "
-             + ", ".join(f"{k} {v:.2f}" for k, v in judged.items())
+             + ", ".join(f"{k} {v:.2f}" for k, v in judged.items()) + "; laterality "
+             + ", ".join(f"{r['label']} {r['accuracy_generated']:.2f}" for r in sides if "accuracy_generated" in r)
              + f"; device removed {removal['removed_fraction']:.0%}; report {out.url('report.html')}")
     return jsonable(result)
 
@@ -367,6 +403,9 @@ def _page(folder: Path, result: dict, cfg: GenerationEvalConfig) -> None:
         ("Diversity (MS-SSIM of random pairs; lower is more diverse)", html.table(div_rows, list(div_rows[0]), 4)),
         ("Conditioning accuracy and prevalence (judge trained on real images; target AUROC >= 0.8 for "
          + ", ".join(REPORT_TARGETS) + ")", html.table(result["conditioning"], cond_cols, 3)),
+        ("Laterality: the judged side of samples whose prompt gives one (target accuracy >= 0.8)",
+         html.table(result["laterality"], ["label", "prompts_right", "prompts_left", "accuracy_generated", "accuracy_ci",
+                                           "accuracy_real", "real_sided", "train_right", "train_left", "note"], 3)),
         ("Device removal by inpainting (phantoms)", html.table([removal], [k for k in removal if k != "devices"], 4)
          + html.image(folder / "inpainting.png") + html.image(folder / "outpainting.png")),
     ]

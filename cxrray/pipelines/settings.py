@@ -187,6 +187,11 @@ class GenerationEvalConfig(StrictModel):
     kid_subset: int = Field(50, ge=2)
     kid_subsets: int = Field(50, ge=1)
     diversity_pairs: int = Field(64, ge=1)  # random pairs for MS-SSIM
+    # laterality: label -> lower-case keywords naming it in a report; the side a report gives it is read by
+    # cxrray.eval.laterality and learnt by the judge as one more logit per label (1 = right)
+    laterality: dict[str, list[str]] = Field(default_factory=lambda: {
+        "effusion": ["effusion"], "pneumothorax": ["pneumothorax"], "chest_tube": ["chest tube"],
+        "pacemaker": ["pacemaker"]})
     inpaint_cases: int = Field(16, ge=1)  # phantoms with a device, rendered with and without it
     inpaint_devices: list[str] = Field(default_factory=lambda: ["pacemaker", "chest_tube"])
     inpaint_dilate: int = Field(1, ge=0, le=16)  # pixels the device mask is grown by before inpainting

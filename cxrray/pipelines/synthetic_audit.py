@@ -58,8 +58,12 @@ def judge_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _apply(fn, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    return torch.cat([fn(images[i:i + batch]) for i in range(0, len(images), batch)]) if len(images) else torch.zeros(0)
+def apply_batched(fn, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """`fn` (a judge, its feature trunk, a scripted extractor) over `images` in batches, without gradients."""
+    if not len(images):
+        return torch.zeros(0)
+    with torch.no_grad():
+        return torch.cat([fn(images[i:i + batch]) for i in range(0, len(images), batch)])
 
 
 def train_judge(train: EchoSet, val: EchoSet, cfg: SyntheticAuditConfig) -> tuple[nn.Module, dict, dict]:
@@ -76,7 +80,7 @@ def train_judge(train: EchoSet, val: EchoSet, cfg: SyntheticAuditConfig) -> tupl
 
     def validate(net) -> float:
         net.eval()
-        return float(judge_loss(_apply(net, val_images), val_targets))
+        return float(judge_loss(apply_batched(net, val_images), val_targets))
 
     best_state, best, epoch, history = train_epochs(judge, judge, data, lambda m, b: judge_loss(m(b["image"]), b["target"]),
                                                     validate, cfg, cfg.seed)
@@ -90,7 +94,7 @@ def fidelity(judge: nn.Module, stats: dict, syn: EchoSet, test: EchoSet, seed: i
     from sklearn.metrics import roc_auc_score
 
     def judged(s: EchoSet) -> np.ndarray:
-        out = _apply(judge, _images(s)).numpy()
+        out = apply_batched(judge, _images(s)).numpy()
         return np.concatenate([out[:, :4] * stats["sd"] + stats["mean"], out[:, 4:]], axis=1)
 
     def r(a, b) -> float:
@@ -236,10 +240,10 @@ def run_synthetic_audit(synthetic_uri: str, train_uri: str, output_uri: str, cfg
     judge, stats, record = train_judge(train, val, ac)
     faithful = fidelity(judge, stats, syn, test, ac.seed)
     images = {"synthetic": _images(syn), "train": _images(train), "test": _images(test)}
-    feats = {k: _apply(judge.features, v) for k, v in images.items()}
+    feats = {k: apply_batched(judge.features, v) for k, v in images.items()}
     quality = {"judge_features": image_quality(feats, ac)}
     if scripted is not None:
-        quality["torchscript_features"] = image_quality({k: _apply(scripted, v) for k, v in images.items()}, ac)
+        quality["torchscript_features"] = image_quality({k: apply_batched(scripted, v) for k, v in images.items()}, ac)
     pooled = {k: nn.functional.adaptive_avg_pool2d(v, ac.pixel_size).flatten(1).numpy() for k, v in images.items()}
     feats = {k: v.numpy() for k, v in feats.items()}
     mu, sd = feats["train"].mean(axis=0), feats["train"].std(axis=0) + 1e-6
