@@ -450,6 +450,58 @@ def test_a_model_that_cannot_inpaint_says_so(server, artifacts):
     assert r.status_code == 422 and r.json()["error"] == "not_supported" and "cannot inpaint" in r.json()["detail"]
 
 
+# ---------------------------------------------------------------- the cascade's other stages: SR3 and the autoencoder
+
+def test_sr_upscales_and_the_autoencoder_reconstructs_an_upload_as_the_family_does(server, artifacts):
+    """/v1/upscale (an SR model: the upload read at its low side, seeded DDIM) and /v1/reconstruct (a VAE:
+    D(E(x))) answer the family's own images to PNG-16 precision, marked derived; each refuses what it cannot."""
+    from ray import serve
+
+    from cxrray.config import load_config
+    from cxrray.families import get_family
+    from cxrray.serve.uploads import prepare_image
+    from test_families import tiny
+
+    cfg = load_config("tiny", SETS)
+    torch.manual_seed(0)
+    models = {name: get_family(name).build(tiny(name)).eval() for name in ("sr", "vae")}
+    srv = {name: deploy_beside(server, write_checkpoint(m, artifacts.root / f"{name}-ckpt", 55), name)
+           for name, m in models.items()}
+    try:
+        sr_info, vae_info = (call(srv[n], "GET", "/v1/models").json() for n in ("sr", "vae"))
+        assert sr_info["endpoints"] == ["upscale"] and vae_info["endpoints"] == ["reconstruct"]
+        low = prepare_image(artifacts.images["png"], 16, cfg.ingest.fit, cfg.ingest.decode, PIXEL_LIMIT)
+        form = {"files": upload(artifacts.images["png"], "image/png"), "data": {"seed": "6", "steps": "3"}}
+        r = call(srv["sr"], "POST", "/v1/upscale", **form)
+        assert r.status_code == 200, r.text
+        direct = get_family("sr").upscale(models["sr"], torch.from_numpy(low)[None, None], steps=3,
+                                          generator=torch.Generator().manual_seed(6))
+        assert r.json()["size"] == 32 and torch.allclose(decoded(r.json()["image"]), direct[0, 0].clamp(-1, 1), atol=1e-4)
+        assert call(srv["sr"], "POST", "/v1/upscale", **form).json()["image"] == r.json()["image"]  # seeded
+        text = png_provenance(base64.b64decode(r.json()["image"]["data"]))
+        assert text.startswith("SYNTHETIC") and "upscaled from 16² to 32²" in text and "cxrray-sr" in text
+        for data, code, fragment in (({"steps": "3"}, "missing_field", "seed"), ({"seed": "1", "steps": "9"}, "out_of_range",
+                                     "steps must be in 1..4"), ({"seed": "1", "prompt": "x"}, "unknown_field", "prompt")):
+            bad = call(srv["sr"], "POST", "/v1/upscale", files=upload(artifacts.images["png"], "image/png"), data=data)
+            assert bad.status_code == 422 and bad.json()["error"] == code and fragment in bad.json()["detail"], bad.text
+
+        r = call(srv["vae"], "POST", "/v1/reconstruct", files=upload(artifacts.images["dicom"], "application/dicom"))
+        assert r.status_code == 200, r.text
+        x = torch.from_numpy(preprocess(artifacts.images["dicom"]))[None, None]
+        with torch.no_grad():
+            assert torch.allclose(decoded(r.json()["image"]), models["vae"](x)[0, 0], atol=1e-4)
+        assert "D(E(x))" in r.json()["provenance"] and "cxrray-vae" in r.json()["provenance"]
+        for target, path in ((srv["vae"], "/v1/upscale"), (srv["sr"], "/v1/reconstruct"), (server, "/v1/upscale"),
+                             (srv["vae"], "/v1/generate")):
+            kwargs = {"json": {"seed": 1}} if path == "/v1/generate" else {"files": upload(artifacts.images["png"], "image/png"),
+                                                                          "data": {"seed": "1"}}
+            no = call(target, "POST", path, **kwargs)
+            assert no.status_code == 422 and no.json()["error"] == "not_supported", (path, no.text)
+    finally:
+        for name in srv:
+            serve.delete(f"cxrray-{name}")
+
+
 # ---------------------------------------------------------------- errors
 
 def _multipart_stream(size: int):

@@ -28,7 +28,8 @@ calls only these fields, so it never branches on a family's class:
   "sample" capability: seeded images from noise, under those conditions where the family has them);
 - `inpaint(model, images, mask, GenerateRequest) -> Generated` (the "inpaint" capability): images [n, C, S, S]
   with the region where mask [n, C, S, S] is 1 generated anew under the request's conditions, the rest kept;
-- `upscale(model, low, steps, generator) -> images` (the "upscale" capability): super-resolution.
+- `upscale(model, low, steps, generator) -> images` (the "upscale" capability): super-resolution;
+- the "reconstruct" capability: the network's forward(images) is its reconstruction D(E(x)) (pyfunc, Serve).
 """
 from __future__ import annotations
 

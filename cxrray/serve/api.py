@@ -81,6 +81,9 @@ def _paint_form(mask: str) -> dict:
 
 
 INPAINT_FORM = _paint_form("nonzero pixels are generated anew, the rest is kept")
+UPSCALE_FORM = _form_schema({
+    "seed": {"type": "integer", "minimum": 0, "description": "seeds the noise: same request, same image"},
+    "steps": {"type": "integer", "minimum": 1, "description": "DDIM steps (at most serve.max_steps)"}})
 OUTPAINT_FORM = _paint_form("nonzero pixels are kept, everything else is generated")
 GENERATE_BODY = {"requestBody": {"required": True, "content": {"application/json": {
     "schema": GenerateBody.model_json_schema()}}}}
@@ -107,6 +110,9 @@ class HandleBackend:
     async def inpaint(self, image, mask, seed, steps, conditions, guidance, outpaint) -> dict:
         return await self.explainer.inpaint.remote(image, mask, seed, steps, conditions, guidance, outpaint)
 
+    async def transform(self, image, operation, seed, steps) -> dict:
+        return await self.explainer.transform.remote(image, operation, seed, steps)
+
 
 class LocalBackend:
     """One in-process `ModelService` (tests, benchmarks): the same answers without Serve."""
@@ -129,6 +135,9 @@ class LocalBackend:
 
     async def inpaint(self, image, mask, seed, steps, conditions, guidance, outpaint):
         return await asyncio.to_thread(self.service.inpaint, image, mask, seed, steps, conditions, guidance, outpaint)
+
+    async def transform(self, image, operation, seed, steps):
+        return await asyncio.to_thread(self.service.transform, image, operation, seed, steps)
 
 
 def _int(value, name: str, lo: int, hi: int) -> int:
@@ -266,8 +275,9 @@ def create_api(settings: dict, backend) -> FastAPI:
                                                  f"this service answers {', '.join(i.get('endpoints', [])) or 'nothing'}")
 
     async def image_of(data: bytes, i: dict) -> np.ndarray:
-        return await asyncio.to_thread(prepare_image, data, i["model"]["image_size"], settings["fit"], decode,
-                                       settings["max_pixels"])
+        """The upload decoded like ingest, at the model's input side (an SR model's: its low resolution)."""
+        return await asyncio.to_thread(prepare_image, data, i.get("input_size", i["model"]["image_size"]),
+                                       settings["fit"], decode, settings["max_pixels"])
 
     @app.get("/healthz")
     async def healthz():
@@ -385,5 +395,26 @@ def create_api(settings: dict, backend) -> FastAPI:
               summary="One radiograph with the masked region kept and everything around it generated")
     async def outpaint(request: Request):
         return await paint(request, outpaint=True)
+
+    @app.post("/v1/upscale", openapi_extra=UPSCALE_FORM,
+              summary="One radiograph super-resolved by an SR model (read at its low resolution; seeded DDIM)")
+    async def upscale(request: Request):
+        i = await info()
+        supported(i, "upscale")
+        fields, (data,) = await upload(request, {"seed", "steps"})
+        if "seed" not in fields:
+            raise ApiError(422, "missing_field", "form field `seed` is required")
+        seed = _int(fields["seed"], "seed", 0, MAX_SEED)
+        steps = _int(fields.get("steps", default_steps), "steps", 1, settings["max_steps"])
+        out = await _call(backend.transform(await image_of(data, i), "upscale", seed, steps))
+        return {"seed": seed, "steps": steps, **out}
+
+    @app.post("/v1/reconstruct", openapi_extra=_form_schema({}),
+              summary="One radiograph through an autoencoder, D(E(x)): what its latents keep")
+    async def reconstruct(request: Request):
+        i = await info()
+        supported(i, "reconstruct")
+        _, (data,) = await upload(request, set())
+        return await _call(backend.transform(await image_of(data, i), "reconstruct", 0, 0))
 
     return app

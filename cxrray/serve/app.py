@@ -17,7 +17,7 @@ from ray import serve
 
 from cxrray.config import Config, load_config
 from cxrray.serve.api import HandleBackend, create_api
-from cxrray.serve.models import Classifier, Explainer
+from cxrray.serve.models import Classifier, Explainer, endpoints_for
 from cxrray.serve.settings import DeploymentSettings
 from cxrray.tracking import tracking_uri
 
@@ -91,13 +91,12 @@ def run_server(checkpoint: str, probe: str | None, cfg: Config) -> int:
     from cxrray.pipelines.head import load_head
     from cxrray.runtime import ensure_ray
 
-    paints = []
+    answers = ["classify", "explain"] if probe else ["generate"]  # an MLflow URI: its family is read by the replicas
     if not checkpoint.startswith(("models:/", "runs:/")):
-        identity = model_identity(checkpoint)  # fail here, clearly, rather than in a replica
+        family = get_family(model_identity(checkpoint)["family"])  # fail here, clearly, rather than in a replica
         if probe:
-            get_family(identity["family"]).require("encode")  # a probe reads z
-        if get_family(identity["family"]).inpaint is not None:
-            paints = ["POST /v1/inpaint", "POST /v1/outpaint"]
+            family.require("encode")  # a probe reads z
+        answers = endpoints_for(family, bool(probe))
     if probe:
         load_head(probe)
     s = cfg.serve
@@ -108,8 +107,8 @@ def run_server(checkpoint: str, probe: str | None, cfg: Config) -> int:
     serve.run(make_app(checkpoint, probe, cfg), name="cxrray", route_prefix="/")
     url = f"http://{s.host}:{s.port}"
     print(json.dumps({"url": url, "auth": bool(os.environ.get(s.api_key_env)), "endpoints": [
-        "GET /healthz", "GET /docs", "GET /v1/openapi.json", "GET /v1/models"] + (
-        ["POST /v1/classify", "POST /v1/explain"] if probe else []) + ["POST /v1/generate"] + paints}), flush=True)
+        "GET /healthz", "GET /docs", "GET /v1/openapi.json", "GET /v1/models"] + [f"POST /v1/{a}" for a in answers]}),
+          flush=True)
 
     def stop(signum, frame):
         raise KeyboardInterrupt

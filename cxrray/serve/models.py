@@ -5,8 +5,10 @@ replica).
 
 The service is generic over the family's capabilities (`cxrray.families`): classify needs "encode" and a
 probe, explain needs "counterfactual" and a probe, generate needs "sample" (under the family's
-conditions), inpaint and outpaint need "inpaint". `info()["endpoints"]` lists what this model can answer;
-the ingress refuses the rest.
+conditions), inpaint and outpaint need "inpaint", upscale needs "upscale" (an SR model: the upload is read at
+its low-resolution side, `info()["input_size"]`) and reconstruct needs "reconstruct" (an autoencoder: its
+forward is D(E(x)), as for the MLflow pyfunc). `info()["endpoints"]` lists what this model can answer; the
+ingress refuses the rest.
 
 Model URIs: a checkpoint (`file://`, a path, `s3://`; a checkpoint directory or a pretraining output)
 or an MLflow model (`models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/RUN_ID/model`), whose
@@ -31,7 +33,16 @@ from cxrray.pipelines import derived as outputs
 
 #: endpoint -> (capability it needs, whether it needs a probe)
 ENDPOINTS = {"classify": ("encode", True), "explain": ("counterfactual", True), "generate": ("sample", False),
-             "inpaint": ("inpaint", False), "outpaint": ("inpaint", False)}
+             "inpaint": ("inpaint", False), "outpaint": ("inpaint", False), "upscale": ("upscale", False),
+             "reconstruct": ("reconstruct", False)}
+
+
+def endpoints_for(family, probe: bool) -> list[str]:
+    """The /v1 operations a model of `family` answers (by capability and callable, and a probe where needed)."""
+    callables = {"generate": family.generate, "inpaint": family.inpaint, "outpaint": family.inpaint,
+                 "upscale": family.upscale}
+    return [name for name, (capability, needs_probe) in ENDPOINTS.items()
+            if capability in family.capabilities and (probe or not needs_probe) and callables.get(name, True) is not None]
 
 
 class ModelService:
@@ -57,10 +68,7 @@ class ModelService:
 
     def endpoints(self) -> list[str]:
         """The /v1 operations this model can answer (by capability, and the probe where one is needed)."""
-        return [name for name, (capability, probe) in ENDPOINTS.items()
-                if capability in self.family.capabilities and (self.head is not None or not probe)
-                and (name != "generate" or self.family.generate is not None)
-                and (ENDPOINTS[name][0] != "inpaint" or self.family.inpaint is not None)]
+        return endpoints_for(self.family, self.head is not None)
 
     def _need(self, endpoint: str) -> None:
         if endpoint not in self.endpoints():
@@ -72,7 +80,8 @@ class ModelService:
         findings = self.head.findings if self.head is not None else []
         return {"model": dict(self.identity), "findings": [findings[i] for i in self.fitted],
                 "unfitted": [f for i, f in enumerate(findings) if i not in self.fitted],
-                "endpoints": self.endpoints(), "conditions": self.family.conditions(self.cfg)}
+                "endpoints": self.endpoints(), "conditions": self.family.conditions(self.cfg),
+                "input_size": self.cfg.low_size if "upscale" in self.family.capabilities else self.cfg.image_size}
 
     def _probs(self, p: torch.Tensor) -> dict[str, float]:
         return {self.head.findings[i]: float(p[i]) for i in self.fitted}
@@ -138,6 +147,22 @@ class ModelService:
         return {"image": {"media_type": "image/png", "data": outputs.b64(outputs.png16(out.images[0, 0].cpu().numpy(), text))},
                 "provenance": text, "model": self.model_ref}
 
+    def transform(self, image: np.ndarray, operation: str, seed: int = 0, steps: int = 50) -> dict:
+        """One preprocessed image (float32 [s, s] at `info()["input_size"]`) -> `operation`'s image: "upscale"
+        (SR3 DDIM from noise seeded with `seed`) or "reconstruct" (D(E(x)), deterministic)."""
+        self._need(operation)
+        x = torch.from_numpy(np.array(image, dtype=np.float32))[None, None].to(self.device)
+        with torch.no_grad():
+            if operation == "upscale":
+                out = self.family.upscale(self.model, x, steps=steps, generator=torch.Generator().manual_seed(int(seed)))
+                how = f"upscaled from {x.shape[-1]}² to {out.shape[-1]}² (SR3, seed {seed}, {steps} DDIM steps)"
+            else:
+                out = self.model(x)
+                how = f"reconstructed through the autoencoder, D(E(x)) at {out.shape[-1]}²"
+        text = outputs.provenance(f"an uploaded image {how}", self.identity)
+        return {"image": {"media_type": "image/png", "data": outputs.b64(outputs.png16(out[0, 0].float().cpu().numpy(), text))},
+                "size": int(out.shape[-1]), "provenance": text, "model": self.model_ref}
+
 
 @serve.deployment(name="Classifier")
 class Classifier:
@@ -185,3 +210,7 @@ class Explainer:
         async with self.lock:
             return await asyncio.to_thread(self.service.inpaint, image, mask, seed, steps, conditions, guidance,
                                            outpaint)
+
+    async def transform(self, image: np.ndarray, operation: str, seed: int, steps: int) -> dict:
+        async with self.lock:
+            return await asyncio.to_thread(self.service.transform, image, operation, seed, steps)
