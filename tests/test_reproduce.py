@@ -114,5 +114,6 @@ def test_reproduce_cheff_chain_runs_end_to_end_at_toy_size(ray_local, tmp_path, 
     assert all(v["images_shown"] == 32 for v in summary["training"].values()) and len(summary["training"]) == 4
     assert [r["stage"] for r in summary["evaluation"]["table2"]][0] == "autoencoder alone: D(E(x))"
     assert len(summary["evaluation"]["table2"]) == 5 and summary["evaluation"]["device_removal"]["cases"] == 2
+    assert [r["label"] for r in summary["evaluation"]["laterality"]] == ["effusion", "pneumothorax", "chest_tube", "pacemaker"]
     page = (tmp_path / "out" / "reproduce.html").read_text()
     assert "36.8" in page and "11.58" in page and (tmp_path / "out" / "evaluation" / "report.html").exists()

@@ -178,6 +178,7 @@ class GenerationEvalConfig(StrictModel):
     sr_steps: int = Field(50, ge=1, le=2000)  # SR3 DDIM steps
     guidance: float = Field(1.0, ge=1.0, le=20.0)  # classifier-free guidance (Cheff: 1, none)
     batch_size: int = Field(32, ge=1)
+    threads: int = Field(0, ge=0)  # torch threads on the driver (0: every core; no Ray work runs meanwhile)
     # judge: conv trunk + one logit per finding/device, trained on the real training split at the output size
     width: int = Field(16, ge=4, le=256)
     epochs: int = Field(30, ge=1)
