@@ -336,10 +336,10 @@ def cmd_latents(args) -> int:
 
 
 def _cohort_model(checkpoint: str):
-    from cxrray.io.loading import model_config, model_identity, resolve_checkpoint
+    from cxrray.io.loading import checkpoint_config, model_identity
 
     model_identity(checkpoint, "generate")
-    cfg = model_config(json.loads(resolve_checkpoint(checkpoint).read_bytes("state.json")))
+    cfg = checkpoint_config(checkpoint)
     if not hasattr(cfg, "covariate_stats"):
         raise InputError(f"{checkpoint}: a {cfg.family} model has no covariates; cohorts need a covariate DDPM")
     return cfg

@@ -55,7 +55,7 @@ def reproduce_cxr_ddpm(cfg: Config, workdir: Path, n: int, shards: str, progress
     from cxrray.pipelines.experiment import run_experiment
     from cxrray.pipelines.generate import generate_cohort
     from cxrray.pipelines.synthetic_audit import run_synthetic_audit
-    from cxrray.io.loading import model_config, resolve_checkpoint
+    from cxrray.io.loading import checkpoint_config
     from cxrray.train.pretrain import pretrain
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +69,7 @@ def reproduce_cxr_ddpm(cfg: Config, workdir: Path, n: int, shards: str, progress
     progress(f"[reproduce] 3/7 covariate DDPM to {cfg.train.images:,} images -> {run}")
     status = pretrain(cfg, real, run, progress=progress)
     checkpoint = status["latest_checkpoint"]
-    model = model_config(json.loads(resolve_checkpoint(checkpoint).read_bytes("state.json")))
+    model = checkpoint_config(checkpoint)
     base_images = manifest["splits"][cfg.experiment.train_split]["images"]
     spec = CohortSpec(n=base_images, **PAPER_COHORT)
     composition = {"cohort": describe(draw(spec, model), model),
@@ -222,10 +222,10 @@ def reproduce_cheff(source: str, overrides: list[str], preset: dict, workdir: Pa
     progress("[reproduce cheff] 8/8 evaluate generation")
     evaluation = run_generation_eval(uri["ldm"], uri["real_high"], f"file://{(workdir / 'evaluation').resolve()}", cfg,
                                      sr=uri["sr"], sr_base=uri["sr_base"], progress=progress)
-    from cxrray.io.loading import resolve_checkpoint
+    from cxrray.io.loading import read_state
 
     def last_metrics(run: dict) -> dict:
-        return json.loads(resolve_checkpoint(run["latest_checkpoint"]).read_bytes("state.json")).get("metrics", {})
+        return read_state(run["latest_checkpoint"]).get("metrics", {})
 
     summary = {"sizes": {"ldm": low, "sr": high}, "phantoms": n,
                "training": {k: {"images_shown": r["images_shown"], "metrics": last_metrics(r)} for k, r in runs.items()},

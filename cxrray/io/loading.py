@@ -18,7 +18,7 @@ from pathlib import Path
 from cxrray import __version__
 from cxrray.data.storage import Storage
 from cxrray.families import Family, get_family
-from cxrray.io.checkpoint import load_weights, resolve_checkpoint  # noqa: F401 (re-exported)
+from cxrray.io.checkpoint import load_weights, read_state, resolve_checkpoint  # noqa: F401 (re-exported)
 
 MLFLOW_SCHEMES = ("models:/", "runs:/")
 #: identity fields that may be shown to API clients and written into provenance
@@ -37,6 +37,11 @@ def model_config(state: dict):
     """The typed model config recorded in a checkpoint's state.json (checkpoints before families: diffae)."""
     spec = {"family": "diffae", **state["model"]}
     return get_family(spec["family"]).config(**spec)
+
+
+def checkpoint_config(uri: str):
+    """The typed model config of the checkpoint named by `uri` (a directory or a pretraining output)."""
+    return model_config(read_state(uri))
 
 
 def _identity(state: dict, name: str, version: str, where: str) -> dict:

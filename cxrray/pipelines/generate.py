@@ -28,7 +28,7 @@ from cxrray.data import shards
 from cxrray.data.sources.chexchonet import FINDINGS
 from cxrray.data.storage import Storage
 from cxrray.errors import InputError
-from cxrray.io.loading import PUBLIC, model_config, model_identity, resolve_checkpoint
+from cxrray.io.loading import PUBLIC, checkpoint_config, model_identity
 from cxrray.pipelines.cohort import ECHO, CohortSpec, describe, draw
 from cxrray.pipelines.fanout import fan_out
 from cxrray.pipelines.settings import GenerateConfig
@@ -167,7 +167,7 @@ def generate_cohort(checkpoint: str, spec: CohortSpec, output_uri: str, cfg: Gen
                     timing: dict | None = None) -> dict:
     """Generate the cohort `spec` describes under `output_uri`; returns the manifest written there.
     `timing`, if given, receives the fan-out's seconds and images (after the actors started)."""
-    model_cfg = model_config(json.loads(resolve_checkpoint(checkpoint).read_bytes("state.json")))
+    model_cfg = checkpoint_config(checkpoint)
     drawn = draw(spec, model_cfg)
     return generate_rows(checkpoint, [cohort_row(r) for r in drawn], output_uri, cfg, seed=spec.seed,
                          request={"spec": spec.model_dump(mode="json")}, findings=list(FINDINGS),
@@ -183,7 +183,7 @@ def generate_prompts(checkpoint: str, prompts: list[str], per_prompt: int, outpu
     model, upscaled by the SR model `sr` when given (the cascade); returns the manifest. Each sample's
     `report` is its prompt; with `sources` (prompts from a real set, `report_prompts`), its labels are
     those of the real sample whose report it is (`findings` names them)."""
-    model_cfg = model_config(json.loads(resolve_checkpoint(checkpoint).read_bytes("state.json")))
+    model_cfg = checkpoint_config(checkpoint)
     from cxrray.families import get_family
 
     if any(prompts) and "prompt" not in get_family(model_cfg.family).conditions(model_cfg):
@@ -207,7 +207,7 @@ def generate_rows(checkpoint: str, rows: list[dict], output_uri: str, cfg: Gener
     """Generate `rows` (each {"index", "conditions", "given", "meta"}) into shards under `output_uri`, each
     batch upscaled by the super-resolution model `sr` when given."""
     identity = model_identity(checkpoint, "generate")
-    model_cfg = model_config(json.loads(resolve_checkpoint(checkpoint).read_bytes("state.json")))
+    model_cfg = checkpoint_config(checkpoint)
     public = {k: identity[k] for k in PUBLIC if identity.get(k) is not None}
     settings = {"model": public, "checkpoint": identity["checkpoint"], **request,
                 "sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance,
@@ -215,7 +215,7 @@ def generate_rows(checkpoint: str, rows: list[dict], output_uri: str, cfg: Gener
     size = model_cfg.image_size
     if sr:
         sr_identity = model_identity(sr, "upscale")
-        sr_cfg = model_config(json.loads(resolve_checkpoint(sr).read_bytes("state.json")))
+        sr_cfg = checkpoint_config(sr)
         settings.update(sr={k: sr_identity[k] for k in PUBLIC if sr_identity.get(k) is not None},
                         sr_checkpoint=sr_identity["checkpoint"], sr_steps=cfg.sr_steps)
         size = sr_cfg.image_size
