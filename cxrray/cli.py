@@ -437,7 +437,8 @@ def cmd_reproduce(args) -> int:
         e = summary["evaluation"]
         print(json.dumps({"report": str(workdir / "reproduce.html"), "table2": e["table2"],
                           "auroc": {r["label"]: r.get("auroc_generated") for r in e["conditioning"]},
-                          "device_removed": e["device_removal"]["removed_fraction"]}))
+                          "laterality": {r["label"]: r.get("accuracy_generated") for r in e["laterality"]},
+                          "device_removed": e["device_removal"]["removed_fraction"], "seconds": summary["seconds"]}))
         return 0
     preset = PRESETS[args.preset]
     cfg = load_config(args.config or args.preset, preset["overrides"] + list(args.overrides))

@@ -18,6 +18,7 @@ latest.json, generation skips written shards, the experiment skips finished fits
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from cxrray.config import Config
@@ -201,33 +202,46 @@ def reproduce_cheff(source: str, overrides: list[str], preset: dict, workdir: Pa
     high = config("sr_base").model.image_size
     uri = {k: f"{shards}/{k}" for k in ("real_high", "real_low", "vae", "latents", "ldm", "sr_base", "sr")}
     phantoms = workdir / "phantoms"
+    seconds, since = {}, [time.perf_counter()]
+
+    def lap(stage: str) -> None:  # wall seconds per stage (a reused stage: its check only)
+        seconds[stage], since[0] = round(time.perf_counter() - since[0], 1), time.perf_counter()
+
     progress(f"[reproduce cheff] 1/8 phantoms: {n} DICOMs with reports")
     _phantoms(n, phantoms, cfg.phantom, progress)
+    lap("phantoms")
     progress(f"[reproduce cheff] 2/8 ingest at {high}² and {low}²")
     for key, size in (("real_high", high), ("real_low", low)):
         ingest(phantoms, uri[key], config(None, f"ingest.size={size}").ingest, source="folder",
                metadata=phantoms / "labels.csv", progress=progress)
+    lap("ingest")
     runs = {}
     progress("[reproduce cheff] 3/8 KL autoencoder")
     runs["vae"] = pretrain(config("vae"), uri["real_low"], uri["vae"], progress=progress)
+    lap("vae")
     progress("[reproduce cheff] 4/8 latent shards + report tokenizer")
     latents(uri["vae"], uri["real_low"], uri["latents"], cfg.latents)
+    lap("latents")
     progress("[reproduce cheff] 5/8 report-conditioned latent diffusion")
     runs["ldm"] = pretrain(config("ldm", f"model.vae_checkpoint={uri['vae']}"), uri["latents"], uri["ldm"], progress=progress)
+    lap("ldm")
     progress("[reproduce cheff] 6/8 SR3 on bicubic pairs")
     runs["sr_base"] = pretrain(config("sr_base"), uri["real_high"], uri["sr_base"], progress=progress)
+    lap("sr_base")
     progress("[reproduce cheff] 7/8 SR3 fine-tuned on D(E(x))")
     runs["sr"] = pretrain(config("sr", f"model.vae_checkpoint={uri['vae']}", f"model.init_from={uri['sr_base']}"),
                           uri["real_high"], uri["sr"], progress=progress)
+    lap("sr")
     progress("[reproduce cheff] 8/8 evaluate generation")
     evaluation = run_generation_eval(uri["ldm"], uri["real_high"], f"file://{(workdir / 'evaluation').resolve()}", cfg,
                                      sr=uri["sr"], sr_base=uri["sr_base"], progress=progress)
+    lap("evaluation")
     from cxrray.io.loading import read_state
 
     def last_metrics(run: dict) -> dict:
         return read_state(run["latest_checkpoint"]).get("metrics", {})
 
-    summary = {"sizes": {"ldm": low, "sr": high}, "phantoms": n,
+    summary = {"sizes": {"ldm": low, "sr": high}, "phantoms": n, "seconds": seconds,
                "training": {k: {"images_shown": r["images_shown"], "metrics": last_metrics(r)} for k, r in runs.items()},
                "evaluation": {k: evaluation[k] for k in ("table2", "quality", "diversity", "conditioning",
                                                          "laterality", "device_removal", "paper", "not_measured")}}
@@ -255,10 +269,13 @@ def _cheff_page(summary: dict) -> str:
         ("Report conditioning: the judge's AUROC on samples from test reports", html.table(auroc, list(auroc[0]), 3)),
         ("Laterality: the judge's side of samples whose report gives one (target 0.8)",
          html.table([{k: r.get(k) for k in ("label", "prompts_right", "prompts_left", "accuracy_generated", "accuracy_ci",
-                                            "accuracy_real", "note")} for r in e["laterality"]],
-                    ["label", "prompts_right", "prompts_left", "accuracy_generated", "accuracy_ci", "accuracy_real", "note"], 3)),
+                                            "accuracy_majority", "accuracy_real", "note")} for r in e["laterality"]],
+                    ["label", "prompts_right", "prompts_left", "accuracy_generated", "accuracy_ci", "accuracy_majority",
+                     "accuracy_real", "note"], 3)),
         ("Device removal by inpainting", html.table([e["device_removal"]], [k for k in e["device_removal"] if k != "devices"], 4)),
         ("Training", html.table(training, list(training[0]), 4)),
+        ("Wall time per stage, this run (s; a stage a rerun reused shows its check only)",
+         html.table([summary["seconds"]], list(summary["seconds"]), 1)),
         ("Details", '<p><a href="evaluation/report.html">evaluation report (grids, FID/KID, diversity, prevalence)</a></p>'),
     ]
     return html.page(f"Cheff reproduced in miniature (phantoms, {summary['sizes']['ldm']}² -> {summary['sizes']['sr']}²)",

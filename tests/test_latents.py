@@ -361,6 +361,9 @@ def test_evaluate_generation_writes_the_papers_measures_beside_ours(job, ldm_run
         sides = test.sides[with_report, j]
         assert (row["prompts_right"], row["prompts_left"]) == (int((sides == 1).sum()), int((sides == 0).sum()))
         assert "note" in row or (0 <= row["accuracy_generated"] <= 1 and 0 <= row["accuracy_real"] <= 1)
+        if "note" not in row:  # the always-the-commoner-side baseline on the same prompts
+            commoner = 1.0 if row["train_right"] >= row["train_left"] else 0.0
+            assert row["accuracy_majority"] == pytest.approx(float((sides[~np.isnan(sides)] == commoner).mean()))
     assert sum(r["prompts_right"] + r["prompts_left"] for r in result["laterality"]) > 0
     # the device-free phantom is the original outside the device's (grown) mask, and differs inside it
     cases = device_phantoms(GenerationEvalConfig(inpaint_cases=4), 16, "pad")

@@ -1,6 +1,8 @@
 """`cxrray reproduce cxr_ddpm` (issue 13 part 5): the presets compose into valid configs, and (slow, ~57 min)
 the tiny preset runs the whole miniature: the shuffled control and Gen-vs-Base criteria are asserted; the
-fidelity criterion r >= 0.8 is a strict xfail with its measurement (not met at 32²)."""
+fidelity criterion r >= 0.8 is a strict xfail with its measurement (not met at 32²). `cxrray reproduce cheff`
+(issue 14): presets that chain, a toy-size run of every stage, and (slow, ~2 h 15 min) the tiny miniature's
+figures: what it meets asserted, the issue's criteria it misses as strict xfails with their measurements."""
 from __future__ import annotations
 
 import json
@@ -115,5 +117,66 @@ def test_reproduce_cheff_chain_runs_end_to_end_at_toy_size(ray_local, tmp_path, 
     assert [r["stage"] for r in summary["evaluation"]["table2"]][0] == "autoencoder alone: D(E(x))"
     assert len(summary["evaluation"]["table2"]) == 5 and summary["evaluation"]["device_removal"]["cases"] == 2
     assert [r["label"] for r in summary["evaluation"]["laterality"]] == ["effusion", "pneumothorax", "chest_tube", "pacemaker"]
+    assert list(summary["seconds"]) == ["phantoms", "ingest", "vae", "latents", "ldm", "sr_base", "sr", "evaluation"]
     page = (tmp_path / "out" / "reproduce.html").read_text()
     assert "36.8" in page and "11.58" in page and (tmp_path / "out" / "evaluation" / "report.html").exists()
+
+
+# ---- Cheff, tiny: figures first measured 2026-11-30 on 2 cores (cxrray reproduce cheff; ~50 min of stages and
+# 86 min of evaluation on one torch thread). Each threshold below was set from that run, with margin, and says so.
+
+@pytest.fixture(scope="module")
+def cheff_tiny_run(ray_local, tmp_path_factory):
+    """The tiny Cheff miniature, once (~2 h 15 min on 2 cores): its summary.json."""
+    import os
+
+    from cxrray.cli import main
+
+    root = tmp_path_factory.mktemp("reproduce-cheff")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert main(["reproduce", "cheff", "--workdir", str(root / "out"), "--shards", f"file://{root}/shards",
+                     "--set", f"tracking.uri=sqlite:///{root}/mlflow.db"]) == 0
+    finally:
+        os.chdir(cwd)
+    return json.loads((root / "out" / "summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_reproduce_cheff_tiny_autoencoder_beats_bicubic_and_the_judge_reads_real_images(cheff_tiny_run):
+    """Measured: autoencoder 27.73 dB held out vs bicubic at the latent size 24.75 dB (Table 2 row: 27.58 dB);
+    the judge on real test images AUROC 0.968 effusion, 0.994 cardiomegaly, 1.0 chest tube, 1.0 pacemaker;
+    FID (judge features) train vs test 0.25, samples vs test 46.3; bicubic upscaling 29.65 dB."""
+    e, vae = cheff_tiny_run["evaluation"], cheff_tiny_run["training"]["vae"]["metrics"]
+    assert vae["reconstruction_psnr"] > vae["bicubic_psnr"] + 1.0, vae  # the issue's "beats bicubic"
+    assert e["table2"][0]["psnr"] >= 26.0, e["table2"]
+    real = {r["label"]: r.get("auroc_real") for r in e["conditioning"]}
+    assert all(real[k] >= 0.9 for k in ("effusion", "cardiomegaly", "chest_tube", "pacemaker")), real
+    q = e["quality"]["judge_features"]
+    assert q["train_vs_test"]["fid"] < 2.0 and q["synthetic_vs_test"]["fid"] > 5 * q["train_vs_test"]["fid"], q
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="not met at tiny size: measured 27.58 dB (Table 2) / 27.73 dB (held out) at "
+                   "6,000 images; 12,000 would take 27 min of the hour alone")
+def test_reproduce_cheff_tiny_autoencoder_reaches_30_db(cheff_tiny_run):
+    assert cheff_tiny_run["evaluation"]["table2"][0]["psnr"] >= 30.0
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="not met at tiny size: measured AUROC effusion 0.47, cardiomegaly 0.48, "
+                   "chest tube 0.64, pacemaker 0.58 (the judge on real images: 0.97-1.0); the latent model at 10,000 "
+                   "images draws the same image for a seed whatever the prompt")
+def test_reproduce_cheff_tiny_samples_follow_their_reports(cheff_tiny_run):
+    auroc = {r["label"]: r.get("auroc_generated") for r in cheff_tiny_run["evaluation"]["conditioning"]}
+    assert all(auroc[k] >= 0.8 for k in ("effusion", "cardiomegaly", "chest_tube", "pacemaker")), auroc
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="not met at tiny size: measured effusion 0.58 (19 sided prompts), pneumothorax "
+                   "0.40 (5), chest tube 0.60 (5); pacemaker 0.92 (13) equals always answering 'left' (0.92)")
+def test_reproduce_cheff_tiny_samples_follow_the_reported_side(cheff_tiny_run):
+    rows = [r for r in cheff_tiny_run["evaluation"]["laterality"] if "accuracy_generated" in r]
+    assert rows and all(r["accuracy_generated"] >= 0.8 and r["accuracy_generated"] > r["accuracy_majority"]
+                        for r in rows), rows

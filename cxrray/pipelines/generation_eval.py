@@ -185,7 +185,9 @@ def conditioning(judge: FindingJudge, findings: list[str], conditional: torch.Te
 def laterality(judge: FindingJudge, findings: list[str], conditional: torch.Tensor, prompt_sides: np.ndarray,
                test: RealSet, train: RealSet, cfg: GenerationEvalConfig) -> list[dict]:
     """Per lateral label: accuracy of the judged side of samples whose prompt gives the label one side, and of
-    real test images whose report does (Wilson CIs); judged only with `min_positives` of each side in train."""
+    real test images whose report does (Wilson CIs); judged only with `min_positives` of each side in train.
+    `accuracy_majority` is what always answering the training split's commoner side scores on the same prompts
+    (pacemakers are mostly left: a judge that ignores the image can look accurate)."""
     side_cond = torch.sigmoid(apply_batched(judge, conditional)).numpy()[:, len(findings):] > 0.5
     side_real = torch.sigmoid(apply_batched(judge, test.images)).numpy()[:, len(findings):] > 0.5
     rows = []
@@ -198,8 +200,10 @@ def laterality(judge: FindingJudge, findings: list[str], conditional: torch.Tens
             rows.append({**row, "note": "too few sided reports to learn or judge the side"})
             continue
         hit = int((side_cond[stated, j] == (prompt_sides[stated, j] == 1)).sum())
+        majority = 1.0 if row["train_right"] >= row["train_left"] else 0.0
         hit_real = int((side_real[stated_real, j] == (test.sides[stated_real, j] == 1)).sum())
         rows.append({**row, "accuracy_generated": hit / int(stated.sum()), "accuracy_ci": _wilson(hit, int(stated.sum())),
+                     "accuracy_majority": float((prompt_sides[stated, j] == majority).mean()),
                      "accuracy_real": hit_real / max(int(stated_real.sum()), 1), "real_sided": int(stated_real.sum())})
     return rows
 
@@ -292,16 +296,24 @@ def _sample(cheff: Cheff, prompts: list[str | None], cfg: GenerationEvalConfig, 
     return torch.cat(out).clamp(-1, 1)
 
 
-def table2(cheff: Cheff, sr_base: Cheff | None, real_out: torch.Tensor, cfg: GenerationEvalConfig) -> list[dict]:
-    """MSE / PSNR / SSIM of each stage against the originals (module doc)."""
+def table2(cheff: Cheff, sr_base: Cheff | None, real_out: torch.Tensor, cfg: GenerationEvalConfig,
+           progress=lambda line: None) -> list[dict]:
+    """MSE / PSNR / SSIM of each stage against the originals (module doc); a progress line per row."""
     low = resize(real_out, cheff.image_size)
     recon = cheff.reconstruct(low)
     rows = [{"stage": "autoencoder alone: D(E(x))", "size": cheff.image_size, **reconstruction_metrics(low, recon),
              "paper_psnr": PAPER["autoencoder"]["psnr"], "paper_ssim": PAPER["autoencoder"]["ssim"]}]
     if cheff.sr is None:
         return rows
-    up = lambda c, x: torch.cat([c.upscale(x[i:i + cfg.batch_size], seed=cfg.seed, steps=cfg.sr_steps).images  # noqa: E731
-                                 for i in range(0, len(x), cfg.batch_size)])
+    start = time.perf_counter()
+
+    def up(stage: Cheff, x: torch.Tensor) -> torch.Tensor:
+        out = torch.cat([stage.upscale(x[i:i + cfg.batch_size], seed=cfg.seed, steps=cfg.sr_steps).images
+                         for i in range(0, len(x), cfg.batch_size)])
+        progress(f"[evaluate generation] Table 2: {len(x)} images upscaled ({cfg.sr_steps} steps), "
+                 f"{time.perf_counter() - start:.0f} s so far")
+        return out
+
     size = cheff.output_size
     stages = [("fine-tuned" if cheff.sr.model.cfg.degrade == "autoencoder" else "as given", cheff)]
     stages += [("base", sr_base)] if sr_base is not None else []
@@ -345,7 +357,7 @@ def _evaluate(ldm: str, data_uri: str, output_uri: str, cfg, sr: str | None, sr_
     progress(f"[evaluate generation] judge on {len(train.keys)} real images (val {len(val.keys)}) at {size}²; "
              f"test {len(test.keys)}")
     judge, record = train_judge(train, val, ec, progress)
-    rows = table2(cheff, base, test.images[:ec.images], ec)
+    rows = table2(cheff, base, test.images[:ec.images], ec, progress)
     with_report = [i for i, r in enumerate(test.reports) if r][:ec.prompts]
     conditional = _sample(cheff, [test.reports[i] for i in with_report], ec, "report-conditioned", progress)
     unconditional = _sample(cheff, [None] * ec.unconditional, ec, "unconditional", progress)
@@ -418,7 +430,7 @@ def _page(folder: Path, result: dict, cfg: GenerationEvalConfig) -> None:
          + ", ".join(REPORT_TARGETS) + ")", html.table(result["conditioning"], cond_cols, 3)),
         ("Laterality: the judged side of samples whose prompt gives one (target accuracy >= 0.8)",
          html.table(result["laterality"], ["label", "prompts_right", "prompts_left", "accuracy_generated", "accuracy_ci",
-                                           "accuracy_real", "real_sided", "train_right", "train_left", "note"], 3)),
+                                           "accuracy_majority", "accuracy_real", "real_sided", "train_right", "train_left", "note"], 3)),
         ("Device removal by inpainting (phantoms)", html.table([removal], [k for k in removal if k != "devices"], 4)
          + html.image(folder / "inpainting.png") + html.image(folder / "outpainting.png")),
     ]
