@@ -31,22 +31,27 @@ def test_cheff_presets_compose_a_cascade_whose_stages_fit_together(name):
     assert stages["ldm"].beta_end == 0.0295 and stages["sr"].timesteps == 2000
 
 
-@pytest.fixture(scope="module")
-def tiny_run(ray_local, tmp_path_factory):
-    """The tiny preset's whole miniature, once (~57 min on 2 cores): its summary.json and folder."""
+def reproduce_tiny(paper: str, tmp_path_factory) -> tuple[dict, object]:
+    """`cxrray reproduce PAPER` at the tiny preset in a fresh folder: its summary.json and output folder."""
     import os
 
     from cxrray.cli import main
 
-    root = tmp_path_factory.mktemp("reproduce-tiny")
+    root = tmp_path_factory.mktemp(f"reproduce-{paper}")
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        assert main(["reproduce", "cxr_ddpm", "--workdir", str(root / "out"), "--shards", f"file://{root}/shards",
+        assert main(["reproduce", paper, "--workdir", str(root / "out"), "--shards", f"file://{root}/shards",
                      "--set", f"tracking.uri=sqlite:///{root}/mlflow.db"]) == 0
     finally:
         os.chdir(cwd)
     return json.loads((root / "out" / "summary.json").read_text()), root / "out"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_local, tmp_path_factory):
+    """The tiny preset's whole miniature, once (~57 min on 2 cores): its summary.json and folder."""
+    return reproduce_tiny("cxr_ddpm", tmp_path_factory)
 
 
 @pytest.mark.slow  # the whole miniature: ~57 min on 2 cores
@@ -128,19 +133,7 @@ def test_reproduce_cheff_chain_runs_end_to_end_at_toy_size(ray_local, tmp_path, 
 @pytest.fixture(scope="module")
 def cheff_tiny_run(ray_local, tmp_path_factory):
     """The tiny Cheff miniature, once (~2 h 15 min on 2 cores): its summary.json."""
-    import os
-
-    from cxrray.cli import main
-
-    root = tmp_path_factory.mktemp("reproduce-cheff")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        assert main(["reproduce", "cheff", "--workdir", str(root / "out"), "--shards", f"file://{root}/shards",
-                     "--set", f"tracking.uri=sqlite:///{root}/mlflow.db"]) == 0
-    finally:
-        os.chdir(cwd)
-    return json.loads((root / "out" / "summary.json").read_text())
+    return reproduce_tiny("cheff", tmp_path_factory)[0]
 
 
 @pytest.mark.slow
