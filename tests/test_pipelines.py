@@ -137,6 +137,8 @@ def test_explain_file_writes_provenance_and_is_idempotent(world, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
 
 
+@pytest.mark.slow  # 62 s (fresh clone 2026-11-30; suite 21:47 with it): the same fan-out kill-and-rerun path stays in
+# the default suite through encode (above) and generate (tests/test_generate.py); explain's idempotency too (above)
 def test_explain_shards_killed_then_rerun_writes_each_output_once(world, ray_local, tmp_path):
     from cxrray.cli import main
 
