@@ -188,6 +188,7 @@ def reproduce_cheff(source: str, overrides: list[str], preset: dict, workdir: Pa
     `--set`s then the user's `overrides`; returns summary.json's content, the page at workdir/reproduce.html."""
     from cxrray.config import load_config
     from cxrray.data.ingest import ingest
+    from cxrray.io.loading import read_state
     from cxrray.pipelines.generation_eval import run_generation_eval
     from cxrray.pipelines.latents import latents
     from cxrray.train.pretrain import pretrain
@@ -205,7 +206,8 @@ def reproduce_cheff(source: str, overrides: list[str], preset: dict, workdir: Pa
     seconds, since = {}, [time.perf_counter()]
 
     def lap(stage: str) -> None:  # wall seconds per stage (a reused stage: its check only)
-        seconds[stage], since[0] = round(time.perf_counter() - since[0], 1), time.perf_counter()
+        now = time.perf_counter()
+        seconds[stage], since[0] = round(now - since[0], 1), now
 
     progress(f"[reproduce cheff] 1/8 phantoms: {n} DICOMs with reports")
     _phantoms(n, phantoms, cfg.phantom, progress)
@@ -236,7 +238,6 @@ def reproduce_cheff(source: str, overrides: list[str], preset: dict, workdir: Pa
     evaluation = run_generation_eval(uri["ldm"], uri["real_high"], f"file://{(workdir / 'evaluation').resolve()}", cfg,
                                      sr=uri["sr"], sr_base=uri["sr_base"], progress=progress)
     lap("evaluation")
-    from cxrray.io.loading import read_state
 
     def last_metrics(run: dict) -> dict:
         return read_state(run["latest_checkpoint"]).get("metrics", {})

@@ -150,17 +150,15 @@ def _wilson(k: int, n: int) -> list[float]:
     return [float(v) for v in proportion_confint(k, n, method="wilson")] if n else [float("nan")] * 2
 
 
-def conditioning(judge: FindingJudge, findings: list[str], conditional: torch.Tensor, source_labels: np.ndarray,
-                 test: RealSet, unconditional: torch.Tensor, cfg: GenerationEvalConfig) -> list[dict]:
-    """Per label: AUROC of the judge on report-conditioned samples against the report's own label (and on the
-    real test images), and prevalence judged among unconditional samples vs real test (Wilson CIs)."""
+def conditioning(findings: list[str], p_cond: np.ndarray, source_labels: np.ndarray, p_real: np.ndarray,
+                 test: RealSet, p_unc: np.ndarray, cfg: GenerationEvalConfig) -> list[dict]:
+    """Per label: AUROC of the judge (probabilities [N, labels + sides] of the report-conditioned samples, real
+    test images, unconditional samples) against the report's own label (and on the real test images), and
+    prevalence judged among unconditional samples vs real test (Wilson CIs)."""
     from sklearn.metrics import roc_auc_score
 
     from cxrray.eval.stats import bootstrap_ci
 
-    p_cond = torch.sigmoid(apply_batched(judge, conditional)).numpy()[:, :len(findings)]
-    p_real = torch.sigmoid(apply_batched(judge, test.images)).numpy()[:, :len(findings)]
-    p_unc = torch.sigmoid(apply_batched(judge, unconditional)).numpy()[:, :len(findings)]
     rows = []
     for f, name in enumerate(findings):
         y_src, y_real = source_labels[:, f], test.labels[:, f]
@@ -182,14 +180,13 @@ def conditioning(judge: FindingJudge, findings: list[str], conditional: torch.Te
     return rows
 
 
-def laterality(judge: FindingJudge, findings: list[str], conditional: torch.Tensor, prompt_sides: np.ndarray,
+def laterality(findings: list[str], p_cond: np.ndarray, prompt_sides: np.ndarray, p_real: np.ndarray,
                test: RealSet, train: RealSet, cfg: GenerationEvalConfig) -> list[dict]:
     """Per lateral label: accuracy of the judged side of samples whose prompt gives the label one side, and of
     real test images whose report does (Wilson CIs); judged only with `min_positives` of each side in train.
     `accuracy_majority` is what always answering the training split's commoner side scores on the same prompts
     (pacemakers are mostly left: a judge that ignores the image can look accurate)."""
-    side_cond = torch.sigmoid(apply_batched(judge, conditional)).numpy()[:, len(findings):] > 0.5
-    side_real = torch.sigmoid(apply_batched(judge, test.images)).numpy()[:, len(findings):] > 0.5
+    side_cond, side_real = p_cond[:, len(findings):] > 0.5, p_real[:, len(findings):] > 0.5
     rows = []
     for j, name in enumerate(cfg.laterality):
         stated, stated_real, in_train = ~np.isnan(prompt_sides[:, j]), ~np.isnan(test.sides[:, j]), train.sides[:, j]
@@ -362,14 +359,18 @@ def _evaluate(ldm: str, data_uri: str, output_uri: str, cfg, sr: str | None, sr_
     conditional = _sample(cheff, [test.reports[i] for i in with_report], ec, "report-conditioned", progress)
     unconditional = _sample(cheff, [None] * ec.unconditional, ec, "unconditional", progress)
     sets = {"synthetic": conditional, "train": train.images, "test": test.images}
-    quality = {"judge_features": image_quality({k: apply_batched(judge.features, v) for k, v in sets.items()}, ec)}
+    features = {k: apply_batched(judge.features, v) for k, v in {**sets, "unconditional": unconditional}.items()}
+    with torch.no_grad():  # judge(x) = head(features(x)): each image set through the trunk once
+        prob = {k: torch.sigmoid(judge.head(f)).numpy() for k, f in features.items()}
+    quality = {"judge_features": image_quality({k: features[k] for k in sets}, ec)}
     if scripted is not None:
         quality["torchscript_features"] = image_quality({k: apply_batched(scripted, v) for k, v in sets.items()}, ec)
     diversity = {"report_conditioned": ms_ssim(conditional, ec.diversity_pairs, ec.seed),
                  "unconditional": ms_ssim(unconditional, ec.diversity_pairs, ec.seed),
                  "real_test": ms_ssim(test.images, ec.diversity_pairs, ec.seed)}
-    labels = conditioning(judge, test.findings, conditional, test.labels[with_report], test, unconditional, ec)
-    sides = laterality(judge, test.findings, conditional, test.sides[with_report], test, train, ec)
+    labels = conditioning(test.findings, prob["synthetic"], test.labels[with_report], prob["test"], test,
+                          prob["unconditional"], ec)
+    sides = laterality(test.findings, prob["synthetic"], test.sides[with_report], prob["test"], test, train, ec)
     removal, paint_grids = device_removal(cheff, device_phantoms(ec, cheff.image_size, cfg.ingest.fit), ec)
     result = {"ldm": ldm, "sr": sr, "sr_base": sr_base, "data": data_uri, "output_size": size, "judge": record,
               "table2": rows, "quality": quality, "diversity": diversity, "conditioning": labels,
