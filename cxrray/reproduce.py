@@ -159,19 +159,24 @@ def _page(summary: dict) -> str:
 
 # Cheff in miniature: per stage, the model and its training length (each stage's own `--set`s)
 CHEFF_PRESETS = {
-    # sized from measured rates on 2 cores (autoencoder 7.3 img/s at 64²: 12,000 images took 27 min alone, so
-    # the first sizing could not fit the hour); every stage is short of convergence, and the page says so
+    # sized from rates measured on 2 cores to fit the hour, not from the figures: autoencoder 7.4 img/s at 64²,
+    # latent model ~10, SR3 4.1 (base) / 3.4 (fine-tune) img/s training and 7.5 images x DDIM steps / s sampling
+    # at 128² on both cores; the judge reads 64² (7 s/epoch; 40 s at 128²). Every stage is short of
+    # convergence, and the page says so. (The first sizing, 6,000 / 10,000 / 2,000 / 1,000 images and a 128²
+    # judge on one thread, took ~136 min.)
     "tiny": {"n": 2000, "common": ["phantom.size=160", 'ingest.split_fractions={"train": 0.7, "val": 0.1, "test": 0.2}',
-                                   "train.global_batch=16", "train.lr=0.0005", "generation_eval.images=64",
-                                   "generation_eval.unconditional=64", "generation_eval.sr_steps=25"],
-             "stages": {"vae": ["model.family=vae", "train.images=6000", "train.checkpoint_every=3000",
-                                "train.eval_every=3000", "train.log_every=1000"],
-                        "ldm": ["model.family=ldm", "train.images=10000", "train.checkpoint_every=5000",
-                                "train.eval_every=5000", "train.log_every=1000"],
-                        "sr_base": ["model.family=sr", "train.images=2000", "train.checkpoint_every=1000",
-                                    "train.eval_every=2000", "train.log_every=500"],
-                        "sr": ["model.family=sr", "model.degrade=autoencoder", "train.images=1000",
-                               "train.checkpoint_every=1000", "train.eval_every=1000", "train.log_every=500"]}},
+                                   "train.global_batch=16", "train.lr=0.0005", "generation_eval.images=24",
+                                   "generation_eval.prompts=64", "generation_eval.unconditional=32",
+                                   "generation_eval.sr_steps=20", "generation_eval.judge_size=64"],
+             "stages": {"vae": ["model.family=vae", "train.images=5000", "train.checkpoint_every=2500",
+                                "train.eval_every=2500", "train.log_every=1000"],
+                        "ldm": ["model.family=ldm", "train.images=8000", "train.checkpoint_every=4000",
+                                "train.eval_every=4000", "train.log_every=1000"],
+                        "sr_base": ["model.family=sr", "train.images=1500", "train.checkpoint_every=1500",
+                                    "train.eval_every=1500", "train.log_every=500", "train.sample_steps=20"],
+                        "sr": ["model.family=sr", "model.degrade=autoencoder", "train.images=500",
+                               "train.checkpoint_every=500", "train.eval_every=500", "train.log_every=250",
+                               "train.sample_steps=20"]}},
     "paper": {"n": 200_000, "common": ["phantom.size=1024", "train.use_gpu=true", "generation_eval.steps=150",
                                        "generation_eval.images=2000", "generation_eval.prompts=2000",
                                        "generation_eval.unconditional=2000"],

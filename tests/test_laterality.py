@@ -35,3 +35,22 @@ def test_report_side_negation_disagreement_and_targets():
     y = side_targets(["Right chest tube in place.", "A left-sided chest tube is present.", "Clear lungs."],
                      {"chest_tube": ["chest tube"], "effusion": ["effusion"]})
     assert y.shape == (3, 2) and y[0, 0] == 1 and y[1, 0] == 0 and np.isnan(y[2]).all() and np.isnan(y[:, 1]).all()
+
+
+def test_the_judge_reads_every_image_at_its_own_size():
+    """A judge sized 32 gives a 64² image the features and logits of that image resized to 32² (as Inception
+    reads 299²); unsized, it reads the image as given, and the two differ."""
+    import torch
+
+    from cxrray.families.sr.network import resize
+    from cxrray.pipelines.generation_eval import FindingJudge
+
+    torch.manual_seed(0)
+    image = torch.rand(3, 1, 64, 64) * 2 - 1
+    sized = FindingJudge(5, 4, size=32).eval()
+    unsized = FindingJudge(5, 4).eval()
+    unsized.load_state_dict(sized.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(sized(image), unsized(resize(image, 32)), atol=1e-6)
+        assert sized.features(image).shape == (3, 16)
+        assert not torch.allclose(sized(image), unsized(image), atol=1e-3)

@@ -77,15 +77,26 @@ class RealSet:
         self.sides = side_targets(self.reports, laterality)
 
 
+class _Resized(nn.Module):
+    def __init__(self, size: int | None):
+        super().__init__()
+        self.size = size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image if self.size is None else resize(image, self.size)
+
+
 class FindingJudge(nn.Module):
     """image [B, 1, S, S] in [-1, 1] -> logits [B, labels + sides]: one per label, then one per lateral label
-    (its side, 1 = right); `features(image)` [B, F] is the FID / KID space."""
+    (its side, 1 = right); `features(image)` [B, F] is the FID / KID space. Images are first resized to
+    `size` (None: read as given), as Inception reads every image at 299²."""
 
-    def __init__(self, labels: int, width: int):
+    def __init__(self, labels: int, width: int, size: int | None = None):
         from cxrray.pipelines.detector import conv_trunk
 
         super().__init__()
-        self.features, channels = conv_trunk(width)
+        trunk, channels = conv_trunk(width)
+        self.features = nn.Sequential(_Resized(size), *trunk)
         self.head = nn.Linear(channels, labels)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -103,7 +114,7 @@ def train_judge(train: RealSet, val: RealSet, cfg: GenerationEvalConfig,
     from cxrray.pipelines.detector_fits import train_epochs
 
     torch.manual_seed(cfg.seed)
-    judge = FindingJudge(len(train.findings) + train.sides.shape[1], cfg.width)
+    judge = FindingJudge(len(train.findings) + train.sides.shape[1], cfg.width, cfg.judge_size)
     targets = lambda s: torch.from_numpy(np.concatenate([s.labels, s.sides], axis=1))  # noqa: E731
     data = {"image": train.images, "labels": targets(train)}
     val_labels = targets(val)
@@ -327,7 +338,7 @@ def run_generation_eval(ldm: str, data_uri: str, output_uri: str, cfg, sr: str |
                         sr_base: str | None = None, features_model: str | None = None, progress=print) -> dict:
     """The measures of the module doc for the cascade (`ldm`, optional `sr`, and `sr_base` for Table 2's
     base row) against the real shards at `data_uri`, on `generation_eval.threads` torch threads (the
-    driver's whole machine by default: measured 57 s per judge epoch on one of two cores at 128²);
+    driver's whole machine by default: a judge epoch at 128² measured 57 s on one of two cores, 40 s on both);
     returns generation_eval.json."""
     previous = torch.get_num_threads()
     torch.set_num_threads(cfg.generation_eval.threads or os.cpu_count() or 1)
@@ -351,7 +362,8 @@ def _evaluate(ldm: str, data_uri: str, output_uri: str, cfg, sr: str | None, sr_
     size = cheff.output_size
     train, val, test = (RealSet(data_uri, split, size, ec.laterality)
                         for split in (ec.train_split, ec.val_split, ec.test_split))
-    progress(f"[evaluate generation] judge on {len(train.keys)} real images (val {len(val.keys)}) at {size}²; "
+    progress(f"[evaluate generation] judge on {len(train.keys)} real images (val {len(val.keys)}) at "
+             f"{ec.judge_size or size}²; "
              f"test {len(test.keys)}")
     judge, record = train_judge(train, val, ec, progress)
     rows = table2(cheff, base, test.images[:ec.images], ec, progress)

@@ -150,6 +150,7 @@ class SyntheticAuditConfig(StrictModel):
     test_split: str = "test"  # real images it never saw: the reference for every comparison
     # judge: conv trunk + head regressing ivsd, lvidd, lvpwd, age and classifying sex from the image alone
     width: int = Field(16, ge=4, le=256)
+    judge_size: int | None = Field(None, ge=16)  # the side the judge reads every image at (None: the output size)
     epochs: int = Field(30, ge=1)
     patience: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=2)
@@ -171,7 +172,7 @@ class GenerationEvalConfig(StrictModel):
     train_split: str = "train"  # the judge's training images (the real set's)
     val_split: str = "val"  # the judge's early stopping
     test_split: str = "test"  # reference images and the reports used as prompts
-    images: int = Field(128, ge=2)  # real test images for Table 2 and as the FID / KID reference
+    images: int = Field(128, ge=2)  # real test images for Table 2 (FID / KID: every real test image)
     prompts: int = Field(128, ge=2)  # test reports used as prompts (one sample each; key order)
     unconditional: int = Field(128, ge=2)  # unconditional samples (prevalence, diversity)
     steps: int = Field(50, ge=1, le=1000)  # latent DDIM steps (Cheff: 150)
@@ -181,6 +182,7 @@ class GenerationEvalConfig(StrictModel):
     threads: int = Field(0, ge=0)  # torch threads on the driver (0: every core; no Ray work runs meanwhile)
     # judge: conv trunk + one logit per finding/device, trained on the real training split at the output size
     width: int = Field(16, ge=4, le=256)
+    judge_size: int | None = Field(None, ge=16)  # the side the judge reads every image at (None: the output size)
     epochs: int = Field(30, ge=1)
     patience: int = Field(5, ge=1)
     lr: float = Field(1e-3, gt=0)
