@@ -1,7 +1,7 @@
 """`cxrray reproduce cxr_ddpm` (issue 13 part 5): the presets compose into valid configs, and (slow, ~57 min)
 the tiny preset runs the whole miniature: the shuffled control and Gen-vs-Base criteria are asserted; the
 fidelity criterion r >= 0.8 is a strict xfail with its measurement (not met at 32²). `cxrray reproduce cheff`
-(issue 14): presets that chain, a toy-size run of every stage, and (slow, ~2 h 15 min) the tiny miniature's
+(issue 14): presets that chain, a toy-size run of every stage, and (slow, ~57 min) the tiny miniature's
 figures: what it meets asserted, the issue's criteria it misses as strict xfails with their measurements."""
 from __future__ import annotations
 
@@ -127,48 +127,52 @@ def test_reproduce_cheff_chain_runs_end_to_end_at_toy_size(ray_local, tmp_path, 
     assert "36.8" in page and "11.58" in page and (tmp_path / "out" / "evaluation" / "report.html").exists()
 
 
-# ---- Cheff, tiny: figures first measured 2026-11-30 on 2 cores (cxrray reproduce cheff; ~50 min of stages and
-# 86 min of evaluation on one torch thread). Each threshold below was set from that run, with margin, and says so.
+# ---- Cheff, tiny: figures measured 2026-11-30 on 2 cores, alone, at the preset sized to fit the hour
+# (`cxrray reproduce cheff` on a fresh clone of 2aff513: 57:14 wall, stages 3,416 s). Each threshold below was set
+# from that run, with margin, and says so; the issue's own criteria are strict xfails with their measurements.
 
 @pytest.fixture(scope="module")
 def cheff_tiny_run(ray_local, tmp_path_factory):
-    """The tiny Cheff miniature, once (~2 h 15 min on 2 cores): its summary.json."""
+    """The tiny Cheff miniature, once (~57 min on 2 cores): its summary.json."""
     return reproduce_tiny("cheff", tmp_path_factory)[0]
 
 
 @pytest.mark.slow
-def test_reproduce_cheff_tiny_autoencoder_beats_bicubic_and_the_judge_reads_real_images(cheff_tiny_run):
-    """Measured: autoencoder 27.73 dB held out vs bicubic at the latent size 24.75 dB (Table 2 row: 27.58 dB);
-    the judge on real test images AUROC 0.968 effusion, 0.994 cardiomegaly, 1.0 chest tube, 1.0 pacemaker;
-    FID (judge features) train vs test 0.25, samples vs test 46.3; bicubic upscaling 29.65 dB."""
+def test_reproduce_cheff_tiny_fits_the_hour_the_autoencoder_beats_bicubic_and_the_judge_reads_real_images(cheff_tiny_run):
+    """The hour is the issue's (measured 3,416 s over the eight stages). Measured: autoencoder 26.66 dB held out vs
+    bicubic at the latent size 24.75 dB (Table 2 row: 26.56 dB); the judge on real test images AUROC 1.0
+    effusion, 0.997 cardiomegaly, 1.0 pacemaker (chest tube: 4 of the 64 prompts, below min_positives, not
+    judged); FID (judge features) train vs test 0.33, samples vs test 120.1; bicubic upscaling 29.96 dB."""
+    assert sum(cheff_tiny_run["seconds"].values()) <= 3600, cheff_tiny_run["seconds"]
     e, vae = cheff_tiny_run["evaluation"], cheff_tiny_run["training"]["vae"]["metrics"]
-    assert vae["reconstruction_psnr"] > vae["bicubic_psnr"] + 1.0, vae  # the issue's "beats bicubic"
-    assert e["table2"][0]["psnr"] >= 26.0, e["table2"]
+    assert vae["reconstruction_psnr"] > vae["bicubic_psnr"] + 1.0, vae  # the issue's "beats bicubic" (by 1.91 dB)
+    assert e["table2"][0]["psnr"] >= 25.5, e["table2"]  # 26.56 measured
     real = {r["label"]: r.get("auroc_real") for r in e["conditioning"]}
-    assert all(real[k] >= 0.9 for k in ("effusion", "cardiomegaly", "chest_tube", "pacemaker")), real
+    assert all(real[k] >= 0.9 for k in ("effusion", "cardiomegaly", "pacemaker")), real
     q = e["quality"]["judge_features"]
     assert q["train_vs_test"]["fid"] < 2.0 and q["synthetic_vs_test"]["fid"] > 5 * q["train_vs_test"]["fid"], q
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not met at tiny size: measured 27.58 dB (Table 2) / 27.73 dB (held out) at "
-                   "6,000 images; 12,000 would take 27 min of the hour alone")
+@pytest.mark.xfail(strict=True, reason="not met at tiny size: measured 26.56 dB (Table 2) / 26.66 dB (held out) at "
+                   "5,000 images (7.9 img/s; 12 min of the hour)")
 def test_reproduce_cheff_tiny_autoencoder_reaches_30_db(cheff_tiny_run):
     assert cheff_tiny_run["evaluation"]["table2"][0]["psnr"] >= 30.0
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not met at tiny size: measured AUROC effusion 0.47, cardiomegaly 0.48, "
-                   "chest tube 0.64, pacemaker 0.58 (the judge on real images: 0.97-1.0); the latent model at 10,000 "
-                   "images draws the same image for a seed whatever the prompt")
+@pytest.mark.xfail(strict=True, reason="not met at tiny size: measured AUROC effusion 0.53, cardiomegaly 0.43, "
+                   "pacemaker 0.47, chest tube not judged (4 of 64 prompts); the judge on real images: 1.0 / 0.997 / 1.0; "
+                   "the latent model at 8,000 images draws nearly the same image for a seed whatever the prompt")
 def test_reproduce_cheff_tiny_samples_follow_their_reports(cheff_tiny_run):
     auroc = {r["label"]: r.get("auroc_generated") for r in cheff_tiny_run["evaluation"]["conditioning"]}
-    assert all(auroc[k] >= 0.8 for k in ("effusion", "cardiomegaly", "chest_tube", "pacemaker")), auroc
+    assert all((auroc[k] or 0.0) >= 0.8 for k in ("effusion", "cardiomegaly", "chest_tube", "pacemaker")), auroc
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not met at tiny size: measured effusion 0.58 (19 sided prompts), pneumothorax "
-                   "0.40 (5), chest tube 0.60 (5); pacemaker 0.92 (13) equals always answering 'left' (0.92)")
+@pytest.mark.xfail(strict=True, reason="not met at tiny size: measured effusion 0.67 (12 sided prompts; always the "
+                   "commoner side 0.33), pneumothorax 1.0 (1 prompt), chest tube 0.75 (4), pacemaker 0.80 (5), the "
+                   "last three equal to always answering the commoner side")
 def test_reproduce_cheff_tiny_samples_follow_the_reported_side(cheff_tiny_run):
     rows = [r for r in cheff_tiny_run["evaluation"]["laterality"] if "accuracy_generated" in r]
     assert rows and all(r["accuracy_generated"] >= 0.8 and r["accuracy_generated"] > r["accuracy_majority"]

@@ -4,8 +4,9 @@
   the autoencoder alone, D(E(x)); SR alone (each SR model given: base, fine-tuned) from the image at the
   latent model's size; the cascade SR(D(E(x))); plain bicubic upscaling of the same input.
 - A judge (conv trunk + one logit per label, and one per lateral label for its side) trained on the real
-  training split reads findings, devices and the side a report gives them (cxrray.eval.laterality); its trunk
-  is the feature space of FID / KID (torchmetrics; Inception only from a local TorchScript file).
+  training split reads findings, devices and the side a report gives them (cxrray.eval.laterality), every
+  image resized to `judge_size`; its trunk is the feature space of FID / KID (torchmetrics; Inception only
+  from a local TorchScript file).
 - One sample per test-split report (its de-identified text as the prompt) and unconditional samples:
   FID / KID against real test images (real train vs test as the floor); MS-SSIM between random pairs
   (diversity; real test pairs as the reference); per label, the judge's AUROC on report-conditioned
