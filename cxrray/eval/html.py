@@ -18,7 +18,9 @@ def esc(value: Any) -> str:
 
 
 def table(rows: Iterable[dict], columns: list[str], digits: int = 3) -> str:
-    def cell(v):
+    def cell(v):  # a float; a pair of floats (an interval) as "low–high"; anything else as text
+        if isinstance(v, (list, tuple)) and v and all(isinstance(x, float) for x in v):
+            return "–".join(f"{x:.{digits}f}" for x in v)
         return f"{v:.{digits}f}" if isinstance(v, float) else esc("" if v is None else v)
 
     body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
