@@ -261,7 +261,8 @@ def _cheff_page(summary: dict) -> str:
     training = [{"stage": k, "images_shown": v["images_shown"],
                  **{m: v["metrics"].get(m) for m in ("loss", "psnr", "ssim", "sr_psnr", "bicubic_psnr")}}
                 for k, v in summary["training"].items()]
-    auroc = [{"label": r["label"], "prompts with": r.get("prompts_with"), "ours": r.get("auroc_generated"), "ci": r.get("auroc_ci"), "judge on real": r.get("auroc_real"),
+    auroc = [{"label": r["label"], "prompts with": r.get("prompts_with"), "ours": r.get("auroc_generated"),
+              "ci": r.get("auroc_ci"), "judge on real": r.get("auroc_real"),
               "target": 0.8 if r["label"] in ("effusion", "cardiomegaly", "chest_tube", "pacemaker") else None,
               "note": r.get("note")}
              for r in e["conditioning"]]

@@ -364,8 +364,7 @@ def _evaluate(ldm: str, data_uri: str, output_uri: str, cfg, sr: str | None, sr_
     train, val, test = (RealSet(data_uri, split, size, ec.laterality)
                         for split in (ec.train_split, ec.val_split, ec.test_split))
     progress(f"[evaluate generation] judge on {len(train.keys)} real images (val {len(val.keys)}) at "
-             f"{ec.judge_size or size}²; "
-             f"test {len(test.keys)}")
+             f"{ec.judge_size or size}²; test {len(test.keys)}")
     judge, record = train_judge(train, val, ec, progress)
     rows = table2(cheff, base, test.images[:ec.images], ec, progress)
     with_report = [i for i, r in enumerate(test.reports) if r][:ec.prompts]

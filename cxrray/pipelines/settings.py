@@ -150,7 +150,6 @@ class SyntheticAuditConfig(StrictModel):
     test_split: str = "test"  # real images it never saw: the reference for every comparison
     # judge: conv trunk + head regressing ivsd, lvidd, lvpwd, age and classifying sex from the image alone
     width: int = Field(16, ge=4, le=256)
-    judge_size: int | None = Field(None, ge=16)  # the side the judge reads every image at (None: the output size)
     epochs: int = Field(30, ge=1)
     patience: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=2)
@@ -180,7 +179,7 @@ class GenerationEvalConfig(StrictModel):
     guidance: float = Field(1.0, ge=1.0, le=20.0)  # classifier-free guidance (Cheff: 1, none)
     batch_size: int = Field(32, ge=1)
     threads: int = Field(0, ge=0)  # torch threads on the driver (0: every core; no Ray work runs meanwhile)
-    # judge: conv trunk + one logit per finding/device, trained on the real training split at the output size
+    # judge: conv trunk + one logit per finding/device, trained on the real training split at judge_size
     width: int = Field(16, ge=4, le=256)
     judge_size: int | None = Field(None, ge=16)  # the side the judge reads every image at (None: the output size)
     epochs: int = Field(30, ge=1)
