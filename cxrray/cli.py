@@ -420,7 +420,9 @@ def cmd_evaluate(args) -> int:
     result = run_generation_eval(args.ldm, args.data, args.output, load_config(args.config, args.overrides), sr=args.sr,
                                  sr_base=args.sr_base, features_model=args.features_model)
     print(json.dumps({"output": args.output, "table2": result["table2"], "device_removal": result["device_removal"],
-                      "auroc": {r["label"]: r.get("auroc_generated") for r in result["conditioning"]}}))
+                      "auroc": {r["label"]: r.get("auroc_generated") for r in result["conditioning"]},
+                      "ldm_auroc": {r["label"]: r.get("auroc_generated") for r in result["ldm"]["conditioning"]},
+                      "ldm_latent_std_ratio": result["ldm"]["latent_std"]["ratio"]}))
     return 0
 
 
@@ -437,6 +439,8 @@ def cmd_reproduce(args) -> int:
         e = summary["evaluation"]
         print(json.dumps({"report": str(workdir / "reproduce.html"), "table2": e["table2"],
                           "auroc": {r["label"]: r.get("auroc_generated") for r in e["conditioning"]},
+                          "ldm_auroc": {r["label"]: r.get("auroc_generated") for r in e["ldm"]["conditioning"]},
+                          "ldm_latent_std_ratio": e["ldm"]["latent_std"]["ratio"], "sr_start_sweep": e["sr_start_sweep"],
                           "laterality": {r["label"]: r.get("accuracy_generated") for r in e["laterality"]},
                           "device_removed": e["device_removal"]["removed_fraction"], "seconds": summary["seconds"]}))
         return 0

@@ -249,8 +249,9 @@ def reproduce_cheff(source: str, overrides: list[str], preset: dict, workdir: Pa
 
     summary = {"sizes": {"ldm": low, "sr": high}, "phantoms": n, "seconds": seconds,
                "training": {k: {"images_shown": r["images_shown"], "metrics": last_metrics(r)} for k, r in runs.items()},
-               "evaluation": {k: evaluation[k] for k in ("table2", "quality", "diversity", "conditioning",
-                                                         "laterality", "device_removal", "paper", "not_measured")}}
+               "evaluation": {k: evaluation[k] for k in ("table2", "sr_start_sweep", "ldm", "quality", "diversity",
+                                                         "conditioning", "laterality", "device_removal", "paper",
+                                                         "not_measured")}}
     page = _write(workdir, summary, _cheff_page(summary))
     progress(f"[reproduce cheff] done: {page} (evaluation/report.html beside it)")
     return summary
@@ -267,14 +268,27 @@ def _cheff_page(summary: dict) -> str:
               "note": r.get("note")}
              for r in e["conditioning"]]
     q = e["quality"]["judge_features"]["synthetic_vs_test"]
+    ldm = e["ldm"]
+    ldm_auroc = [{"label": r["label"], "prompts with": r.get("prompts_with"), "ours": r.get("auroc_generated"),
+                  "ci": r.get("auroc_ci"), "judge on real": r.get("auroc_real"),
+                  "target": 0.8 if r["label"] in ("effusion", "cardiomegaly", "pacemaker") else None, "note": r.get("note")}
+                 for r in ldm["conditioning"]]
+    sweep_cols = ["guidance", "fid", "kid", *sorted({k for r in ldm["guidance_sweep"] for k in r if k.startswith("auroc_")})]
     sections = [
         ("Table 2 analogue (ours beside the paper's)", html.table(e["table2"], ["stage", "size", "mse", "psnr", "ssim",
                                                                               "paper_psnr", "paper_ssim"], 4)),
+        ("SR3 start: from the bicubic upsample noised to start x T (1 = from pure noise, as SR3); SR alone on real "
+         "images and the cascade's FID", html.table(e["sr_start_sweep"], ["start", "psnr", "ssim", "cascade_fid",
+                                                                          "cascade_kid"], 4)),
+        (f"The latent model alone ({ldm['size']}², decoded; target AUROC 0.8, latent std within 20% of the real "
+         "latents')", html.table(ldm_auroc, list(ldm_auroc[0]), 3) + html.table([ldm["latent_std"]], list(ldm["latent_std"]), 3)),
+        ("The latent model alone: classifier-free guidance sweep", html.table(ldm["guidance_sweep"], sweep_cols, 3)),
         ("Generation", html.table([{"": "ours (judge features, vs real test)", "fid": q["fid"], "kid": q["kid"]},
                                    {"": "paper, Cheff (Inception)", "fid": e["paper"]["fid"], "kid": e["paper"]["kid"]},
                                    {"": "paper, pixel-space cascade", "fid": e["paper"]["pixel_cascade_fid"],
                                     "kid": e["paper"]["pixel_cascade_kid"]}], ["", "fid", "kid"], 4)),
-        ("Report conditioning: the judge's AUROC on samples from test reports", html.table(auroc, list(auroc[0]), 3)),
+        ("Report conditioning through the whole cascade: the judge's AUROC on samples from test reports",
+         html.table(auroc, list(auroc[0]), 3)),
         ("Laterality: the judge's side of samples whose report gives one (target 0.8)",
          html.table([{k: r.get(k) for k in ("label", "prompts_right", "prompts_left", "accuracy_generated", "accuracy_ci",
                                             "accuracy_majority", "accuracy_real", "note")} for r in e["laterality"]],

@@ -30,28 +30,31 @@ def _eval(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _check_steps(steps: int) -> int:
+def _check_steps(steps: int, timesteps: int = T) -> int:
+    """steps as an int in 1..timesteps (the schedule's own T: 2000 for SR3, 1000 by default)."""
     steps = int(steps)
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in 1..{T}, got {steps}")
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"steps must be in 1..{timesteps} (the model's schedule), got {steps}")
     return steps
 
 
-def _eps(model, sched, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None, guidance: float = 1.0,
-         null: torch.Tensor | None = None) -> torch.Tensor:
-    """The noise the model implies at (x, t) (it may predict eps or v: `model.schedule["prediction_type"]`);
-    with guidance != 1, classifier-free: eps_u + g (eps_c - eps_u)."""
+def _output(model, sched, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor | None, guidance: float = 1.0,
+            null: torch.Tensor | None = None) -> torch.Tensor:
+    """What the sampler steps on at (x, t), in the scheduler's `prediction_type`: the model's own output, or
+    eps converted from a v model's output at the timestep it was queried at; with guidance != 1,
+    classifier-free: out_u + g (out_c - out_u) (the same combination in eps or v, both affine in the output)."""
     tt = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
     kind = getattr(model, "schedule", {}).get("prediction_type", "epsilon")
 
-    def eps_under(code):
-        return eps_and_x0(kind, sched.alphas_cumprod, model(x, tt, code).float(), x, tt)[0]
+    def under(code):
+        out = model(x, tt, code).float()
+        return out if kind == sched.config.prediction_type else eps_and_x0(kind, sched.alphas_cumprod, out, x, tt)[0]
 
-    eps = eps_under(z)
+    out = under(z)
     if guidance != 1.0 and null is not None:
-        eps_u = eps_under(null)
-        eps = eps_u + guidance * (eps - eps_u)
-    return eps
+        out_u = under(null)
+        out = out_u + guidance * (out - out_u)
+    return out
 
 
 def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, progress: Progress,
@@ -65,10 +68,12 @@ def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, 
     `known` = (x0 of the same shape as x, keep mask broadcastable to it, 1 = known): before the first step and
     after each one, where keep is 1 the sample is replaced by x0 forward-noised (fresh noise from `generator`)
     to the timestep the sample is now at, and by x0 itself at the end (inpainting as in LDM / Cheff)."""
-    steps = _check_steps(steps)
-    # the samplers step in eps; `_eps` converts a v model's output at the timestep it was queried at
-    sched = make_scheduler(kind, clip_sample=clip, **{**getattr(model, "schedule", {}), "prediction_type": "epsilon"})
-    sched.set_timesteps(steps, device=x.device)
+    # the forward samplers step on the model's own output (a v model at zero terminal SNR has no eps-form step
+    # at the top); the inverse one steps in eps, which `_output` converts at the timestep it queried
+    schedule = getattr(model, "schedule", {})
+    stepped_as = "epsilon" if kind == "ddim_inverse" else schedule.get("prediction_type", "epsilon")
+    sched = make_scheduler(kind, clip_sample=clip, **{**schedule, "prediction_type": stepped_as})
+    sched.set_timesteps(_check_steps(steps, sched.config.num_train_timesteps), device=x.device)
     x = x.float()
     timesteps = sched.timesteps
     if start < 1.0:
@@ -82,8 +87,8 @@ def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, 
         x = paste(x, timesteps[0])
     with _eval(model):
         for i, t in enumerate(timesteps):
-            eps = _eps(model, sched, x, t, z, guidance, null)
-            x = sched.step(eps, int(t), x, return_dict=False, **step_kwargs)[0]
+            out = _output(model, sched, x, t, z, guidance, null)
+            x = sched.step(out, int(t), x, return_dict=False, **step_kwargs)[0]
             if paste is not None:
                 x = paste(x, timesteps[i + 1] if i + 1 < len(timesteps) else None)
             if progress is not None:
@@ -133,6 +138,14 @@ def ddim_invert(model, x0: torch.Tensor, z: torch.Tensor, steps: int = 250, prog
     """Deterministic DDIM inversion x0 -> x_T given z (the model is queried at each step's target timestep,
     the mirror of `ddim_sample` with the same `steps`). Returns float32."""
     return walk(model, "ddim_inverse", x0, z, steps, progress)
+
+
+def stage_generator(seed: int, stage: int) -> torch.Generator:
+    """A CPU generator for stage `stage` of a cascade seeded by one user `seed`: stages draw independent noise
+    (a stage seeded like the one before it would start from the same noise whatever that stage made)."""
+    import numpy as np
+
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), int(stage)]).generate_state(1)[0]))
 
 
 def _model_device(model) -> torch.device:
@@ -191,7 +204,7 @@ def reconstruct(model, x0: torch.Tensor, steps: int = 100, progress: Progress = 
     """Autoencode x0: z = encode(x0), x_T = ddim_invert(x0, z, steps), x0_hat = ddim_sample(x_T, z, steps).
 
     `progress` sees one count over both passes (total = 2 * steps)."""
-    steps = _check_steps(steps)
+    steps = _check_steps(steps, getattr(model, "schedule", {}).get("num_train_timesteps", T))
     with _eval(model):
         z = model.encode(x0).float()
     inv_progress = None if progress is None else (lambda i, _n: progress(i, 2 * steps))

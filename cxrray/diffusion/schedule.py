@@ -23,13 +23,14 @@ SchedulerKind = Literal["ddpm", "ddim", "ddim_inverse"]
 
 def make_scheduler(kind: SchedulerKind = "ddpm", beta_schedule: str = "linear", beta_start: float = 1e-4,
                    beta_end: float = 0.02, clip_sample: bool = False, num_train_timesteps: int = T,
-                   prediction_type: str = "epsilon"):
+                   prediction_type: str = "epsilon", rescale_betas_zero_snr: bool = False):
     """A fresh diffusers scheduler (they are stateful after `set_timesteps`, so never share one across calls).
     `clip_sample` clips the predicted x0 to [-1, 1] at each step: for sampling from random x_T only, since
     it breaks the exact mirror between inversion and decoding. `prediction_type` is what the model outputs
-    ("epsilon" or "v_prediction"); the schedulers' `step` converts either."""
+    ("epsilon" or "v_prediction"); the schedulers' `step` converts either. `rescale_betas_zero_snr` rescales
+    the betas so that alpha_bar at T - 1 is exactly 0 (Lin et al. 2024; v-prediction only)."""
     common = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end,
-                  clip_sample=clip_sample, prediction_type=prediction_type)
+                  clip_sample=clip_sample, prediction_type=prediction_type, rescale_betas_zero_snr=rescale_betas_zero_snr)
     if kind == "ddpm":
         return DDPMScheduler(**common)
     ddim = dict(common, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")

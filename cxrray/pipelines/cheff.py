@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from cxrray.diffusion.ddim import stage_generator
 from cxrray.errors import InputError
 from cxrray.families import GenerateRequest, Generated
 from cxrray.io.loading import LoadedModel, load_model
@@ -56,21 +57,44 @@ class Cheff:
         return GenerateRequest(n=n, steps=steps, generator=torch.Generator().manual_seed(int(seed)),
                                conditions=conditions, guidance=guidance, sampler=sampler)
 
-    def _then_upscale(self, made: Generated, generator: torch.Generator, sr_steps: int | None) -> Generated:
+    def _then_upscale(self, made: Generated, generator: torch.Generator, sr_steps: int | None,
+                      sr_start: float | None = None) -> Generated:
         if self.sr is None or sr_steps == 0:
             return made
         steps = sr_steps or SR_STEPS
-        high = self.sr.family.upscale(self.sr.model, made.images, steps, generator)
+        start = self.sr.model.cfg.sample_start if sr_start is None else sr_start
+        high = self.sr.family.upscale(self.sr.model, made.images, steps, generator, start=start)
         return Generated(high.float().cpu(), f"{made.how}, upscaled {made.images.shape[-1]} -> {high.shape[-1]} by "
-                                             f"SR3 model {self.sr.identity['name']} ({steps} DDIM steps)")
+                                             f"SR3 model {self.sr.identity['name']} ({steps} DDIM steps on T, from the "
+                                             f"bicubic upsample noised to {start:g} T)")
 
     def sample(self, prompt: str | list[str] | None = None, n: int = 1, seed: int = 0, steps: int = PAPER_STEPS,
-               guidance: float = 1.0, sampler: str = "ddim", sr_steps: int | None = None) -> Generated:
+               guidance: float = 1.0, sampler: str = "ddim", sr_steps: int | None = None,
+               sr_start: float | None = None) -> Generated:
         """n images from a report (one for all, or one per image; None or "": unconditional), upscaled by
-        the SR model when the cascade has one (`sr_steps=0`: not upscaled)."""
+        the SR model when the cascade has one (`sr_steps=0`: not upscaled). The latent model draws from
+        `seed`, the SR model from its own noise (`stage_generator(seed, 1)`)."""
         request = self._request(n, seed, steps, guidance, prompt, sampler)
         made = self.ldm.family.generate(self.ldm.model, request)
-        return self._then_upscale(Generated(made.images.float().cpu(), made.how), request.generator, sr_steps)
+        return self.upscale_generated(Generated(made.images.float().cpu(), made.how), seed, sr_steps, sr_start)
+
+    def sample_latents(self, prompt: str | list[str] | None = None, n: int = 1, seed: int = 0, steps: int = PAPER_STEPS,
+                       guidance: float = 1.0, sampler: str = "ddim") -> torch.Tensor:
+        """The latent model's own samples, float32 [n, C, s, s] in its (scaled) latent space: what `sample`
+        decodes from the same arguments (`decode(sample_latents(...))` equals `sample(..., sr_steps=0)`)."""
+        from cxrray.families.ldm.task import request_latents
+
+        return request_latents(self.ldm.model, self._request(n, seed, steps, guidance, prompt, sampler))[0].float().cpu()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [n, C, s, s] -> images float32 [n, 1, S, S] through the cascade's autoencoder."""
+        device = next(self.ldm.model.unet.parameters()).device
+        return self.ldm.model.decode(latents.to(device)).float().cpu()
+
+    def upscale_generated(self, made: Generated, seed: int, sr_steps: int | None = None,
+                          sr_start: float | None = None) -> Generated:
+        """The cascade's last stage on what the latent model made from `seed` (its own noise: `stage_generator`)."""
+        return self._then_upscale(made, stage_generator(seed, 1), sr_steps, sr_start)
 
     def _images(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = torch.as_tensor(image).float(), torch.as_tensor(mask).float()
@@ -89,7 +113,7 @@ class Cheff:
         image, mask = self._images(image, mask)
         request = self._request(image.shape[0], seed, steps, guidance, prompt)
         made = self.ldm.family.inpaint(self.ldm.model, image, mask, request)
-        return self._then_upscale(Generated(made.images.float().cpu(), made.how), request.generator, sr_steps)
+        return self.upscale_generated(Generated(made.images.float().cpu(), made.how), seed, sr_steps)
 
     def outpaint(self, image: torch.Tensor, mask: torch.Tensor, prompt: str | None = None, seed: int = 0,
                  steps: int = PAPER_STEPS, guidance: float = 1.0, sr_steps: int | None = 0) -> Generated:
@@ -105,12 +129,13 @@ class Cheff:
         device = next(vae.parameters()).device
         return vae.decode_latents(vae.latents(vae.fit(torch.as_tensor(image).float().to(device)))).float().cpu()
 
-    def upscale(self, image: torch.Tensor, seed: int = 0, steps: int = SR_STEPS) -> Generated:
-        """Low-resolution images [n, 1, s, s] -> the SR model's size (seeded DDIM)."""
+    def upscale(self, image: torch.Tensor, seed: int = 0, steps: int = SR_STEPS, start: float | None = None) -> Generated:
+        """Low-resolution images [n, 1, s, s] -> the SR model's size (seeded DDIM from the bicubic upsample
+        noised to `start` T; None: the model's own `sample_start`)."""
         if self.sr is None:
             raise InputError("this cascade has no super-resolution model (give one with --sr)")
         image = torch.as_tensor(image).float()
-        return self._then_upscale(Generated(image, "given images"), torch.Generator().manual_seed(int(seed)), steps)
+        return self._then_upscale(Generated(image, "given images"), torch.Generator().manual_seed(int(seed)), steps, start)
 
     def export(self, folder: str | Path) -> dict[str, list[str]]:
         """diffusers folders per stage: `ldm/` (unet, text_encoder, tokenizer, vae, scheduler) and `sr/`;

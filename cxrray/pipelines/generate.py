@@ -73,9 +73,11 @@ class ShardGenerator:
     def _sample(self, rows: list[dict], seed: int) -> np.ndarray:
         import torch
 
+        from cxrray.diffusion.ddim import stage_generator
         from cxrray.families import GenerateRequest
 
         generator = torch.Generator(device="cpu").manual_seed(seed)
+        sr_generator = stage_generator(seed, 1)  # the SR stage's own noise, independent of the latent model's
         names = sorted(self.family.conditions(self.model.cfg))
         out = []
         for i in range(0, len(rows), self.cfg.batch_size):
@@ -85,7 +87,7 @@ class ShardGenerator:
                 n=len(chunk), steps=self.cfg.steps, generator=generator, conditions=conditions,
                 guidance=self.cfg.guidance, sampler=self.cfg.sampler)).images
             if self.sr is not None:
-                made = self.sr.family.upscale(self.sr.model, made, self.cfg.sr_steps, generator)
+                made = self.sr.family.upscale(self.sr.model, made, self.cfg.sr_steps, sr_generator)
             out.append(made[:, 0].float().cpu().numpy())
         return np.concatenate(out)
 
@@ -97,7 +99,8 @@ class ShardGenerator:
         made = {"model": self.identity, "shard_seed": seed, "index": row["index"], "sampler": self.cfg.sampler,
                 "steps": self.cfg.steps, "guidance": self.cfg.guidance, **row["conditions"]}
         upscaled = (f", upscaled by SR3 model {self.sr.identity['name']} version {self.sr.identity['version']} "
-                    f"({self.cfg.sr_steps} DDIM steps)") if self.sr is not None else ""
+                    f"({self.cfg.sr_steps} DDIM steps from the bicubic upsample noised to "
+                     f"{self.sr.model.cfg.sample_start:g} T)") if self.sr is not None else ""
         if self.sr is not None:
             made["upscaled_by"] = {k: self.sr.identity[k] for k in PUBLIC if self.sr.identity.get(k) is not None}
             made["sr_steps"] = self.cfg.sr_steps

@@ -41,6 +41,7 @@ from cxrray.errors import InputError
 from cxrray.eval import html
 from cxrray.eval.laterality import side_targets
 from cxrray.eval.reconstruction import reconstruction_metrics
+from cxrray.families import Generated
 from cxrray.families.sr.network import resize
 from cxrray.pipelines.cheff import Cheff
 from cxrray.pipelines.settings import GenerationEvalConfig
@@ -217,6 +218,13 @@ def laterality(findings: list[str], p_cond: np.ndarray, prompt_sides: np.ndarray
     return rows
 
 
+def _auroc_summary(measured: dict) -> dict:
+    """One sweep row: FID / KID against real test images and the judged AUROC per label."""
+    q = measured["quality"]["synthetic_vs_test"]
+    return {"fid": q["fid"], "kid": q["kid"],
+            **{f"auroc_{r['label']}": r["auroc_generated"] for r in measured["conditioning"] if "auroc_generated" in r}}
+
+
 def device_phantoms(cfg: GenerationEvalConfig, size: int, fit: str) -> list[dict]:
     """`inpaint_cases` phantoms with one of `inpaint_devices`: the ingest-decoded image, the same phantom
     without the device mapped through the same intensity transform, and the device's mask, all at `size`."""
@@ -291,18 +299,56 @@ def device_removal(cheff: Cheff, cases: list[dict], cfg: GenerationEvalConfig) -
     return result, grids
 
 
-def _sample(cheff: Cheff, prompts: list[str | None], cfg: GenerationEvalConfig, what: str, progress) -> torch.Tensor:
+def _seed(cfg: GenerationEvalConfig, batch: int, conditional: bool) -> int:
+    """Each batch's own seed (the latent model draws from it, SR3 from `stage_generator(seed, 1)`)."""
+    return cfg.seed * 100_003 + batch + (0 if conditional else 50_000)
+
+
+def _batched(what: str, n: int, cfg: GenerationEvalConfig, progress, make) -> torch.Tensor:
+    """torch.cat of make(batch index, slice) over batches of `batch_size`, with a rate / ETA line per batch."""
     out, start = [], time.perf_counter()
-    for b, i in enumerate(range(0, len(prompts), cfg.batch_size)):
-        chunk = prompts[i:i + cfg.batch_size]
-        prompt = None if all(p is None for p in chunk) else ["" if p is None else p for p in chunk]
-        out.append(cheff.sample(prompt, n=len(chunk), seed=cfg.seed * 100_003 + b + (0 if prompt else 50_000),
-                                steps=cfg.steps, guidance=cfg.guidance, sr_steps=cfg.sr_steps).images)
-        done = i + len(chunk)
+    for b, i in enumerate(range(0, n, cfg.batch_size)):
+        out.append(make(b, slice(i, min(i + cfg.batch_size, n))))
+        done = min(i + cfg.batch_size, n)
         rate = done / (time.perf_counter() - start)
-        progress(f"[evaluate generation] {what}: {done}/{len(prompts)} images, {rate:.2f} img/s, "
-                 f"ETA {(len(prompts) - done) / rate:.0f} s")
-    return torch.cat(out).clamp(-1, 1)
+        progress(f"[evaluate generation] {what}: {done}/{n} images, {rate:.2f} img/s, ETA {(n - done) / rate:.0f} s")
+    return torch.cat(out)
+
+
+def sample_latents(cheff: Cheff, prompts: list[str | None], cfg: GenerationEvalConfig, guidance: float,
+                   progress) -> torch.Tensor:
+    """The latent model's samples [N, C, s, s], one per prompt (None: unconditional), seeded per batch."""
+    conditional = any(p is not None for p in prompts)
+
+    def make(b, rows):
+        chunk = prompts[rows]
+        prompt = ["" if p is None else p for p in chunk] if conditional else None
+        return cheff.sample_latents(prompt, n=len(chunk), seed=_seed(cfg, b, conditional), steps=cfg.steps,
+                                    guidance=guidance)
+
+    return _batched(f"latent model, {'report-conditioned' if conditional else 'unconditional'}, guidance {guidance:g}",
+                    len(prompts), cfg, progress, make)
+
+
+def upscale_samples(cheff: Cheff, low: torch.Tensor, cfg: GenerationEvalConfig, start: float, conditional: bool,
+                    progress) -> torch.Tensor:
+    """The cascade's last stage on the latent model's decoded samples (each batch's SR noise its own)."""
+    def make(b, rows):
+        return cheff.upscale_generated(Generated(low[rows], ""), _seed(cfg, b, conditional), cfg.sr_steps, start).images
+
+    return _batched(f"SR3 from {start:g} T", len(low), cfg, progress, make).clamp(-1, 1)
+
+
+def sr_start_sweep(cheff: Cheff, real_out: torch.Tensor, cfg: GenerationEvalConfig, progress) -> list[dict]:
+    """PSNR / SSIM of the SR model alone (real images at the latent model's size -> the output size) per start
+    in `sr_starts`, beside bicubic upscaling: where SR3 starting from the noised bicubic upsample wins."""
+    low = resize(real_out, cheff.image_size)
+    rows = [{"start": "bicubic", **reconstruction_metrics(real_out, resize(low, cheff.output_size))}]
+    for start in cfg.sr_starts:
+        up = _batched(f"SR start sweep at {start:g} T", len(low), cfg, progress,
+                      lambda b, r: cheff.upscale(low[r], seed=cfg.seed + b, steps=cfg.sr_steps, start=start).images)
+        rows.append({"start": start, **reconstruction_metrics(real_out, up)})
+    return rows
 
 
 def table2(cheff: Cheff, sr_base: Cheff | None, real_out: torch.Tensor, cfg: GenerationEvalConfig,
@@ -349,17 +395,17 @@ def run_generation_eval(ldm: str, data_uri: str, output_uri: str, cfg, sr: str |
         torch.set_num_threads(previous)
 
 
-def _evaluate(ldm: str, data_uri: str, output_uri: str, cfg, sr: str | None, sr_base: str | None,
+def _evaluate(ldm_uri: str, data_uri: str, output_uri: str, cfg, sr: str | None, sr_base: str | None,
               features_model: str | None, progress) -> dict:
     from cxrray.eval.grids import save_grid
     from cxrray.tracking import RunLogger, start_run, tracking_uri
 
     ec: GenerationEvalConfig = cfg.generation_eval
     scripted = ScriptedFeatures(features_model) if features_model else None
-    cheff = Cheff.load(ldm, sr, device="cpu")
-    base = Cheff.load(ldm, sr_base, device="cpu") if sr_base else None
+    cheff = Cheff.load(ldm_uri, sr, device="cpu")
+    base = Cheff.load(ldm_uri, sr_base, device="cpu") if sr_base else None
     if not cheff.ldm.model.cfg.text:
-        raise InputError(f"{ldm} is not report-conditioned: conditioning accuracy needs prompts")
+        raise InputError(f"{ldm_uri} is not report-conditioned: conditioning accuracy needs prompts")
     size = cheff.output_size
     train, val, test = (RealSet(data_uri, split, size, ec.laterality)
                         for split in (ec.train_split, ec.val_split, ec.test_split))
@@ -367,26 +413,71 @@ def _evaluate(ldm: str, data_uri: str, output_uri: str, cfg, sr: str | None, sr_
              f"{ec.judge_size or size}²; test {len(test.keys)}")
     judge, record = train_judge(train, val, ec, progress)
     rows = table2(cheff, base, test.images[:ec.images], ec, progress)
+    sweep = sr_start_sweep(cheff, test.images[:ec.images], ec, progress) if cheff.sr is not None else []
     with_report = [i for i, r in enumerate(test.reports) if r][:ec.prompts]
-    conditional = _sample(cheff, [test.reports[i] for i in with_report], ec, "report-conditioned", progress)
-    unconditional = _sample(cheff, [None] * ec.unconditional, ec, "unconditional", progress)
-    sets = {"synthetic": conditional, "train": train.images, "test": test.images}
-    features = {k: apply_batched(judge.features, v) for k, v in {**sets, "unconditional": unconditional}.items()}
-    with torch.no_grad():  # judge(x) = head(features(x)): each image set through the trunk once
-        prob = {k: torch.sigmoid(judge.head(f)).numpy() for k, f in features.items()}
-    quality = {"judge_features": image_quality({k: features[k] for k in sets}, ec)}
+    prompts = [test.reports[i] for i in with_report]
+    guidances = list(dict.fromkeys([ec.guidance, *ec.guidance_sweep]))
+    latents = {g: sample_latents(cheff, prompts, ec, g, progress) for g in guidances}
+    latents_unc = sample_latents(cheff, [None] * ec.unconditional, ec, 1.0, progress)
+    ldm_images = {g: cheff.decode(z).clamp(-1, 1) for g, z in latents.items()}
+    ldm_unc = cheff.decode(latents_unc).clamp(-1, 1)
+    judge_side = ec.judge_size or size  # the latent model's samples are read at the judge's own size
+
+    def judged(images: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """(judge features, probabilities) of one image set; each set goes through the trunk once."""
+        with torch.no_grad():
+            features = apply_batched(judge.features, resize(images, judge_side) if images.shape[-1] < size else images)
+            return features, torch.sigmoid(judge.head(features)).numpy()
+
+    real = {k: judged(v) for k, v in {"train": train.images, "test": test.images}.items()}
+    ldm_judged = {g: judged(v) for g, v in ldm_images.items()}
+    ldm_unc_judged = judged(ldm_unc)
+    source_labels, prompt_sides = test.labels[with_report], test.sides[with_report]
+
+    def measures(synthetic, unconditional) -> dict:
+        return {"quality": image_quality({"synthetic": synthetic[0], "train": real["train"][0],
+                                          "test": real["test"][0]}, ec),
+                "conditioning": conditioning(test.findings, synthetic[1], source_labels, real["test"][1], test,
+                                             unconditional[1], ec),
+                "laterality": laterality(test.findings, synthetic[1], prompt_sides, real["test"][1], test, train, ec)}
+
+    real_latents = cheff.ldm.model.latents(resize(test.images, cheff.image_size)).float()
+    ldm = {"size": cheff.image_size, "guidance": ec.guidance, **measures(ldm_judged[ec.guidance], ldm_unc_judged),
+           "latent_std": {"sampled_conditional": float(latents[ec.guidance].std()),
+                          "sampled_unconditional": float(latents_unc.std()), "real_test": float(real_latents.std()),
+                          "ratio": float(latents[ec.guidance].std() / real_latents.std())},
+           "guidance_sweep": [{"guidance": g, **_auroc_summary(measures(ldm_judged[g], ldm_unc_judged))}
+                              for g in ec.guidance_sweep],
+           "diversity": {"report_conditioned": ms_ssim(ldm_images[ec.guidance], ec.diversity_pairs, ec.seed),
+                         "unconditional": ms_ssim(ldm_unc, ec.diversity_pairs, ec.seed)}}
+    if cheff.sr is not None:
+        default_start = cheff.sr.model.cfg.sample_start
+        starts = list(dict.fromkeys([default_start, *ec.sr_starts]))
+        cascades = {st: upscale_samples(cheff, ldm_images[ec.guidance], ec, st, True, progress) for st in starts}
+        conditional = cascades[default_start]
+        unconditional = upscale_samples(cheff, ldm_unc, ec, default_start, False, progress)
+        for row in sweep:  # the cascade's FID / KID per start beside the SR alone's PSNR
+            if row["start"] in cascades:
+                fid = image_quality({"synthetic": judged(cascades[row["start"]])[0], "train": real["train"][0],
+                                     "test": real["test"][0]}, ec)["synthetic_vs_test"]
+                row.update(cascade_fid=fid["fid"], cascade_kid=fid["kid"])
+    else:
+        conditional, unconditional = ldm_images[ec.guidance], ldm_unc
+    cascade_judged, unc_judged = judged(conditional), judged(unconditional)
+    cascade = measures(cascade_judged, unc_judged)
+    quality = {"judge_features": cascade["quality"]}
     if scripted is not None:
+        sets = {"synthetic": conditional, "train": train.images, "test": test.images}
         quality["torchscript_features"] = image_quality({k: apply_batched(scripted, v) for k, v in sets.items()}, ec)
     diversity = {"report_conditioned": ms_ssim(conditional, ec.diversity_pairs, ec.seed),
                  "unconditional": ms_ssim(unconditional, ec.diversity_pairs, ec.seed),
                  "real_test": ms_ssim(test.images, ec.diversity_pairs, ec.seed)}
-    labels = conditioning(test.findings, prob["synthetic"], test.labels[with_report], prob["test"], test,
-                          prob["unconditional"], ec)
-    sides = laterality(test.findings, prob["synthetic"], test.sides[with_report], prob["test"], test, train, ec)
+    labels, sides = cascade["conditioning"], cascade["laterality"]
     removal, paint_grids = device_removal(cheff, device_phantoms(ec, cheff.image_size, cfg.ingest.fit), ec)
-    result = {"ldm": ldm, "sr": sr, "sr_base": sr_base, "data": data_uri, "output_size": size, "judge": record,
-              "table2": rows, "quality": quality, "diversity": diversity, "conditioning": labels,
-              "laterality": sides, "device_removal": removal, "paper": PAPER, "config": ec.model_dump(mode="json"),
+    result = {"ldm_model": ldm_uri, "sr": sr, "sr_base": sr_base, "data": data_uri, "output_size": size, "judge": record,
+              "table2": rows, "sr_start_sweep": sweep, "ldm": ldm, "quality": quality, "diversity": diversity,
+              "conditioning": labels, "laterality": sides, "device_removal": removal, "paper": PAPER,
+              "config": ec.model_dump(mode="json"),
               "not_measured": ["the paper's own figures for conditioning (it shows pictures only)"]}
     out = Storage(output_uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -394,12 +485,15 @@ def _evaluate(ldm: str, data_uri: str, output_uri: str, cfg, sr: str | None, sr_
         grid_rows = [cheff.sample(p or None, n=6, seed=ec.seed, steps=ec.steps, guidance=ec.guidance,
                                   sr_steps=ec.sr_steps).images for p in ec.grid_prompts]
         save_grid(grid_rows, folder / "samples.png", "SYNTHETIC - Cheff cascade samples, one row per prompt")
+        save_grid([cheff.sample(p or None, n=6, seed=ec.seed, steps=ec.steps, guidance=g, sr_steps=0).images
+                   for p in ec.grid_prompts for g in (1.0, max(ec.guidance_sweep))], folder / "ldm_samples.png",
+                  f"SYNTHETIC - the latent model alone, rows: each prompt at guidance 1 and {max(ec.guidance_sweep):g}")
         save_grid(paint_grids["inpainting"], folder / "inpainting.png",
                   "SYNTHETIC - rows: phantom, device mask, inpainted, the same phantom rendered without the device")
         save_grid(paint_grids["outpainting"], folder / "outpainting.png",
                   "SYNTHETIC - rows: phantom, kept region, outpainted")
         _page(folder, result, ec)
-        run_id = start_run(cfg.tracking, {"generation_eval": result["config"], "ldm": ldm, "sr": sr or "",
+        run_id = start_run(cfg.tracking, {"generation_eval": result["config"], "ldm": ldm_uri, "sr": sr or "",
                                           "data": data_uri}, run_name="evaluate-generation")
         result["mlflow_run_id"] = run_id
         (folder / "generation_eval.json").write_text(json.dumps(jsonable(result), indent=1))
@@ -408,16 +502,22 @@ def _evaluate(ldm: str, data_uri: str, output_uri: str, cfg, sr: str | None, sr_
                        | {"fid_vs_test": quality["judge_features"]["synthetic_vs_test"]["fid"],
                           "removed_fraction": removal["removed_fraction"]}
                        | {f"auroc/{r['label']}": r["auroc_generated"] for r in labels if "auroc_generated" in r}
-                       | {f"laterality/{r['label']}": r["accuracy_generated"] for r in sides if "accuracy_generated" in r},
-                       step=0)
+                       | {f"laterality/{r['label']}": r["accuracy_generated"] for r in sides if "accuracy_generated" in r}
+                       | {f"ldm_auroc/{r['label']}": r["auroc_generated"] for r in ldm["conditioning"]
+                          if "auroc_generated" in r}
+                       | {"ldm_fid_vs_test": ldm["quality"]["synthetic_vs_test"]["fid"],
+                          "ldm_latent_std_ratio": ldm["latent_std"]["ratio"]}, step=0)
         for path in sorted(folder.iterdir()):
             out.write_bytes(path.name, path.read_bytes())
             logger.artifact(path, "evaluate-generation")
         logger.finish()
-    judged = {r["label"]: r["auroc_generated"] for r in labels if "auroc_generated" in r}
-    progress(f"[evaluate generation] autoencoder PSNR {rows[0]['psnr']:.2f} dB; FID vs test "
-             f"{quality['judge_features']['synthetic_vs_test']['fid']:.3f}; AUROC "
-             + ", ".join(f"{k} {v:.2f}" for k, v in judged.items()) + "; laterality "
+    def aurocs(measured: list[dict]) -> str:
+        return ", ".join(f"{r['label']} {r['auroc_generated']:.2f}" for r in measured if "auroc_generated" in r)
+
+    progress(f"[evaluate generation] autoencoder PSNR {rows[0]['psnr']:.2f} dB; latent model alone: AUROC "
+             f"{aurocs(ldm['conditioning'])}, latent std {ldm['latent_std']['ratio']:.2f}x the real latents', FID "
+             f"{ldm['quality']['synthetic_vs_test']['fid']:.3f}; cascade: FID vs test "
+             f"{quality['judge_features']['synthetic_vs_test']['fid']:.3f}; AUROC {aurocs(labels)}; laterality "
              + ", ".join(f"{r['label']} {r['accuracy_generated']:.2f}" for r in sides if "accuracy_generated" in r)
              + f"; device removed {removal['removed_fraction']:.0%}; report {out.url('report.html')}")
     return jsonable(result)
@@ -431,10 +531,20 @@ def _page(folder: Path, result: dict, cfg: GenerationEvalConfig) -> None:
     div_rows = [{"set": k, **v} for k, v in result["diversity"].items()]
     cond_cols = ["label", "prompts_with", "prompts_without", "auroc_generated", "auroc_ci", "auroc_real",
                  "prevalence_unconditional", "prevalence_unconditional_ci", "prevalence_judged_real", "prevalence_real", "note"]
-    removal = result["device_removal"]
+    removal, ldm = result["device_removal"], result["ldm"]
+    sweep_cols = ["guidance", "fid", "kid", *sorted({k for r in ldm["guidance_sweep"] for k in r if k.startswith("auroc_")})]
     sections = [
         ("Table 2 analogue (ours beside the paper's)", html.table(result["table2"], ["stage", "size", "mse", "psnr", "ssim",
                                                                                        "paper_psnr", "paper_ssim"], 4)),
+        ("SR start sweep: SR alone on real images (PSNR / SSIM) and the cascade's FID per start (1 = from noise)",
+         html.table(result["sr_start_sweep"], ["start", "psnr", "ssim", "cascade_fid", "cascade_kid"], 4)),
+        (f"The latent model alone, decoded at {ldm['size']}² (guidance {ldm['guidance']:g}): conditioning",
+         html.table(ldm["conditioning"], cond_cols, 3)
+         + html.table([ldm["latent_std"]], list(ldm["latent_std"]), 3)
+         + html.table([{"pair": p, **v} for p, v in ldm["quality"].items()], ["pair", "fid", "kid", "kid_sd"], 4)),
+        ("The latent model alone: classifier-free guidance sweep (judge AUROC, FID vs real test)",
+         html.table(ldm["guidance_sweep"], sweep_cols, 3)
+         + html.image(folder / "ldm_samples.png", " | ".join(p or "(unconditional)" for p in cfg.grid_prompts))),
         ("Samples", html.image(folder / "samples.png", " | ".join(p or "(unconditional)" for p in cfg.grid_prompts))),
         ("FID / KID (judge features; Inception only with --features-model)",
          html.table(fid_rows, ["pair", "fid", "kid", "kid_sd", "kid_subset"], 4)),

@@ -2,7 +2,7 @@
 the jobs. Torch-free; `cxrray.config` composes them."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -176,7 +176,9 @@ class GenerationEvalConfig(StrictModel):
     unconditional: int = Field(128, ge=2)  # unconditional samples (prevalence, diversity)
     steps: int = Field(50, ge=1, le=1000)  # latent DDIM steps (Cheff: 150)
     sr_steps: int = Field(50, ge=1, le=2000)  # SR3 DDIM steps
-    guidance: float = Field(1.0, ge=1.0, le=20.0)  # classifier-free guidance (Cheff: 1, none)
+    guidance: float = Field(1.0, ge=1.0, le=20.0)  # classifier-free guidance of the cascade's samples (Cheff: 1)
+    guidance_sweep: list[Annotated[float, Field(ge=1.0, le=20.0)]] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 7.5])  # the latent model's own samples
+    sr_starts: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # SR start sweep (1: from noise)
     batch_size: int = Field(32, ge=1)
     threads: int = Field(0, ge=0)  # torch threads on the driver (0: every core; no Ray work runs meanwhile)
     # judge: conv trunk + one logit per finding/device, trained on the real training split at judge_size

@@ -149,13 +149,14 @@ class ModelService:
 
     def transform(self, image: np.ndarray, operation: str, seed: int = 0, steps: int = 50) -> dict:
         """One preprocessed image (float32 [s, s] at `info()["input_size"]`) -> `operation`'s image: "upscale"
-        (SR3 DDIM from noise seeded with `seed`) or "reconstruct" (D(E(x)), deterministic)."""
+        (SR3 DDIM seeded with `seed`, from the noised bicubic upsample) or "reconstruct" (D(E(x)), deterministic)."""
         self._need(operation)
         x = torch.from_numpy(np.array(image, dtype=np.float32))[None, None].to(self.device)
         with torch.no_grad():
             if operation == "upscale":
                 out = self.family.upscale(self.model, x, steps=steps, generator=torch.Generator().manual_seed(int(seed)))
-                how = f"upscaled from {x.shape[-1]}² to {out.shape[-1]}² (SR3, seed {seed}, {steps} DDIM steps)"
+                how = (f"upscaled from {x.shape[-1]}² to {out.shape[-1]}² (SR3, seed {seed}, {steps} DDIM steps from "
+                       f"the bicubic upsample noised to {self.cfg.sample_start:g} T)")
             else:
                 out = self.model(x)
                 how = f"reconstructed through the autoencoder, D(E(x)) at {out.shape[-1]}²"

@@ -40,6 +40,11 @@ class LDMConfig(BaseModel):
     beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
     beta_start: float = Field(0.0015, gt=0, lt=1)
     beta_end: float = Field(0.0295, gt=0, lt=1)
+    # the top of the schedule: at t near T an eps model's x0 estimate multiplies its error by sqrt((1-ab)/ab)
+    # (~426x at t = 980 with 0.0295); Lin et al. 2024's answer is a zero-terminal-SNR rescale of the betas with
+    # v-prediction (eps is undefined at SNR 0). Both off: Cheff's schedule.
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    zero_terminal_snr: bool = False
     # report conditioning: a BertModel built from this config (no download), trained with the U-Net
     text: bool = True
     text_width: int = Field(512, ge=8)
@@ -65,6 +70,8 @@ class LDMConfig(BaseModel):
             if ch % self.norm_groups or ch % self.head_channels:
                 raise ValueError(f"norm_groups {self.norm_groups} and head_channels {self.head_channels} must "
                                  f"divide every block width {self.block_channels}")
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ValueError("zero_terminal_snr needs prediction_type=v_prediction (eps is undefined at SNR 0)")
         if self.text_width % self.text_heads:
             raise ValueError(f"text_heads {self.text_heads} must divide text_width {self.text_width}")
         if self.vae is not None and (self.vae.latent_size, self.vae.latent_channels, self.vae.image_size) != (
@@ -84,7 +91,8 @@ class LDMConfig(BaseModel):
     @property
     def schedule(self) -> dict[str, Any]:
         return {"beta_schedule": self.beta_schedule, "beta_start": self.beta_start, "beta_end": self.beta_end,
-                "num_train_timesteps": self.timesteps}
+                "num_train_timesteps": self.timesteps, "prediction_type": self.prediction_type,
+                "rescale_betas_zero_snr": self.zero_terminal_snr}
 
 
 def conditions(cfg: LDMConfig) -> dict[str, dict]:

@@ -1,6 +1,7 @@
 """Training objective, data preparation, evaluation, generation and export of the latent diffusion model.
 
-The loss is eps-MSE on latents at t ~ U{0..T-1} under the model's schedule. Latents come from the batch's
+The loss is eps-MSE (or v-MSE, `prediction_type="v_prediction"`) on latents at t ~ U{0..T-1} under the
+model's schedule (optionally rescaled to zero terminal SNR). Latents come from the batch's
 `latent` column (latent shards, `cxrray latents`) or, without it, from the frozen autoencoder on the fly;
 report ids from its `tokens` column (a report-conditioned model), each row replaced by the empty report
 with probability `cond_drop` (classifier-free guidance).
@@ -56,8 +57,9 @@ def loss(model: LatentDiffusion, batch: dict, generator: torch.Generator | None 
     if ids is not None:
         drop = torch.rand(b, generator=generator, device=gen_device).to(device) < model.cfg.cond_drop
         ids = torch.where(drop[:, None], empty_report(b, ids.shape[1], device), ids)
-    eps = model(sched.add_noise(z0, noise, t), t, model.context(ids, b))
-    return F.mse_loss(eps.float(), noise.float())
+    out = model(sched.add_noise(z0, noise, t), t, model.context(ids, b))
+    target = noise if model.cfg.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
+    return F.mse_loss(out.float(), target.float())
 
 
 def prepare(cfg: LDMConfig, data_uri: str) -> LDMConfig:
@@ -175,11 +177,18 @@ def _how(what: str, request: GenerateRequest) -> str:
 
 
 @torch.no_grad()
-def generate(model: LatentDiffusion, request: GenerateRequest) -> Generated:
-    """n images under one prompt or one per image (`conditions["prompt"]`; "", None or absent: unconditional)."""
+def request_latents(model: LatentDiffusion, request: GenerateRequest) -> tuple[torch.Tensor, str]:
+    """The sampled latents float32 [n, C, s, s] of a generation request, and how they were made (provenance)."""
     ids, what = _request_ids(model, request)
     z = sample_latents(model, ids, request.n, request.steps, request.generator, request.guidance, request.sampler)
-    return Generated(model.decode(z), _how(what, request))
+    return z, _how(what, request)
+
+
+@torch.no_grad()
+def generate(model: LatentDiffusion, request: GenerateRequest) -> Generated:
+    """n images under one prompt or one per image (`conditions["prompt"]`; "", None or absent: unconditional)."""
+    z, how = request_latents(model, request)
+    return Generated(model.decode(z), how)
 
 
 def latent_mask(mask: torch.Tensor, size: int) -> torch.Tensor:

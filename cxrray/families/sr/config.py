@@ -37,6 +37,10 @@ class SRConfig(BaseModel):
     vae_checkpoint: str | None = None  # the autoencoder of `degrade="autoencoder"` (weights copied in)
     vae: VAEConfig | None = None  # its config (prepare)
     init_from: str | None = None  # a base SR checkpoint to fine-tune from (weights copied in)
+    # sampling starts from the bicubic upsample noised to t = sample_start * T (1: from pure noise, as SR3);
+    # measured in `cxrray evaluate generation`'s start sweep (README): from noise a short-trained model is far
+    # below bicubic, because each x0 estimate near T multiplies its noise error by sqrt((1 - ab) / ab)
+    sample_start: float = Field(0.5, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _consistent(self) -> "SRConfig":

@@ -61,13 +61,21 @@ def initialise(model: SuperResolution) -> None:
 
 @torch.no_grad()
 def upscale(model: SuperResolution, low: torch.Tensor, steps: int, generator: torch.Generator,
-            progress=None) -> torch.Tensor:
-    """Low-resolution images [B, C, s, s] in [-1, 1] (any s: resized to low_size) -> [B, C, S, S], DDIM
-    (eta 0) from noise, x0 clipped to [-1, 1]."""
+            progress=None, start: float | None = None) -> torch.Tensor:
+    """Low-resolution images [B, C, s, s] in [-1, 1] (any s: resized to low_size) -> [B, C, S, S], DDIM (eta 0),
+    x0 clipped to [-1, 1], starting from the bicubic upsample noised to t = start * T (`start` None: the
+    model's `sample_start`; 1: SR3's start from pure noise). Of `steps` on the whole schedule, those at or
+    below the start run."""
     from cxrray.diffusion.ddim import walk
 
     device = next(model.unet.parameters()).device
     low = resize(low.to(device).float(), model.cfg.low_size)
+    start = model.cfg.sample_start if start is None else float(start)
+    if not 0.0 < start <= 1.0:
+        raise InputError(f"the SR start must be in (0, 1], got {start}")
+    if start < 1.0:
+        return walk(model, "ddim", resize(low, model.cfg.image_size), low, steps, progress, clip=True, start=start,
+                    generator=generator, eta=0.0)
     shape = (low.shape[0], model.cfg.in_channels, model.cfg.image_size, model.cfg.image_size)
     x_T = torch.randn(shape, generator=generator, device=generator.device).to(device)
     return walk(model, "ddim", x_T, low, steps, progress, clip=True, eta=0.0)
