@@ -249,7 +249,7 @@ def reproduce_cheff(source: str, overrides: list[str], preset: dict, workdir: Pa
 
     summary = {"sizes": {"ldm": low, "sr": high}, "phantoms": n, "seconds": seconds,
                "training": {k: {"images_shown": r["images_shown"], "metrics": last_metrics(r)} for k, r in runs.items()},
-               "evaluation": {k: evaluation[k] for k in ("table2", "sr_start_sweep", "ldm", "quality", "diversity",
+               "evaluation": {k: evaluation[k] for k in ("table2", "sr_start_sweep", "ldm", "denoising", "quality", "diversity",
                                                          "conditioning", "laterality", "device_removal", "paper",
                                                          "not_measured")}}
     page = _write(workdir, summary, _cheff_page(summary))

@@ -262,3 +262,62 @@ def test_v_prediction_loss_regresses_the_velocity():
     v = ab.sqrt() * noise - (1 - ab).sqrt() * x0
     assert torch.isclose(loss, ((out - v) ** 2).mean(), rtol=1e-4)
     assert not torch.isclose(loss, ((out - noise) ** 2).mean(), rtol=1e-2)
+
+
+class GaussV(nn.Module):
+    """Exact v* for data x0 ~ N(mu, sd^2) per pixel under Cheff's latent schedule rescaled to zero terminal SNR
+    (at the top ab = 0: x_t is pure noise, and v* = -mu)."""
+
+    schedule = {"beta_schedule": "scaled_linear", "beta_start": 0.0015, "beta_end": 0.0295, "num_train_timesteps": 1000,
+                "prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
+
+    def __init__(self, mu: float, sd: float):
+        super().__init__()
+        self.mu, self.sd = mu, sd
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.register_buffer("ab", make_scheduler("ddpm", **self.schedule).alphas_cumprod.clone())
+
+    def forward(self, x, t, z):
+        a = self.ab[t].view(-1, 1, 1, 1)
+        x0 = self.mu + a.sqrt() * self.sd**2 * (x - a.sqrt() * self.mu) / (a * self.sd**2 + 1 - a)
+        eps = torch.where(a < 1, (x - a.sqrt() * x0) / (1 - a).clamp_min(1e-12).sqrt(), torch.zeros_like(x))
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+def test_a_zero_terminal_snr_v_model_samples_from_the_very_top_of_its_schedule():
+    """At ab = 0 an eps-form step divides by sqrt(ab): the samplers step on the v output itself there."""
+    from cxrray.diffusion.ddim import walk
+
+    model = GaussV(mu=0.3, sd=0.5)
+    assert float(model.ab[-1]) == 0.0
+    x_T = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = walk(model, "ddim", x_T, None, 1000, None, eta=0.0)  # every step: the first at t = 999, ab = 0
+    assert torch.isfinite(out).all()
+    assert abs(float(out.mean()) - 0.3) < 0.02 and abs(float(out.std()) - 0.5) < 0.05
+    eps_step = make_scheduler("ddim", **{**model.schedule, "prediction_type": "epsilon"})
+    eps_step.set_timesteps(1000)
+    # the eps a v model implies at ab = 0 is x_t itself; the eps-form step's x0 estimate divides 0 by 0 there
+    assert not torch.isfinite(eps_step.step(x_T, 999, x_T, eta=0.0, return_dict=False)[1]).all()
+
+
+def test_the_latent_model_trains_v_prediction_and_refuses_zero_snr_with_eps():
+    from cxrray.families import get_family
+    from cxrray.families.ldm.task import loss
+    from test_families import tiny
+
+    with pytest.raises(ValueError, match="zero_terminal_snr needs prediction_type=v_prediction"):
+        tiny("ldm").__class__(**{**tiny("ldm").model_dump(), "zero_terminal_snr": True})
+    cfg = tiny("ldm").__class__(**{**tiny("ldm").model_dump(), "prediction_type": "v_prediction", "zero_terminal_snr": True})
+    torch.manual_seed(0)
+    model = get_family("ldm").build(cfg).eval()  # no text drop-out: the two forwards below see one network
+    assert model.schedule["prediction_type"] == "v_prediction" and model.schedule["rescale_betas_zero_snr"]
+    z0 = torch.randn(3, cfg.latent_channels, cfg.latent_size, cfg.latent_size, generator=torch.Generator().manual_seed(2))
+    value = loss(model, {"latent": z0}, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)  # the loss's draws in its order: t, noise, drop-out
+    t = torch.randint(0, cfg.timesteps, (3,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    sched = make_scheduler("ddpm", **model.schedule)
+    with torch.no_grad():
+        out = model(sched.add_noise(z0, noise, t), t, model.context(None, 3))
+    assert torch.isclose(value, ((out - sched.get_velocity(z0, noise, t)) ** 2).mean(), rtol=1e-4)
+    assert not torch.isclose(value, ((out - noise) ** 2).mean(), rtol=1e-2)

@@ -315,7 +315,8 @@ def test_the_cascade_generates_from_a_real_sets_reports_and_upscales(job, ldm_ru
 EVAL = ["generation_eval.images=16", "generation_eval.prompts=16", "generation_eval.unconditional=8",
         "generation_eval.steps=2", "generation_eval.sr_steps=2", "generation_eval.epochs=2", "generation_eval.batch_size=8",
         "generation_eval.inpaint_cases=4", "generation_eval.kid_subset=4", "generation_eval.kid_subsets=5",
-        "generation_eval.diversity_pairs=8", "generation_eval.min_positives=2", 'generation_eval.grid_prompts=["", "x"]']
+        "generation_eval.diversity_pairs=8", "generation_eval.min_positives=2", 'generation_eval.grid_prompts=["", "x"]',
+        "generation_eval.guidance_sweep=[1,3]", "generation_eval.sr_starts=[0.5,1.0]"]
 
 
 def test_evaluate_generation_writes_the_papers_measures_beside_ours(job, ldm_run, tmp_path, capsys):
@@ -365,6 +366,25 @@ def test_evaluate_generation_writes_the_papers_measures_beside_ours(job, ldm_run
             commoner = 1.0 if row["train_right"] >= row["train_left"] else 0.0
             assert row["accuracy_majority"] == pytest.approx(float((sides[~np.isnan(sides)] == commoner).mean()))
     assert sum(r["prompts_right"] + r["prompts_left"] for r in result["laterality"]) > 0
+    # the latent model judged alone: its decoded samples, its latents' spread, the guidance sweep
+    ldm = result["ldm"]
+    assert ldm["size"] == 16 and [r["label"] for r in ldm["conditioning"]] == [r["label"] for r in result["conditioning"]]
+    every_test = RealSet(f"file://{job['data']}", "test", 32, GenerationEvalConfig().laterality)
+    real_latents = cheff.ldm.model.latents(resize(every_test.images, 16))
+    assert ldm["latent_std"]["real_test"] == pytest.approx(float(real_latents.std()), rel=1e-4)
+    assert ldm["latent_std"]["ratio"] == pytest.approx(ldm["latent_std"]["sampled_conditional"] / ldm["latent_std"]["real_test"])
+    assert [r["guidance"] for r in ldm["guidance_sweep"]] == [1.0, 3.0] and all(r["fid"] > 0 for r in ldm["guidance_sweep"])
+    assert ldm["quality"]["train_vs_test"] == result["quality"]["judge_features"]["train_vs_test"]  # one reference
+    # the SR start sweep: bicubic, then each start with the SR alone's PSNR and the cascade's FID
+    sweep = result["sr_start_sweep"]
+    assert [r["start"] for r in sweep] == ["bicubic", 0.5, 1.0] and all("cascade_fid" in r for r in sweep[1:])
+    assert sweep[0]["psnr"] == pytest.approx(result["table2"][-1]["psnr"], abs=1e-4)  # bicubic, measured once more
+    # where each stage errs along its schedule: the eps error's amplification in the clean estimate
+    for stage, ts in (("ldm", [50, 250, 500, 750, 894, 980]), ("sr", [100, 500, 1000, 1500, 1900, 1980])):
+        rows = result["denoising"][stage]
+        assert [r["t"] for r in rows] == ts
+        assert all(r["amplification"] == pytest.approx(((1 - r["alpha_bar"]) / r["alpha_bar"]) ** 0.5, rel=1e-4) for r in rows)
+    assert result["denoising"]["ldm"][-1]["amplification"] > 400  # Cheff's 0.0295 at t = 980
     # the device-free phantom is the original outside the device's (grown) mask, and differs inside it
     cases = device_phantoms(GenerationEvalConfig(inpaint_cases=4), 16, "pad")
     for case in cases:

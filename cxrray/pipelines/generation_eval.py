@@ -339,6 +339,28 @@ def upscale_samples(cheff: Cheff, low: torch.Tensor, cfg: GenerationEvalConfig, 
     return _batched(f"SR3 from {start:g} T", len(low), cfg, progress, make).clamp(-1, 1)
 
 
+LDM_TIMESTEPS = (50, 250, 500, 750, 894, 980)  # 894 / 980: the first DDIM step at 150 / 50 steps
+SR_TIMESTEPS = (100, 500, 1000, 1500, 1900, 1980)
+
+
+def denoising_by_stage(cheff: Cheff, real_out: torch.Tensor, real_latents: torch.Tensor, with_report: list[int],
+                       prompts: list[str], cfg: GenerationEvalConfig) -> dict:
+    """Each stage's noise and clean-estimate errors per timestep on real test data (`denoising_error`): the
+    latent model on the test images' latents under their own reports, SR3 on the test images given their
+    bicubic down-sample. Where the clean estimate's error grows is where sampling from noise goes wrong."""
+    from cxrray.diffusion.diagnostics import denoising_error
+    from cxrray.families.ldm.task import prompt_ids
+
+    rows = with_report[:cfg.batch_size]
+    model = cheff.ldm.model
+    context = model.context(prompt_ids(model, prompts[:len(rows)]), len(rows))
+    out = {"ldm": denoising_error(model, real_latents[rows], context, list(LDM_TIMESTEPS), cfg.seed)}
+    if cheff.sr is not None:
+        high = real_out[:cfg.batch_size]
+        out["sr"] = denoising_error(cheff.sr.model, high, resize(high, cheff.image_size), list(SR_TIMESTEPS), cfg.seed)
+    return out
+
+
 def sr_start_sweep(cheff: Cheff, real_out: torch.Tensor, cfg: GenerationEvalConfig, progress) -> list[dict]:
     """PSNR / SSIM of the SR model alone (real images at the latent model's size -> the output size) per start
     in `sr_starts`, beside bicubic upscaling: where SR3 starting from the noised bicubic upsample wins."""
@@ -442,6 +464,7 @@ def _evaluate(ldm_uri: str, data_uri: str, output_uri: str, cfg, sr: str | None,
                 "laterality": laterality(test.findings, synthetic[1], prompt_sides, real["test"][1], test, train, ec)}
 
     real_latents = cheff.ldm.model.latents(resize(test.images, cheff.image_size)).float()
+    denoising = denoising_by_stage(cheff, test.images, real_latents, with_report, prompts, ec)
     ldm = {"size": cheff.image_size, "guidance": ec.guidance, **measures(ldm_judged[ec.guidance], ldm_unc_judged),
            "latent_std": {"sampled_conditional": float(latents[ec.guidance].std()),
                           "sampled_unconditional": float(latents_unc.std()), "real_test": float(real_latents.std()),
@@ -475,7 +498,7 @@ def _evaluate(ldm_uri: str, data_uri: str, output_uri: str, cfg, sr: str | None,
     labels, sides = cascade["conditioning"], cascade["laterality"]
     removal, paint_grids = device_removal(cheff, device_phantoms(ec, cheff.image_size, cfg.ingest.fit), ec)
     result = {"ldm_model": ldm_uri, "sr": sr, "sr_base": sr_base, "data": data_uri, "output_size": size, "judge": record,
-              "table2": rows, "sr_start_sweep": sweep, "ldm": ldm, "quality": quality, "diversity": diversity,
+              "table2": rows, "sr_start_sweep": sweep, "ldm": ldm, "denoising": denoising, "quality": quality, "diversity": diversity,
               "conditioning": labels, "laterality": sides, "device_removal": removal, "paper": PAPER,
               "config": ec.model_dump(mode="json"),
               "not_measured": ["the paper's own figures for conditioning (it shows pictures only)"]}
@@ -545,6 +568,9 @@ def _page(folder: Path, result: dict, cfg: GenerationEvalConfig) -> None:
         ("The latent model alone: classifier-free guidance sweep (judge AUROC, FID vs real test)",
          html.table(ldm["guidance_sweep"], sweep_cols, 3)
          + html.image(folder / "ldm_samples.png", " | ".join(p or "(unconditional)" for p in cfg.grid_prompts))),
+        ("Where each stage's denoiser errs: noise MSE and clean-estimate RMSE per timestep on real test data",
+         "".join(f"<h3>{stage}</h3>" + html.table(r, ["t", "alpha_bar", "eps_mse", "x0_rmse", "amplification"], 6)
+                 for stage, r in result["denoising"].items())),
         ("Samples", html.image(folder / "samples.png", " | ".join(p or "(unconditional)" for p in cfg.grid_prompts))),
         ("FID / KID (judge features; Inception only with --features-model)",
          html.table(fid_rows, ["pair", "fid", "kid", "kid_sd", "kid_subset"], 4)),
