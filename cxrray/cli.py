@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="shards URI")
     p.add_argument("--finding", action="append", required=True, help="finding to audit (repeatable)")
     p.add_argument("--output", required=True, help="report folder")
+    p.add_argument("--encodings", default=None, help="the probe's encodings URI: verdicts from cross-fitted, "
+                                                     "bootstrapped, null-calibrated statistics (audit.statistics)")
     _add_config_args(p)
 
     p = sub.add_parser("probe", help="linear probe on encodings: fit per data fraction, evaluate with CIs, report")
@@ -470,7 +472,7 @@ def cmd_audit(args) -> int:
     from cxrray.pipelines.audit import audit
 
     result = audit(args.checkpoint, args.probe, args.data, args.finding, Path(args.output),
-                   load_config(args.config, args.overrides))
+                   load_config(args.config, args.overrides), encodings=args.encodings)
     print(json.dumps({f: {"top": r["candidates"][:3], "flagged": r["flagged"]} for f, r in result["findings"].items()},
                      indent=1))
     return 0

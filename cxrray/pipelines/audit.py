@@ -208,14 +208,43 @@ def report_html(result: dict) -> str:
                 f"{html.esc(', '.join(r['entangled']) or 'none')}. Unvalidated probes, never flagged: "
                 f"{html.esc(', '.join(r['unvalidated']) or 'none')}. Where the image changes: {html.esc(top)}.</p>"
                 + html.table(rows, list(rows[0]) if rows else ["label"]) + html.image(r["grid"], "original / counterfactual / |difference|"))
+        if "statistics" in r:
+            stat_rows = [{"label": x["label"], "verdict": x["verdict"], "effect": x.get("effect"), "ci": x.get("ci"),
+                          "Holm p": x.get("p_holm"), "p bootstrap": x.get("p_bootstrap"), "p permuted": x.get("p_permuted"),
+                          "p random direction": x.get("p_random_direction"), "positives": x["positives"], "why": x["why"]}
+                         for x in r["statistics"]]
+            body += ("<p>The verdicts: cross-fitted probes and covariance (fit and measured on disjoint patients), "
+                     "a patient bootstrap of the whole procedure, permuted-label and random-direction nulls, Holm "
+                     "over labels (the per-image table above is descriptive).</p>"
+                     + html.table(stat_rows, list(stat_rows[0]) if stat_rows else ["label"]))
         sections.append((f"Counterfactuals toward {finding}", body))
     return html.page("cxrray confounder audit", sections,
                      "Candidate confounders: labels whose probe probability rises when an image is moved toward the "
                      "finding. Synthetic images: not acquired radiographs.")
 
 
-def audit(checkpoint: str, probe: str, data_uri: str, findings: list[str], output_dir: Path, cfg: Config) -> dict:
-    """Audit each finding; writes audit.json, audit.html and grids under `output_dir` and logs to MLflow."""
+def statistics(encodings: str, split: str, findings: list[str], associations: dict[str, dict[str, dict]],
+               cfg: Config) -> dict[str, list[dict]]:
+    """Per finding, `cxrray.eval.confounding` over the encodings of `split` (the probe's fit split): every label
+    tested with cross-fitted probes, a patient bootstrap of the whole procedure, two nulls and Holm."""
+    from cxrray.eval.confounding import confounding
+    from cxrray.pipelines.encodings import read_encodings, stack
+
+    frame, index = read_encodings(encodings, columns=["split", "patient", "labels", "z"])
+    rows = frame[frame["split"] == split]
+    if rows.empty:
+        raise InputError(f"{encodings} has no {split!r} rows (the probe's fit split)")
+    vocab = list(index.get("label_vocabulary") or [])
+    z, labels = stack(rows, "z"), np.array([[np.nan if v is None else v for v in r] for r in rows["labels"]], np.float64)
+    return {f: confounding(z, labels, rows["patient"].to_numpy(), vocab, f, cfg.audit.statistics, cfg.probe.C,
+                           cfg.explain.target_probability, associations[f]) for f in findings}
+
+
+def audit(checkpoint: str, probe: str, data_uri: str, findings: list[str], output_dir: Path, cfg: Config,
+          encodings: str | None = None) -> dict:
+    """Audit each finding; writes audit.json, audit.html and grids under `output_dir` and logs to MLflow. With
+    `encodings` (the probe's input), the verdicts come from `statistics` (module doc of cxrray.eval.confounding);
+    without, from the per-image effects' CIs as described above (descriptive: in-sample, no null)."""
     from cxrray.tracking import RunLogger, start_run, tracking_uri
 
     if not findings:
@@ -239,6 +268,14 @@ def audit(checkpoint: str, probe: str, data_uri: str, findings: list[str], outpu
               "audit": cfg.audit.model_dump(mode="json"), "explain": cfg.explain.model_dump(mode="json"),
               "association_split": fit_split, "association_images": len(fit_labels),
               "findings": {f: summarise(f, plan[f], store, labels, aurocs, associations[f], out, cfg) for f in findings}}
+    if encodings:
+        for finding, rows in statistics(encodings, fit_split, findings, associations, cfg).items():
+            r = result["findings"][finding]
+            r["statistics"] = rows
+            r.update(flagged=[x["label"] for x in rows if x["moved"]],
+                     confounders=[x["label"] for x in rows if x["verdict"] == "confounder"],
+                     entangled=[x["label"] for x in rows if x["verdict"] == "entangled"],
+                     underpowered=[x["label"] for x in rows if x["verdict"] == "underpowered"])
     (out / "audit.json").write_text(json.dumps(result, indent=1))
     (out / "audit.html").write_text(report_html(result))
     run_id = start_run(cfg.tracking, {"audit": cfg.audit.model_dump(mode="json"), "checkpoint": checkpoint,

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from cxrray.data.settings import StrictModel
+from cxrray.eval.confounding import ConfoundingSettings
 
 
 class EncodeConfig(StrictModel):
@@ -91,6 +92,9 @@ class AuditConfig(StrictModel):
     min_probe_auroc: float = Field(0.6, ge=0, le=1)
     bootstrap: int = Field(1000, ge=10)
     seed: int = 0
+    # with the encodings (`audit --encodings`): cross-fitted probes, patient bootstrap of the whole procedure,
+    # permuted-label and random-direction nulls, Holm over labels (cxrray.eval.confounding); the verdicts
+    statistics: ConfoundingSettings = Field(default_factory=ConfoundingSettings)
 
 
 class GenerateConfig(StrictModel):
