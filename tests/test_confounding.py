@@ -72,6 +72,17 @@ def test_the_planted_tube_is_a_confounder_and_a_rare_label_is_underpowered():
     assert abs(tube["null_permuted"][0]) < 0.05  # a probe on permuted labels is not moved on average
     assert rows["rare"]["verdict"] == "underpowered" and not rows["rare"]["moved"] and rows["rare"]["positives"] == 4
     assert "effect" not in rows["rare"]
+    assert not rows["hidden"]["moved"] and rows["hidden"]["verdict"] == "not moved" and not rows["hidden"]["associated"]
+
+
+def test_a_null_without_spread_never_rejects():
+    from cxrray.eval.confounding import _z_p
+
+    assert _z_p(0.3, np.array([np.nan, np.nan, 0.1]), 0.0) == 1.0  # one finite draw: no spread to judge by
+    assert _z_p(0.3, np.zeros(10), 0.0) == 1.0 and _z_p(float("nan"), np.arange(10.0), 0.0) == 1.0
+    assert _z_p(0.0, np.array([-1.0, 1.0]), 0.0) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="patient ids missing"):
+        confounding(*world(0)[:2], np.zeros(len(world(0)[0])), VOCAB, "effusion")
 
 
 @functools.lru_cache(maxsize=1)

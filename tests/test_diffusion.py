@@ -321,3 +321,34 @@ def test_the_latent_model_trains_v_prediction_and_refuses_zero_snr_with_eps():
         out = model(sched.add_noise(z0, noise, t), t, model.context(None, 3))
     assert torch.isclose(value, ((out - sched.get_velocity(z0, noise, t)) ** 2).mean(), rtol=1e-4)
     assert not torch.isclose(value, ((out - noise) ** 2).mean(), rtol=1e-2)
+
+
+class KnowsX0(nn.Module):
+    """eps of a point mass at x0: exact, so every timestep's noise and clean estimates are exact."""
+
+    def __init__(self, x0: torch.Tensor, kind: str = "epsilon"):
+        super().__init__()
+        self.x0, self.schedule = x0, {"prediction_type": kind}
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.register_buffer("ab", make_scheduler("ddpm").alphas_cumprod.clone())
+
+    def forward(self, x, t, z):
+        a = self.ab[t].view(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+        return eps if self.schedule["prediction_type"] == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * self.x0
+
+
+def test_denoising_error_is_zero_for_an_exact_model_and_grows_with_a_biased_one():
+    from cxrray.diffusion.diagnostics import denoising_error
+
+    x0 = _images(2, seed=3)
+    for kind in ("epsilon", "v_prediction"):
+        rows = denoising_error(KnowsX0(x0, kind), x0, None, [10, 500, 990])
+        assert all(r["eps_mse"] < 1e-8 and r["x0_rmse"] < 1e-3 for r in rows)
+    biased = KnowsX0(x0)
+    biased.forward = lambda x, t, z: KnowsX0.forward(biased, x, t, z) + 0.01  # a small constant eps error
+    rows = denoising_error(biased, x0, None, [10, 500, 990])
+    assert [r["eps_mse"] for r in rows] == pytest.approx([1e-4] * 3, rel=1e-3)
+    # the clean estimate's error is the eps error times the amplification sqrt((1 - ab) / ab)
+    assert [r["x0_rmse"] for r in rows] == pytest.approx([0.01 * r["amplification"] for r in rows], rel=1e-3)
+    assert rows[-1]["x0_rmse"] > 50 * rows[0]["x0_rmse"]

@@ -341,8 +341,8 @@ def test_evaluate_generation_writes_the_papers_measures_beside_ours(job, ldm_run
     result = json.loads((out / "generation_eval.json").read_text())
     assert {p.name for p in out.iterdir()} >= {"report.html", "samples.png", "inpainting.png", "outpainting.png"}
     stages = [r["stage"] for r in result["table2"]]
-    assert stages == ["autoencoder alone: D(E(x))", "SR alone (as given): SR(x)", "SR alone (base): SR(x)",
-                      "cascade: SR(D(E(x)))", "bicubic upscaling of x"]
+    assert stages == ["autoencoder alone: D(E(x))", "SR alone (as given, from 0.5 T): SR(x)",
+                      "SR alone (base, from 0.5 T): SR(x)", "cascade: SR(D(E(x))), from 0.5 T", "bicubic upscaling of x"]
     test = RealSet(f"file://{job['data']}", "test", 32, GenerationEvalConfig().laterality, limit=16)
     cheff = Cheff.load(str(ldm_run[0]))
     low = resize(test.images, 16)

@@ -128,15 +128,14 @@ def _effects(z, labels, patients, f, cfg, move, rng, columns: list[int]) -> tupl
 
 
 def _bootstrap(z, labels, patients, f, cfg, move, rng, columns) -> dict[int, np.ndarray]:
-    """Effects per label over patient-level resamples of the whole procedure (a patient drawn twice is two)."""
+    """Effects per label over patient-level resamples of the whole procedure. A patient drawn twice counts
+    twice but keeps one id, so its copies sit in one fold (else the cross-fit would measure images it fitted)."""
     unique = np.unique(patients)
     rows_of = {p: np.flatnonzero(patients == p) for p in unique}
     out = {j: [] for j in columns}
     for _ in range(cfg.bootstrap):
-        drawn = rng.choice(unique, len(unique), replace=True)
-        rows = np.concatenate([rows_of[p] for p in drawn])
-        copy = np.concatenate([np.full(len(rows_of[p]), i) for i, p in enumerate(drawn)])
-        effects, _ = _effects(z[rows], labels[rows], copy, f, cfg, move, rng, columns)
+        rows = np.concatenate([rows_of[p] for p in rng.choice(unique, len(unique), replace=True)])
+        effects, _ = _effects(z[rows], labels[rows], patients[rows], f, cfg, move, rng, columns)
         for j in columns:
             out[j].append(effects[j])
     return {j: np.asarray(v, float) for j, v in out.items()}
@@ -179,8 +178,11 @@ def _z_p(effect: float, null: np.ndarray, centre: float) -> float:
     replicates' ranks give)."""
     from scipy.stats import norm
 
-    sd = float(np.nanstd(null, ddof=1))
-    return float(2 * norm.sf(abs(effect - centre) / sd)) if sd > 0 else float(effect == centre)
+    finite = np.asarray(null, float)[np.isfinite(null)]
+    sd = float(finite.std(ddof=1)) if len(finite) > 1 else float("nan")
+    if not (np.isfinite(effect) and np.isfinite(centre) and sd > 0):
+        return 1.0  # no usable null: never a rejection
+    return float(2 * norm.sf(abs(effect - centre) / sd))
 
 
 def confounding(z: np.ndarray, labels: np.ndarray, patients, vocab: list[str], finding: str,
@@ -193,6 +195,9 @@ def confounding(z: np.ndarray, labels: np.ndarray, patients, vocab: list[str], f
     from statsmodels.stats.multitest import multipletests
 
     z, labels, patients = np.asarray(z, np.float64), np.asarray(labels, np.float64), np.asarray(patients).astype(str)
+    if len(np.unique(patients)) < 2 * cfg.folds:
+        raise ValueError(f"{len(np.unique(patients))} distinct patients: the cross-fit needs at least {2 * cfg.folds} "
+                         "(are the encodings' patient ids missing?)")
     f = vocab.index(finding)
     move = _Move(C, target_probability)
     rng = np.random.default_rng(cfg.seed)
@@ -227,7 +232,7 @@ def confounding(z: np.ndarray, labels: np.ndarray, patients, vocab: list[str], f
                        null_random_direction=[float(np.nanmean(rand)), float(np.nanstd(rand, ddof=1))],
                        p_bootstrap=p_boot, p_permuted=p_perm,
                        p_random_direction=_z_p(effect, rand, float(np.nanmean(rand))))
-        p_values.append(max(p_boot, p_perm))
+        p_values.append(max(p_boot, p_perm))  # both must reject; _z_p never returns NaN
     adjusted = multipletests(p_values, alpha=cfg.alpha, method="holm")[1]
     for (i, _), p in zip(testable, adjusted):
         row = rows[i]

@@ -396,9 +396,9 @@ def table2(cheff: Cheff, sr_base: Cheff | None, real_out: torch.Tensor, cfg: Gen
     stages += [("base", sr_base)] if sr_base is not None else []
     for name, stage in stages:
         paper = PAPER["sr_fine_tuned" if name == "fine-tuned" else "sr_base"]["psnr"]
-        rows.append({"stage": f"SR alone ({name}): SR(x)", "size": size, **reconstruction_metrics(real_out, up(stage, low)),
+        rows.append({"stage": f"SR alone ({name}, from {stage.sr.model.cfg.sample_start:g} T): SR(x)", "size": size, **reconstruction_metrics(real_out, up(stage, low)),
                      "paper_psnr": paper})
-    rows.append({"stage": "cascade: SR(D(E(x)))", "size": size, **reconstruction_metrics(real_out, up(cheff, recon))})
+    rows.append({"stage": f"cascade: SR(D(E(x))), from {cheff.sr.model.cfg.sample_start:g} T", "size": size, **reconstruction_metrics(real_out, up(cheff, recon))})
     rows.append({"stage": "bicubic upscaling of x", "size": size, **reconstruction_metrics(real_out, resize(low, size))})
     return rows
 
@@ -441,8 +441,8 @@ def _evaluate(ldm_uri: str, data_uri: str, output_uri: str, cfg, sr: str | None,
     guidances = list(dict.fromkeys([ec.guidance, *ec.guidance_sweep]))
     latents = {g: sample_latents(cheff, prompts, ec, g, progress) for g in guidances}
     latents_unc = sample_latents(cheff, [None] * ec.unconditional, ec, 1.0, progress)
-    ldm_images = {g: cheff.decode(z).clamp(-1, 1) for g, z in latents.items()}
-    ldm_unc = cheff.decode(latents_unc).clamp(-1, 1)
+    ldm_images = {g: apply_batched(cheff.decode, z, ec.batch_size).clamp(-1, 1) for g, z in latents.items()}
+    ldm_unc = apply_batched(cheff.decode, latents_unc, ec.batch_size).clamp(-1, 1)
     judge_side = ec.judge_size or size  # the latent model's samples are read at the judge's own size
 
     def judged(images: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
@@ -463,7 +463,7 @@ def _evaluate(ldm_uri: str, data_uri: str, output_uri: str, cfg, sr: str | None,
                                              unconditional[1], ec),
                 "laterality": laterality(test.findings, synthetic[1], prompt_sides, real["test"][1], test, train, ec)}
 
-    real_latents = cheff.ldm.model.latents(resize(test.images, cheff.image_size)).float()
+    real_latents = apply_batched(cheff.ldm.model.latents, resize(test.images, cheff.image_size), ec.batch_size).float()
     denoising = denoising_by_stage(cheff, test.images, real_latents, with_report, prompts, ec)
     ldm = {"size": cheff.image_size, "guidance": ec.guidance, **measures(ldm_judged[ec.guidance], ldm_unc_judged),
            "latent_std": {"sampled_conditional": float(latents[ec.guidance].std()),
