@@ -177,3 +177,24 @@ def test_reproduce_cheff_tiny_samples_follow_the_reported_side(cheff_tiny_run):
     rows = [r for r in cheff_tiny_run["evaluation"]["laterality"] if "accuracy_generated" in r]
     assert rows and all(r["accuracy_generated"] >= 0.8 and r["accuracy_generated"] > r["accuracy_majority"]
                         for r in rows), rows
+
+
+# ---- issue 27 §1 on the same miniature (2026-12-04, at 77edada, measured from the stages' own training evaluations
+# in a run that shared the CPU; the hour was not re-measured): the goals the sampler fixes did not yet reach.
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="not met: SR alone from the noised bicubic upsample (0.5 T) measured 29.46 dB "
+                   "against bicubic 30.87 dB (base, 1,500 images) and 23.89 vs 25.74 dB (fine-tuned on D(E(x)), 500 "
+                   "images); from pure noise the previous run measured 13.62 / 13.41 dB at the same lengths")
+def test_reproduce_cheff_tiny_cascade_beats_bicubic_upscaling(cheff_tiny_run):
+    rows = {r["stage"].split(":")[0]: r["psnr"] for r in cheff_tiny_run["evaluation"]["table2"]}
+    cascade = next(v for k, v in rows.items() if k.startswith("cascade"))
+    assert cascade > rows["bicubic upscaling of x"], rows
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="not met: the latent model's sampled latents have std 10.7 (its training "
+                   "evaluation at 8,000 images; 13.9 over 32 test reports at 50 DDIM steps) against the real test "
+                   "latents' 1.09: an eps error of 0.07 RMS becomes a clean-latent error of 29 at t = 980 (x425)")
+def test_reproduce_cheff_tiny_latent_model_samples_at_the_latents_scale(cheff_tiny_run):
+    assert 0.8 <= cheff_tiny_run["evaluation"]["ldm"]["latent_std"]["ratio"] <= 1.2
