@@ -465,11 +465,12 @@ def _evaluate(ldm_uri: str, data_uri: str, output_uri: str, cfg, sr: str | None,
 
     real_latents = apply_batched(cheff.ldm.model.latents, resize(test.images, cheff.image_size), ec.batch_size).float()
     denoising = denoising_by_stage(cheff, test.images, real_latents, with_report, prompts, ec)
-    ldm = {"size": cheff.image_size, "guidance": ec.guidance, **measures(ldm_judged[ec.guidance], ldm_unc_judged),
+    ldm_measured = {g: measures(ldm_judged[g], ldm_unc_judged) for g in guidances}  # each guidance once
+    ldm = {"size": cheff.image_size, "guidance": ec.guidance, **ldm_measured[ec.guidance],
            "latent_std": {"sampled_conditional": float(latents[ec.guidance].std()),
                           "sampled_unconditional": float(latents_unc.std()), "real_test": float(real_latents.std()),
                           "ratio": float(latents[ec.guidance].std() / real_latents.std())},
-           "guidance_sweep": [{"guidance": g, **_auroc_summary(measures(ldm_judged[g], ldm_unc_judged))}
+           "guidance_sweep": [{"guidance": g, **_auroc_summary(ldm_measured[g])}
                               for g in ec.guidance_sweep],
            "diversity": {"report_conditioned": ms_ssim(ldm_images[ec.guidance], ec.diversity_pairs, ec.seed),
                          "unconditional": ms_ssim(ldm_unc, ec.diversity_pairs, ec.seed)}}
@@ -477,16 +478,18 @@ def _evaluate(ldm_uri: str, data_uri: str, output_uri: str, cfg, sr: str | None,
         default_start = cheff.sr.model.cfg.sample_start
         starts = list(dict.fromkeys([default_start, *ec.sr_starts]))
         cascades = {st: upscale_samples(cheff, ldm_images[ec.guidance], ec, st, True, progress) for st in starts}
-        conditional = cascades[default_start]
+        cascades_judged = {st: judged(images) for st, images in cascades.items()}  # each start through the judge once
+        conditional, cascade_judged = cascades[default_start], cascades_judged[default_start]
         unconditional = upscale_samples(cheff, ldm_unc, ec, default_start, False, progress)
         for row in sweep:  # the cascade's FID / KID per start beside the SR alone's PSNR
             if row["start"] in cascades:
-                fid = image_quality({"synthetic": judged(cascades[row["start"]])[0], "train": real["train"][0],
+                fid = image_quality({"synthetic": cascades_judged[row["start"]][0], "train": real["train"][0],
                                      "test": real["test"][0]}, ec)["synthetic_vs_test"]
                 row.update(cascade_fid=fid["fid"], cascade_kid=fid["kid"])
     else:
         conditional, unconditional = ldm_images[ec.guidance], ldm_unc
-    cascade_judged, unc_judged = judged(conditional), judged(unconditional)
+        cascade_judged = ldm_judged[ec.guidance]
+    unc_judged = judged(unconditional)
     cascade = measures(cascade_judged, unc_judged)
     quality = {"judge_features": cascade["quality"]}
     if scripted is not None:
