@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow bench clean gpu-check gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,23 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow --durations=10
+
+# The GPU check (issue 27 §6): one call, one JSON line per figure. Where this venv is absent (a bare GPU
+# image with its own torch), it runs under python3 with the wheels `make gpu-wheels` put in .whl/.
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+GPU_WHEELS := $(if $(wildcard $(BIN)/python),,$(wildcard .whl/*.whl))
+GPU_SITE := /tmp/cxrray-gpu-site
+gpu-check:
+	$(if $(GPU_WHEELS),PIP_CONSTRAINT= $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile \
+		--no-cache-dir --upgrade --target $(GPU_SITE) $(GPU_WHEELS) &&) \
+	$(if $(GPU_WHEELS),PYTHONPATH=$(GPU_SITE)) PYTHONUNBUFFERED=1 $(GPU_PY) bench/gpu_check.py
+
+# cxrray's pure dependencies that a bare CUDA image lacks, as CPython 3.12 wheels (DeepSpeed built here)
+gpu-wheels: install
+	PIP_CONSTRAINT= $(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$($(BIN)/pip list --format=freeze | grep -iE '^(pydantic|pydantic.core|annotated.types|typing.inspection|diffusers|pydicom|hjson)==')
+	DS_BUILD_OPS=0 $(BIN)/pip wheel -q --no-deps --no-build-isolation -w .whl "deepspeed==0.19.8"
 
 clean:
 	rm -rf $(VENV) data_shards/* mlflow.db mlruns demo_out

@@ -28,7 +28,7 @@ def run(strategy: str, args, shards: str, workdir: Path) -> dict:
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     sets = [f"train.strategy={strategy}", f"train.images={args.images}", f"train.num_workers={args.workers}",
             f"train.use_gpu={args.use_gpu}", f"train.precision={args.precision}",
-            f"train.channels_last={args.channels_last}", f"train.compile={args.compile}",
+            f"train.channels_last={args.channels_last and strategy == 'ddp'}", f"train.compile={args.compile}",
             f"train.global_batch={args.batch}", f"train.log_every={args.batch * args.log_steps}",
             f"train.checkpoint_every={args.images}", "train.eval_split=null", f"tracking.uri={uri}",
             f"train.cpus_per_worker={args.cpus_per_worker}", "tracking.registered_model=bench"]

@@ -88,3 +88,19 @@ def test_objectives_may_not_share_parameters():
                                Objective("b", disc_loss, lambda m: list(m.disc.parameters()))))
     with pytest.raises(ValueError, match="claim the same parameter"):
         partition(Toy(), twice)
+
+
+def test_channels_last_is_refused_with_deepspeed_and_allowed_with_ddp():
+    """DeepSpeed broadcasts each parameter as a byte view, which a channels_last weight cannot give (seen on
+    the H200: 'self.stride(-1) must be 1 to view Float as Byte'): the config says so before any worker starts."""
+    from pydantic import ValidationError
+
+    from cxrray.config import load_config
+    from cxrray.errors import ConfigError
+    from cxrray.train.settings import TrainConfig
+
+    with pytest.raises(ValidationError, match="channels_last needs train.strategy=ddp"):
+        TrainConfig(channels_last=True)
+    assert TrainConfig(channels_last=True, strategy="ddp").channels_last
+    with pytest.raises(ConfigError, match="train: .*channels_last needs train.strategy=ddp"):
+        load_config("tiny", ["train.channels_last=true"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cxrray.data.settings import StrictModel
 
@@ -26,7 +26,7 @@ class TrainConfig(StrictModel):
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    channels_last: bool = False
+    channels_last: bool = False  # ddp only: DeepSpeed broadcasts and flattens parameters as contiguous tensors
     compile: bool = False
     checkpoint_every: int = Field(5_000, ge=1)  # images
     eval_every: int = Field(10_000, ge=1)  # images
@@ -38,3 +38,10 @@ class TrainConfig(StrictModel):
     eval_images: int = Field(8, ge=1)
     sample_steps: int = Field(50, ge=1)  # DDIM steps for the eval grids
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _channels_last_needs_ddp(self) -> "TrainConfig":
+        if self.channels_last and self.strategy == "deepspeed":
+            raise ValueError("train.channels_last needs train.strategy=ddp: DeepSpeed broadcasts and flattens the "
+                             "parameters as contiguous tensors (a channels_last weight fails its broadcast)")
+        return self
