@@ -35,14 +35,15 @@ test-slow: install
 	$(BIN)/python -m pytest -q -m slow --durations=10
 
 # The GPU check (issue 27 §6): one call, one JSON line per figure. Where this venv is absent (a bare GPU
-# image with its own torch), it runs under python3 with the wheels `make gpu-wheels` put in .whl/.
+# image with its own torch), it runs under python3 with the wheels `make gpu-wheels` put in .whl/ (the image
+# must have torch, numpy, scikit-learn, torchmetrics, transformers, PyYAML). `make gpu-check ARGS="--only mfu"`.
 GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 GPU_WHEELS := $(if $(wildcard $(BIN)/python),,$(wildcard .whl/*.whl))
 GPU_SITE := /tmp/cxrray-gpu-site
 gpu-check:
 	$(if $(GPU_WHEELS),PIP_CONSTRAINT= $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile \
 		--no-cache-dir --upgrade --target $(GPU_SITE) $(GPU_WHEELS) &&) \
-	$(if $(GPU_WHEELS),PYTHONPATH=$(GPU_SITE)) PYTHONUNBUFFERED=1 $(GPU_PY) bench/gpu_check.py
+	$(if $(GPU_WHEELS),PYTHONPATH=$(GPU_SITE)) PYTHONUNBUFFERED=1 $(GPU_PY) bench/gpu_check.py $(ARGS)
 
 # cxrray's pure dependencies that a bare CUDA image lacks, as CPython 3.12 wheels (DeepSpeed built here)
 gpu-wheels: install

@@ -24,8 +24,9 @@ Figures, each measured in this process on this device (no Ray: the check must ru
   LVIDd from generated ones: r against the request, the judge's real-image ceiling, shuffled), Cheff's SR3
   stage (PSNR against the true high-resolution render, beside bicubic).
 
-Each section has a time budget, stops its training early when the budget runs out (and says how many
-images it showed), and a failing section prints its error and lets the others run.
+The phantoms are rendered once, before the sections. Each training or timing section has a time budget and
+stops early when it runs out (a training says how many images it showed); bf16_vs_fp32 always runs its
+fixed steps (a correctness check). A failing section prints its error and lets the others run.
 """
 from __future__ import annotations
 
@@ -42,19 +43,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("CXRRAY_SALT", "gpu-check")
 
-DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense
+# dense bf16 by device-name fragment, the more specific first (H100 PCIe and NVL are slower than SXM)
+DATASHEET_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+                  "L40S": 362e12}
 MFU_GOAL = 0.40
 AGREEMENT = 0.05  # bf16 vs fp32: relative difference of the last 100 steps' mean loss (fixed a priori)
 
-FULL = {"peak_n": 8192, "mfu_preset": "paper", "mfu_size": None, "mfu_batch": 32, "agree_size": 64, "agree_batch": 32, "steps": 50,
-        "mini_size": {"diffchest": 64, "cxr_ddpm": 32, "cheff_sr": (64, 128)}, "mfu_steps": 10, "cf_batch": 8,
+FULL = {"peak_n": 8192, "peak_calls": 300, "mfu_preset": "paper", "mfu_size": None, "mfu_batch": 32, "agree_size": 64, "agree_batch": 32, "steps": 50,
+        "mini_size": {"diffchest": 64, "cxr_ddpm": 32, "cheff_sr": (64, 128)}, "sr_control_images": 1500, "mfu_steps": 10, "cf_batch": 8,
         "gen_n": 16, "sr_n": 4, "phantoms": 6000, "phantom_size": 160, "agree_steps": 400,
         "mini_images": {"diffchest": 64_000, "cxr_ddpm": 480_000, "cheff_sr": 30_000},
         "mini_batch": {"diffchest": 64, "cxr_ddpm": 512, "cheff_sr": 32}, "judge_epochs": 15, "mini_test": 256,
         "budget_s": {"peak": 15, "mfu": 60, "deepspeed_vs_ddp": 60, "bf16_vs_fp32": 40, "counterfactuals": 60,
                      "generation": 45, "mini_diffchest": 75, "mini_cxr_ddpm": 75, "mini_cheff_sr": 60}}
-SMOKE = {"peak_n": 128, "mfu_preset": "tiny", "mfu_size": 32, "mfu_batch": 2, "agree_size": 32, "agree_batch": 4, "steps": 3,
-         "mini_size": {"diffchest": 32, "cxr_ddpm": 16, "cheff_sr": (16, 32)}, "mfu_steps": 2, "cf_batch": 2,
+SMOKE = {"peak_n": 128, "peak_calls": 10, "mfu_preset": "tiny", "mfu_size": 32, "mfu_batch": 2, "agree_size": 32, "agree_batch": 4, "steps": 3,
+         "mini_size": {"diffchest": 32, "cxr_ddpm": 16, "cheff_sr": (16, 32)}, "sr_control_images": 32, "mfu_steps": 2, "cf_batch": 2,
          "gen_n": 2, "sr_n": 1, "phantoms": 96, "phantom_size": 64, "agree_steps": 12,
          "mini_images": {"diffchest": 256, "cxr_ddpm": 256, "cheff_sr": 64},
          "mini_batch": {"diffchest": 16, "cxr_ddpm": 32, "cheff_sr": 8}, "judge_epochs": 2, "mini_test": 16,
@@ -102,6 +105,13 @@ class Check:
         """Inference variants: fp32 (the product's default) and bf16 autocast; CPU bf16 only where trained
         (its convolutions run 10-100x slower than fp32 on the 2-core machine: measured by this script)."""
         return [("fp32", False)] + ([("bf16", True)] if self.device.type == "cuda" else [])
+
+    def render_timed(self) -> None:
+        """Render the phantoms before the sections, so no section's time budget pays for them."""
+        start = time.perf_counter()
+        images, _ = self.phantoms()
+        emit({"figure": "phantoms", "n": len(images), "size": images.shape[-1],
+              "seconds": round(time.perf_counter() - start, 1)})
 
     def phantoms(self):
         """(images float32 [N, 1, S, S] in [-1, 1] at the phantom size, rows: list of dicts), rendered once."""
@@ -174,11 +184,12 @@ def peak(check: Check, deadline: float) -> dict:
     dtype = torch.bfloat16 if check.device.type == "cuda" else torch.float32
     a = torch.randn(n, n, device=check.device, dtype=dtype)
     b = torch.randn(n, n, device=check.device, dtype=dtype)
-    seconds = timed(check, lambda: a @ b, 10)
+    seconds = timed(check, lambda: a @ b, check.sizes["peak_calls"])
     name = torch.cuda.get_device_name() if check.device.type == "cuda" else "cpu"
     datasheet = next((v for k, v in DATASHEET_BF16.items() if k in name), None)
     check.measured_peak = 2 * n**3 / seconds
     return {"device": name, "torch": torch.__version__, "matmul_n": n, "dtype": str(dtype).split(".")[-1],
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
             "tflop_s": round(check.measured_peak / 1e12, 1),
             "datasheet_tflop_s": datasheet and round(datasheet / 1e12)}
 
@@ -209,8 +220,9 @@ def mfu(check: Check, deadline: float) -> dict:
     base = check.sizes["mfu_batch"]
     # (name, batch, channels_last, compile): the first is the figure; the others are levers, run while time lasts
     # (batch 64 at 256² does not fit in 139 GiB without activation checkpointing: measured on the H200)
-    # `compiled` is opt-in (--levers): inductor had not compiled the paper U-Net after 180 s on the H200
-    variants = [("contiguous", base, False, False), ("channels_last", base, cuda, False),
+    # (name, batch, channels_last, compile); the fastest is the figure. `compiled` is opt-in (--levers): a 210 s
+    # call on the H200 ended before inductor had compiled the paper U-Net
+    variants = [("contiguous", base, False, False), ("channels_last", base, True, False),
                 ("compiled", base, False, True)]
     variants = [v for v in variants if v[0] in (check.levers or ("contiguous", "channels_last"))]
     rates, flops = {}, None
@@ -286,6 +298,8 @@ def deepspeed_vs_ddp(check: Check, deadline: float) -> dict:
         if time.perf_counter() > deadline:
             break
     rates = {k: batch_size / min(v) for k, v in times.items()}
+    ds.objectives[0].wrapped.destroy()
+    dist.destroy_process_group()
     return {"batch": batch_size, "ddp_img_s": round(rates["ddp"], 1), "deepspeed_img_s": round(rates["deepspeed"], 1),
             "deepspeed_vs_ddp": round(rates["deepspeed"] / rates["ddp"], 3), "zero_stage": _train_cfg().zero_stage}
 
@@ -319,6 +333,7 @@ def bf16_vs_fp32(check: Check, deadline: float) -> dict:
     relative = abs(tail["bf16"] - tail["fp32"]) / tail["fp32"]
     return {"steps": check.sizes["agree_steps"], "tail_steps": last, "fp32_tail_loss": round(tail["fp32"], 5),
             "bf16_tail_loss": round(tail["bf16"], 5), "relative_difference": round(relative, 4),
+            "window_steps": last,
             "max_window_relative_difference": round(float(np.max(np.abs(windows["bf16"] - windows["fp32"]) /
                                                                   windows["fp32"])), 4),
             "threshold": AGREEMENT, "agree": relative <= AGREEMENT}
@@ -398,14 +413,21 @@ def generation(check: Check, deadline: float) -> dict:
     return out
 
 
-def _train(check: Check, family, model, batches, images: int, batch_size: int, lr: float, deadline: float) -> int:
-    """Adam (bf16 autocast on GPU) on batches() until `images` shown or the deadline; returns images shown."""
+def _train(check: Check, family, model, batches, images: int, batch_size: int, lr: float, deadline: float,
+           at: tuple[int, callable] | None = None) -> int:
+    """Adam (bf16 autocast on GPU) on batches() until `images` shown or the deadline; returns images shown.
+    `at` = (images, fn): fn() is called once (model in eval mode) when that many images have been shown."""
     import torch
 
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     cuda, shown = check.device.type == "cuda", 0
     model.train()
     while shown < images and time.perf_counter() < deadline:
+        if at is not None and shown >= at[0]:
+            model.eval()
+            at[1]()
+            model.train()
+            at = None
         with check.autocast(cuda):
             loss = family.loss(model, batches(batch_size))
         loss.backward()
@@ -544,7 +566,15 @@ def mini_cxr_ddpm(check: Check, deadline: float) -> dict:
         out[f"w{w:g}_r"] = round(r, 3)
         out[f"w{w:g}_r_of_ceiling"] = round(r / ceiling, 3)
         out[f"w{w:g}_shuffled_r"] = round(float(np.corrcoef(read, lvidd[test].numpy()[shuffled])[0, 1]), 3)
-    best = max((1.0, 3.0), key=lambda w: out[f"w{w:g}_r"])
+    best = max((1.0, 3.0), key=lambda w: out[f"w{w:g}_r"])  # (chosen on the test requests themselves)
+    # LVIDd alone shuffled across the requests, the other covariates kept: the read LVIDd should follow the
+    # requested (shuffled) value, not the patient's own (which age and sex partly predict)
+    alone = {**request, "lvidd": [request["lvidd"][i] for i in shuffled]}
+    generated = family.generate(model, GenerateRequest(n=len(test), steps=check.sizes["steps"], conditions=alone,
+                                                       guidance=best, generator=torch.Generator().manual_seed(0))).images
+    read = _read(judge, generated.cpu(), check.device).numpy()
+    out["lvidd_alone_shuffled_r_requested"] = round(float(np.corrcoef(read, lvidd[test].numpy()[shuffled])[0, 1]), 3)
+    out["lvidd_alone_shuffled_r_patient"] = round(float(np.corrcoef(read, lvidd[test].numpy())[0, 1]), 3)
     out["goal"] = "r >= 0.8 of the judge's real-image r, shuffled |r| < 0.2"
     out["met"] = ceiling > 0.3 and out[f"w{best:g}_r_of_ceiling"] >= 0.8 and abs(out[f"w{best:g}_shuffled_r"]) < 0.2
     return out
@@ -566,15 +596,19 @@ def mini_cheff_sr(check: Check, deadline: float) -> dict:
     torch.manual_seed(0)
     model = family.build(family.preset("tiny", image_size=size, low_size=low)).to(check.device)
     target, batch = check.sizes["mini_images"]["cheff_sr"], check.sizes["mini_batch"]["cheff_sr"]
-    shown = _train(check, family, model, _sampler(images, rows, train, check.device), target, batch, 1e-3,
-                   deadline - 15)
     high = images[test[:128]].to(check.device)
     low_images = model.degrade(high)
     psnr = lambda x: round(float(peak_signal_noise_ratio(x.clamp(-1, 1), high, data_range=2.0)), 2)
-    out = {"images_shown": shown, "cpu_preset_images": 1500, "sizes": [low, size],
-           "bicubic_psnr_db": psnr(resize(low_images, size))}
+    steps = 2 * check.sizes["steps"]
+    out = {"cpu_preset_images": 1500, "sizes": [low, size], "bicubic_psnr_db": psnr(resize(low_images, size))}
+
+    def at_cpu_length():  # the same run at the CPU preset's length: the like-for-like control
+        out["at_cpu_length_sr3_from_0.5T_psnr_db"] = psnr(upscale(model, low_images, steps,
+                                                                  torch.Generator().manual_seed(0), start=0.5))
+    out["images_shown"] = _train(check, family, model, _sampler(images, rows, train, check.device), target, batch,
+                                 1e-3, deadline - 15, at=(check.sizes["sr_control_images"], at_cpu_length))
     for start in (0.25, 0.5, 1.0):
-        out[f"sr3_from_{start:g}T_psnr_db"] = psnr(upscale(model, low_images, 2 * check.sizes["steps"], torch.Generator().manual_seed(0),
+        out[f"sr3_from_{start:g}T_psnr_db"] = psnr(upscale(model, low_images, steps, torch.Generator().manual_seed(0),
                                                             start=start))
     out["goal"] = "SR3 beats bicubic in PSNR"
     out["met"] = max(out[f"sr3_from_{s:g}T_psnr_db"] for s in (0.25, 0.5, 1.0)) > out["bicubic_psnr_db"]
@@ -591,7 +625,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU (the check of this script)")
     parser.add_argument("--only", nargs="*", choices=list(SECTIONS), help="run these sections (default: all)")
-    parser.add_argument("--levers", nargs="*", help="mfu: only these training levers (contiguous, channels_last, compiled)")
+    parser.add_argument("--levers", nargs="*", choices=["contiguous", "channels_last", "compiled"],
+                        help="mfu: these training levers (default: contiguous, channels_last)")
     args = parser.parse_args()
 
     import torch
@@ -599,14 +634,14 @@ def main() -> None:
     if not args.smoke and not torch.cuda.is_available():
         print("gpu-check: no CUDA device here; `--smoke` runs every section at toy sizes on the CPU", file=sys.stderr)
         sys.exit(2)
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 figures are fp32
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 figures are fp32: matmuls and convolutions
+    torch.backends.cudnn.allow_tf32 = False
     check = Check(SMOKE if args.smoke else FULL, args.smoke)
     check.levers = args.levers
     start = time.perf_counter()
-    names = args.only or list(SECTIONS)
-    if "peak" not in names:
-        names = ["peak"] + names  # the MFU is read against it
-    for name in names:
+    wanted = set(args.only or SECTIONS) | {"peak"}  # the MFU is read against the measured peak
+    check.render_timed()
+    for name in [n for n in SECTIONS if n in wanted]:
         check.run(name, SECTIONS[name])
     summary = {"figure": "summary", "seconds": round(time.perf_counter() - start, 1),
                "failed": sorted(k for k, v in check.results.items() if "error" in v),

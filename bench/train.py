@@ -73,7 +73,7 @@ def main() -> None:
     flops = training_flops_per_image(DiffAE(cfg.model))["training"]
     figures = {"bench": "train", "preset": args.preset, "image_size": size, "workers": args.workers,
                "global_batch": args.batch, "device": torch.cuda.get_device_name() if args.use_gpu else "cpu",
-               "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
+               "precision": args.precision, "channels_last_ddp": args.channels_last,  # DeepSpeed: contiguous "compile": args.compile,
                "ddp_img_s": round(results["ddp"]["img_s"], 2), "deepspeed_img_s": round(results["deepspeed"]["img_s"], 2),
                "deepspeed_vs_ddp": round(results["deepspeed"]["img_s"] / results["ddp"]["img_s"], 3),
                "ddp_step_ms": round(1000 * args.batch / results["ddp"]["img_s"], 1),
