@@ -71,14 +71,13 @@ def emit(figure: dict) -> None:
 class Check:
     """Shared state: the device, the sizes, the phantoms (rendered once), the results for the summary."""
 
-    def __init__(self, sizes: dict, smoke: bool):
+    def __init__(self, sizes: dict, smoke: bool, levers: list[str] | None = None):
         import torch
 
-        self.sizes, self.smoke = sizes, smoke
+        self.sizes, self.smoke, self.levers = sizes, smoke, levers
         self.device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
         self.results: dict[str, dict] = {}
         self._phantoms = None
-        self.levers: list[str] | None = None
 
     def sync(self) -> None:
         import torch
@@ -218,7 +217,6 @@ def mfu(check: Check, deadline: float) -> dict:
 
     cuda = check.device.type == "cuda"
     base = check.sizes["mfu_batch"]
-    # (name, batch, channels_last, compile): the first is the figure; the others are levers, run while time lasts
     # (batch 64 at 256² does not fit in 139 GiB without activation checkpointing: measured on the H200)
     # (name, batch, channels_last, compile); the fastest is the figure. `compiled` is opt-in (--levers): a 210 s
     # call on the H200 ended before inductor had compiled the paper U-Net
@@ -415,12 +413,13 @@ def generation(check: Check, deadline: float) -> dict:
 
 def _train(check: Check, family, model, batches, images: int, batch_size: int, lr: float, deadline: float,
            at: tuple[int, callable] | None = None) -> int:
-    """Adam (bf16 autocast on GPU) on batches() until `images` shown or the deadline; returns images shown.
+    """The product's optimizer step (`build_engine`, plain torch: Adam, clipped, bf16 autocast on GPU) on
+    batches() until `images` shown or the deadline; returns images shown.
     `at` = (images, fn): fn() is called once (model in eval mode) when that many images have been shown."""
-    import torch
+    from cxrray.train.engine import build_engine
 
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    cuda, shown = check.device.type == "cuda", 0
+    engine = build_engine(model, family, _train_cfg(strategy="ddp", lr=lr, global_batch=batch_size), 1, check.device)
+    shown = 0
     model.train()
     while shown < images and time.perf_counter() < deadline:
         if at is not None and shown >= at[0]:
@@ -428,12 +427,7 @@ def _train(check: Check, family, model, batches, images: int, batch_size: int, l
             at[1]()
             model.train()
             at = None
-        with check.autocast(cuda):
-            loss = family.loss(model, batches(batch_size))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        engine.step(batches(batch_size))
         shown += batch_size
     model.eval()
     return shown
@@ -636,8 +630,7 @@ def main() -> None:
         sys.exit(2)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 figures are fp32: matmuls and convolutions
     torch.backends.cudnn.allow_tf32 = False
-    check = Check(SMOKE if args.smoke else FULL, args.smoke)
-    check.levers = args.levers
+    check = Check(SMOKE if args.smoke else FULL, args.smoke, args.levers)
     start = time.perf_counter()
     wanted = set(args.only or SECTIONS) | {"peak"}  # the MFU is read against the measured peak
     check.render_timed()
