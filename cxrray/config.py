@@ -18,7 +18,7 @@ from cxrray.data.settings import DecodeConfig, IngestConfig, StrictModel, resolv
 from cxrray.errors import ConfigError
 from cxrray.families import FAMILIES, get_family
 from cxrray.pipelines.settings import (  # noqa: F401 (re-exported)
-    AuditConfig, EncodeConfig, ExperimentConfig, ExplainConfig, GenerateConfig, GenerationEvalConfig, LatentsConfig,
+    AuditConfig, CounterfactualJudgeConfig, EncodeConfig, ExperimentConfig, ExplainConfig, GenerateConfig, GenerationEvalConfig, LatentsConfig,
     ProbeConfig, SyntheticAuditConfig,
 )
 from cxrray.serve.settings import ServeConfig  # noqa: F401 (re-exported)
@@ -51,6 +51,7 @@ class Config(StrictModel):
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    cf_judge: CounterfactualJudgeConfig = Field(default_factory=CounterfactualJudgeConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     synthetic_audit: SyntheticAuditConfig = Field(default_factory=SyntheticAuditConfig)

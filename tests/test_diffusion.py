@@ -352,3 +352,31 @@ def test_denoising_error_is_zero_for_an_exact_model_and_grows_with_a_biased_one(
     # the clean estimate's error is the eps error times the amplification sqrt((1 - ab) / ab)
     assert [r["x0_rmse"] for r in rows] == pytest.approx([0.01 * r["amplification"] for r in rows], rel=1e-3)
     assert rows[-1]["x0_rmse"] > 50 * rows[0]["x0_rmse"]
+
+
+def test_partial_inversion_mirrors_its_decode_and_a_blend_retraces_the_trajectory(mini):
+    """`span` stops the inversion part way and starts the decode there (the exact mirror, XFree model); a
+    recorded trajectory has one state per step plus the original; blending with an empty mask decodes back to
+    the original exactly, with a full mask it is the plain decode, and a half mask is each inside its half."""
+    model = XFree(mini).eval()
+    x0 = _images(2)
+    with torch.no_grad():
+        z, other = mini.encode(x0), mini.encode(_images(2, seed=5))
+    steps, span = 10, 0.5
+    states: list = []
+    x_t = ddim_invert(model, x0, z, steps, span=span, record=states)
+    assert len(states) == 6 and torch.equal(states[0], x0) and torch.equal(states[-1], x_t)  # t = 0 .. 400 of 1000
+    assert (ddim_sample(model, z, x_t, steps, span=span) - x0).abs().max() < 1e-4
+    full = ddim_invert(model, x0, z, steps)
+    assert (x_t - x0).abs().mean() < (full - x0).abs().mean()  # part of the way
+    plain = ddim_sample(model, other, x_t, steps, span=span)
+    assert (plain - x0).abs().max() > 1e-2  # another code changes the decode
+    empty, whole = torch.zeros(2, 1, 32, 32), torch.ones(2, 1, 32, 32)
+    assert torch.equal(ddim_sample(model, other, x_t, steps, span=span, blend=(states, empty)), x0)
+    assert torch.allclose(ddim_sample(model, other, x_t, steps, span=span, blend=(states, whole)), plain, atol=1e-6)
+    half = torch.zeros(2, 1, 32, 32)
+    half[..., 16:] = 1
+    mixed = ddim_sample(model, other, x_t, steps, span=span, blend=(states, half))
+    assert torch.equal(mixed[..., :16], x0[..., :16])
+    with pytest.raises(ValueError, match="trajectory"):
+        ddim_sample(model, other, x_t, steps, blend=(states, half))  # the trajectory of another span

@@ -276,3 +276,45 @@ def test_counterfactual_codes_move_along_the_chosen_direction():
                                    atol=1e-4)
     with pytest.raises(InputError, match="explain.axis=filter"):
         shift_codes(LinearHead(["f"], weight, head.bias, head.z_mean, head.z_std), z, "f", ExplainConfig())
+    # the effect axis: a linear step is eps findings' worth of the effect itself (not normalised to sqrt(D))
+    head.effect = pattern * 0.3
+    step = (head.normalize(shift_codes(head, z, "f", ExplainConfig(axis="effect", eps=2.0))) - head.normalize(z)).numpy()
+    np.testing.assert_allclose(step, np.broadcast_to(2.0 * head.effect[0], step.shape), atol=1e-4)
+    closed = shift_codes(head, z, "f", ExplainConfig(mode="closed_form", axis="effect", target_probability=0.8))
+    np.testing.assert_allclose(head.probabilities(closed)[:, 0].numpy(), 0.8, atol=1e-4)
+
+
+def test_effect_holds_the_co_occurring_label_fixed_where_the_pattern_carries_it():
+    """z moves with a finding along one axis and with a device planted beside it (odds ratio ~100) along
+    another: the finding's pattern leans on the device's axis, its effect (regression on all labels) does not,
+    and one unit of it is the finding's own shift."""
+    rng = np.random.default_rng(1)
+    n = 3000
+    finding = rng.random(n) < 0.3
+    device = np.where(finding, rng.random(n) < 0.9, rng.random(n) < 0.08)
+    z = np.stack([2.0 * finding, 3.0 * device, np.zeros(n), np.zeros(n)], axis=1) + rng.normal(size=(n, 4))
+    labels = np.stack([finding, device], axis=1).astype(float)
+    head = fit_head(z, labels, ["finding", "device"], C=10.0)
+    cos = lambda u, v: float(u @ v / np.linalg.norm(u) / np.linalg.norm(v))  # noqa: E731
+    device_axis = np.array([0, 1.0, 0, 0])
+    assert cos(head.pattern[0], device_axis) > 0.6, head.pattern[0]
+    assert abs(cos(head.effect[0], device_axis)) < 0.1, head.effect[0]
+    # in normalised z, the finding's own shift along axis 0 is 2 / sd(z_0)
+    assert head.effect[0][0] == pytest.approx(2.0 / z[:, 0].std(), rel=0.1), head.effect[0]
+    assert head.effect[1][1] == pytest.approx(3.0 / z[:, 1].std(), rel=0.1), head.effect[1]
+
+
+def test_effect_is_saved_and_loaded_and_its_absence_is_refused(tmp_path):
+    import torch
+
+    from cxrray.errors import InputError
+    from cxrray.pipelines.head import load_head
+
+    rng = np.random.default_rng(2)
+    y = (rng.random((200, 2)) < 0.4).astype(float)
+    head = fit_head(rng.normal(size=(200, 6)) + y @ rng.normal(size=(2, 6)), y, ["a", "b"], C=1.0)
+    loaded = load_head(head.save(tmp_path / "h"))
+    np.testing.assert_array_equal(loaded.effect, head.effect)
+    loaded.effect = None
+    with pytest.raises(InputError, match="without effect directions"):
+        loaded.effect_of("a", torch.zeros(1, 6))

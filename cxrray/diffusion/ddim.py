@@ -60,14 +60,21 @@ def _output(model, sched, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor | No
 def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, progress: Progress,
           clip: bool = False, guidance: float = 1.0, null: torch.Tensor | None = None, start: float = 1.0,
           generator: torch.Generator | None = None, known: tuple[torch.Tensor, torch.Tensor] | None = None,
-          **step_kwargs) -> torch.Tensor:
+          span: float = 1.0, record: list | None = None,
+          blend: tuple[list[torch.Tensor], torch.Tensor] | None = None, **step_kwargs) -> torch.Tensor:
     """Run one sampler over `steps` steps ("ddim": x_T -> x0, "ddim_inverse": x0 -> x_T, "ddpm":
     ancestral x_T -> x0) under the model's own schedule (`model.schedule`; default linear T = 1000, eps prediction).
     `start` < 1 (ddim only): `x` is a clean image, noised to the first timestep <= start * T with noise
     from `generator`, and only the remaining steps run (SDEdit / Diff-AE's stochastic encoding).
     `known` = (x0 of the same shape as x, keep mask broadcastable to it, 1 = known): before the first step and
     after each one, where keep is 1 the sample is replaced by x0 forward-noised (fresh noise from `generator`)
-    to the timestep the sample is now at, and by x0 itself at the end (inpainting as in LDM / Cheff)."""
+    to the timestep the sample is now at, and by x0 itself at the end (inpainting as in LDM / Cheff).
+    `span` < 1 (ddim / ddim_inverse): only the timesteps <= span * (T - 1) run, `x` taken as it is (no noise
+    added): a partial inversion stops there and its decode starts there (the exact mirror of each other).
+    `record` (a list): x before the first step and after each one are appended (an inversion's trajectory,
+    record[0] = the clean image). `blend` = (such a trajectory, mask broadcastable to x, 1 = edit): after decode
+    step i, where mask is 0 the sample is replaced by the trajectory's state at the same timestep
+    (trajectory[-1 - i]), so outside the mask the decode retraces the inversion back to the original."""
     # the forward samplers step on the model's own output (a v model at zero terminal SNR has no eps-form step
     # at the top); the inverse one steps in eps, which `_output` converts at the timestep it queried
     schedule = getattr(model, "schedule", {})
@@ -76,6 +83,11 @@ def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, 
     sched.set_timesteps(_check_steps(steps, sched.config.num_train_timesteps), device=x.device)
     x = x.float()
     timesteps = sched.timesteps
+    if span < 1.0:
+        timesteps = timesteps[timesteps <= span * (sched.config.num_train_timesteps - 1)]
+    if blend is not None and len(blend[0]) != len(timesteps) + 1:
+        raise ValueError(f"blend needs the trajectory of a {len(timesteps)}-step inversion over the same span "
+                         f"({len(timesteps) + 1} states), got {len(blend[0])}")
     if start < 1.0:
         timesteps = timesteps[timesteps <= start * (sched.config.num_train_timesteps - 1)]
         noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
@@ -85,10 +97,17 @@ def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, 
     paste = _paster(sched, known, generator) if known is not None else None
     if paste is not None:
         x = paste(x, timesteps[0])
+    if record is not None:
+        record.append(x)
     with _eval(model):
         for i, t in enumerate(timesteps):
             out = _output(model, sched, x, t, z, guidance, null)
             x = sched.step(out, int(t), x, return_dict=False, **step_kwargs)[0]
+            if record is not None:
+                record.append(x)
+            if blend is not None:
+                keep = blend[1].to(x.device).float()
+                x = keep * x + (1 - keep) * blend[0][-2 - i].to(x.device)
             if paste is not None:
                 x = paste(x, timesteps[i + 1] if i + 1 < len(timesteps) else None)
             if progress is not None:
@@ -113,31 +132,38 @@ def _paster(sched, known: tuple[torch.Tensor, torch.Tensor], generator: torch.Ge
 
 
 def ddim_sample(model, z: torch.Tensor, x_T: torch.Tensor, steps: int = 100, progress: Progress = None,
-                clip: bool = False, guidance: float = 1.0, z_from: torch.Tensor | None = None) -> torch.Tensor:
+                clip: bool = False, guidance: float = 1.0, z_from: torch.Tensor | None = None, span: float = 1.0,
+                blend: tuple[list[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Decode x_T -> x0 with deterministic DDIM (eta 0), conditioned on z [B, z_dim]. Returns float32.
     `clip` clips each step's predicted x0 to [-1, 1] (random x_T only; keep it off to decode an inversion).
     With `z_from` (the code x_T was inverted with) and `guidance` g != 1, each step follows
-    eps(z_from) + g (eps(z) - eps(z_from)): the change of code, amplified g times (g = 1: plain decode)."""
-    return walk(model, "ddim", x_T, z, steps, progress, clip=clip, guidance=guidance, null=z_from, eta=0.0)
+    eps(z_from) + g (eps(z) - eps(z_from)): the change of code, amplified g times (g = 1: plain decode).
+    `span` < 1: x_T is a partial inversion's end (`ddim_invert(span=)`, same steps); `blend`: see `walk`."""
+    return walk(model, "ddim", x_T, z, steps, progress, clip=clip, guidance=guidance, null=z_from, span=span,
+                blend=blend, eta=0.0)
 
 
 def ddim_renoise_decode(model, z: torch.Tensor, x0: torch.Tensor, start: float, steps: int = 100,
                         generator: torch.Generator | None = None, guidance: float = 1.0,
-                        z_from: torch.Tensor | None = None) -> torch.Tensor:
+                        z_from: torch.Tensor | None = None,
+                        known: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Noise x0 to t = start * T with noise from `generator`, then DDIM-decode (eta 0) under z: the part
     of the image above that noise level is redrawn under z, the rest kept (Diff-AE's stochastic encoding,
     SDEdit). The same generator seed gives the same noise, so two codes decoded from one seed differ only
-    by the code. `guidance`/`z_from` as in `ddim_sample`. Returns float32."""
+    by the code. `guidance`/`z_from` as in `ddim_sample`; `known` = (x0, keep mask) holds the kept region to
+    x0 (forward-noised at each step, x0 itself at the end: `walk`), so only the rest is redrawn. Returns float32."""
     if not 0.0 < start < 1.0:
         raise ValueError(f"start must be in (0, 1), got {start}")
     return walk(model, "ddim", x0, z, steps, None, guidance=guidance, null=z_from, start=start,
-                 generator=generator, eta=0.0)
+                generator=generator, known=known, eta=0.0)
 
 
-def ddim_invert(model, x0: torch.Tensor, z: torch.Tensor, steps: int = 250, progress: Progress = None) -> torch.Tensor:
+def ddim_invert(model, x0: torch.Tensor, z: torch.Tensor, steps: int = 250, progress: Progress = None,
+                span: float = 1.0, record: list | None = None) -> torch.Tensor:
     """Deterministic DDIM inversion x0 -> x_T given z (the model is queried at each step's target timestep,
-    the mirror of `ddim_sample` with the same `steps`). Returns float32."""
-    return walk(model, "ddim_inverse", x0, z, steps, progress)
+    the mirror of `ddim_sample` with the same `steps`). `span` < 1 stops at the last timestep <= span * (T - 1)
+    (partial inversion); `record` collects the trajectory (see `walk`). Returns float32."""
+    return walk(model, "ddim_inverse", x0, z, steps, progress, span=span, record=record)
 
 
 def stage_generator(seed: int, stage: int) -> torch.Generator:

@@ -4,16 +4,19 @@ is the rest of the patient kept?
 For test images negative for a finding F (a phantom set, so each image's case can be re-rendered), with the
 explain settings given:
 
-- image effect: p_F(encode(counterfactual)) - p_F(encode(reconstruction)), mean with a 95% bootstrap CI
-  (what the image shows, not what z* says);
-- where: energy of |counterfactual - reconstruction| per pixel inside the region F can occupy in this
-  patient (`cxrray.data.phantom.region`, put through ingest's geometry and dilated by `dilate` pixels)
-  over outside, with a bootstrap CI (`cxrray.eval.localisation.energy_ratio`);
-- identity kept: SSIM(reconstruction, counterfactual) over the pixels outside that region;
-- a grid (original / reconstruction / counterfactual / |difference| amplified) as PNG.
+- probe image effect: p_F(encode(counterfactual)) - p_F(encode(reconstruction)), mean with a 95% bootstrap
+  CI (what the model's own encoder and probe read; not independent: the probe that built the direction);
+- judged (with a `cxrray.pipelines.cf_judge` judge): the independent judge's probability of F and of every
+  other drawn label on the counterfactual minus on the original and minus on the reconstruction, beside the
+  same judge on the true paired renders (the patient with F drawn in: the ideal effect);
+- where: mean |counterfactual - reconstruction| (and - original) per pixel inside the region F can occupy
+  in this patient (`cxrray.data.phantom.region`, put through ingest's geometry and dilated by `dilate`
+  pixels) over outside, with a bootstrap CI (`cxrray.eval.localisation.energy_ratio`, an L1 ratio);
+- identity kept: SSIM over the pixels outside that region, against the reconstruction and the original;
+- `GOALS`, checked against the original; a grid (original / reconstruction / counterfactual / |difference|).
 
-The reconstruction decode(z, x_T) is the baseline: it shares x_T and the decoder's errors with the
-counterfactual, so their difference is the code change alone. `evaluate` decodes (several settings, same
+The reconstruction decode(z, x_T) is one baseline: it shares x_T and the decoder's errors with the
+counterfactual, so their difference is the code change alone; the original is what the user compares with. `evaluate` decodes (several settings, same
 images); `measure_records` measures counterfactuals an explain run already wrote with their reconstruction
 (the audit's, in the demo).
 """
@@ -28,7 +31,6 @@ import torch
 from cxrray.data.imaging import decode_png16, fit_square, png16_to_model
 from cxrray.data.shards import read_tar
 from cxrray.data.storage import Storage
-from cxrray.diffusion.ddim import ddim_invert, ddim_renoise_decode, ddim_sample
 from cxrray.eval.grids import save_grid
 from cxrray.eval.localisation import dilate, energy_ratio, ssim_outside
 from cxrray.io.loading import load_model
@@ -40,27 +42,39 @@ from cxrray.pipelines.settings import ExplainConfig
 from cxrray.errors import InputError
 
 
-def phantom_regions(keys: list[str], finding: str, phantom_cfg, salt: str, count: int, size: int, fit: str) -> np.ndarray:
-    """bool [N, size, size]: where `finding` can appear in each keyed phantom image, on the shards' grid."""
+#: issue 27's goals for a counterfactual toward a finding, fixed before any was measured: the independent
+#: judge's effect (vs the original), its probability of the planted confounder moving less than this, the
+#: change's L1 inside / outside the true region, SSIM outside it (vs the original)
+GOALS = {"judge_effect": 0.3, "confounder_move": 0.1, "l1_ratio": 3.0, "ssim_outside": 0.9}
+
+
+def phantom_cases(keys: list[str], phantom_cfg, salt: str, count: int) -> list:
+    """The phantom case behind each shard key (images 0..count-1 of this phantom set under this salt)."""
     from cxrray.data.deid import sample_key
-    from cxrray.data.phantom import image_name, region, sample_case
+    from cxrray.data.phantom import image_name, sample_case
 
     index = {sample_key(image_name(i), salt): i for i in range(count)}
     missing = [k for k in keys if k not in index]
     if missing:
         raise InputError(f"{len(missing)} shard keys are not images 0..{count - 1} of this phantom set under this salt")
-    out = []
-    for key in keys:
-        mask = region(sample_case(index[key], phantom_cfg), phantom_cfg, finding)
-        out.append(fit_square(mask.astype(np.float32), size, fit) > 0.5)
-    return np.stack(out)
+    return [sample_case(index[key], phantom_cfg) for key in keys]
+
+
+def phantom_regions(cases: list, finding: str, phantom_cfg, size: int, fit: str) -> np.ndarray:
+    """bool [N, size, size]: where `finding` can appear in each phantom case, on the shards' grid."""
+    from cxrray.data.phantom import region
+
+    return np.stack([fit_square(region(case, phantom_cfg, finding).astype(np.float32), size, fit) > 0.5
+                     for case in cases])
 
 
 def finding_regions(keys: list[str], finding: str, manifest: dict, phantom_cfg, salt: str, count: int,
                     dilate_px: int) -> np.ndarray:
-    """`phantom_regions` on the shards' grid (the manifest's preprocessing), dilated by `dilate_px` pixels."""
+    """`phantom_regions` of the keyed images on the shards' grid (the manifest's preprocessing), dilated by
+    `dilate_px` pixels."""
     pre = manifest["preprocessing"]
-    return dilate(phantom_regions(keys, finding, phantom_cfg, salt, count, pre["size"], pre["fit"]), dilate_px)
+    cases = phantom_cases(keys, phantom_cfg, salt, count)
+    return dilate(phantom_regions(cases, finding, phantom_cfg, pre["size"], pre["fit"]), dilate_px)
 
 
 def mean_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -71,9 +85,12 @@ def mean_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
 
 def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings: list[ExplainConfig], *,
              phantom_cfg, phantom_count: int, images: int = 24, split: str = "test", dilate_px: int = 2,
-             seed: int = 0, grid: Path | None = None, salt: str | None = None) -> list[dict]:
-    """One result per explain setting (same images, one inversion per distinct invert_steps)."""
+             seed: int = 0, grid: Path | None = None, salt: str | None = None, judge=None, ingest_cfg=None) -> list[dict]:
+    """One result per explain setting (same images; one inversion per distinct (invert_steps, invert_to) and
+    trajectory need). With `judge` (a `CounterfactualJudge`) and `ingest_cfg` (how the shards were made),
+    each result also has the judge's reading (`judged`) and the goals it meets (`goals`)."""
     from cxrray.data.shards import read_manifest
+    from cxrray.pipelines.counterfactual import decode_pair, invert
 
     salt = salt or os.environ.get("CXRRAY_SALT")
     if not salt:
@@ -93,43 +110,132 @@ def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings:
         pngs.update({k: png for k, png, _ in read_tar(store.read_bytes(shard), shard) if k in wanted})
     keys = [c["key"] for c in chosen]
     x0 = torch.as_tensor(png16_to_model(np.stack([decode_png16(pngs[k]) for k in keys])))[:, None]
-    regions = finding_regions(keys, finding, manifest, phantom_cfg, salt, phantom_count, dilate_px)
+    cases = phantom_cases(keys, phantom_cfg, salt, phantom_count)
+    pre = manifest["preprocessing"]
+    regions = dilate(phantom_regions(cases, finding, phantom_cfg, pre["size"], pre["fit"]), dilate_px)
+    ideal = None
+    if judge is not None:
+        from cxrray.pipelines.cf_judge import paired_renders
+
+        paired = paired_renders(cases, finding, phantom_cfg, ingest_cfg)
+        ideal = judge_effects(judge, finding, x0, paired, None, phantom_cfg, seed)
+        print(f"[cf_eval] the true paired renders, judged: {finding} {ideal['effect_vs_original']['mean']:+.3f}, "
+              f"{ideal['confounder'] or 'no confounder'} {ideal['confounder_move_vs_original']:+.3f}", flush=True)
     with torch.no_grad():
         z = model.encode(x0).float()
+    if judge is not None:  # can the decoder draw the finding at all, given the code of the true paired render?
+        ideal["oracle_code"] = oracle = oracle_code(model, head, finding, x0, z, paired, settings[0], judge, phantom_cfg, seed)
+        print(f"[cf_eval] the paired render's own code decoded: judge {finding} "
+              f"{oracle['judged']['effect_vs_original']['mean']:+.3f}, mean |change| {oracle['mean_abs_change']:.4f}; "
+              f"its mean code step {oracle['mean_step_norm']:.2f} (normalised z), cosine " + ", ".join(
+                  f"{k} {v:+.2f}" for k, v in oracle["mean_step_cosine"].items()), flush=True)
     sensitivity = z_sensitivity(model, x0, {"other_patient": torch.roll(z, 1, 0)}, seed=seed)["other_patient"]
     inversions, references, results = {}, {}, []
     for cfg in settings:
         z_star = shift_codes(head, z, finding, cfg, toward=1)
+        inversion, reference = None, None
         if cfg.renoise is None:
-            if cfg.invert_steps not in inversions:
-                inversions[cfg.invert_steps] = ddim_invert(model, x0, z, steps=cfg.invert_steps)
-            x_T = inversions[cfg.invert_steps]
-            if (cfg.invert_steps, cfg.steps) not in references:
-                references[cfg.invert_steps, cfg.steps] = ddim_sample(model, z, x_T, steps=cfg.steps).clamp(-1, 1)
-            ref = references[cfg.invert_steps, cfg.steps]
-            cf = ddim_sample(model, z_star, x_T, steps=cfg.steps, guidance=cfg.z_guidance, z_from=z).clamp(-1, 1)
-        else:  # the same seeded noise for both: their difference is the code change alone
-            def decode(code, **kw):
-                return ddim_renoise_decode(model, code, x0, cfg.renoise, steps=cfg.steps,
-                                           generator=torch.Generator().manual_seed(cfg.seed), **kw).clamp(-1, 1)
-            ref, cf = decode(z), decode(z_star, guidance=cfg.z_guidance, z_from=z)
+            need = (cfg.invert_steps, cfg.invert_to, cfg.blend != "none")
+            if need not in inversions:
+                inversions[need] = invert(model, x0, z, cfg)
+            inversion, reference = inversions[need], references.get((cfg.invert_steps, cfg.invert_to, cfg.steps))
+        decoded = decode_pair(model, x0, z, z_star, cfg, inversion, with_reference=True, reference=reference)
+        ref, cf = decoded["reference"], decoded["counterfactual"]
+        if cfg.renoise is None:
+            references[cfg.invert_steps, cfg.invert_to, cfg.steps] = ref
         with torch.no_grad():
             probs = {"reference": head.probabilities(model.encode(ref).float()).numpy(),
                      "after": head.probabilities(model.encode(cf).float()).numpy(),
                      "latent": head.probabilities(z_star).numpy(), "before": head.probabilities(z).numpy()}
-        results.append({"explain": cfg.model_dump(mode="json"),
-                         **effects(finding, ref[:, 0].numpy(), cf[:, 0].numpy(), regions, probs, head.findings, seed),
-                         "region_dilation_px": dilate_px, "x0_change_other_patient_z": sensitivity})
-        print(f"[cf_eval] {len(results)}/{len(settings)} {setting_tag(cfg)}: {describe(results[-1])}", flush=True)
+        result = {"explain": cfg.model_dump(mode="json"),
+                  **effects(finding, ref[:, 0].numpy(), cf[:, 0].numpy(), regions, probs, head.findings, seed),
+                  "vs_original": localisation(x0[:, 0].numpy(), cf[:, 0].numpy(), regions, seed),
+                  "region_dilation_px": dilate_px, "x0_change_other_patient_z": sensitivity}
+        if "mask" in decoded:
+            result["mask_fraction"] = float(decoded["mask"].mean())
+        if judge is not None:
+            result["judged"] = judge_effects(judge, finding, x0, cf, ref, phantom_cfg, seed)
+            result["judged"]["ideal"] = ideal
+            result["goals"] = goals_met(result)
+        results.append(result)
+        print(f"[cf_eval] {len(results)}/{len(settings)} {setting_tag(cfg)}: {describe(result)}", flush=True)
         if grid is not None:
             change = (cf - ref).abs()
             change = change / (change.amax() + 1e-8) * 2 - 1
             n = min(8, len(keys))
             path = Path(grid).with_name(f"{Path(grid).stem}_{setting_tag(cfg)}{Path(grid).suffix}")
             results[-1]["grid"] = str(save_grid([x0[:n], ref[:n], cf[:n], change[:n]], path,
-                                                f"counterfactuals toward {finding} (z guidance {cfg.z_guidance:g}): "
+                                                f"counterfactuals toward {finding} ({setting_tag(cfg)}): "
                                                 "original / reconstruction / counterfactual / |difference|"))
     return results
+
+
+def oracle_code(model, head, finding: str, x0: torch.Tensor, z: torch.Tensor, paired: torch.Tensor, cfg: ExplainConfig,
+                judge, phantom_cfg, seed: int = 0) -> dict:
+    """The known-answer check: decode z* = encode(true paired render) from the original's inversion (`cfg`'s,
+    plain), judged like any counterfactual; and the code change it implies, normalised: its mean's length in
+    the effect axis's units and its cosine with each direction the probe offers."""
+    from cxrray.pipelines.counterfactual import decode_pair
+
+    with torch.no_grad():
+        z_pair = model.encode(paired).float()
+    plain = cfg.model_copy(update={"blend": "none", "renoise": None, "z_guidance": 1.0})
+    cf = decode_pair(model, x0, z, z_pair, plain)["counterfactual"]
+    step = (head.normalize(z_pair) - head.normalize(z)).mean(0)
+    cosines = {}
+    for axis, get in (("filter", lambda: head.direction(finding, z)[0]), ("pattern", lambda: head.pattern_of(finding, z)),
+                      ("effect", lambda: head.effect_of(finding, z))):
+        try:
+            d = get()
+        except InputError:
+            continue
+        cosines[axis] = float(step @ d / (step.norm() * d.norm() + 1e-12))
+    effect_norm = float(head.effect_of(finding, z).norm()) if head.effect is not None else None
+    return {"judged": judge_effects(judge, finding, x0, cf, None, phantom_cfg, seed),
+            "mean_abs_change": float((cf - x0).abs().mean()), "mean_step_norm": float(step.norm()),
+            "mean_step_in_effects": None if not effect_norm else float(step.norm()) / effect_norm,
+            "mean_step_cosine": cosines}
+
+
+def localisation(before: np.ndarray, after: np.ndarray, regions: np.ndarray, seed: int = 0) -> dict:
+    """L1 of the change inside / outside `regions` and SSIM outside them, between two image sets [N, S, S]."""
+    return {"l1_ratio": energy_ratio(after - before, regions, seed=seed),
+            "ssim_outside": mean_ci(ssim_outside(before, after, regions), seed=seed)}
+
+
+def judge_effects(judge, finding: str, x0: torch.Tensor, cf: torch.Tensor, ref: torch.Tensor | None, phantom_cfg,
+                  seed: int = 0) -> dict:
+    """The independent judge's probabilities of `cf` minus those of the original `x0` (and of the reconstruction
+    `ref`, when given): the finding's with a CI, every label's mean, and the planted confounder's (the
+    phantom set's device confounded with this finding; None when there is none)."""
+    from cxrray.pipelines.cf_judge import LABELS
+
+    conf = phantom_cfg.parsed_confounder
+    confounder = conf.device if conf is not None and conf.finding == finding else None
+    p_cf, p_x0 = judge.probabilities(cf), judge.probabilities(x0)
+    j = LABELS.index(finding)
+    out = {"finding": finding, "confounder": confounder,
+           "effect_vs_original": mean_ci(p_cf[:, j] - p_x0[:, j], seed=seed),
+           "by_label_vs_original": {label: float(np.mean(p_cf[:, i] - p_x0[:, i])) for i, label in enumerate(LABELS)},
+           "before": float(p_x0[:, j].mean()), "after": float(p_cf[:, j].mean())}
+    out["confounder_move_vs_original"] = out["by_label_vs_original"][confounder] if confounder else 0.0
+    if ref is not None:
+        p_ref = judge.probabilities(ref)
+        out["effect_vs_reconstruction"] = mean_ci(p_cf[:, j] - p_ref[:, j], seed=seed)
+        out["by_label_vs_reconstruction"] = {label: float(np.mean(p_cf[:, i] - p_ref[:, i]))
+                                             for i, label in enumerate(LABELS)}
+    return out
+
+
+def goals_met(result: dict) -> dict:
+    """Which of `GOALS` a judged result meets (all against the original image), and whether all do."""
+    judged, local = result["judged"], result["vs_original"]
+    ratio = local["l1_ratio"]["ratio"]
+    met = {"judge_effect": judged["effect_vs_original"]["mean"] >= GOALS["judge_effect"],
+           "confounder_move": abs(judged["confounder_move_vs_original"]) < GOALS["confounder_move"],
+           "l1_ratio": ratio is not None and ratio >= GOALS["l1_ratio"],
+           "ssim_outside": local["ssim_outside"]["mean"] >= GOALS["ssim_outside"]}
+    return {**met, "all": all(met.values())}
 
 
 def effects(finding: str, ref: np.ndarray, cf: np.ndarray, regions: np.ndarray, probs: dict[str, np.ndarray],
@@ -151,11 +257,20 @@ def effects(finding: str, ref: np.ndarray, cf: np.ndarray, regions: np.ndarray, 
 
 
 def describe(result: dict) -> str:
-    """One line of an `effects` result, for progress output."""
+    """One line of an `effects` result (with the judge's reading and the change against the original, when
+    present), for progress output."""
     ratio = result["energy_ratio"]["ratio"]
-    return (f"image effect {result['image_effect']['mean']:+.3f} (latent {result['latent_effect']['mean']:+.3f}), "
-            f"energy in/out of the region {float('nan') if ratio is None else ratio:.2f}, "
+    line = (f"probe image effect {result['image_effect']['mean']:+.3f} (latent {result['latent_effect']['mean']:+.3f}), "
+            f"L1 in/out of the region {float('nan') if ratio is None else ratio:.2f}, "
             f"SSIM outside {result['ssim_outside']['mean']:.3f}, mean |change| {result['mean_abs_change']:.4f}")
+    if "judged" in result:
+        j, v = result["judged"], result["vs_original"]
+        r = v["l1_ratio"]["ratio"]
+        line += (f" | judge {j['finding']} {j['effect_vs_original']['mean']:+.3f} (vs recon "
+                 f"{j['effect_vs_reconstruction']['mean']:+.3f}), {j['confounder'] or 'confounder'} "
+                 f"{j['confounder_move_vs_original']:+.3f}; vs original: L1 in/out {float('nan') if r is None else r:.2f}, "
+                 f"SSIM outside {v['ssim_outside']['mean']:.3f}; goals {'met' if result['goals']['all'] else 'not met'}")
+    return line
 
 
 def measure_records(records_uri: str, data_uri: str, finding: str, *, phantom_cfg, phantom_count: int, salt: str,
@@ -189,9 +304,12 @@ def measure_records(records_uri: str, data_uri: str, finding: str, *, phantom_cf
 
 
 def setting_tag(cfg: ExplainConfig) -> str:
-    """A short name for one explain setting, e.g. "pattern_linear0.3_g1" or "filter_closed0.9_g3_t0.5"."""
+    """A short name for one explain setting, e.g. "pattern_linear0.3_g1", "filter_closed0.9_g3_t0.5" or
+    "effect_linear1_g1_to0.5_model0.3" (partial inversion to 0.5 T, blended in the model's mask at 0.3)."""
     step = f"linear{cfg.eps:g}" if cfg.mode == "linear" else f"closed{cfg.target_probability:g}"
-    return f"{cfg.axis}_{step}_g{cfg.z_guidance:g}" + (f"_t{cfg.renoise:g}" if cfg.renoise else "")
+    return (f"{cfg.axis}_{step}_g{cfg.z_guidance:g}" + (f"_t{cfg.renoise:g}" if cfg.renoise else "")
+            + (f"_to{cfg.invert_to:g}" if cfg.invert_to < 1 else "")
+            + (f"_{cfg.blend}{cfg.mask_threshold:g}" if cfg.blend != "none" else ""))
 
 
 def z_sensitivity(model, x0: torch.Tensor, codes: dict[str, torch.Tensor], timesteps=(50, 200, 400, 600, 800, 950),

@@ -29,10 +29,9 @@ from cxrray.pipelines.settings import ExplainConfig
 from cxrray.data.imaging import encode_png16
 from cxrray.data.shards import read_manifest, read_tar
 from cxrray.data.storage import Storage
-from cxrray.diffusion.ddim import ddim_invert
 from cxrray.io.loading import load_ema, model_identity
 from cxrray.pipelines import derived
-from cxrray.pipelines.counterfactual import counterfactuals
+from cxrray.pipelines.counterfactual import counterfactuals, invert
 from cxrray.pipelines.encode import load_images
 from cxrray.pipelines.fanout import fan_out
 from cxrray.pipelines.head import load_head
@@ -84,10 +83,10 @@ class Explainer:
         x0 = x0.to(self.device)
         with torch.no_grad():
             z = self.model.encode(x0).float()
-        x_T = ddim_invert(self.model, x0, z, steps=self.cfg.invert_steps)
+        inversion = invert(self.model, x0, z, self.cfg)
         records, reference = [], None
         for finding in todo:
-            result = counterfactuals(self.model, self.head, x0, finding, self.cfg, self.toward, x_T=x_T,
+            result = counterfactuals(self.model, self.head, x0, finding, self.cfg, self.toward, inversion=inversion,
                                      with_reference=self.reference and reference is None)
             if self.reference and reference is None:
                 reference = {"image": result["reference"], "probs": result["probs_reference"]}

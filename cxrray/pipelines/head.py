@@ -1,7 +1,7 @@
 """The linear probe head on z: logits = W @ ((z - mean) / std) + b, one row per finding.
 
 Stored as a directory: `head.safetensors` (weight [F, D], bias [F], z_mean [D], z_std [D], pattern [F, D],
-all float32) and `head.json` (findings, which rows are fitted, training facts). No pickle. A finding whose
+effect [F, D], all float32) and `head.json` (findings, which rows are fitted, training facts). No pickle. A finding whose
 row is not fitted (too few positives/negatives in the fit set) has weight 0 and bias NaN and is refused as
 a counterfactual target.
 
@@ -10,6 +10,10 @@ and the pattern a = Cov(zn) w over the fit rows (Haufe et al. 2014, "On the inte
 of linear models in multivariate neuroimaging": the direction along which the data vary with the probe's
 output; for a well-specified model proportional to the class-mean difference). With few fit images per
 z dimension w is dominated by low-variance directions the decoder does not render; a is not.
+A third, the effect e: the finding's coefficient in a (ridge) regression of zn on all fitted labels over the
+fit rows, i.e. how the code moves with the finding when every other label is held fixed. Unlike a and w it
+does not carry what co-occurs with the finding (a planted chest tube), and one unit of it is one finding's
+worth of change (the de-confounded direction).
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ class LinearHead:
     z_std: np.ndarray  # [D], fine-tune set (> 0)
     info: dict = field(default_factory=dict)
     pattern: np.ndarray | None = None  # [F, D] Cov(zn) @ w per finding; None for heads saved before it existed
+    effect: np.ndarray | None = None  # [F, D] regression coefficient of zn on all labels; None before it existed
 
     @property
     def fitted(self) -> np.ndarray:
@@ -78,6 +83,14 @@ class LinearHead:
                              "with `cxrray probe`, or set explain.axis=filter")
         return self._t(self.pattern[i], z_like)
 
+    def effect_of(self, finding: str, z_like: torch.Tensor) -> torch.Tensor:
+        """The finding's de-confounded effect e [D] (normalised-z space, one finding's worth), on z_like's device."""
+        i = self.index(finding)
+        if self.effect is None:
+            raise InputError("this probe was saved without effect directions (before they existed): refit it "
+                             "with `cxrray probe`, or set explain.axis=pattern")
+        return self._t(self.effect[i], z_like)
+
     @staticmethod
     def _t(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(a, dtype=torch.float32, device=like.device)
@@ -86,8 +99,9 @@ class LinearHead:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         arrays = {"weight": self.weight, "bias": self.bias, "z_mean": self.z_mean, "z_std": self.z_std}
-        if self.pattern is not None:
-            arrays["pattern"] = self.pattern
+        for name in ("pattern", "effect"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name)
         save_file({k: np.ascontiguousarray(v, np.float32) for k, v in arrays.items()}, str(out / WEIGHTS))
         (out / META).write_text(json.dumps({"format": "cxrray-probe/1", "findings": self.findings,
                                             "fitted": self.fitted.tolist(), **self.info}, indent=1))
@@ -106,8 +120,8 @@ def load_head(uri: str | Path) -> LinearHead:
         path.write_bytes(store.read_bytes(WEIGHTS))
         arrays = load_file(str(path))
     head = LinearHead(list(meta["findings"]), arrays["weight"], arrays["bias"], arrays["z_mean"], arrays["z_std"],
-                      {k: v for k, v in meta.items() if k not in ("findings", "fitted", "format")}, arrays.get("pattern"))
-    for name, array in (("weight", head.weight), ("pattern", head.pattern)):
+                      {k: v for k, v in meta.items() if k not in ("findings", "fitted", "format")}, arrays.get("pattern"), arrays.get("effect"))
+    for name, array in (("weight", head.weight), ("pattern", head.pattern), ("effect", head.effect)):
         if array is not None and array.shape != (len(head.findings), head.z_mean.shape[0]):
             raise InputError(f"{store.uri}: {name} shape {array.shape} does not match "
                              f"{len(head.findings)} findings x z_dim {head.z_mean.shape[0]}")

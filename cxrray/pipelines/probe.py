@@ -59,7 +59,9 @@ def fit_head(z: np.ndarray, labels: np.ndarray, findings: list[str], C: float, i
     that label is not NaN. This is exactly the multi-label BCE with NaN-masked targets, because that
     loss (and the L2 penalty) is a sum of independent per-finding terms. A finding with fewer than
     2 positives or 2 negatives is not fitted: weight 0, bias NaN, listed in info["not_fitted"].
-    Each fitted row also gets its activation pattern Cov(zn) w over its rows (see `cxrray.pipelines.head`).
+    Each fitted row also gets its activation pattern Cov(zn) w over its rows, and its effect: its coefficient
+    in a ridge regression of zn on all fitted labels over the rows where all of them are known (see
+    `cxrray.pipelines.head`; zero when fewer rows than labels + 2 are complete).
     Findings are fitted in n_jobs threads (lbfgs spends its time in BLAS, outside the GIL)."""
     z, labels = np.asarray(z, np.float64), np.asarray(labels, np.float64)
     if len(z) == 0:
@@ -91,7 +93,21 @@ def fit_head(z: np.ndarray, labels: np.ndarray, findings: list[str], C: float, i
     meta = {**(info or {}), "C": C, "not_fitted": not_fitted, "not_converged": not_converged}
     f32 = np.float32
     return LinearHead(list(findings), weight.astype(f32), bias.astype(f32), mean.astype(f32), std.astype(f32), meta,
-                      pattern.astype(f32))
+                      pattern.astype(f32), label_effects(zn, labels, todo).astype(f32))
+
+
+def label_effects(zn: np.ndarray, labels: np.ndarray, columns: list[int], alpha: float = 1.0) -> np.ndarray:
+    """[F, D]: row j (j in `columns`) is label j's coefficient in a ridge regression (sklearn, `alpha`) of zn
+    [N, D] on the label columns [N, len(columns)], over the rows where all of them are known; other rows 0."""
+    from sklearn.linear_model import Ridge
+
+    out = np.zeros((labels.shape[1], zn.shape[1]))
+    complete = ~np.isnan(labels[:, columns]).any(axis=1) if columns else np.zeros(len(zn), bool)
+    if complete.sum() < len(columns) + 2:
+        return out
+    coef = Ridge(alpha=alpha).fit(labels[complete][:, columns], zn[complete]).coef_  # [D, len(columns)]
+    out[columns] = coef.T
+    return out
 
 
 def predict(head: LinearHead, z: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cxrray.data.settings import StrictModel
 from cxrray.eval.confounding import ConfoundingSettings
@@ -54,10 +54,13 @@ class ExplainConfig(StrictModel):
 
     mode: Literal["linear", "closed_form"] = "linear"
     # the axis moved along (normalised z; toward/away is the direction along it): the probe's activation
-    # pattern Cov(zn) w (default: what the data vary along, so the decoder renders it) or its weight w
-    # ("filter", DiffChest's own; with few fit images per z dimension the decoder barely renders it: README)
-    axis: Literal["pattern", "filter"] = "pattern"
-    eps: float = Field(0.3, gt=0, le=10)  # step along the unit direction, in units of sqrt(z_dim)
+    # pattern Cov(zn) w (default: what the data vary along, so the decoder renders it), its weight w
+    # ("filter", DiffChest's own; with few fit images per z dimension the decoder barely renders it: README),
+    # or the finding's effect with every other label held fixed ("effect": the de-confounded direction)
+    axis: Literal["pattern", "filter", "effect"] = "pattern"
+    # linear step: along the unit direction in units of sqrt(z_dim); on the effect axis in findings' worth
+    # (1: the code shift the finding itself brings in the fit set)
+    eps: float = Field(0.3, gt=0, le=10)
     target_probability: float = Field(0.9, gt=0, lt=1)  # closed form: probe probability to reach
     steps: int = Field(100, ge=1, le=1000)  # DDIM decode steps (paper: 100-200)
     invert_steps: int = Field(250, ge=1, le=1000)
@@ -68,10 +71,42 @@ class ExplainConfig(StrictModel):
     # t * T (seeded by `seed`; the same noise for reconstruction and counterfactual) and decode from there
     # (Diff-AE's stochastic encoding): z steers what lies above that noise level, the rest is kept
     renoise: float | None = Field(None, gt=0.0, lt=1.0)
+    # partial deterministic inversion: invert only to invert_to * T and decode from there (1: to the top)
+    invert_to: float = Field(1.0, gt=0.0, le=1.0)
+    # edit only inside a mask the model gives (no ground truth): outside it the decode retraces the inversion
+    # back to the original (with renoise: the original is pasted there at every step, as in inpainting). "model": DiffEdit's |x0_hat(x_t, z*) - x0_hat(x_t, z)| over a few t; "decoded":
+    # |decode(z*) - decode(z)|; either blurred (mask_blur px), scaled to its image's maximum, thresholded at
+    # mask_threshold, dilated by mask_dilate px
+    blend: Literal["none", "model", "decoded"] = "none"
+    mask_threshold: float = Field(0.3, gt=0.0, lt=1.0)
+    mask_blur: float = Field(1.5, ge=0.0, le=16.0)
+    mask_dilate: int = Field(2, ge=0, le=32)
     batch_size: int = Field(8, ge=1)
     actors: int | None = Field(None, ge=1)
     use_gpu: bool = False
     seed: int = 0  # which images `cxrray explain --limit` picks from shards
+
+    @model_validator(mode="after")
+    def _inversion_levers_need_an_inversion(self) -> "ExplainConfig":
+        if self.renoise is not None and self.invert_to < 1.0:
+            raise ValueError("explain.invert_to is a partial deterministic inversion, explain.renoise a stochastic "
+                             "encoding: leave explain.renoise unset to use it")
+        return self
+
+
+class CounterfactualJudgeConfig(StrictModel):
+    """The counterfactuals' independent judge (`cxrray.pipelines.cf_judge`): a classifier of every drawn
+    phantom label, trained on other patients' phantoms drawn with no planted confounder."""
+
+    images: int = Field(2400, ge=16)  # training phantoms
+    val_images: int = Field(400, ge=8)  # held out: early stopping and the judge's own AUROC
+    seed_offset: int = Field(7919, ge=1)  # the judge's phantoms use the set's seed plus this: other patients
+    width: int = Field(16, ge=4, le=256)
+    epochs: int = Field(20, ge=1)
+    patience: int = Field(4, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
 
 
 class AuditConfig(StrictModel):

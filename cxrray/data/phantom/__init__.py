@@ -19,7 +19,7 @@ from .config import DEVICES, FINDINGS, LABELS, Confounder, PhantomConfig, parse_
 _LAZY = {
     "dataset": ("COLUMNS", "TRUTH", "generate", "image_name", "mask_column", "mask_name"),
     "cases": ("DLV_CM", "SLVH_CM", "Patient", "PhantomCase", "Pose", "sample_case"),
-    "dicom": ("BITS_STORED", "MAX_VALUE", "build_dataset", "decode", "quantize", "stored_values", "write_dicom"),
+    "dicom": ("BITS_STORED", "MAX_VALUE", "build_dataset", "decode", "dicom_bytes", "quantize", "stored_values", "write_dicom"),
     "drawing": ("image_shape", "render"),
     "report": ("PHI_CATEGORIES", "PhantomReport", "compose_report"),
     "masks": ("DRAWN", "counterpart", "finding_masks", "region", "with_label"),

@@ -1,6 +1,7 @@
 """Write phantom images as real DICOM files (DX, 12-bit, varied photometrics and transfer syntaxes)."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -130,11 +131,18 @@ def build_dataset(case: PhantomCase, pixels: np.ndarray) -> Dataset:
 
 def write_dicom(case: PhantomCase, pixels: np.ndarray, path: str | os.PathLike, cfg: PhantomConfig | None = None) -> None:
     """Write one case as a DICOM Part 10 file, encoded with `case.transfer_syntax`."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(dicom_bytes(case, pixels))
+
+
+def dicom_bytes(case: PhantomCase, pixels: np.ndarray) -> bytes:
+    """One case as DICOM Part 10 bytes, encoded with `case.transfer_syntax` (what `write_dicom` writes)."""
     ds = build_dataset(case, pixels)
     ts = pydicom.uid.UID(case.transfer_syntax)
     if ts.is_compressed:
         ds.compress(ts, stored_values(case, pixels), generate_instance_uid=False)
     elif ts == ImplicitVRLittleEndian:
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
