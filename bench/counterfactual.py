@@ -25,6 +25,10 @@ from pathlib import Path
 from _common import report
 
 
+def _r3(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--finding", default="effusion")
@@ -98,7 +102,7 @@ def main() -> None:
             figures.update({f"{g}_judge_effect": round(j["effect_vs_original"]["mean"], 3),
                             f"{g}_judge_effect_ci": [round(x, 3) for x in j["effect_vs_original"]["ci"]],
                             f"{g}_judge_effect_vs_recon": round(j["effect_vs_reconstruction"]["mean"], 3),
-                            f"{g}_judge_confounder_move": round(j["confounder_move_vs_original"], 3),
+                            f"{g}_judge_confounder_move": _r3(j["confounder_move_vs_original"]),
                             f"{g}_l1_ratio_vs_original": None if v["l1_ratio"]["ratio"] is None
                             else round(v["l1_ratio"]["ratio"], 2),
                             f"{g}_ssim_outside_vs_original": round(v["ssim_outside"]["mean"], 3),
@@ -110,9 +114,9 @@ def main() -> None:
         oracle = ideal["oracle_code"]
         figures.update({"judge_val_auroc": {k: round(v, 3) for k, v in judge.record["val_auroc"].items()},
                         "ideal_judge_effect": round(ideal["effect_vs_original"]["mean"], 3),
-                        "ideal_confounder_move": round(ideal["confounder_move_vs_original"], 3),
+                        "ideal_confounder_move": _r3(ideal["confounder_move_vs_original"]),
                         "oracle_code_judge_effect": round(oracle["judged"]["effect_vs_original"]["mean"], 3),
-                        "oracle_code_confounder_move": round(oracle["judged"]["confounder_move_vs_original"], 3),
+                        "oracle_code_confounder_move": _r3(oracle["judged"]["confounder_move_vs_original"]),
                         "oracle_code_mean_abs_change": round(oracle["mean_abs_change"], 4),
                         "oracle_mean_step_in_effects": oracle["mean_step_in_effects"] and round(oracle["mean_step_in_effects"], 2),
                         "oracle_mean_step_cosine": {k: round(v, 2) for k, v in oracle["mean_step_cosine"].items()}})

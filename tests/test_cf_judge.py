@@ -65,22 +65,27 @@ def test_the_edit_mask_is_blurred_scaled_thresholded_and_dilated():
     assert 0 < blurred[0].sum() < 36 and blurred[0, 0, 11:13, 21:23].all()
 
 
-def test_partial_inversion_refuses_stochastic_encoding():
+def test_inversion_levers_are_refused_where_they_cannot_work():
     from pydantic import ValidationError
 
     from cxrray.pipelines.settings import ExplainConfig
 
     with pytest.raises(ValidationError, match="leave explain.renoise unset"):
         ExplainConfig(renoise=0.5, invert_to=0.6)
-    assert ExplainConfig(invert_to=0.6, blend="decoded").blend == "decoded"
+    assert ExplainConfig(invert_to=0.6, blend="decoded", steps=50, invert_steps=50).blend == "decoded"
+    with pytest.raises(ValidationError, match="explain.steps equal to explain.invert_steps"):
+        ExplainConfig(blend="model", steps=100, invert_steps=250)  # would fail only after the inversion
+    with pytest.raises(ValidationError, match="use mode=linear"):
+        ExplainConfig(axis="effect", mode="closed_form")
     assert ExplainConfig(renoise=0.6, blend="model").blend == "model"  # inpainting in the model's mask
 
 
 def test_goals_are_checked_against_the_original_and_need_all_four():
     from cxrray.pipelines.cf_eval import GOALS, goals_met
 
-    def result(effect, tube, ratio, ssim):
-        return {"judged": {"effect_vs_original": {"mean": effect}, "confounder_move_vs_original": tube},
+    def result(effect, tube, ratio, ssim, confounder="chest_tube"):
+        return {"judged": {"effect_vs_original": {"mean": effect}, "confounder": confounder,
+                           "confounder_move_vs_original": tube},
                 "vs_original": {"l1_ratio": {"ratio": ratio}, "ssim_outside": {"mean": ssim}}}
 
     assert goals_met(result(0.35, 0.05, 3.5, 0.95))["all"]
@@ -89,6 +94,7 @@ def test_goals_are_checked_against_the_original_and_need_all_four():
                 result(0.35, 0.05, 3.5, 0.85)):
         met = goals_met(bad)
         assert not met["all"] and sum(not v for k, v in met.items() if k != "all") == 1
+    assert goals_met(result(0.35, None, 3.5, 0.95, confounder=None))["confounder_move"]  # none planted
 
 
 def test_blended_counterfactuals_keep_the_original_exactly_outside_the_models_mask():

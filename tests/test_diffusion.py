@@ -380,3 +380,25 @@ def test_partial_inversion_mirrors_its_decode_and_a_blend_retraces_the_trajector
     assert torch.equal(mixed[..., :16], x0[..., :16])
     with pytest.raises(ValueError, match="trajectory"):
         ddim_sample(model, other, x_t, steps, blend=(states, half))  # the trajectory of another span
+    # level alignment: the decode of the inverting code passes through the trajectory's states in reverse, and
+    # the model is queried, outside the mask, at exactly the state the blend put there
+    from cxrray.diffusion.ddim import walk
+
+    passed: list = []
+    walk(model, "ddim", x_t, z, steps, None, span=span, record=passed, eta=0.0)
+    for i in range(len(states) - 1):
+        assert (passed[i + 1] - states[-2 - i]).abs().max() < 1e-4, i
+    seen: list = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.cfg = model, model.cfg
+
+        def forward(self, x, t, code):
+            seen.append(x.clone())
+            return self.inner(x, t, code)
+
+    ddim_sample(Spy(), other, x_t, steps, span=span, blend=(states, half))
+    for i in range(1, len(seen)):
+        assert torch.equal(seen[i][..., :16], states[-1 - i][..., :16]), i

@@ -73,7 +73,7 @@ def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, 
     added): a partial inversion stops there and its decode starts there (the exact mirror of each other).
     `record` (a list): x before the first step and after each one are appended (an inversion's trajectory,
     record[0] = the clean image). `blend` = (such a trajectory, mask broadcastable to x, 1 = edit): after decode
-    step i, where mask is 0 the sample is replaced by the trajectory's state at the same timestep
+    step i (1-based), where mask is 0 the sample is replaced by the trajectory's state at the same timestep
     (trajectory[-1 - i]), so outside the mask the decode retraces the inversion back to the original."""
     # the forward samplers step on the model's own output (a v model at zero terminal SNR has no eps-form step
     # at the top); the inverse one steps in eps, which `_output` converts at the timestep it queried

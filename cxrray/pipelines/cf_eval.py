@@ -115,12 +115,16 @@ def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings:
     regions = dilate(phantom_regions(cases, finding, phantom_cfg, pre["size"], pre["fit"]), dilate_px)
     ideal = None
     if judge is not None:
-        from cxrray.pipelines.cf_judge import paired_renders
+        from cxrray.pipelines.cf_judge import model_image, paired_renders
+
+        if ingest_cfg is None or not np.array_equal(model_image(cases[0], phantom_cfg, ingest_cfg), x0[0, 0].numpy()):
+            raise InputError("the judge reads phantoms through `ingest_cfg`, which must be how these shards were "
+                             f"made ({data_uri}: size {pre['size']}, fit {pre['fit']}): the first image differs")
 
         paired = paired_renders(cases, finding, phantom_cfg, ingest_cfg)
         ideal = judge_effects(judge, finding, x0, paired, None, phantom_cfg, seed)
         print(f"[cf_eval] the true paired renders, judged: {finding} {ideal['effect_vs_original']['mean']:+.3f}, "
-              f"{ideal['confounder'] or 'no confounder'} {ideal['confounder_move_vs_original']:+.3f}", flush=True)
+              f"{ideal['confounder']} {ideal['confounder_move_vs_original'] or 0:+.3f}", flush=True)
     with torch.no_grad():
         z = model.encode(x0).float()
     if judge is not None:  # can the decoder draw the finding at all, given the code of the true paired render?
@@ -139,9 +143,10 @@ def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings:
             if need not in inversions:
                 inversions[need] = invert(model, x0, z, cfg)
             inversion, reference = inversions[need], references.get((cfg.invert_steps, cfg.invert_to, cfg.steps))
+            reference = reference if cfg.blend == "none" else None  # a masked setting decodes its own
         decoded = decode_pair(model, x0, z, z_star, cfg, inversion, with_reference=True, reference=reference)
         ref, cf = decoded["reference"], decoded["counterfactual"]
-        if cfg.renoise is None:
+        if cfg.renoise is None and cfg.blend == "none":
             references[cfg.invert_steps, cfg.invert_to, cfg.steps] = ref
         with torch.no_grad():
             probs = {"reference": head.probabilities(model.encode(ref).float()).numpy(),
@@ -172,14 +177,14 @@ def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings:
 
 def oracle_code(model, head, finding: str, x0: torch.Tensor, z: torch.Tensor, paired: torch.Tensor, cfg: ExplainConfig,
                 judge, phantom_cfg, seed: int = 0) -> dict:
-    """The known-answer check: decode z* = encode(true paired render) from the original's inversion (`cfg`'s,
-    plain), judged like any counterfactual; and the code change it implies, normalised: its mean's length in
+    """The known-answer check: decode z* = encode(true paired render) from the original's full inversion (`cfg`'s
+    steps, plain decode), judged like any counterfactual; and the code change it implies, normalised: its mean's length in
     the effect axis's units and its cosine with each direction the probe offers."""
     from cxrray.pipelines.counterfactual import decode_pair
 
     with torch.no_grad():
         z_pair = model.encode(paired).float()
-    plain = cfg.model_copy(update={"blend": "none", "renoise": None, "z_guidance": 1.0})
+    plain = cfg.model_copy(update={"blend": "none", "renoise": None, "z_guidance": 1.0, "invert_to": 1.0})
     cf = decode_pair(model, x0, z, z_pair, plain)["counterfactual"]
     step = (head.normalize(z_pair) - head.normalize(z)).mean(0)
     cosines = {}
@@ -218,7 +223,7 @@ def judge_effects(judge, finding: str, x0: torch.Tensor, cf: torch.Tensor, ref: 
            "effect_vs_original": mean_ci(p_cf[:, j] - p_x0[:, j], seed=seed),
            "by_label_vs_original": {label: float(np.mean(p_cf[:, i] - p_x0[:, i])) for i, label in enumerate(LABELS)},
            "before": float(p_x0[:, j].mean()), "after": float(p_cf[:, j].mean())}
-    out["confounder_move_vs_original"] = out["by_label_vs_original"][confounder] if confounder else 0.0
+    out["confounder_move_vs_original"] = out["by_label_vs_original"][confounder] if confounder else None
     if ref is not None:
         p_ref = judge.probabilities(ref)
         out["effect_vs_reconstruction"] = mean_ci(p_cf[:, j] - p_ref[:, j], seed=seed)
@@ -232,7 +237,8 @@ def goals_met(result: dict) -> dict:
     judged, local = result["judged"], result["vs_original"]
     ratio = local["l1_ratio"]["ratio"]
     met = {"judge_effect": judged["effect_vs_original"]["mean"] >= GOALS["judge_effect"],
-           "confounder_move": abs(judged["confounder_move_vs_original"]) < GOALS["confounder_move"],
+           # no confounder planted with this finding: nothing to drag along
+           "confounder_move": judged["confounder"] is None or abs(judged["confounder_move_vs_original"]) < GOALS["confounder_move"],
            "l1_ratio": ratio is not None and ratio >= GOALS["l1_ratio"],
            "ssim_outside": local["ssim_outside"]["mean"] >= GOALS["ssim_outside"]}
     return {**met, "all": all(met.values())}
@@ -267,8 +273,8 @@ def describe(result: dict) -> str:
         j, v = result["judged"], result["vs_original"]
         r = v["l1_ratio"]["ratio"]
         line += (f" | judge {j['finding']} {j['effect_vs_original']['mean']:+.3f} (vs recon "
-                 f"{j['effect_vs_reconstruction']['mean']:+.3f}), {j['confounder'] or 'confounder'} "
-                 f"{j['confounder_move_vs_original']:+.3f}; vs original: L1 in/out {float('nan') if r is None else r:.2f}, "
+                 f"{j['effect_vs_reconstruction']['mean']:+.3f}), {j['confounder']} "
+                 f"{j['confounder_move_vs_original'] or 0:+.3f}; vs original: L1 in/out {float('nan') if r is None else r:.2f}, "
                  f"SSIM outside {v['ssim_outside']['mean']:.3f}; goals {'met' if result['goals']['all'] else 'not met'}")
     return line
 

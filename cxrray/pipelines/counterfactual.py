@@ -66,9 +66,11 @@ class Inversion:
 
 def invert(model, x0: torch.Tensor, z: torch.Tensor, cfg: ExplainConfig) -> Inversion:
     """The inversion every decode of this batch under `cfg` starts from (renoise settings need none)."""
+    if cfg.blend == "none":
+        return Inversion([ddim_invert(model, x0, z, steps=cfg.invert_steps, span=cfg.invert_to)])
     states: list[torch.Tensor] = []
     ddim_invert(model, x0, z, steps=cfg.invert_steps, span=cfg.invert_to, record=states)
-    return Inversion(states if cfg.blend != "none" else states[-1:])
+    return Inversion(states)
 
 
 def edit_mask(change: torch.Tensor, cfg: ExplainConfig) -> torch.Tensor:
@@ -109,9 +111,10 @@ def model_change(model, x0: torch.Tensor, z: torch.Tensor, z_star: torch.Tensor,
 def decode_pair(model, x0: torch.Tensor, z: torch.Tensor, z_star: torch.Tensor, cfg: ExplainConfig,
                 inversion: Inversion | None = None, with_reference: bool = False,
                 reference: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """{"counterfactual"} decoded from z*, with "reference" (the decode of z itself: the plain reconstruction)
-    when asked, when renoising or when the mask is read from it, and "mask" when blending (1 = edited).
-    `reference`: that decode, already made from the same inversion (not decoded again)."""
+    """{"counterfactual"} decoded from z*, with "reference" (the decode of z itself under the same inversion,
+    noise and mask: the reconstruction the counterfactual differs from by the code change alone) when asked,
+    when renoising or when the mask is read from it, and "mask" when blending (1 = edited).
+    `reference`: the plain (unmasked) decode of z, already made from the same inversion or noise."""
     out: dict[str, torch.Tensor] = {}
     shifted = dict(guidance=cfg.z_guidance, z_from=z)
     if cfg.renoise is not None:  # stochastic encoding: one seeded noise for every decode of this batch
@@ -123,8 +126,10 @@ def decode_pair(model, x0: torch.Tensor, z: torch.Tensor, z_star: torch.Tensor, 
             return {**out, "counterfactual": redraw(z_star, **shifted)}
         change = (redraw(z_star, **shifted) - out["reference"] if cfg.blend == "decoded"
                   else model_change(model, x0, z, z_star, cfg.seed))
-        out["mask"] = edit_mask(change, cfg).to(x0.device)  # redrawn inside, the original outside (inpainting)
-        return {**out, "counterfactual": redraw(z_star, known=(x0, 1 - out["mask"]), **shifted)}
+        mask = out["mask"] = edit_mask(change, cfg).to(x0.device)  # redrawn inside, the original outside
+        # the reference under the same mask: the two then differ by the code change alone
+        return {**out, "reference": redraw(z, known=(x0, 1 - mask)),
+                "counterfactual": redraw(z_star, known=(x0, 1 - mask), **shifted)}
     inversion = inversion or invert(model, x0, z, cfg)
 
     def decode(code, **kw):
@@ -140,8 +145,10 @@ def decode_pair(model, x0: torch.Tensor, z: torch.Tensor, z_star: torch.Tensor, 
         return out
     change = (decode(z_star, **shifted) - out["reference"] if cfg.blend == "decoded"
               else model_change(model, x0, z, z_star, cfg.seed))
-    out["mask"] = edit_mask(change, cfg).to(x0.device)
-    out["counterfactual"] = decode(z_star, blend=(inversion.states, out["mask"]), **shifted)
+    mask = out["mask"] = edit_mask(change, cfg).to(x0.device)
+    if with_reference or cfg.blend == "decoded":  # the reference under the same mask (see the renoise case)
+        out["reference"] = decode(z, blend=(inversion.states, mask))
+    out["counterfactual"] = decode(z_star, blend=(inversion.states, mask), **shifted)
     return out
 
 

@@ -91,6 +91,13 @@ class ExplainConfig(StrictModel):
         if self.renoise is not None and self.invert_to < 1.0:
             raise ValueError("explain.invert_to is a partial deterministic inversion, explain.renoise a stochastic "
                              "encoding: leave explain.renoise unset to use it")
+        if self.renoise is None and (self.blend != "none" or self.invert_to < 1.0) and self.steps != self.invert_steps:
+            raise ValueError(f"explain.blend and explain.invert_to decode along the inversion's own timesteps: set "
+                             f"explain.steps equal to explain.invert_steps (got {self.steps} and {self.invert_steps})")
+        if self.axis == "effect" and self.mode == "closed_form":
+            raise ValueError("explain.mode=closed_form steps until the probe reads the target, but on the effect axis "
+                             "the probe's weight can point against the effect (it leans on the confounder): use "
+                             "mode=linear (eps in findings' worth)")
         return self
 
 
