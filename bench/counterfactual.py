@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1200, help="phantom images of the demo set")
     parser.add_argument("--dilate", type=int, default=2)
     parser.add_argument("--setting", nargs="+", default=[], help="explain overrides, e.g. axis=effect,eps=1,blend=model")
+    parser.add_argument("--oracle-setting", nargs="*", default=[],
+                        help="decode the true paired render's own code also under these overrides (known-answer check)")
     parser.add_argument("--probe", default=None, help="probe directory (default: <workdir>/probe)")
     parser.add_argument("--judge", default=None, help="independent judge directory (trained there when absent)")
     parser.add_argument("--salt", default=None, help="the salt the demo ingested with (default: the demo's own, "
@@ -66,9 +68,11 @@ def main() -> None:
     decodes = ([(None, 1.0)] + [(t, g) for t in args.renoise for g in args.guidance] if args.renoise
                else [(None, g) for g in args.guidance])  # DiffChest's plain decode of the inversion: the baseline
     base = {"mode": args.mode, "steps": args.steps, "invert_steps": args.invert_steps}
+    def parsed(text: str) -> ExplainConfig:
+        return ExplainConfig(**{**cfg.explain.model_dump(), **base, **dict(kv.split("=", 1) for kv in text.split(","))})
+
     if args.setting:
-        settings = [ExplainConfig(**{**cfg.explain.model_dump(), **base, **dict(kv.split("=", 1) for kv in text.split(","))})
-                    for text in args.setting]
+        settings = [parsed(text) for text in args.setting]
     else:
         settings = [cfg.explain.model_copy(update={**base, "z_guidance": g, "eps": eps, "renoise": t, "axis": a})
                     for a in args.axis for eps in args.eps for t, g in decodes]
@@ -83,7 +87,8 @@ def main() -> None:
     results = evaluate(args.checkpoint, args.probe or str(Path(args.workdir) / "probe"), args.shards, args.finding,
                        settings, phantom_cfg=cfg.phantom, phantom_count=args.n, images=args.images,
                        dilate_px=args.dilate, grid=Path(args.workdir) / f"cf_eval_{args.finding}.png",
-                       salt=args.salt or DEMO_SALT, judge=judge, ingest_cfg=cfg.ingest)
+                       salt=args.salt or DEMO_SALT, judge=judge, ingest_cfg=cfg.ingest,
+                       oracle_settings=[parsed(text) for text in args.oracle_setting])
     figures = {"finding": args.finding, "images": results[0]["images"], "mode": args.mode,
                "steps": args.steps, "invert_steps": args.invert_steps, "seconds": round(time.perf_counter() - start, 1)}
     for r in results:
@@ -120,6 +125,13 @@ def main() -> None:
                         "oracle_code_mean_abs_change": round(oracle["mean_abs_change"], 4),
                         "oracle_mean_step_in_effects": oracle["mean_step_in_effects"] and round(oracle["mean_step_in_effects"], 2),
                         "oracle_mean_step_cosine": {k: round(v, 2) for k, v in oracle["mean_step_cosine"].items()}})
+        for d in oracle["decodes"]:
+            ratio = d["vs_original"]["l1_ratio"]["ratio"]
+            figures[f"oracle_code_{d['tag']}"] = {
+                "judge_effect": round(d["judged"]["effect_vs_original"]["mean"], 3),
+                "confounder_move": _r3(d["judged"]["confounder_move_vs_original"]),
+                "l1_ratio": None if ratio is None else round(ratio, 2),
+                "ssim_outside": round(d["vs_original"]["ssim_outside"]["mean"], 3)}
     # how much the decoder reads z at all: relative x0 change when z is another patient's, per t
     figures["x0_change_other_patient_z"] = {t: round(v, 4) for t, v in results[0]["x0_change_other_patient_z"].items()}
     report(figures)

@@ -85,10 +85,12 @@ def mean_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
 
 def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings: list[ExplainConfig], *,
              phantom_cfg, phantom_count: int, images: int = 24, split: str = "test", dilate_px: int = 2,
-             seed: int = 0, grid: Path | None = None, salt: str | None = None, judge=None, ingest_cfg=None) -> list[dict]:
+             seed: int = 0, grid: Path | None = None, salt: str | None = None, judge=None, ingest_cfg=None,
+             oracle_settings: list[ExplainConfig] = ()) -> list[dict]:
     """One result per explain setting (same images; one inversion per distinct (invert_steps, invert_to) and
     trajectory need). With `judge` (a `CounterfactualJudge`) and `ingest_cfg` (how the shards were made),
-    each result also has the judge's reading (`judged`) and the goals it meets (`goals`)."""
+    each result also has the judge's reading (`judged`) and the goals it meets (`goals`), and the known-answer
+    check (`oracle_code`) decodes the paired render's own code plainly and under each of `oracle_settings`."""
     from cxrray.data.shards import read_manifest
     from cxrray.pipelines.counterfactual import decode_pair, invert
 
@@ -128,7 +130,8 @@ def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings:
     with torch.no_grad():
         z = model.encode(x0).float()
     if judge is not None:  # can the decoder draw the finding at all, given the code of the true paired render?
-        ideal["oracle_code"] = oracle = oracle_code(model, head, finding, x0, z, paired, settings[0], judge, phantom_cfg, seed)
+        ideal["oracle_code"] = oracle = oracle_code(model, head, finding, x0, z, paired, settings[0], judge, phantom_cfg,
+                                                    seed, regions, oracle_settings)
         print(f"[cf_eval] the paired render's own code decoded: judge {finding} "
               f"{oracle['judged']['effect_vs_original']['mean']:+.3f}, mean |change| {oracle['mean_abs_change']:.4f}; "
               f"its mean code step {oracle['mean_step_norm']:.2f} (normalised z), cosine " + ", ".join(
@@ -176,10 +179,12 @@ def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings:
 
 
 def oracle_code(model, head, finding: str, x0: torch.Tensor, z: torch.Tensor, paired: torch.Tensor, cfg: ExplainConfig,
-                judge, phantom_cfg, seed: int = 0) -> dict:
+                judge, phantom_cfg, seed: int = 0, regions: np.ndarray | None = None,
+                variants: list[ExplainConfig] = ()) -> dict:
     """The known-answer check: decode z* = encode(true paired render) from the original's full inversion (`cfg`'s
     steps, plain decode), judged like any counterfactual; and the code change it implies, normalised: its mean's length in
-    the effect axis's units and its cosine with each direction the probe offers."""
+    the effect axis's units and its cosine with each direction the probe offers. Each of `variants` decodes the
+    same code under its own decoding levers (renoise, blend, guidance), judged and localised in `regions`."""
     from cxrray.pipelines.counterfactual import decode_pair
 
     with torch.no_grad():
@@ -196,7 +201,14 @@ def oracle_code(model, head, finding: str, x0: torch.Tensor, z: torch.Tensor, pa
             continue
         cosines[axis] = float(step @ d / (step.norm() * d.norm() + 1e-12))
     effect_norm = float(head.effect_of(finding, z).norm()) if head.effect is not None else None
-    return {"judged": judge_effects(judge, finding, x0, cf, None, phantom_cfg, seed),
+    decodes = []
+    for variant in variants:
+        other = decode_pair(model, x0, z, z_pair, variant)["counterfactual"]
+        decodes.append({"explain": variant.model_dump(mode="json"), "tag": setting_tag(variant),
+                        "judged": judge_effects(judge, finding, x0, other, None, phantom_cfg, seed),
+                        "vs_original": localisation(x0[:, 0].numpy(), other[:, 0].numpy(), regions, seed),
+                        "mean_abs_change": float((other - x0).abs().mean())})
+    return {"judged": judge_effects(judge, finding, x0, cf, None, phantom_cfg, seed), "decodes": decodes,
             "mean_abs_change": float((cf - x0).abs().mean()), "mean_step_norm": float(step.norm()),
             "mean_step_in_effects": None if not effect_norm else float(step.norm()) / effect_norm,
             "mean_step_cosine": cosines}
