@@ -121,14 +121,14 @@ def decode_pair(model, x0: torch.Tensor, z: torch.Tensor, z_star: torch.Tensor, 
         def redraw(code, **kw):
             return ddim_renoise_decode(model, code, x0, cfg.renoise, steps=cfg.steps,
                                        generator=torch.Generator().manual_seed(cfg.seed), **kw).clamp(-1, 1)
-        out["reference"] = reference if reference is not None else redraw(z)
         if cfg.blend == "none":
-            return {**out, "counterfactual": redraw(z_star, **shifted)}
-        change = (redraw(z_star, **shifted) - out["reference"] if cfg.blend == "decoded"
-                  else model_change(model, x0, z, z_star, cfg.seed))
-        mask = out["mask"] = edit_mask(change, cfg).to(x0.device)  # redrawn inside, the original outside
+            return {"reference": reference if reference is not None else redraw(z),
+                    "counterfactual": redraw(z_star, **shifted)}
+        change = (redraw(z_star, **shifted) - (reference if reference is not None else redraw(z))
+                  if cfg.blend == "decoded" else model_change(model, x0, z, z_star, cfg.seed))
+        mask = edit_mask(change, cfg).to(x0.device)  # redrawn inside, the original outside
         # the reference under the same mask: the two then differ by the code change alone
-        return {**out, "reference": redraw(z, known=(x0, 1 - mask)),
+        return {"mask": mask, "reference": redraw(z, known=(x0, 1 - mask)),
                 "counterfactual": redraw(z_star, known=(x0, 1 - mask), **shifted)}
     inversion = inversion or invert(model, x0, z, cfg)
 
@@ -136,15 +136,13 @@ def decode_pair(model, x0: torch.Tensor, z: torch.Tensor, z_star: torch.Tensor, 
         return ddim_sample(model, code, inversion.end.to(x0.device), steps=cfg.steps, span=cfg.invert_to,
                            **kw).clamp(-1, 1)
 
-    if reference is not None:
-        out["reference"] = reference
-    elif with_reference or cfg.blend == "decoded":
-        out["reference"] = decode(z)
     if cfg.blend == "none":
         out["counterfactual"] = decode(z_star, **shifted)
+        if reference is not None or with_reference:
+            out["reference"] = reference if reference is not None else decode(z)
         return out
-    change = (decode(z_star, **shifted) - out["reference"] if cfg.blend == "decoded"
-              else model_change(model, x0, z, z_star, cfg.seed))
+    change = (decode(z_star, **shifted) - (reference if reference is not None else decode(z))
+              if cfg.blend == "decoded" else model_change(model, x0, z, z_star, cfg.seed))
     mask = out["mask"] = edit_mask(change, cfg).to(x0.device)
     if with_reference or cfg.blend == "decoded":  # the reference under the same mask (see the renoise case)
         out["reference"] = decode(z, blend=(inversion.states, mask))

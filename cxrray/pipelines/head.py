@@ -77,19 +77,18 @@ class LinearHead:
 
     def pattern_of(self, finding: str, z_like: torch.Tensor) -> torch.Tensor:
         """The finding's activation pattern a [D] (normalised-z space), on z_like's device."""
-        i = self.index(finding)
-        if self.pattern is None:
-            raise InputError("this probe was saved without activation patterns (before they existed): refit it "
-                             "with `cxrray probe`, or set explain.axis=filter")
-        return self._t(self.pattern[i], z_like)
+        return self._row("pattern", "activation patterns", "filter", finding, z_like)
 
     def effect_of(self, finding: str, z_like: torch.Tensor) -> torch.Tensor:
         """The finding's de-confounded effect e [D] (normalised-z space, one finding's worth), on z_like's device."""
-        i = self.index(finding)
-        if self.effect is None:
-            raise InputError("this probe was saved without effect directions (before they existed): refit it "
-                             "with `cxrray probe`, or set explain.axis=pattern")
-        return self._t(self.effect[i], z_like)
+        return self._row("effect", "effect directions", "pattern", finding, z_like)
+
+    def _row(self, name: str, what: str, instead: str, finding: str, z_like: torch.Tensor) -> torch.Tensor:
+        i, rows = self.index(finding), getattr(self, name)
+        if rows is None:
+            raise InputError(f"this probe was saved without {what} (before they existed): refit it "
+                             f"with `cxrray probe`, or set explain.axis={instead}")
+        return self._t(rows[i], z_like)
 
     @staticmethod
     def _t(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
