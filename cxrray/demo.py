@@ -172,7 +172,7 @@ def held_out_report(cfg: Config, shards: str, checkpoint: str, workdir: Path, ru
     import torch
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
-    from cxrray.data.stream import stream
+    from cxrray.data.stream import head
     from cxrray.diffusion.ddim import reconstruct, sample
     from cxrray.eval.grids import save_grid
     from cxrray.io.loading import load_ema
@@ -180,7 +180,7 @@ def held_out_report(cfg: Config, shards: str, checkpoint: str, workdir: Path, ru
 
     torch.set_num_threads(1)
     model = load_ema(checkpoint)
-    x0 = torch.as_tensor(stream(shards, "test").take_batch(n)["image"])
+    x0 = torch.as_tensor(head(shards, "test", n)["image"])
     steps = 250  # DiffChest: deterministic DDIM inversion with 250 steps
     recon = reconstruct(model, x0, steps=steps)
     samples = sample(model, x0.shape[0], steps=cfg.train.sample_steps, generator=torch.Generator().manual_seed(0),

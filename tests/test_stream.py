@@ -15,7 +15,7 @@ import ray.cloudpickle
 from cxrray.cli import main
 from cxrray.data.phantom import PhantomConfig, generate
 from cxrray.data.shards import read_manifest
-from cxrray.data.stream import stream
+from cxrray.data.stream import head, stream
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the train loop below runs on workers
 
@@ -107,6 +107,32 @@ def test_extra_members_pass_through_and_report_text_reaches_the_batch(ray_local,
     assert rows == read_manifest(str(extra))["samples"]
     tensors = next(iter(stream(str(extra), batch_size=8, with_keys=False).iter_torch_batches(batch_size=None)))
     assert set(tensors) >= {"image", "mask", "feat"} and "note" not in tensors and "report" not in tensors
+    _head_equals_stream(extra)
+
+
+def _head_equals_stream(folder: Path) -> None:
+    """`head` (in-process) gives the stream's columns and values for the first rows of a split in shard order."""
+    manifest = read_manifest(str(folder))
+    split = "train"
+    expected_keys = [json.loads(m)["key"] for s in manifest["shards"] if s["splits"].get(split)
+                     for m in _metas(folder / s["name"]) if json.loads(m)["split"] == split][:13]
+    rows = {}
+    for batch in stream(str(folder), split, batch_size=16).iter_batches(batch_size=None):
+        for i, key in enumerate(batch["key"]):
+            rows[key] = {c: batch[c][i] for c in batch}
+    got = head(str(folder), split, 13)
+    assert got["key"].tolist() == expected_keys and len(expected_keys) == 13
+    assert set(got) == set(next(iter(rows.values())))
+    for i, key in enumerate(got["key"]):
+        for column, value in rows[key].items():
+            np.testing.assert_equal(np.asarray(got[column][i]), np.asarray(value), err_msg=f"{key} {column}")
+    assert set(head(str(folder), split, 4, with_keys=False, text=True)) == set(got) - {"key"}
+    assert len(head(str(folder), split, 10 ** 6)["image"]) == manifest["splits"][split]["images"]
+
+
+def _metas(tar_path: Path) -> list[str]:
+    with tarfile.open(tar_path) as tar:
+        return [tar.extractfile(m).read().decode() for m in tar if m.isfile() and m.name.endswith(".json")]
 
 
 @pytest.mark.parametrize("ext, payload, reason", [

@@ -86,13 +86,12 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
     ensure_ray()
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cxrray.data.stream import stream
+    from cxrray.data.stream import head, stream
     from cxrray.train.loop import train_loop_per_worker
 
     eval_batch = None
     if tc.eval_split and tc.eval_split in manifest["splits"]:
-        taken = stream(data_uri, tc.eval_split, with_keys=False, text=True).take_batch(tc.eval_images)
-        eval_batch = {k: v for k, v in taken.items()}
+        eval_batch = head(data_uri, tc.eval_split, tc.eval_images, with_keys=False, text=True)
     run_id = start_run(cfg.tracking, {**cfg.model_dump(mode="json"), "data": data_uri, "output": out.uri},
                        run_name=f"pretrain-{family.name}-{cfg.preset}", run_id=(previous or {}).get("mlflow_run_id"))
     logger = RunLogger(tracking_uri(cfg.tracking), run_id)
