@@ -75,6 +75,36 @@ def test_the_planted_tube_is_a_confounder_and_a_rare_label_is_underpowered():
     assert not rows["hidden"]["moved"] and rows["hidden"]["verdict"] == "not moved" and not rows["hidden"]["associated"]
 
 
+@pytest.mark.parametrize("rows, dims, C", [(300, 24, 10.0), (120, 200, 10.0), (400, 16, 0.5)])  # (120, 200): separable
+def test_the_batched_solver_reaches_sklearns_optimum_column_by_column(rows, dims, C):
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+
+    from cxrray.eval.logistic import fit_logistic
+
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, dims))
+    y = np.column_stack([(x[:, 0] + rng.standard_normal(rows) > 0.5), rng.random(rows) < 0.3,
+                         np.r_[1.0, np.zeros(rows - 1)]]).astype(float)  # the last: one positive, not fittable
+    y[rng.random(rows) < 0.1, 1] = np.nan
+    w, b, fitted = fit_logistic(x, y, C)
+    assert fitted.tolist() == [True, True, False] and np.isnan(w[2]).all() and np.isnan(b[2])
+    for k in (0, 1):
+        known = np.isfinite(y[:, k])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference = LogisticRegression(C=C, tol=1e-12, max_iter=20000).fit(x[known], y[known, k])
+
+        def objective(wk, bk):
+            z = x[known] @ wk + bk
+            return C * np.sum(np.logaddexp(0, z) - y[known, k] * z) + wk @ wk / 2
+
+        assert objective(w[k], b[k]) <= objective(reference.coef_[0], reference.intercept_[0]) * (1 + 1e-9)
+        np.testing.assert_allclose(w[k], reference.coef_[0], atol=1e-4 * max(1, np.abs(w[k]).max()))
+        assert abs(b[k] - reference.intercept_[0]) < 1e-4 * max(1, abs(b[k]))
+
+
 def test_a_null_without_spread_never_rejects():
     from cxrray.eval.confounding import _z_p
 
@@ -105,10 +135,9 @@ def test_over_20_seeds_the_planted_tube_is_always_flagged():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="measured 2 / 20 false flags of the independent label (10%; the old audit: 1 / 20 "
-                                       "on the same worlds); a calibrated 5% test gives >= 2 of 20 with probability 0.26")
 def test_over_20_seeds_an_independent_label_is_flagged_at_most_once():
-    """The issue's goal: false-flag rate <= 5% over 20 seeds for a label independent of the finding."""
+    """The issue's goal: false-flag rate <= 5% over 20 seeds for a label independent of the finding (measured
+    2026-12-04: 1 / 20, seed 4, Holm p 0.022, with sklearn's solver and with the batched one alike)."""
     new, _ = twenty_seeds()
     assert new["hidden"] <= 1
 

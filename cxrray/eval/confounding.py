@@ -19,15 +19,17 @@ co-occurrence, so "moved" and "co-occurs" were one finding counted twice. Here:
   never tested (an under-fitted probe's direction is noise).
 
 Written here because no library does counterfactual-effect inference over refitted probes; the parts are
-sklearn's LogisticRegression, statsmodels' Holm correction and scipy's normal distribution.
+sklearn's objective (solved batched, `cxrray.eval.logistic`), statsmodels' Holm correction and scipy's
+normal distribution.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from cxrray.eval.logistic import fit_logistic
 
 STD_FLOOR = 1e-6
 
@@ -49,16 +51,14 @@ class ConfoundingSettings(BaseModel):
 
 def _fit(zn: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, float] | None:
     """(w, b) of an L2 logistic regression on the rows where y is known; None with < 2 of either class."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
+    probes = _fit_columns(zn, y[:, None], C)
+    return probes[0]
 
-    known = np.isfinite(y)
-    if min(int((y[known] == 1).sum()), int((y[known] == 0).sum())) < 2:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        fitted = LogisticRegression(C=C, max_iter=1000).fit(zn[known], y[known].astype(int))
-    return fitted.coef_[0], float(fitted.intercept_[0])
+
+def _fit_columns(zn: np.ndarray, y: np.ndarray, C: float) -> list[tuple[np.ndarray, float] | None]:
+    """`_fit` of every column of y [N, K] at once (`cxrray.eval.logistic`: one batched Newton solve)."""
+    w, b, fitted = fit_logistic(zn, y, C)
+    return [(w[k], float(b[k])) if fitted[k] else None for k in range(y.shape[1])]
 
 
 def _change(zn: np.ndarray, moved: np.ndarray, probe: tuple[np.ndarray, float] | None) -> np.ndarray:
@@ -116,15 +116,18 @@ def _fold(z: np.ndarray, labels: np.ndarray, f: int, fit: np.ndarray, move: _Mov
     return _Fold(fit, zn_fit, zn, zn + step[:, None] * d, w, d, step)
 
 
-def _effects(z, labels, patients, f, cfg, move, rng, columns: list[int]) -> tuple[dict[int, float], list[_Fold]]:
-    """Cross-fitted mean effect per label column (pooled over folds' measured images), and the folds."""
+def _effects(z, labels, patients, f, cfg, move, rng, columns: list[int]
+             ) -> tuple[dict[int, float], list[_Fold], list[dict[int, tuple | None]]]:
+    """Cross-fitted mean effect per label column (pooled over folds' measured images), the folds, and each
+    fold's label probes (column -> (w, b) or None)."""
     fold_ids = _folds(patients, cfg.folds, rng)
     folds = [fold for k in range(cfg.folds) if (fold := _fold(z, labels, f, fold_ids != k, move)) is not None]
+    probes = [dict(zip(columns, _fit_columns(fd.zn_fit, labels[fd.fit][:, columns], move.C))) for fd in folds]
     effects = {}
     for j in columns:
-        changes = np.concatenate([_change(fd.zn, fd.moved, _fit(fd.zn_fit, labels[fd.fit, j], move.C)) for fd in folds])
+        changes = np.concatenate([_change(fd.zn, fd.moved, probe[j]) for fd, probe in zip(folds, probes)])
         effects[j] = float(np.mean(changes)) if len(changes) and np.isfinite(changes).all() else float("nan")
-    return effects, folds
+    return effects, folds, probes
 
 
 def _bootstrap(z, labels, patients, f, cfg, move, rng, columns) -> dict[int, np.ndarray]:
@@ -135,7 +138,7 @@ def _bootstrap(z, labels, patients, f, cfg, move, rng, columns) -> dict[int, np.
     out = {j: [] for j in columns}
     for _ in range(cfg.bootstrap):
         rows = np.concatenate([rows_of[p] for p in rng.choice(unique, len(unique), replace=True)])
-        effects, _ = _effects(z[rows], labels[rows], patients[rows], f, cfg, move, rng, columns)
+        effects, _, _ = _effects(z[rows], labels[rows], patients[rows], f, cfg, move, rng, columns)
         for j in columns:
             out[j].append(effects[j])
     return {j: np.asarray(v, float) for j, v in out.items()}
@@ -143,22 +146,23 @@ def _bootstrap(z, labels, patients, f, cfg, move, rng, columns) -> dict[int, np.
 
 def _permutation_null(labels, folds, j, cfg, move, rng) -> np.ndarray:
     """L's effect with its probe refitted on its labels permuted among the fit rows, per replicate."""
-    values = []
+    permuted = [[] for _ in folds]  # per fold, one column per replicate
     for _ in range(cfg.permutations):
-        changes = []
-        for fd in folds:
+        for columns, fd in zip(permuted, folds):
             y = labels[fd.fit, j].copy()
             known = np.flatnonzero(np.isfinite(y))
             y[known] = y[rng.permutation(known)]
-            changes.append(_change(fd.zn, fd.moved, _fit(fd.zn_fit, y, move.C)))
-        values.append(float(np.nanmean(np.concatenate(changes))))
-    return np.asarray(values)
+            columns.append(y)
+    probes = [_fit_columns(fd.zn_fit, np.column_stack(columns), move.C) for columns, fd in zip(permuted, folds)]
+    return np.asarray([float(np.nanmean(np.concatenate([_change(fd.zn, fd.moved, fold_probes[r])
+                                                          for fd, fold_probes in zip(folds, probes)])))
+                       for r in range(cfg.permutations)])
 
 
-def _random_direction_null(labels, folds, j, cfg, move, rng) -> np.ndarray:
+def _random_direction_null(folds, probes, cfg, rng) -> np.ndarray:
     """L's effect when each image moves by d = (d_F's part along w_F) + a random direction orthogonal to w_F
-    with the length of d_F's orthogonal part: the same step reaches F's target, the rest of the move is random."""
-    probes = [_fit(fd.zn_fit, labels[fd.fit, j], move.C) for fd in folds]
+    with the length of d_F's orthogonal part: the same step reaches F's target, the rest of the move is random.
+    `probes`: L's probe per fold."""
     values = []
     for _ in range(cfg.random_directions):
         changes = []
@@ -218,13 +222,13 @@ def confounding(z: np.ndarray, labels: np.ndarray, patients, vocab: list[str], f
     columns = [j for _, j in testable]
     if not columns:
         return rows
-    effects, folds = _effects(z, labels, patients, f, cfg, move, rng, columns)
+    effects, folds, probes = _effects(z, labels, patients, f, cfg, move, rng, columns)
     boots = _bootstrap(z, labels, patients, f, cfg, move, rng, columns)
     p_values = []
     for (i, j) in testable:
         effect, boot = effects[j], boots[j]
         perm = _permutation_null(labels, folds, j, cfg, move, rng)
-        rand = _random_direction_null(labels, folds, j, cfg, move, rng)
+        rand = _random_direction_null(folds, [probe[j] for probe in probes], cfg, rng)
         p_boot, p_perm = _z_p(effect, boot, 0.0), _z_p(effect, perm, float(np.nanmean(perm)))
         rows[i].update(effect=effect, se=float(np.nanstd(boot, ddof=1)),
                        ci=[float(np.nanpercentile(boot, 2.5)), float(np.nanpercentile(boot, 97.5))],
