@@ -29,7 +29,7 @@ demo: install
 	$(BIN)/cxrray demo
 
 test: install
-	$(BIN)/python -m pytest -q --durations=10
+	$(BIN)/python -m pytest -q --durations=25
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow --durations=10

@@ -76,7 +76,9 @@ def _deepspeed_run(shards: str, out: str, tracking: str) -> list[str]:
 
 def test_deepspeed_pretraining_logs_to_mlflow_server(shards, mlflow_server, tmp_path, capfd):
     out = f"file://{tmp_path / 'run'}"
+    started = time.time()
     assert main(_deepspeed_run(shards, out, mlflow_server)) == 0
+    wall = time.time() - started
     logs = capfd.readouterr().out
     assert "[pretrain] 96/96 images" in logs and "recon_ssim" in logs
 
@@ -97,6 +99,12 @@ def test_deepspeed_pretraining_logs_to_mlflow_server(shards, mlflow_server, tmp_
     assert len(losses) >= 5 and losses[-1] < losses[0], f"loss must fall on phantoms: {losses}"
     for metric in ("images_per_s", "images_shown", "lr", "recon_ssim", "data_wait_fraction"):
         assert client.get_metric_history(run.info.run_id, metric), metric
+    # start-up phases, logged once: the driver's, then rank 0's from fit() to its first optimizer step
+    startup = {k: v for k, v in run.data.metrics.items() if k.startswith("startup/")}
+    assert set(startup) == {f"startup/{phase}_s" for phase in ("ray", "eval_images", "mlflow", "worker_started",
+                                                               "model_built", "engine_ready", "first_batch", "first_step")}
+    assert all(v >= 0 for v in startup.values()) and 0 < sum(startup.values()) < wall, (startup, wall)
+    assert logs.count("[pretrain] driver ready: ray") == 1 and logs.count("[pretrain] first step after worker_started") == 1
     artifacts = {a.path for folder_ in ("samples", "reconstructions") for a in client.list_artifacts(run.info.run_id, folder_)}
     assert "samples/samples_000000000096.png" in artifacts and "reconstructions/reconstructions_000000000096.png" in artifacts
     versions = client.search_model_versions("name='cxrray-diffae'")

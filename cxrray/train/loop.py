@@ -52,6 +52,9 @@ def to_torch(batch: dict, device: torch.device | None = None) -> dict:
 
 
 def train_loop_per_worker(config: dict) -> None:
+    started = time.time()  # start-up phases (wall clock, comparable with the driver's on one machine)
+    restored = ray.train.get_checkpoint()  # a restart after a failure: the time since fit() is not start-up
+    clock = {"worker_started": started} if restored else {"fit_called": config["fit_called_at"], "worker_started": started}
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     cfg = Config.model_validate(config["config"])
     tc = cfg.train
@@ -63,7 +66,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     family = get_family(cfg.model.family)
     model = family.build(cfg.model)
-    checkpoint = ray.train.get_checkpoint() or _checkpoint_at(config.get("resume_from"))
+    clock["model_built"] = time.time()
+    checkpoint = restored or _checkpoint_at(config.get("resume_from"))
     progress = {"images_shown": 0, "step": 0, "ema_updates": 0}
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as folder:
         saved = json.loads((Path(folder) / "state.json").read_text()) if folder else None
@@ -89,6 +93,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 print(f"[pretrain] resumed at {progress['images_shown']:,} images shown", flush=True)
 
+    clock["engine_ready"] = time.time()
     logger = config.get("logger")
     eval_batch = to_torch(config["eval_batch"]) if config.get("eval_batch") else None
     micro = tc.global_batch // world
@@ -104,7 +109,12 @@ def train_loop_per_worker(config: dict) -> None:
                                         local_shuffle_seed=tc.seed + epoch + progress["step"]):
             started = time.perf_counter()
             window["wait"] += started - fetched
+            clock.setdefault("first_batch", time.time())
             loss, grad = engine.step(to_torch(batch, device))
+            if "first_step" not in clock:
+                clock["first_step"] = time.time()
+                if rank == 0:
+                    _report_startup(clock, logger, progress["images_shown"])
             ema.update_parameters(engine.model)
             before = progress["images_shown"]
             progress["images_shown"] += tc.global_batch
@@ -133,6 +143,15 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(last_metrics)
             if done:
                 break
+
+
+def _report_startup(clock: dict, logger, step: int) -> None:
+    """Print and log (once, rank 0) where the time went between `trainer.fit()` and the first optimizer step."""
+    phases = list(clock.items())
+    startup = {f"startup/{name}_s": t - phases[i][1] for i, (name, t) in enumerate(phases[1:])}
+    print("[pretrain] first step after " + ", ".join(f"{k[8:-2]} {v:.1f} s" for k, v in startup.items()), flush=True)
+    if logger:
+        logger.metrics(startup, step=step)
 
 
 def _window_metrics(window: dict, progress: dict, tc) -> dict:

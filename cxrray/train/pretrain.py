@@ -67,9 +67,17 @@ def data_facts(data_uri: str, manifest: dict) -> dict:
             "label_vocabulary": manifest["label_vocabulary"], "vocabulary_version": manifest.get("vocabulary_version")}
 
 
+def _lap(clock: list[float]) -> float:
+    """Seconds since the previous lap (clock[0]), which moves to now."""
+    now = time.perf_counter()
+    elapsed, clock[0] = now - clock[0], now
+    return elapsed
+
+
 def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[str], None] = print) -> dict:
     """Train (or continue training) to `cfg.train.images`; returns the status summary."""
     tc = cfg.train
+    clock = [time.perf_counter()]
     out = Storage(output_uri)
     previous = read_status(out.uri)
     if previous and (previous.get("images_shown") or 0) >= tc.images:
@@ -84,6 +92,7 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
         raise InputError(f"shards at {data_uri} are {size}² but model.image_size is "
                          f"{cfg.model.image_size}: ingest with --size {cfg.model.image_size} or pick another preset")
     ensure_ray()
+    startup = {"startup/ray_s": _lap(clock)}
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cxrray.data.stream import head, stream
@@ -92,19 +101,24 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
     eval_batch = None
     if tc.eval_split and tc.eval_split in manifest["splits"]:
         eval_batch = head(data_uri, tc.eval_split, tc.eval_images, with_keys=False, text=True)
+    startup["startup/eval_images_s"] = _lap(clock)
     run_id = start_run(cfg.tracking, {**cfg.model_dump(mode="json"), "data": data_uri, "output": out.uri},
                        run_name=f"pretrain-{family.name}-{cfg.preset}", run_id=(previous or {}).get("mlflow_run_id"))
     logger = RunLogger(tracking_uri(cfg.tracking), run_id)
+    startup["startup/mlflow_s"] = _lap(clock)
     initial = {"images_shown": 0, **(previous or {}), "target_images": tc.images, "mlflow_run_id": run_id}
     out.write_bytes(LATEST, json.dumps(initial, indent=1, sort_keys=True).encode())
     resume = (previous or {}).get("latest_checkpoint")
     progress(f"[pretrain] {family.name}: {tc.strategy} x{tc.num_workers} workers, global batch {tc.global_batch}, "
              f"target {tc.images:,} images" + (f", resuming from {resume}" if resume else ""))
+    progress("[pretrain] driver ready: " + ", ".join(f"{k[8:-2]} {v:.1f} s" for k, v in startup.items()))
+    logger.metrics(startup, step=(previous or {}).get("images_shown") or 0)
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "resume_from": resume, "logger": logger,
-                           "eval_batch": eval_batch, "data": data_facts(data_uri, manifest)},
+                           "eval_batch": eval_batch, "data": data_facts(data_uri, manifest),
+                           "fit_called_at": time.time()},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         datasets={"train": stream(data_uri, tc.split, with_keys=False, text=True, shuffle_files=True)},
