@@ -105,6 +105,18 @@ def test_the_batched_solver_reaches_sklearns_optimum_column_by_column(rows, dims
         assert abs(b[k] - reference.intercept_[0]) < 1e-4 * max(1, abs(b[k]))
 
 
+def test_the_batched_solver_gives_the_same_fits_in_smaller_batches(monkeypatch):
+    import cxrray.eval.logistic as logistic
+
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((50, 80)), (rng.random((50, 7)) < 0.4).astype(float)
+    y[0, 3] = np.nan
+    whole = logistic.fit_logistic(x, y, 10.0)
+    monkeypatch.setattr(logistic, "MEMORY_BYTES", 8 * 51 * 50 * 2)  # two columns a batch
+    for a, b in zip(whole, logistic.fit_logistic(x, y, 10.0)):
+        np.testing.assert_allclose(a, b, atol=1e-9)
+
+
 def test_a_null_without_spread_never_rejects():
     from cxrray.eval.confounding import _z_p
 

@@ -101,10 +101,10 @@ def test_deepspeed_pretraining_logs_to_mlflow_server(shards, mlflow_server, tmp_
         assert client.get_metric_history(run.info.run_id, metric), metric
     # start-up phases, logged once: the driver's, then rank 0's from fit() to its first optimizer step
     startup = {k: v for k, v in run.data.metrics.items() if k.startswith("startup/")}
-    assert set(startup) == {f"startup/{phase}_s" for phase in ("ray", "eval_images", "mlflow", "worker_started",
+    assert set(startup) == {f"startup/{phase}_s" for phase in ("prepare", "ray", "eval_images", "mlflow", "run_setup", "worker_started",
                                                                "model_built", "engine_ready", "first_batch", "first_step")}
     assert all(v >= 0 for v in startup.values()) and 0 < sum(startup.values()) < wall, (startup, wall)
-    assert logs.count("[pretrain] driver ready: ray") == 1 and logs.count("[pretrain] first step after worker_started") == 1
+    assert logs.count("[pretrain] driver ready: prepare") == 1 and logs.count("[pretrain] first step after worker_started") == 1
     artifacts = {a.path for folder_ in ("samples", "reconstructions") for a in client.list_artifacts(run.info.run_id, folder_)}
     assert "samples/samples_000000000096.png" in artifacts and "reconstructions/reconstructions_000000000096.png" in artifacts
     versions = client.search_model_versions("name='cxrray-diffae'")

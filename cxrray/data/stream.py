@@ -113,16 +113,20 @@ def head(data_uri: str, split: str | None, n: int, *, with_keys: bool = True, te
               "text": with_keys if text is None else text}
     parts, rows = [], 0
     for name in names:
-        samples = [decode_sample({"__key__": key, "png": png, "json": json.dumps(meta).encode(), **extra})
-                   for key, png, meta, extra in read_tar(store.read_bytes(name), store.url(name), extras=True)]
-        if not samples:
-            continue
-        columns = {c: np.asarray([s[c] for s in samples] + [None], dtype=object)[:-1] for c in samples[0]}
-        part = to_batch(columns, **kwargs)
-        parts.append(part)
-        rows += len(part["image"])
+        samples = []
+        for key, png, meta, extra in read_tar(store.read_bytes(name), store.url(name), extras=True):
+            if rows + len(samples) >= n:
+                break
+            if split is None or meta["split"] == split:  # decode only the rows returned
+                samples.append(decode_sample({"__key__": key, "png": png, "json": json.dumps(meta), **extra}))
+        if samples:
+            columns = {c: np.asarray([s[c] for s in samples] + [None], dtype=object)[:-1] for c in samples[0]}
+            parts.append(to_batch(columns, **kwargs))
+            rows += len(samples)
         if rows >= n:
             break
+    if not parts:
+        raise InputError(f"{store.uri}: no rows of split {split!r} to take (n = {n})")
     return {c: np.concatenate([p[c] for p in parts])[:n] for c in parts[0]}
 
 

@@ -15,12 +15,21 @@ import numpy as np
 import torch
 
 
+MEMORY_BYTES = 256 * 2 ** 20  # per batch of columns: the [K, D+1, N] product the Hessians are built from
+
+
 def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, *, max_iter: int = 100, tol: float = 1e-10
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x [N, D] float, y [N, K] in {1, 0, NaN}. Returns (w [K, D], b [K], fitted [K] bool); a column with fewer
-    than 2 known rows of either class is not fitted (its w, b are NaN). Converged when each column's Newton
-    decrement (the objective's predicted decrease) is below `tol` times (1 + its objective)."""
+    than 2 known rows of either class is not fitted (its w, b are NaN). Converged when each column's squared
+    Newton decrement (twice the quadratic model's predicted decrease) is below `tol` times (1 + its objective);
+    columns are solved in batches of at most MEMORY_BYTES of working memory."""
     y = np.asarray(y, np.float64).reshape(len(x), -1)
+    per_column = 8 * (min(x.shape) + 1) * len(x)
+    batch = max(1, MEMORY_BYTES // per_column)
+    if y.shape[1] > batch:
+        parts = [fit_logistic(x, y[:, i:i + batch], C, max_iter=max_iter, tol=tol) for i in range(0, y.shape[1], batch)]
+        return tuple(np.concatenate(p) for p in zip(*parts))
     known = np.isfinite(y)
     positives, negatives = ((y == 1) & known).sum(0), ((y == 0) & known).sum(0)
     fitted = np.minimum(positives, negatives) >= 2
@@ -65,7 +74,10 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, C: float, *, max_iter: int = 100,
             if not short.any():
                 break
             scale = torch.where(short, scale / 2, scale)
-        theta, value = candidate, new_value
+        stuck = short  # no decrease found in 40 halvings (round-off at the optimum): keep the column where it is
+        theta = torch.where(stuck[:, None], theta, candidate)
+        value = torch.where(stuck, value, new_value)
+        active &= ~stuck
     coefficients = theta[:, :-1] if basis is None else theta[:, :-1] @ basis
     w[fitted], b[fitted] = coefficients.numpy(), theta[:, -1].numpy()
     return w, b, fitted

@@ -52,9 +52,11 @@ def to_torch(batch: dict, device: torch.device | None = None) -> dict:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    started = time.time()  # start-up phases (wall clock, comparable with the driver's on one machine)
-    restored = ray.train.get_checkpoint()  # a restart after a failure: the time since fit() is not start-up
-    clock = {"worker_started": started} if restored else {"fit_called": config["fit_called_at"], "worker_started": started}
+    # start-up phases (wall clock: comparable with the driver's on one machine, skewed across nodes); a restart
+    # from Ray's checkpoint after a failure does not report them (a restart before any checkpoint would count the
+    # failed attempt in its first phase)
+    restored = ray.train.get_checkpoint()
+    clock = None if restored else {"fit_called": config.get("fit_called_at") or time.time(), "worker_started": time.time()}
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     cfg = Config.model_validate(config["config"])
     tc = cfg.train
@@ -66,7 +68,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     family = get_family(cfg.model.family)
     model = family.build(cfg.model)
-    clock["model_built"] = time.time()
+    _tick(clock, "model_built")
     checkpoint = restored or _checkpoint_at(config.get("resume_from"))
     progress = {"images_shown": 0, "step": 0, "ema_updates": 0}
     with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as folder:
@@ -93,7 +95,7 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 print(f"[pretrain] resumed at {progress['images_shown']:,} images shown", flush=True)
 
-    clock["engine_ready"] = time.time()
+    _tick(clock, "engine_ready")
     logger = config.get("logger")
     eval_batch = to_torch(config["eval_batch"]) if config.get("eval_batch") else None
     micro = tc.global_batch // world
@@ -109,10 +111,10 @@ def train_loop_per_worker(config: dict) -> None:
                                         local_shuffle_seed=tc.seed + epoch + progress["step"]):
             started = time.perf_counter()
             window["wait"] += started - fetched
-            clock.setdefault("first_batch", time.time())
+            _tick(clock, "first_batch")
             loss, grad = engine.step(to_torch(batch, device))
-            if "first_step" not in clock:
-                clock["first_step"] = time.time()
+            if clock is not None and "first_step" not in clock:
+                _tick(clock, "first_step")
                 if rank == 0:
                     _report_startup(clock, logger, progress["images_shown"])
             ema.update_parameters(engine.model)
@@ -143,6 +145,12 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(last_metrics)
             if done:
                 break
+
+
+def _tick(clock: dict | None, phase: str) -> None:
+    """Record when `phase` ended (its first occurrence only); no-op without a clock."""
+    if clock is not None:
+        clock.setdefault(phase, time.time())
 
 
 def _report_startup(clock: dict, logger, step: int) -> None:

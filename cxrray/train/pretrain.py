@@ -91,8 +91,9 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
     if size != cfg.model.image_size:
         raise InputError(f"shards at {data_uri} are {size}² but model.image_size is "
                          f"{cfg.model.image_size}: ingest with --size {cfg.model.image_size} or pick another preset")
+    startup = {"startup/prepare_s": _lap(clock)}  # status, manifest, the family's preparation (a shard scan for ddpm)
     ensure_ray()
-    startup = {"startup/ray_s": _lap(clock)}
+    startup["startup/ray_s"] = _lap(clock)
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from cxrray.data.stream import head, stream
@@ -111,6 +112,8 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
     resume = (previous or {}).get("latest_checkpoint")
     progress(f"[pretrain] {family.name}: {tc.strategy} x{tc.num_workers} workers, global batch {tc.global_batch}, "
              f"target {tc.images:,} images" + (f", resuming from {resume}" if resume else ""))
+    train_data = stream(data_uri, tc.split, with_keys=False, text=True, shuffle_files=True)
+    startup["startup/run_setup_s"] = _lap(clock)  # the status pointer, the training stream's plan
     progress("[pretrain] driver ready: " + ", ".join(f"{k[8:-2]} {v:.1f} s" for k, v in startup.items()))
     logger.metrics(startup, step=(previous or {}).get("images_shown") or 0)
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}
@@ -121,7 +124,7 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
                            "fit_called_at": time.time()},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        datasets={"train": stream(data_uri, tc.split, with_keys=False, text=True, shuffle_files=True)},
+        datasets={"train": train_data},
         run_config=RunConfig(
             name=f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=out.path("ray"),
             storage_filesystem=out.fs, failure_config=FailureConfig(max_failures=tc.max_failures),
