@@ -51,8 +51,7 @@ class ConfoundingSettings(BaseModel):
 
 def _fit(zn: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, float] | None:
     """(w, b) of an L2 logistic regression on the rows where y is known; None with < 2 of either class."""
-    probes = _fit_columns(zn, y[:, None], C)
-    return probes[0]
+    return _fit_columns(zn, y[:, None], C)[0]
 
 
 def _fit_columns(zn: np.ndarray, y: np.ndarray, C: float) -> list[tuple[np.ndarray, float] | None]:
