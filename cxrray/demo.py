@@ -40,7 +40,7 @@ def run_demo(cfg: Config, n: int, workdir: Path, shards: str, run: str) -> dict:
     print(f"[demo] 7/9 counterfactuals toward {', '.join(AUDITED)}", flush=True)
     grid = counterfactual_grid(cfg, shards, checkpoint, workdir / "probe", workdir)
     print(f"[demo] 8/9 confounder audit of {', '.join(AUDITED)}", flush=True)
-    audited = audit(checkpoint, str(workdir / "probe"), shards, AUDITED, workdir / "audit", cfg)
+    audited = audit(checkpoint, str(workdir / "probe"), shards, AUDITED, workdir / "audit", cfg, encodings=encodings)
     print("[demo] 9/9 the audit's counterfactuals against the phantoms' ground truth", flush=True)
     measured = ground_truth(cfg, shards, workdir / "audit" / "counterfactuals", n)
     summary = {"shards": {"uri": shards, "samples": manifest["samples"], "rejected": manifest["rejected"],
@@ -48,7 +48,7 @@ def run_demo(cfg: Config, n: int, workdir: Path, shards: str, run: str) -> dict:
                "pretrain": status, "held_out": report, "encodings": {"uri": encodings, "rows": index["rows"]},
                "probe": probe, "counterfactual_grid": grid, "counterfactual_measured": measured,
                "audit": {f: {"top": r["candidates"][0]["label"] if r["candidates"] else None,
-                             **{k: r[k] for k in ("confounders", "entangled", "unvalidated")}}
+                             **{k: r[k] for k in ("flagged", "confounders", "entangled", "underpowered", "unvalidated")}}
                          for f, r in audited["findings"].items()}}
     page = write_report(workdir, summary, audited)
     summary["report"] = str(page)
@@ -167,8 +167,10 @@ def write_report(workdir: Path, summary: dict, audited: dict) -> Path:
     return page
 
 
-def held_out_report(cfg: Config, shards: str, checkpoint: str, workdir: Path, run_id: str, n: int = 8) -> dict:
-    """Reconstruct held-out (test split) images by DDIM inversion + decode with the true z; SSIM."""
+def held_out_report(cfg: Config, shards: str, checkpoint: str, workdir: Path, run_id: str, n: int = 8,
+                    steps: int = 100) -> dict:
+    """Reconstruct n held-out (test split) images by `steps`-step DDIM inversion + decode with the true z; SSIM.
+    100: the longest Diff-AE's autoencoding table uses; DiffChest's 250 took ~8 min of the demo on one thread."""
     import torch
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
@@ -181,7 +183,6 @@ def held_out_report(cfg: Config, shards: str, checkpoint: str, workdir: Path, ru
     torch.set_num_threads(1)
     model = load_ema(checkpoint)
     x0 = torch.as_tensor(head(shards, "test", n)["image"])
-    steps = 250  # DiffChest: deterministic DDIM inversion with 250 steps
     recon = reconstruct(model, x0, steps=steps)
     samples = sample(model, x0.shape[0], steps=cfg.train.sample_steps, generator=torch.Generator().manual_seed(0),
                      images=x0)

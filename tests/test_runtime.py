@@ -54,3 +54,23 @@ def test_local_ray_listens_on_loopback_only():
     assert {"gcs_server", "raylet"} <= names, found  # not vacuous
     exposed = [s for s in found["sockets"] if s[0] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
     assert not exposed and found["node_ip"] == "127.0.0.1", found
+
+
+def test_a_local_rays_workers_silence_the_placement_group_cleaner_it_cannot_serve(ray_local):
+    """Ray Train's cleaner polls the State API, which a local Ray (no dashboard) lacks, and warned every few
+    seconds of every run; the local Ray's worker setup hook raises that one logger to ERROR."""
+    import importlib
+    import inspect
+    import logging
+
+    from cxrray.runtime import _CLEANER_LOGGER
+
+    module = importlib.import_module(_CLEANER_LOGGER)  # fails if a Ray upgrade moves the cleaner
+    assert "Failed to query Ray Train Controller actor state" in inspect.getsource(module)
+
+    @ray_local.remote
+    def levels() -> tuple[int, int]:
+        return logging.getLogger(_CLEANER_LOGGER).getEffectiveLevel(), logging.getLogger("ray.train").getEffectiveLevel()
+
+    cleaner, train = ray_local.get(levels.remote())
+    assert cleaner == logging.ERROR and train < logging.ERROR  # only the cleaner is quieted
