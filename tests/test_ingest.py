@@ -86,12 +86,14 @@ def snapshot(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("phantoms"), 1000, size=96)
+# 300 in the default suite (~25 s against ~80 s for 1,000 on 2 cores); the thousand stays as `slow`
+@pytest.fixture(scope="module", params=[300, pytest.param(1000, marks=pytest.mark.slow)], ids=["300", "1000"])
+def dataset(request, tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("phantoms"), request.param, size=96)
 
 
-def test_thousand_phantoms_with_broken_files_add_up_and_rerun_changes_nothing(ray_local, dataset, tmp_path, capfd):
+def test_phantoms_with_broken_files_add_up_and_rerun_changes_nothing(ray_local, dataset, tmp_path, capfd):
+    n = len(list((dataset / "images").glob("phantom_*.dcm")))
     out = tmp_path / "shards"
     args = ["ingest", "--input", str(dataset), "--labels", str(dataset / "labels.csv"),
             "--output", f"file://{out}", "--set", "ingest.shard_samples=300"]
@@ -101,7 +103,7 @@ def test_thousand_phantoms_with_broken_files_add_up_and_rerun_changes_nothing(ra
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     listed = len((dataset / "labels.csv").read_text().splitlines()) - 1
     # every listed input is either a sample or a reject, exactly once
-    assert manifest["samples"] == 1000 and manifest["rejected"] == len(BROKEN) + 2 == len(rejects)
+    assert manifest["samples"] == n and manifest["rejected"] == len(BROKEN) + 2 == len(rejects)
     assert manifest["inputs"] == listed
     by_path = {r["path"]: r["code"] for r in rejects if r["path"]}
     assert by_path == {**{f"broken/{k}": v for k, v in BROKEN.items()}, "images/not_there.dcm": "missing_file"}
@@ -112,9 +114,9 @@ def test_thousand_phantoms_with_broken_files_add_up_and_rerun_changes_nothing(ra
         assert len(members) == 2 * shard["samples"]
         keys |= {name.rsplit(".", 1)[0] for name in members}
         assert shard["sha256"] == __import__("hashlib").sha256((out / shard["name"]).read_bytes()).hexdigest()
-    assert len(keys) == 1000
-    assert sum(s["samples"] for s in manifest["shards"]) == 1000
-    assert sum(v["images"] for v in manifest["splits"].values()) == 1000
+    assert len(keys) == n
+    assert sum(s["samples"] for s in manifest["shards"]) == n
+    assert sum(v["images"] for v in manifest["splits"].values()) == n
     assert manifest["label_vocabulary"][:2] == ["cardiomegaly", "effusion"]
     assert manifest["covariates"] == ["ctr", "ivsd", "lvidd", "lvpwd"]
     assert "[ingest]" in logs.out and "inputs/s" in logs.out
@@ -135,7 +137,7 @@ def test_thousand_phantoms_with_broken_files_add_up_and_rerun_changes_nothing(ra
                 identifiers |= {t for t in [text, *text.replace("^", " ").split()] if len(t) >= 4}
     # pure-digit strings shorter than 10 could occur inside hex hashes by chance: checked via meta keys below
     identifiers = {i for i in identifiers if not (i.isdigit() and len(i) < 10)}
-    assert len(identifiers) > 1000
+    assert len(identifiers) > n
     blobs = list(snapshot(out).values()) + [logs.out.encode(), logs.err.encode()]
     for shard in manifest["shards"]:
         blobs += list(tar_members(out / shard["name"]).values())
@@ -151,13 +153,16 @@ def test_thousand_phantoms_with_broken_files_add_up_and_rerun_changes_nothing(ra
     reports = {m["key"]: m["report"] for m in metas}
     texts = {path: reports[sample_key(path, os.environ["CXRRAY_SALT"])] for path in truth}
     result = measure(truth, texts, corpus=b"\n".join(blobs))
-    assert result["identifiers"] > 2000 and result["reports"] == 1000
+    assert result["identifiers"] > 2 * n and result["reports"] == n
     assert all(row["removed"] >= 0.99 for row in result["by_category"].values()), (result["by_category"],
                                                                                    result["leak_examples"])
     assert result["clinical_kept"] >= 0.99, result["clinical_kept"]
-    assert sum("[NAME]" in r and "[DATE]" in r and "[PHONE]" in r for r in reports.values()) > 150
+    assert sum("[NAME]" in r and "[DATE]" in r and "[PHONE]" in r for r in reports.values()) > 0.15 * n
     ages = [m["age"] for m in metas if m["age"] is not None]
-    assert max(ages) == 90 and sum(a == 90 for a in ages) >= 5  # Safe Harbor: 90 and older -> 90
+    with open(dataset / "labels.csv", newline="") as fh:  # the ages the phantoms were drawn with
+        true_ages = [int(r["age"]) for r in csv.DictReader(fh) if r["path"].startswith("images/phantom_")]
+    assert sum(a > 90 for a in true_ages) >= 1  # not vacuous
+    assert sorted(ages) == sorted(min(a, 90) for a in true_ages)  # Safe Harbor: 90 and older -> 90, no other change
 
     meta = metas[0]
     assert set(meta) == {"key", "dataset", "patient", "study", "view", "sex", "age", "labels", "covariates",
