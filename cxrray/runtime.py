@@ -39,20 +39,9 @@ def ensure_ray(num_cpus: int | None = None, object_store_mb: int = 1024) -> None
         object_store_memory=object_store_mb * 1024 * 1024,
         _node_ip_address="127.0.0.1",
         runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
-                     "worker_process_setup_hook": "cxrray.runtime.quiet_local_workers"},
+                     "worker_process_setup_hook": "cxrray.worker_setup.quiet_local_workers"},
         **common,
     )
-
-
-# Ray Train's detached PlacementGroupCleaner asks the State API, which lives in the dashboard, whether the
-# controller is alive; a local Ray has no dashboard, so it warned every few seconds for a whole run (~16
-# lines a minute). It cannot work there, and ray.shutdown removes the local cluster's placement groups anyway.
-_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-
-
-def quiet_local_workers() -> None:
-    """`worker_process_setup_hook` of a local Ray's workers: silence the cleaner's State-API warning."""
-    logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def _loopback_only() -> None:

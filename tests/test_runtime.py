@@ -63,14 +63,14 @@ def test_a_local_rays_workers_silence_the_placement_group_cleaner_it_cannot_serv
     import inspect
     import logging
 
-    from cxrray.runtime import _CLEANER_LOGGER
+    from cxrray.worker_setup import CLEANER_LOGGER
 
-    module = importlib.import_module(_CLEANER_LOGGER)  # fails if a Ray upgrade moves the cleaner
+    module = importlib.import_module(CLEANER_LOGGER)  # fails if a Ray upgrade moves the cleaner
     assert "Failed to query Ray Train Controller actor state" in inspect.getsource(module)
 
     @ray_local.remote
     def levels() -> tuple[int, int]:
-        return logging.getLogger(_CLEANER_LOGGER).getEffectiveLevel(), logging.getLogger("ray.train").getEffectiveLevel()
+        return logging.getLogger(CLEANER_LOGGER).getEffectiveLevel(), logging.getLogger("ray.train").getEffectiveLevel()
 
     cleaner, train = ray_local.get(levels.remote())
     assert cleaner == logging.ERROR and train < logging.ERROR  # only the cleaner is quieted

@@ -9,6 +9,7 @@ import torch
 
 from cxrray.config import Config
 from cxrray.eval.grids import save_grid
+from cxrray.train.console import say
 
 
 @torch.no_grad()
@@ -30,5 +31,5 @@ def evaluate(family, model: torch.nn.Module, batch: dict, cfg: Config, images_sh
     if logger and result.metrics:
         logger.metrics(result.metrics, step=images_shown)
     shown = ", ".join(f"{k} {v:.3f}" for k, v in result.metrics.items())
-    print(f"[pretrain] eval at {images_shown:,} images: {shown}", flush=True)
+    say(f"[pretrain] eval at {images_shown:,} images: {shown}")
     return result.metrics

@@ -27,6 +27,7 @@ from cxrray.config import Config
 from cxrray.families import get_family
 from cxrray.io import checkpoint as ckpt_io
 from cxrray.io.card import model_card
+from cxrray.train.console import say
 from cxrray.train.ema import ema_model
 from cxrray.train.engine import build_engine
 from cxrray.train.evaluate import evaluate
@@ -46,7 +47,8 @@ def to_torch(batch: dict, device: torch.device | None = None) -> dict:
         if value.dtype == object or value.dtype.kind in "US":
             out[name] = [str(v) for v in value]
         else:
-            tensor = torch.as_tensor(value)
+            # Ray Data hands read-only arrays; torch warns on those (and a write through the tensor would fail)
+            tensor = torch.as_tensor(value if value.flags.writeable else value.copy())
             out[name] = tensor.to(device, non_blocking=True) if device is not None else tensor
     return out
 
@@ -90,10 +92,10 @@ def train_loop_per_worker(config: dict) -> None:
                     optimizer.load_state_dict(ckpt_io.load_state(Path(folder), f"{name}-rank{rank}"))
                 ckpt_io.set_rng_state(ckpt_io.load_state(Path(folder), f"rng-rank{rank}"))
             elif rank == 0:
-                print(f"[pretrain] optimizer state not restored: layout changed from {saved['world_size']} "
-                      f"{saved['strategy']} workers (ZeRO {saved['zero_stage']}) to {world} {tc.strategy} (ZeRO {tc.zero_stage})")
+                say(f"[pretrain] optimizer state not restored: layout changed from {saved['world_size']} "
+                    f"{saved['strategy']} workers (ZeRO {saved['zero_stage']}) to {world} {tc.strategy} (ZeRO {tc.zero_stage})")
             if rank == 0:
-                print(f"[pretrain] resumed at {progress['images_shown']:,} images shown", flush=True)
+                say(f"[pretrain] resumed at {progress['images_shown']:,} images shown")
 
     _tick(clock, "engine_ready")
     logger = config.get("logger")
@@ -157,7 +159,7 @@ def _report_startup(clock: dict, logger, step: int) -> None:
     """Print and log (once, rank 0) where the time went between `trainer.fit()` and the first optimizer step."""
     phases = list(clock.items())
     startup = {f"startup/{name}_s": t - phases[i][1] for i, (name, t) in enumerate(phases[1:])}
-    print("[pretrain] first step after " + ", ".join(f"{k[8:-2]} {v:.1f} s" for k, v in startup.items()), flush=True)
+    say("[pretrain] first step after " + ", ".join(f"{k[8:-2]} {v:.1f} s" for k, v in startup.items()))
     if logger:
         logger.metrics(startup, step=step)
 
@@ -175,8 +177,9 @@ def _window_metrics(window: dict, progress: dict, tc) -> dict:
 
 
 def _print_progress(m: dict, target: int) -> None:
-    print(f"[pretrain] {m['images_shown']:,}/{target:,} images  loss {m['loss']:.4f}  "
-          f"{m['images_per_s']:.1f} img/s  data-wait {100 * m['data_wait_fraction']:.0f}%", flush=True)
+    eta = max(target - m["images_shown"], 0) / max(m["images_per_s"], 1e-9)
+    say(f"[pretrain] {m['images_shown']:,}/{target:,} images  loss {m['loss']:.4f}  {m['images_per_s']:.1f} img/s  "
+        f"data-wait {100 * m['data_wait_fraction']:.0f}%  ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
 def _save_and_report(engine, ema, progress: dict, metrics: dict, cfg: Config, rank: int, world: int,
