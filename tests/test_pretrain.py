@@ -296,3 +296,23 @@ def test_killed_worker_resumes_from_last_checkpoint_and_partial_checkpoint_is_ig
     assert "resumed at 160 images shown" in logs
     final = json.loads((run / "latest.json").read_text())
     assert final["images_shown"] == 192 and "999999" not in final["latest_checkpoint"]
+
+
+def test_a_run_is_continued_only_with_the_model_it_started(shards, tmp_path, capsys):
+    """Continuing an output whose checkpoint was trained as another model (here v -> eps) is refused before
+    Ray starts, naming what changed; the same model passes the check."""
+    from conftest import write_checkpoint
+
+    from cxrray.config import load_config
+    from cxrray.families import get_family
+    from cxrray.train.pretrain import LATEST, _refuse_another_model
+
+    cfg = load_config("tiny", TINY32)
+    model = get_family("diffae").build(cfg.model)
+    checkpoint = write_checkpoint(model, tmp_path / "run" / "checkpoint-000000000032", 32)
+    (tmp_path / "run" / LATEST).write_text(json.dumps({"images_shown": 32, "latest_checkpoint": f"file://{checkpoint}"}))
+    assert main(["pretrain", "--data", shards, "--output", f"file://{tmp_path / 'run'}", "--images", "64",
+                 *_sets(TINY32 + ["model.prediction_type=epsilon"])]) == 2
+    err = capsys.readouterr().err
+    assert "model.prediction_type: 'v_prediction' -> 'epsilon'" in err and "new --output" in err, err
+    _refuse_another_model(f"file://{checkpoint}", cfg.model, "file://unused")  # the same model: no error

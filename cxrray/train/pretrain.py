@@ -74,6 +74,21 @@ def _lap(clock: list[float]) -> float:
     return elapsed
 
 
+def _refuse_another_model(checkpoint: str, model, output_uri: str) -> None:
+    """A run continues only the model it started. The requested (prepared) model config must equal the
+    checkpoint's: a changed objective (eps -> v) or schedule would otherwise continue silently on the old weights."""
+    from cxrray.io.loading import checkpoint_config
+
+    saved = checkpoint_config(checkpoint)
+    if saved == model:
+        return
+    before, after = saved.model_dump(mode="json"), model.model_dump(mode="json")
+    changed = [f"model.{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(before.keys() | after.keys())
+               if before.get(k) != after.get(k)]
+    raise InputError(f"{output_uri} holds a run of another model ({'; '.join(changed)}): continue it with its own "
+                     f"model config, or train this one to a new --output")
+
+
 def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[str], None] = print) -> dict:
     """Train (or continue training) to `cfg.train.images`; returns the status summary."""
     tc = cfg.train
@@ -91,6 +106,9 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
     if size != cfg.model.image_size:
         raise InputError(f"shards at {data_uri} are {size}² but model.image_size is "
                          f"{cfg.model.image_size}: ingest with --size {cfg.model.image_size} or pick another preset")
+    resume = (previous or {}).get("latest_checkpoint")
+    if resume:
+        _refuse_another_model(resume, cfg.model, out.uri)
     startup = {"startup/prepare_s": _lap(clock)}  # status, manifest, the family's preparation (a shard scan for ddpm)
     ensure_ray()
     startup["startup/ray_s"] = _lap(clock)
@@ -109,7 +127,6 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
     startup["startup/mlflow_s"] = _lap(clock)
     initial = {"images_shown": 0, **(previous or {}), "target_images": tc.images, "mlflow_run_id": run_id}
     out.write_bytes(LATEST, json.dumps(initial, indent=1, sort_keys=True).encode())
-    resume = (previous or {}).get("latest_checkpoint")
     progress(f"[pretrain] {family.name}: {tc.strategy} x{tc.num_workers} workers, global batch {tc.global_batch}, "
              f"target {tc.images:,} images" + (f", resuming from {resume}" if resume else ""))
     train_data = stream(data_uri, tc.split, with_keys=False, text=True, shuffle_files=True)
