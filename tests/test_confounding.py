@@ -177,3 +177,22 @@ def test_the_audit_reads_its_statistics_from_the_probes_encodings(tmp_path):
     assert rows[0]["positives"] == int((labels[train, 1] == 1).sum())  # only the fit split's rows
     with pytest.raises(Exception, match="no 'val' rows"):
         statistics(store.uri, "val", ["effusion"], associations, cfg)
+
+
+def test_the_audit_page_takes_its_verdicts_from_the_statistics_when_it_has_them(tmp_path):
+    """With statistics, the page's verdict sentence is theirs (underpowered included) and the per-image table
+    is labelled descriptive; without, the per-image verdicts stand, unvalidated probes included."""
+    from cxrray.pipelines.audit import report_html
+
+    (tmp_path / "grid.png").write_bytes(b"\x89PNG\r\n")
+    candidate = {"label": "rare", "effect": 0.2, "ci": [0.1, 0.3], "verdict": "unvalidated", "probe_auroc": None,
+                 "association": None, "effect_image": 0.2, "effect_latent": 0.2}
+    finding = {"images": 4, "measure": "latent", "target_effect": 0.5, "candidates": [candidate], "confounders": [],
+               "entangled": [], "unvalidated": ["rare"], "regions": {"centre": 1.0}, "grid": str(tmp_path / "grid.png")}
+    plain = report_html({"findings": {"effusion": finding}})
+    assert "Unvalidated probes, never flagged: rare" in plain and "descriptive verdict" not in plain
+    stats = {**finding, "underpowered": ["rare"], "statistics": [
+        {"label": "rare", "verdict": "underpowered", "positives": 3, "why": "3 positives"}]}
+    page = report_html({"findings": {"effusion": stats}})
+    assert "underpowered (too few positives to test): rare" in page and "descriptive verdict" in page
+    assert "never flagged" not in page

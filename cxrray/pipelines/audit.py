@@ -201,12 +201,21 @@ def report_html(result: dict) -> str:
                  "image effect": c["effect_image"],
                  "latent effect": c["effect_latent"]} for c in r["candidates"]]
         top = ", ".join(f"{k} {v:.0%}" for k, v in list(r["regions"].items())[:3])
+        if "statistics" in r:  # the verdicts are the statistics'; the per-image table is descriptive
+            for row in rows:
+                row["descriptive verdict"] = row.pop("verdict")
+            verdicts = (f"Verdicts, from the statistics below: confounders (moved beyond the nulls and co-occurring "
+                        f"in the labels): {html.esc(', '.join(r['confounders']) or 'none')}; entangled (moved without "
+                        f"co-occurring): {html.esc(', '.join(r['entangled']) or 'none')}; underpowered (too few "
+                        f"positives to test): {html.esc(', '.join(r['underpowered']) or 'none')}.")
+        else:
+            verdicts = (f"Confounders (co-occur in the labels): {html.esc(', '.join(r['confounders']) or 'none')}. "
+                        f"Entangled (moved without co-occurring: the representation mixes them): "
+                        f"{html.esc(', '.join(r['entangled']) or 'none')}. Unvalidated probes, never flagged: "
+                        f"{html.esc(', '.join(r['unvalidated']) or 'none')}.")
         body = (f"<p>{r['images']} images negative for {html.esc(finding)}; measure: {r['measure']}; "
-                f"change of the target's own probability: {r['target_effect']:+.3f}. "
-                f"Confounders (co-occur in the labels): {html.esc(', '.join(r['confounders']) or 'none')}. "
-                f"Entangled (moved without co-occurring: the representation mixes them): "
-                f"{html.esc(', '.join(r['entangled']) or 'none')}. Unvalidated probes, never flagged: "
-                f"{html.esc(', '.join(r['unvalidated']) or 'none')}. Where the image changes: {html.esc(top)}.</p>"
+                f"change of the target's own probability: {r['target_effect']:+.3f}. {verdicts} "
+                f"Where the image changes: {html.esc(top)}.</p>"
                 + html.table(rows, list(rows[0]) if rows else ["label"]) + html.image(r["grid"], "original / counterfactual / |difference|"))
         if "statistics" in r:
             stat_rows = [{"label": x["label"], "verdict": x["verdict"], "effect": x.get("effect"), "ci": x.get("ci"),
@@ -291,7 +300,9 @@ def audit(checkpoint: str, probe: str, data_uri: str, findings: list[str], outpu
     result["mlflow_run_id"] = run_id
     for f, r in result["findings"].items():
         top = r["candidates"][0] if r["candidates"] else None
+        last = (f"underpowered: {', '.join(r['underpowered']) or 'none'} (verdicts from the statistics)" if "statistics" in r
+                else f"unvalidated: {', '.join(r['unvalidated']) or 'none'}")
         print(f"[audit] {f}: top candidate {top['label'] if top else '-'} effect {top['effect'] if top else 0:+.3f}; "
               f"confounders: {', '.join(r['confounders']) or 'none'}; entangled: {', '.join(r['entangled']) or 'none'}; "
-              f"unvalidated: {', '.join(r['unvalidated']) or 'none'}", flush=True)
+              f"{last}", flush=True)
     return result
