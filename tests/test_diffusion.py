@@ -352,6 +352,13 @@ def test_denoising_error_is_zero_for_an_exact_model_and_grows_with_a_biased_one(
     # the clean estimate's error is the eps error times the amplification sqrt((1 - ab) / ab)
     assert [r["x0_rmse"] for r in rows] == pytest.approx([0.01 * r["amplification"] for r in rows], rel=1e-3)
     assert rows[-1]["x0_rmse"] > 50 * rows[0]["x0_rmse"]
+    # a v model's own error meets sqrt(1 - ab) <= 1 in the clean estimate, whatever t
+    v_biased = KnowsX0(x0, "v_prediction")
+    v_biased.forward = lambda x, t, z: KnowsX0.forward(v_biased, x, t, z) + 0.01
+    rows = denoising_error(v_biased, x0, None, [10, 500, 990])
+    assert [r["output_mse"] for r in rows] == pytest.approx([1e-4] * 3, rel=1e-3)
+    assert [r["x0_rmse"] for r in rows] == pytest.approx([0.01 * r["output_gain"] for r in rows], rel=1e-3)
+    assert all(r["output_gain"] <= 1 for r in rows)
 
 
 def test_partial_inversion_mirrors_its_decode_and_a_blend_retraces_the_trajectory(mini):

@@ -572,7 +572,7 @@ def _page(folder: Path, result: dict, cfg: GenerationEvalConfig) -> None:
          html.table(ldm["guidance_sweep"], sweep_cols, 3)
          + html.image(folder / "ldm_samples.png", " | ".join(p or "(unconditional)" for p in cfg.grid_prompts))),
         ("Where each stage's denoiser errs: noise MSE and clean-estimate RMSE per timestep on real test data",
-         "".join(f"<h3>{stage}</h3>" + html.table(r, ["t", "alpha_bar", "eps_mse", "x0_rmse", "amplification"], 6)
+         "".join(f"<h3>{stage}</h3>" + html.table(r, ["t", "alpha_bar", "eps_mse", "x0_rmse", "amplification", "output_mse", "output_gain"], 6)
                  for stage, r in result["denoising"].items())),
         ("Samples", html.image(folder / "samples.png", " | ".join(p or "(unconditional)" for p in cfg.grid_prompts))),
         ("FID / KID (judge features; Inception only with --features-model)",
