@@ -305,6 +305,7 @@ def test_a_run_is_continued_only_with_the_model_it_started(shards, tmp_path, cap
 
     from cxrray.config import load_config
     from cxrray.families import get_family
+    from cxrray.errors import InputError
     from cxrray.train.pretrain import LATEST, _refuse_another_model
 
     cfg = load_config("tiny", TINY32)
@@ -315,4 +316,17 @@ def test_a_run_is_continued_only_with_the_model_it_started(shards, tmp_path, cap
                  *_sets(TINY32 + ["model.prediction_type=epsilon"])]) == 2
     err = capsys.readouterr().err
     assert "model.prediction_type: 'v_prediction' -> 'epsilon'" in err and "new --output" in err, err
+    # a finished run of another model is not "nothing to do" for this one
+    assert main(["pretrain", "--data", shards, "--output", f"file://{tmp_path / 'run'}", "--images", "32",
+                 *_sets(TINY32 + ["model.prediction_type=epsilon"])]) == 2
+    assert "model.prediction_type" in capsys.readouterr().err
     _refuse_another_model(f"file://{checkpoint}", cfg.model, "file://unused")  # the same model: no error
+    # how a run starts and samples may change (the SR fine-tune's init_from, its sampling start); what it trains not
+    sr = get_family("sr").config(image_size=32, low_size=16, init_from="file:///a/base", sample_start=0.5)
+    (tmp_path / "sr").mkdir()
+    (tmp_path / "sr" / "state.json").write_text(json.dumps({"images_shown": 8, "model": sr.model_dump(mode="json")}))
+    (tmp_path / "sr" / "COMPLETE").write_text("8")
+    _refuse_another_model(f"file://{tmp_path / 'sr'}", sr.model_copy(update={"init_from": "file:///b/base",
+                                                                             "sample_start": 1.0}), "file://unused")
+    with pytest.raises(InputError, match="model.timesteps"):
+        _refuse_another_model(f"file://{tmp_path / 'sr'}", sr.model_copy(update={"timesteps": 1000}), "file://unused")

@@ -76,15 +76,24 @@ def _lap(clock: list[float]) -> float:
 
 def _refuse_another_model(checkpoint: str, model, output_uri: str) -> None:
     """A run continues only the model it started. The requested (prepared) model config must equal the
-    checkpoint's: a changed objective (eps -> v) or schedule would otherwise continue silently on the old weights."""
+    checkpoint's, but for the fields its family marks `NOT_THE_MODEL` (initialisation, sampling): a changed
+    objective (eps -> v) or schedule would otherwise continue silently on the old weights, or a finished run
+    of another model be reported as this one's."""
+    from pydantic import ValidationError
+
     from cxrray.io.loading import checkpoint_config
 
-    saved = checkpoint_config(checkpoint)
-    if saved == model:
-        return
+    try:
+        saved = checkpoint_config(checkpoint)
+    except ValidationError as err:  # e.g. a field this version no longer has
+        raise InputError(f"{output_uri} holds a checkpoint whose model config this version cannot read "
+                         f"({err.error_count()} errors, first: {err.errors()[0]['loc']}): train to a new --output") from None
+    free = getattr(type(model), "NOT_THE_MODEL", frozenset())
     before, after = saved.model_dump(mode="json"), model.model_dump(mode="json")
     changed = [f"model.{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(before.keys() | after.keys())
-               if before.get(k) != after.get(k)]
+               if k not in free and before.get(k) != after.get(k)]
+    if not changed:
+        return
     raise InputError(f"{output_uri} holds a run of another model ({'; '.join(changed)}): continue it with its own "
                      f"model config, or train this one to a new --output")
 
@@ -95,20 +104,20 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
     clock = [time.perf_counter()]
     out = Storage(output_uri)
     previous = read_status(out.uri)
-    if previous and (previous.get("images_shown") or 0) >= tc.images:
-        progress(f"[pretrain] {out.uri} already at {previous['images_shown']:,} >= {tc.images:,} images: nothing to do")
-        return status_summary(out.uri)
     family = get_family(cfg.model.family)
     manifest = read_manifest(data_uri)
     cfg = cfg.model_copy(update={"model": family.prepare(cfg.model, data_uri)})  # e.g. covariate statistics
+    resume = (previous or {}).get("latest_checkpoint")
+    if resume:  # before "nothing to do": a finished run of another model must not pass for this one
+        _refuse_another_model(resume, cfg.model, out.uri)
+    if previous and (previous.get("images_shown") or 0) >= tc.images:
+        progress(f"[pretrain] {out.uri} already at {previous['images_shown']:,} >= {tc.images:,} images: nothing to do")
+        return status_summary(out.uri)
     # latent shards (`cxrray latents`) are of images at the autoencoder's size, whatever their PNGs' size
     size = (manifest.get("latents") or {}).get("image_size") or manifest["preprocessing"]["size"]
     if size != cfg.model.image_size:
         raise InputError(f"shards at {data_uri} are {size}² but model.image_size is "
                          f"{cfg.model.image_size}: ingest with --size {cfg.model.image_size} or pick another preset")
-    resume = (previous or {}).get("latest_checkpoint")
-    if resume:
-        _refuse_another_model(resume, cfg.model, out.uri)
     startup = {"startup/prepare_s": _lap(clock)}  # status, manifest, the family's preparation (a shard scan for ddpm)
     ensure_ray()
     startup["startup/ray_s"] = _lap(clock)

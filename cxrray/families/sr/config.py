@@ -9,7 +9,7 @@ model's checkpoint, copied in by `Family.initialise`).
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -20,6 +20,8 @@ class SRConfig(BaseModel):
     """Architecture, schedule and degradation of the super-resolution model; saved beside the weights."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # how a run starts and samples, not what it trains: a continued run may change them (cxrray.train.pretrain)
+    NOT_THE_MODEL: ClassVar[frozenset[str]] = frozenset({"init_from", "sample_start"})
 
     family: Literal["sr"] = "sr"
     image_size: int = Field(1024, ge=16, le=4096)  # high-resolution side
