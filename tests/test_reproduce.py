@@ -139,11 +139,12 @@ def cheff_tiny_run(ray_local, tmp_path_factory):
 
 @pytest.mark.slow
 def test_reproduce_cheff_tiny_fits_the_hour_the_autoencoder_beats_bicubic_and_the_judge_reads_real_images(cheff_tiny_run):
-    """The hour is the issue's (measured 3,416 s over the eight stages; 3,351 s on 2026-12-05 with the v latent
-    model). Measured: autoencoder 26.66 dB held out vs
-    bicubic at the latent size 24.75 dB (Table 2 row: 26.56 dB); the judge on real test images AUROC 1.0
-    effusion, 0.997 cardiomegaly, 1.0 pacemaker (chest tube: 4 of the 64 prompts, below min_positives, not
-    judged); FID (judge features) train vs test 0.33, samples vs test 120.1; bicubic upscaling 29.96 dB."""
+    """The hour is the issue's. Measured 3,416 s over the eight stages (2026-11-30; eps latent model, SR from noise):
+    autoencoder 26.66 dB held out vs bicubic at the latent size 24.75 dB (Table 2 row: 26.56 dB); the judge on
+    real test images AUROC 1.0 effusion, 0.997 cardiomegaly, 1.0 pacemaker (chest tube: 4 of the 64 prompts,
+    below min_positives, not judged); FID (judge features) train vs test 0.33, samples vs test 120.1; bicubic
+    upscaling 29.96 dB. 2026-12-05 (v latent model, SR from 0.5 T): 3,351 s; 26.95 / 24.75 dB (Table 2: 26.84);
+    the judge on real images the same; samples vs test FID 18.5."""
     assert sum(cheff_tiny_run["seconds"].values()) <= 3600, cheff_tiny_run["seconds"]
     e, vae = cheff_tiny_run["evaluation"], cheff_tiny_run["training"]["vae"]["metrics"]
     assert vae["reconstruction_psnr"] > vae["bicubic_psnr"] + 1.0, vae  # the issue's "beats bicubic" (by 1.91 dB)
@@ -156,7 +157,7 @@ def test_reproduce_cheff_tiny_fits_the_hour_the_autoencoder_beats_bicubic_and_th
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="not met at tiny size: measured 26.56 dB (Table 2) / 26.66 dB (held out) at "
-                   "5,000 images (7.9 img/s; 12 min of the hour)")
+                   "5,000 images (7.9 img/s; 12 min of the hour); 26.84 / 26.95 dB on 2026-12-05")
 def test_reproduce_cheff_tiny_autoencoder_reaches_30_db(cheff_tiny_run):
     assert cheff_tiny_run["evaluation"]["table2"][0]["psnr"] >= 30.0
 
@@ -167,7 +168,9 @@ def test_reproduce_cheff_tiny_autoencoder_reaches_30_db(cheff_tiny_run):
                    "prompts); the judge on real images 1.0 / 0.997 / 1.0 (eps latent model: 0.53 / 0.43 / 0.47)")
 def test_reproduce_cheff_tiny_samples_follow_their_reports(cheff_tiny_run):
     auroc = {r["label"]: r.get("auroc_generated") for r in cheff_tiny_run["evaluation"]["conditioning"]}
-    assert all((auroc[k] or 0.0) >= 0.8 for k in ("effusion", "cardiomegaly", "chest_tube", "pacemaker")), auroc
+    # the chest tube counts where it was judged (4 of 64 prompts name one at this size: below min_positives)
+    labels = ["effusion", "cardiomegaly", "pacemaker"] + (["chest_tube"] if auroc.get("chest_tube") is not None else [])
+    assert all((auroc[k] or 0.0) >= 0.8 for k in labels), auroc
 
 
 @pytest.mark.slow
@@ -176,7 +179,9 @@ def test_reproduce_cheff_tiny_samples_follow_their_reports(cheff_tiny_run):
                    "always answering the commoner side)")
 def test_reproduce_cheff_tiny_samples_follow_the_reported_side(cheff_tiny_run):
     rows = [r for r in cheff_tiny_run["evaluation"]["laterality"] if "accuracy_generated" in r]
-    assert rows and all(r["accuracy_generated"] >= 0.8 and r["accuracy_generated"] > r["accuracy_majority"]
+    # beating "always the commoner side" is asked only where that is below 1 (all prompts one side: unbeatable)
+    assert rows and all(r["accuracy_generated"] >= 0.8 and (r["accuracy_majority"] >= 1.0
+                                                             or r["accuracy_generated"] > r["accuracy_majority"])
                         for r in rows), rows
 
 
@@ -211,9 +216,12 @@ def test_reproduce_cheff_tiny_latent_model_alone_follows_its_reports(cheff_tiny_
 
 @pytest.mark.slow
 def test_reproduce_cheff_tiny_latent_model_follows_its_reports_under_guidance(cheff_tiny_run):
-    """The issue's 0.8, at guidance 4: the sweep's lowest FID (15.9; 24.2 at 1, 16.7 at 2, 20.5 at 7.5). Chosen on
-    the same 64 prompts, so optimistic by selection; every guidance >= 2 reached 0.8 on all three labels.
-    Measured at 4: effusion 0.879, cardiomegaly 0.927, pacemaker 0.881 (5 positive prompts: a wide CI)."""
+    """The issue's 0.8, at every guidance >= 2 of the sweep (no pick among them). Measured: effusion / cardiomegaly /
+    pacemaker 0.85 / 0.87 / 0.85 at 2, 0.88 / 0.93 / 0.88 at 4, 0.86 / 0.91 / 0.89 at 7.5 (5 positive pacemaker
+    prompts: a wide CI; each prompt's noise is the same at every guidance, so these are correlated readings). FID
+    24.2 / 16.7 / 15.9 / 20.5 at 1 / 2 / 4 / 7.5."""
     sweep = {r["guidance"]: r for r in cheff_tiny_run["evaluation"]["ldm"]["guidance_sweep"]}
-    assert all(sweep[4.0][f"auroc_{k}"] >= 0.8 for k in ("effusion", "cardiomegaly", "pacemaker")), sweep[4.0]
-    assert sweep[4.0]["fid"] < sweep[1.0]["fid"], sweep
+    guided = [r for g, r in sweep.items() if g >= 2]
+    assert len(guided) == 3 and all(r[f"auroc_{k}"] >= 0.8 for r in guided
+                                    for k in ("effusion", "cardiomegaly", "pacemaker")), guided
+    assert all(r["fid"] < sweep[1.0]["fid"] for r in guided), sweep
