@@ -170,7 +170,8 @@ def write_report(workdir: Path, summary: dict, audited: dict) -> Path:
 def held_out_report(cfg: Config, shards: str, checkpoint: str, workdir: Path, run_id: str, n: int = 8,
                     steps: int = 100) -> dict:
     """Reconstruct n held-out (test split) images by `steps`-step DDIM inversion + decode with the true z; SSIM.
-    100: the longest Diff-AE's autoencoding table uses; DiffChest's 250 took ~8 min of the demo on one thread."""
+    100 against DiffChest's 250, on the demo's model (8 images, one thread): SSIM 0.9885 in 91 s against 0.9975 in
+    215 s (2026-12-05; 250 took ~8 min on a slower hour)."""
     import torch
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
