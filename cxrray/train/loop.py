@@ -27,7 +27,7 @@ from cxrray.config import Config
 from cxrray.families import get_family
 from cxrray.io import checkpoint as ckpt_io
 from cxrray.io.card import model_card
-from cxrray.train.console import say
+from cxrray.train.console import phases, say
 from cxrray.train.ema import ema_model
 from cxrray.train.engine import build_engine
 from cxrray.train.evaluate import evaluate
@@ -159,7 +159,7 @@ def _report_startup(clock: dict, logger, step: int) -> None:
     """Print and log (once, rank 0) where the time went between `trainer.fit()` and the first optimizer step."""
     phases = list(clock.items())
     startup = {f"startup/{name}_s": t - phases[i][1] for i, (name, t) in enumerate(phases[1:])}
-    say("[pretrain] first step after " + ", ".join(f"{k[8:-2]} {v:.1f} s" for k, v in startup.items()))
+    say("[pretrain] first step after " + phases(startup))
     if logger:
         logger.metrics(startup, step=step)
 

@@ -21,6 +21,7 @@ from cxrray.data.shards import dumps, read_manifest, sha256
 from cxrray.data.storage import Storage
 from cxrray.families import get_family
 from cxrray.runtime import ensure_ray
+from cxrray.train.console import phases
 from cxrray.tracking import RunLogger, start_run, tracking_uri
 from cxrray.errors import InputError
 
@@ -92,10 +93,9 @@ def _refuse_another_model(checkpoint: str, model, output_uri: str) -> None:
     before, after = saved.model_dump(mode="json"), model.model_dump(mode="json")
     changed = [f"model.{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(before.keys() | after.keys())
                if k not in free and before.get(k) != after.get(k)]
-    if not changed:
-        return
-    raise InputError(f"{output_uri} holds a run of another model ({'; '.join(changed)}): continue it with its own "
-                     f"model config, or train this one to a new --output")
+    if changed:
+        raise InputError(f"{output_uri} holds a run of another model ({'; '.join(changed)}): continue it with its "
+                         f"own model config, or train this one to a new --output")
 
 
 def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[str], None] = print) -> dict:
@@ -140,7 +140,7 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
              f"target {tc.images:,} images" + (f", resuming from {resume}" if resume else ""))
     train_data = stream(data_uri, tc.split, with_keys=False, text=True, shuffle_files=True)
     startup["startup/run_setup_s"] = _lap(clock)  # the status pointer, the training stream's plan
-    progress("[pretrain] driver ready: " + ", ".join(f"{k[8:-2]} {v:.1f} s" for k, v in startup.items()))
+    progress("[pretrain] driver ready: " + phases(startup))
     logger.metrics(startup, step=(previous or {}).get("images_shown") or 0)
     resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}
     trainer = TorchTrainer(
