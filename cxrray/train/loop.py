@@ -157,8 +157,8 @@ def _tick(clock: dict | None, phase: str) -> None:
 
 def _report_startup(clock: dict, logger, step: int) -> None:
     """Print and log (once, rank 0) where the time went between `trainer.fit()` and the first optimizer step."""
-    phases = list(clock.items())
-    startup = {f"startup/{name}_s": t - phases[i][1] for i, (name, t) in enumerate(phases[1:])}
+    marks = list(clock.items())
+    startup = {f"startup/{name}_s": t - marks[i][1] for i, (name, t) in enumerate(marks[1:])}
     say("[pretrain] first step after " + phases(startup))
     if logger:
         logger.metrics(startup, step=step)
