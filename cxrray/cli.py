@@ -449,11 +449,13 @@ def cmd_reproduce(args) -> int:
     preset = PRESETS[args.preset]
     cfg = load_config(args.config or args.preset, preset["overrides"] + list(args.overrides))
     _phantom_salt(cfg, "reproduce")
-    summary = reproduce_cxr_ddpm(cfg, workdir, args.n or preset["n"], shards)
+    summary = reproduce_cxr_ddpm(cfg, workdir, args.n or preset["n"], shards, sweep=preset.get("guidance_sweep"))
     composite = summary["experiment"]["auroc"]["composite_slvh_dlv"]
+    lvidd = {name: f["lvidd"]["of_ceiling"] for name, f in
+             {"cohort": summary["audit"]["fidelity"], **summary["audit"]["guidance_sweep"]}.items()}
     print(json.dumps({"report": str(workdir / "reproduce.html"),
                       "composite_auroc": {a: v["value"] for a, v in composite.items()},
-                      "young_lift": summary["experiment"]["young_lift"]}))
+                      "young_lift": summary["experiment"]["young_lift"], "lvidd_r_of_ceiling": lvidd}))
     return 0
 
 

@@ -58,9 +58,15 @@ def test_audit_reads_covariates_off_faithful_images_and_flags_copies(audit_sets,
 
     real, good, leaky, noise = audit_sets
     cfg = load_config(None, [*SETTINGS, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
-    audit = run_synthetic_audit(leaky, real, f"file://{tmp_path}/leaky", cfg)
+    audit = run_synthetic_audit(leaky, real, f"file://{tmp_path}/leaky", cfg, also={"faithful": good, "blank": noise})
     lvidd = audit["fidelity"]["lvidd"]
     assert lvidd["r_requested"] > 0.8 and abs(lvidd["r_shuffled"]) < 0.2 and lvidd["r_real_test"] > 0.8, lvidd
+    assert lvidd["of_ceiling"] == pytest.approx(lvidd["r_requested"] / lvidd["r_real_test"])
+    # further sets (the guidance sweep's use) are read by the same judge against the same ceiling
+    also = audit["fidelity_also"]
+    assert also["faithful"]["lvidd"]["r_requested"] > 0.8 and abs(also["blank"]["lvidd"]["r_requested"]) < 0.3, also
+    assert also["faithful"]["lvidd"]["r_real_test"] == lvidd["r_real_test"]
+    assert "Fidelity of the further sets" in (tmp_path / "leaky" / "report.html").read_text()
     assert audit["images"]["synthetic"] == 180 and audit["memorisation"]["pixels"]["flagged"] >= 20
     assert audit["memorisation"]["pixels"]["p_value_more_than_expected"] < 1e-6
     assert len(audit["closest_pairs"]) == 8

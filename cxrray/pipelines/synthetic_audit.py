@@ -90,7 +90,8 @@ def train_judge(train: EchoSet, val: EchoSet, cfg: SyntheticAuditConfig) -> tupl
 
 
 def fidelity(judge: nn.Module, stats: dict, syn: EchoSet, test: EchoSet, seed: int) -> dict:
-    """Per judged quantity: r(requested, judged) on synthetic, with requested shuffled, and on real test."""
+    """Per judged quantity: r(requested, judged) on synthetic, with requested shuffled, and on real test
+    (the judge's ceiling); `of_ceiling` = r_requested / r_real_test."""
     from sklearn.metrics import roc_auc_score
 
     def judged(s: EchoSet) -> np.ndarray:
@@ -105,16 +106,27 @@ def fidelity(judge: nn.Module, stats: dict, syn: EchoSet, test: EchoSet, seed: i
     requested = {"ivsd": syn.echo[:, 0], "lvidd": syn.echo[:, 1], "lvpwd": syn.echo[:, 2], "age": syn.age}
     real = {"ivsd": test.echo[:, 0], "lvidd": test.echo[:, 1], "lvpwd": test.echo[:, 2], "age": test.age}
     shuffle = np.random.default_rng(seed).permutation(len(syn))
-    out = {name: {"r_requested": r(requested[name], on_syn[:, j]), "r_shuffled": r(requested[name][shuffle], on_syn[:, j]),
-                  "r_real_test": r(real[name], on_test[:, j]),
-                  "judged_mean": float(np.mean(on_syn[:, j])), "requested_mean": float(np.nanmean(requested[name]))}
-           for j, name in enumerate(JUDGED)}
+    out = {}
+    for j, name in enumerate(JUDGED):
+        r_syn, r_real = r(requested[name], on_syn[:, j]), r(real[name], on_test[:, j])
+        out[name] = {"r_requested": r_syn, "r_shuffled": r(requested[name][shuffle], on_syn[:, j]), "r_real_test": r_real,
+                     "of_ceiling": r_syn / r_real if r_real > 0 else float("nan"),  # issue 27's goal: >= 0.8
+                     "judged_mean": float(np.mean(on_syn[:, j])), "requested_mean": float(np.nanmean(requested[name]))}
     both = lambda y: 0 < y.sum() < len(y)  # noqa: E731
     out["sex"] = {"auroc_requested": float(roc_auc_score(syn.sex, on_syn[:, 4])) if both(syn.sex) else float("nan"),
                   "auroc_shuffled": float(roc_auc_score(syn.sex[shuffle], on_syn[:, 4])) if both(syn.sex) else float("nan"),
                   "auroc_real_test": float(roc_auc_score(test.sex, on_test[:, 4])) if both(test.sex) else float("nan"),
                   "agreement": float(np.mean((on_syn[:, 4] > 0) == (syn.sex > 0.5)))}
     return out
+
+
+FIDELITY_COLUMNS = ["set", "covariate", "r_requested", "r_shuffled", "of_ceiling", "sex_auroc_requested"]
+
+
+def fidelity_rows(by_set: dict[str, dict]) -> list[dict]:
+    """One row per set and echo covariate of `fidelity` outputs keyed by set name (FIDELITY_COLUMNS)."""
+    return [{"set": name, "covariate": c, **f[c], "sex_auroc_requested": f["sex"]["auroc_requested"]}
+            for name, f in by_set.items() for c in ("ivsd", "lvidd", "lvpwd")]
 
 
 class ScriptedFeatures(nn.Module):
@@ -222,8 +234,10 @@ def _plot_distances(path: Path, memo: dict) -> None:
 
 
 def run_synthetic_audit(synthetic_uri: str, train_uri: str, output_uri: str, cfg, test_uri: str | None = None,
-                        features_model: str | None = None, progress=print) -> dict:
-    """Fidelity, quality and memorisation of the synthetic set at `synthetic_uri` (module doc); returns audit.json."""
+                        features_model: str | None = None, also: dict[str, str] | None = None, progress=print) -> dict:
+    """Fidelity, quality and memorisation of the synthetic set at `synthetic_uri` (module doc); returns audit.json.
+    `also` names more synthetic sets (e.g. one per guidance) whose fidelity the same judge measures
+    (audit["fidelity_also"][name])."""
     from safetensors.torch import save
 
     from cxrray.eval.grids import save_grid
@@ -239,6 +253,7 @@ def run_synthetic_audit(synthetic_uri: str, train_uri: str, output_uri: str, cfg
     progress(f"[audit-synthetic] judge on {len(train)} real images (val {len(val)}); synthetic {len(syn)}, test {len(test)}")
     judge, stats, record = train_judge(train, val, ac)
     faithful = fidelity(judge, stats, syn, test, ac.seed)
+    faithful_also = {name: fidelity(judge, stats, load_echo_set(uri, None), test, ac.seed) for name, uri in (also or {}).items()}
     images = {"synthetic": _images(syn), "train": _images(train), "test": _images(test)}
     feats = {k: apply_batched(judge.features, v) for k, v in images.items()}
     quality = {"judge_features": image_quality(feats, ac)}
@@ -251,7 +266,8 @@ def run_synthetic_audit(synthetic_uri: str, train_uri: str, output_uri: str, cfg
     pix = memo["pixels"]
     closest = np.argsort(pix["distances"]["synthetic"])[:ac.grid_pairs]
     audit = {"synthetic": synthetic_uri, "train": train_uri, "test": test_uri or train_uri,
-             "images": {k: len(v) for k, v in images.items()}, "judge": record, "fidelity": faithful, "quality": quality,
+             "images": {k: len(v) for k, v in images.items()}, "judge": record, "fidelity": faithful,
+             "fidelity_also": faithful_also, "quality": quality,
              "memorisation": {s: {k: v for k, v in m.items() if k not in ("distances", "nearest_train", "flagged_rows")}
                               for s, m in memo.items()},
              "closest_pairs": [{"synthetic": syn.key[i], "train": train.key[pix["nearest_train"][i]],
@@ -270,8 +286,10 @@ def run_synthetic_audit(synthetic_uri: str, train_uri: str, output_uri: str, cfg
         sections = [
             ("Fidelity: the judge reads the requested covariates off the image",
              html.table([{"covariate": k, **v} for k, v in faithful.items() if k != "sex"],
-                        ["covariate", "r_requested", "r_shuffled", "r_real_test", "requested_mean", "judged_mean"])
+                        ["covariate", "r_requested", "r_shuffled", "r_real_test", "of_ceiling", "requested_mean", "judged_mean"])
              + html.table([{"covariate": "sex", **faithful["sex"]}], ["covariate", *faithful["sex"]])),
+            *([("Fidelity of the further sets (same judge)", html.table(fidelity_rows(faithful_also), FIDELITY_COLUMNS))]
+              if faithful_also else []),
             ("Image quality (FID / KID, judge features)", html.table(fid_rows, ["pair", "fid", "kid", "kid_sd", "kid_subset"], 4)),
             ("Memorisation (nearest training image)", html.table(memo_rows, list(memo_rows[0]), 4)),
             ("Distances", html.image(folder / "distances.png")),
@@ -286,6 +304,7 @@ def run_synthetic_audit(synthetic_uri: str, train_uri: str, output_uri: str, cfg
         (folder / "audit.json").write_text(json.dumps(jsonable(audit), indent=1))
         logger = RunLogger(tracking_uri(cfg.tracking), run_id)
         logger.metrics({f"r_requested/{k}": v["r_requested"] for k, v in faithful.items() if k != "sex"}
+                       | {f"r_requested/{k}/{name}": v[k]["r_requested"] for name, v in faithful_also.items() for k in JUDGED}
                        | {f"fid/{p}": v["fid"] for p, v in quality["judge_features"].items()}
                        | {f"near_copies_pct/{s}": m["flagged_pct"] for s, m in memo.items()}, step=0)
         for path in sorted(folder.iterdir()):
