@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo test test-slow bench clean gpu-check gpu-wheels
+.PHONY: install demo test test-slow test-cluster bench clean gpu-check gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,10 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow --durations=10
+
+# a head and worker nodes started with `ray start` on this machine (tests/test_multinode.py)
+test-cluster: install
+	$(BIN)/python -m pytest -q -m cluster --durations=10
 
 # The GPU check (issue 27 §6): one call, one JSON line per figure. Where this venv is absent (a bare GPU
 # image with its own torch), it runs under python3 with the wheels `make gpu-wheels` put in .whl/ (the image

@@ -1,5 +1,6 @@
 """A real `ray start --head` cluster on 127.0.0.1 for tests that go through the Jobs API
-(`ray job submit`), the way an operator's cluster is used.
+(`ray job submit`), the way an operator's cluster is used, and worker nodes that join it
+(`start_worker`, each a raylet in a session of its own, so that killing that session is losing the node).
 
 Use it from a test module with ``from ray_head import ray_head, ray_head_address  # noqa: F401``.
 The fixtures are session-scoped and backed by one module-level instance, so every module that
@@ -48,16 +49,17 @@ def free_port() -> int:
 
 
 @dataclass
-class RayHead:
-    address: str                 # http://127.0.0.1:<dashboard port>: the Jobs API (`ray job submit --address`)
-    gcs_address: str             # 127.0.0.1:<gcs port>: what `ray.init(address=...)` would join
+class RayNode:
+    """One `ray start` node on this machine: its raylet and every process it started share the session
+    `sid` (the head's also holds the GCS and the dashboard), so killing them is losing the machine."""
     temp_dir: Path
-    sid: int                     # session id of every process of this cluster
-    env: dict = field(repr=False)  # environment of the head's processes (jobs inherit it)
+    sid: int                     # session id of every process of this node
+    env: dict = field(repr=False)  # environment of the node's processes (its workers inherit it)
     ports: dict = field(default_factory=dict)
+    resources: dict = field(default_factory=dict)  # custom resources it was started with
 
     def processes(self) -> list[psutil.Process]:
-        """Live processes of this cluster: same session id as `ray start`, plus their descendants."""
+        """Live processes of this node: same session id as its `ray start`, plus their descendants."""
         found: dict[int, psutil.Process] = {}
         for proc in psutil.process_iter():
             try:
@@ -87,11 +89,6 @@ class RayHead:
                     out.append((c.laddr.ip, c.laddr.port, proc.pid, name))
         return out
 
-    def job_client(self):
-        from ray.job_submission import JobSubmissionClient
-
-        return JobSubmissionClient(self.address)
-
     def stop(self, timeout: float = 10.0) -> list[psutil.Process]:
         """Stop only this cluster's processes, the way `ray stop --force` would (SIGKILL: on
         SIGTERM the GCS and raylet linger for >10 s); see the module docstring for why not
@@ -103,6 +100,17 @@ class RayHead:
             time.sleep(0.2)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         return procs
+
+
+@dataclass
+class RayHead(RayNode):
+    address: str = ""            # http://127.0.0.1:<dashboard port>: the Jobs API (`ray job submit --address`)
+    gcs_address: str = ""        # 127.0.0.1:<gcs port>: what `ray.init(address=...)` and `ray start --address` join
+
+    def job_client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.address)
 
 
 def _alive(proc: psutil.Process) -> bool:
@@ -156,15 +164,69 @@ def start_head(num_cpus: int = 2, object_store_mb: int = 400, env: dict | None =
     head = RayHead(address=f"http://127.0.0.1:{ports['dashboard-port']}",
                    gcs_address=f"127.0.0.1:{ports['port']}", temp_dir=temp_dir, sid=proc.pid,
                    env=head_env, ports=ports)
+    _started(proc, head, log, timeout, lambda deadline: _wait_for_jobs_api(head.address, deadline))
+    return head
+
+
+def start_worker(head: RayHead, num_cpus: int = 1, resources: dict | None = None, object_store_mb: int = 200,
+                 timeout: float = 120.0) -> RayNode:
+    """Another raylet on this machine joining `head`, in a session of its own, with its own temp dir and free
+    loopback ports (started by ray_node.py: why not `ray start --address` is said there); returns once the
+    GCS lists it alive, found by `resources`, which must name a resource no other node has."""
+    resources = dict(resources or {})
+    if not resources:
+        raise ValueError("a worker node needs a custom resource of its own, to be found and to pin work to it")
+    temp_dir = Path(tempfile.mkdtemp(prefix="rw", dir="/tmp"))
+    ports = {name: free_port() for name in ("node_manager_port", "object_manager_port", "metrics_export_port",
+                                            "metrics_agent_port", "dashboard_agent_listen_port", "runtime_env_agent_port")}
+    params = {"num_cpus": num_cpus, "resources": resources, "object_store_memory": object_store_mb * 1024 * 1024, **ports}
+    log = temp_dir / "ray_node.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ray_node.py")), head.gcs_address,
+                                 str(temp_dir), json.dumps(params)], env=head.env, cwd=temp_dir, start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    node = RayNode(temp_dir=temp_dir, sid=proc.pid, env=head.env, ports=ports, resources=resources)
+    _started(proc, node, log, timeout, lambda deadline: wait_for_node(head, resources, "ALIVE", deadline))
+    return node
+
+
+def node_state(head: RayHead, resources: dict) -> tuple[str, str] | None:
+    """(node id, state) of the newest node whose total resources include `resources`, from the GCS
+    through the State API; None when no such node is known."""
+    from ray.util.state import list_nodes
+
+    found = [n for n in list_nodes(address=head.address, detail=True, limit=1000, raise_on_missing_output=False)
+             if all(n.resources_total.get(k) == v for k, v in resources.items())]
+    if not found:
+        return None
+    newest = max(found, key=lambda n: n.start_time_ms or 0)
+    return newest.node_id, newest.state
+
+
+def wait_for_node(head: RayHead, resources: dict, state: str, deadline: float) -> str:
+    """Poll (bounded) until the node holding `resources` is in `state` (ALIVE / DEAD); returns its id."""
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = node_state(head, resources)
+        except Exception as err:  # noqa: BLE001 - the State API may not answer while a node starts
+            last = err
+        if isinstance(last, tuple) and last[1] == state:
+            return last[0]
+        time.sleep(0.5)
+    raise TimeoutError(f"node with {resources} not {state} in time (last: {last!r})")
+
+
+def _started(proc: subprocess.Popen, node: RayNode, log: Path, timeout: float, ready) -> None:
+    """Wait for `ray start` to exit 0 and for `ready(deadline)`; on any failure kill what it started."""
     try:
         if proc.wait(timeout=timeout) != 0:
             raise RuntimeError(f"ray start failed ({proc.returncode}):\n{log.read_text()[-4000:]}")
-        _wait_for_jobs_api(head.address, deadline=time.monotonic() + timeout)
+        ready(time.monotonic() + timeout)
     except BaseException:
         proc.kill()
-        head.stop()
+        node.stop()
         raise
-    return head
 
 
 def _wait_for_jobs_api(address: str, deadline: float) -> None:
