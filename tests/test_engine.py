@@ -37,7 +37,7 @@ TOY = Family(name="toy", config=dict, presets={}, build=lambda cfg: Toy(), loss=
              objectives=(Objective("disc", disc_loss, lambda m: list(m.disc.parameters()), lr_scale=0.5),))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")  # once: DeepSpeed keeps the first group it saw, so a second one breaks it
 def gloo_group():
     import torch.distributed as dist
 
@@ -58,7 +58,7 @@ def test_each_objective_steps_only_its_own_parameters_with_its_own_optimiser(str
     torch.manual_seed(0)
     model = Toy()
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    cfg = TrainConfig(strategy=strategy, global_batch=4, lr=LR, grad_clip=1e9, precision="fp32")
+    cfg = TrainConfig(strategy=strategy, global_batch=4, num_workers=1, lr=LR, grad_clip=1e9, precision="fp32")
     engine = build_engine(model, TOY, cfg, world_size=1, device=torch.device("cpu"))
     assert set(engine.optimizers()) == {"optimizer", "optimizer-disc"}
     # sizes, not identities: ZeRO holds the main optimizer's parameters as one flat partition
@@ -104,3 +104,48 @@ def test_channels_last_is_refused_with_deepspeed_and_allowed_with_ddp():
     assert TrainConfig(channels_last=True, strategy="ddp").channels_last
     with pytest.raises(ConfigError, match="train: .*channels_last needs train.strategy=ddp"):
         load_config("tiny", ["train.channels_last=true"])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed", marks=pytest.mark.slow)])
+def test_accumulated_micro_batches_step_as_the_whole_batch(strategy, request):
+    """An elastic run at fewer workers accumulates micro-batches (issue 28 §2): the same images in 2 x 4 or
+    1 x 8 must give the same grad norms (Adam alone is blind to a gradient's scale) and the same weights."""
+    from cxrray.config import TrainConfig
+    from cxrray.train.engine import build_engine
+
+    if strategy == "deepspeed":
+        request.getfixturevalue("gloo_group")
+    images = torch.randn(3, 8, 4, generator=torch.Generator().manual_seed(2))
+    runs = {}
+    for workers in (1, 2):  # at world 1 the plan is 8 x 1 (sized for 1 worker) or 4 x 2 (sized for 2)
+        torch.manual_seed(0)
+        model = Toy()
+        cfg = TrainConfig(strategy=strategy, global_batch=8, num_workers=workers, min_workers=1, lr=LR, grad_clip=1e9,
+                          precision="fp32")
+        micro, accumulation = cfg.batch_plan(1)
+        assert (micro, accumulation) == ((8, 1) if workers == 1 else (4, 2))
+        engine = build_engine(model, TOY, cfg, world_size=1, device=torch.device("cpu"))
+        steps = [engine.step([{"image": x[i:i + micro]} for i in range(0, 8, micro)]) for x in images]
+        runs[workers] = steps, dict(engine.last), {k: v.detach().clone() for k, v in model.state_dict().items()}
+    (whole, whole_last, whole_w), (acc, acc_last, acc_w) = runs[1], runs[2]
+    assert [s[0] for s in acc] == pytest.approx([s[0] for s in whole], rel=1e-6)  # mean loss over the micro-batches
+    assert [s[1] for s in acc] == pytest.approx([s[1] for s in whole], rel=1e-5)
+    assert acc_last["grad_norm_disc"] == pytest.approx(whole_last["grad_norm_disc"], rel=1e-5)
+    for name in whole_w:
+        assert torch.allclose(acc_w[name], whole_w[name], atol=1e-6), name
+
+
+def test_the_batch_plan_keeps_the_global_batch_at_every_worker_count():
+    from pydantic import ValidationError
+
+    from cxrray.train.settings import TrainConfig
+
+    cfg = TrainConfig(global_batch=24, num_workers=4, min_workers=1)
+    assert cfg.elastic and not TrainConfig(global_batch=24, num_workers=4).elastic
+    plans = {w: cfg.batch_plan(w) for w in range(1, 5)}
+    assert plans == {1: (6, 4), 2: (6, 2), 3: (4, 2), 4: (6, 1)}  # never above 24 / 4 per micro-batch
+    assert all(m * a * w == 24 for w, (m, a) in plans.items())
+    with pytest.raises(ValidationError, match=r"cannot be split evenly over \[3\] workers"):
+        TrainConfig(global_batch=16, num_workers=4, min_workers=2)
+    with pytest.raises(ValidationError, match="min_workers=3 is above train.num_workers=2"):
+        TrainConfig(global_batch=16, num_workers=2, min_workers=3)

@@ -68,37 +68,50 @@ class Engine:
         """Checkpoint name -> optimizer: the main one as `optimizer`, the others as `optimizer-{name}`."""
         return {("optimizer" if o.name == MAIN else f"optimizer-{o.name}"): o.optimizer for o in self.objectives}
 
-    def step(self, batch: dict) -> tuple[float, float]:
-        """Forward + backward + clipped optimizer step of every objective on this worker's micro-batch
-        (the whole batch dict) -> (main loss, main grad norm); the others' in `self.last`."""
+    def step(self, batches: dict | list[dict]) -> tuple[float, float]:
+        """One optimizer step of every objective over this worker's micro-batches (a batch dict or a list of
+        them, gradients accumulated over the list) -> (main loss, mean over the micro-batches; main grad
+        norm); the others' in `self.last`."""
+        batches = [batches] if isinstance(batches, dict) else batches
         self.last = {}
         result = (float("nan"), float("nan"))
         for objective in self.objectives:
-            loss, norm = self._step(objective, batch)
+            loss, norm = self._step(objective, batches)
             if objective.name == MAIN:
                 result = (loss, norm)
             else:
                 self.last.update({f"loss_{objective.name}": loss, f"grad_norm_{objective.name}": norm})
         return result
 
-    def _step(self, o: ObjectiveStep, batch: dict) -> tuple[float, float]:
+    def _step(self, o: ObjectiveStep, batches: list[dict]) -> tuple[float, float]:
         if len(self.objectives) > 1:  # grads another objective's backward left on these parameters
             for p in o.params:
                 p.grad = None
-        with self.autocast():
-            loss = o.wrapped(batch)
+        total = 0.0
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            # DDP all-reduces on the last micro-batch's backward only; DeepSpeed keeps its own boundary (and
+            # refuses step() inside its no_sync)
+            torch_ddp = o.engine == "torch" and hasattr(o.wrapped, "no_sync")
+            sync = o.wrapped.no_sync() if torch_ddp and not last else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    loss = o.wrapped(batch)
+                total += float(loss.detach())
+                if o.engine == "deepspeed":
+                    o.wrapped.backward(loss)  # scaled by 1 / gradient_accumulation_steps inside
+                    o.wrapped.step()  # applies the update at the accumulation boundary only
+                else:
+                    (loss / len(batches)).backward()
         if o.engine == "deepspeed":
-            o.wrapped.backward(loss)
-            o.wrapped.step()
             norm = o.wrapped.get_global_grad_norm()
         else:
-            loss.backward()
             if o.name != MAIN and self.world_size > 1:
                 _all_reduce_mean([p.grad for p in o.params if p.grad is not None], self.world_size)
             norm = torch.nn.utils.clip_grad_norm_(o.params, self.grad_clip)
             o.optimizer.step()
             o.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach()), float(norm if norm is not None else float("nan"))
+        return total / len(batches), float(norm if norm is not None else float("nan"))
 
 
 def _all_reduce_mean(grads: list[torch.Tensor], world_size: int) -> None:
@@ -110,12 +123,11 @@ def _all_reduce_mean(grads: list[torch.Tensor], world_size: int) -> None:
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    if cfg.global_batch % world_size:
-        raise ValueError(f"train.global_batch={cfg.global_batch} is not divisible by {world_size} workers")
+    micro, accumulation = cfg.batch_plan(world_size)
     return {
         "train_batch_size": cfg.global_batch,
-        "train_micro_batch_size_per_gpu": cfg.global_batch // world_size,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
         "gradient_clipping": cfg.grad_clip,
         # torch_adam: no JIT-compiled fused/CPU Adam (65 s on CPU); adam_w_mode off: plain Adam, no decay
         "optimizer": {"type": "Adam", "params": {"lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1e-8,

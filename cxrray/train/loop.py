@@ -100,7 +100,7 @@ def train_loop_per_worker(config: dict) -> None:
     _tick(clock, "engine_ready")
     logger = config.get("logger")
     eval_batch = to_torch(config["eval_batch"]) if config.get("eval_batch") else None
-    micro = tc.global_batch // world
+    micro, accumulation = tc.batch_plan(world)  # exact global batch at whatever size the run has now
     shard = ray.train.get_dataset_shard("train")
     window = {"loss": 0.0, "steps": 0, "wait": 0.0, "busy": 0.0, "start": time.perf_counter(), "grad": 0.0, "extra": {}}
     last_metrics: dict = {}
@@ -108,13 +108,14 @@ def train_loop_per_worker(config: dict) -> None:
     while progress["images_shown"] < tc.images:
         epoch += 1
         fetched = time.perf_counter()
-        for batch in shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=4 * micro,
-                                        local_shuffle_seed=tc.seed + epoch + progress["step"]):
+        batches = shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=4 * micro * accumulation,
+                                     local_shuffle_seed=tc.seed + epoch + progress["step"])
+        for group in _groups(batches, accumulation):
             started = time.perf_counter()
             window["wait"] += started - fetched
             _tick(clock, "first_batch")
-            loss, grad = engine.step(to_torch(batch, device))
+            loss, grad = engine.step([to_torch(batch, device) for batch in group])
             if clock is not None and "first_step" not in clock:
                 _tick(clock, "first_step")
                 if rank == 0:
@@ -147,6 +148,16 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(last_metrics)
             if done:
                 break
+
+
+def _groups(batches, size: int):
+    """Consecutive lists of `size` batches; an incomplete last list is dropped (as drop_last drops a short batch)."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
 
 
 def _tick(clock: dict | None, phase: str) -> None:

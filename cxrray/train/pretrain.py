@@ -136,7 +136,8 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
     startup["startup/mlflow_s"] = _lap(clock)
     initial = {"images_shown": 0, **(previous or {}), "target_images": tc.images, "mlflow_run_id": run_id}
     out.write_bytes(LATEST, json.dumps(initial, indent=1, sort_keys=True).encode())
-    progress(f"[pretrain] {family.name}: {tc.strategy} x{tc.num_workers} workers, global batch {tc.global_batch}, "
+    workers = f"{tc.min_workers}-{tc.num_workers} (elastic)" if tc.elastic else str(tc.num_workers)
+    progress(f"[pretrain] {family.name}: {tc.strategy} x{workers} workers, global batch {tc.global_batch}, "
              f"target {tc.images:,} images" + (f", resuming from {resume}" if resume else ""))
     train_data = stream(data_uri, tc.split, with_keys=False, text=True, shuffle_files=True)
     startup["startup/run_setup_s"] = _lap(clock)  # the status pointer, the training stream's plan
@@ -148,7 +149,9 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
         train_loop_config={"config": cfg.model_dump(mode="json"), "resume_from": resume, "logger": logger,
                            "eval_batch": eval_batch, "data": data_facts(data_uri, manifest),
                            "fit_called_at": time.time()},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=(tc.min_workers, tc.num_workers) if tc.elastic else tc.num_workers,
+                                     elastic_resize_monitor_interval_s=tc.resize_check_s, use_gpu=tc.use_gpu,
+                                     resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         datasets={"train": train_data},
         run_config=RunConfig(

@@ -16,7 +16,10 @@ class TrainConfig(StrictModel):
 
     strategy: Literal["deepspeed", "ddp"] = "deepspeed"  # ddp: plain PyTorch DDP baseline
     zero_stage: int = Field(1, ge=0, le=2)  # 3 partitions parameters, which the EMA needs whole
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(2, ge=1)  # elastic (min_workers set): the most workers, the size the run asks for
+    min_workers: int | None = Field(None, ge=1)  # None: num_workers, not elastic; else Ray Train runs on as few as
+    # this many while nodes are missing and grows back (checking every resize_check_s)
+    resize_check_s: float = Field(60.0, ge=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)  # fractional on small machines: leaves CPU for Ray Data
     gpus_per_worker: float = Field(1.0, gt=0)
@@ -38,6 +41,31 @@ class TrainConfig(StrictModel):
     eval_images: int = Field(8, ge=1)
     sample_steps: int = Field(50, ge=1)  # DDIM steps for the eval grids
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _every_worker_count_keeps_the_global_batch(self) -> "TrainConfig":
+        low = self.min_workers or self.num_workers
+        if low > self.num_workers:
+            raise ValueError(f"train.min_workers={low} is above train.num_workers={self.num_workers}")
+        uneven = [w for w in range(low, self.num_workers + 1) if self.global_batch % w]
+        if uneven:
+            raise ValueError(f"train.global_batch={self.global_batch} cannot be split evenly over {uneven} workers, "
+                             f"which train.min_workers..num_workers ({low}..{self.num_workers}) allows")
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    def batch_plan(self, world: int) -> tuple[int, int]:
+        """(micro-batch per worker, gradient accumulation steps) for `world` workers, with micro x accumulation
+        x world == global_batch exactly, so the schedule in images shown is the same at every size; the
+        micro-batch never exceeds global_batch / num_workers (what a worker was sized for)."""
+        if self.global_batch % world:
+            raise ValueError(f"train.global_batch={self.global_batch} is not divisible by {world} workers")
+        share, cap = self.global_batch // world, max(1, self.global_batch // self.num_workers)
+        micro = max(d for d in range(1, min(share, cap) + 1) if share % d == 0)
+        return micro, share // micro
 
     @model_validator(mode="after")
     def _channels_last_needs_ddp(self) -> "TrainConfig":
