@@ -101,6 +101,9 @@ def train_loop_per_worker(config: dict) -> None:
     logger = config.get("logger")
     eval_batch = to_torch(config["eval_batch"]) if config.get("eval_batch") else None
     micro, accumulation = tc.batch_plan(world)  # exact global batch at whatever size the run has now
+    if rank == 0:  # at every (re)start of the worker group: an elastic run's size, as it changes
+        say(f"[pretrain] {world} workers: micro-batch {micro} x accumulation {accumulation} x {world} = "
+            f"global batch {tc.global_batch}")
     shard = ray.train.get_dataset_shard("train")
     window = {"loss": 0.0, "steps": 0, "wait": 0.0, "busy": 0.0, "start": time.perf_counter(), "grad": 0.0, "extra": {}}
     last_metrics: dict = {}

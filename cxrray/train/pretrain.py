@@ -143,7 +143,7 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
     startup["startup/run_setup_s"] = _lap(clock)  # the status pointer, the training stream's plan
     progress("[pretrain] driver ready: " + phases(startup))
     logger.metrics(startup, step=(previous or {}).get("images_shown") or 0)
-    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {})}
+    resources = {"CPU": tc.cpus_per_worker, **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {}), **tc.worker_resources}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "resume_from": resume, "logger": logger,

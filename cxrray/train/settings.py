@@ -23,6 +23,8 @@ class TrainConfig(StrictModel):
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0)  # fractional on small machines: leaves CPU for Ray Data
     gpus_per_worker: float = Field(1.0, gt=0)
+    worker_resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources each training worker
+    # also needs (e.g. {"trainer": 1} to keep training on the nodes that advertise it)
     global_batch: int = Field(16, ge=1)  # images per optimizer step over all workers
     images: int = Field(20_000, ge=1)  # training length (the paper: 200M)
     lr: float = Field(1e-4, gt=0)  # Adam, no weight decay (DiffChest)
