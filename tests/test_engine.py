@@ -3,6 +3,7 @@ parameters), under plain DDP and DeepSpeed, without Ray (world size 1, a loopbac
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,12 @@ from torch import nn
 
 from cxrray.families import Family, Objective
 from s3_fixture import free_port
+
+
+def load_file(path):
+    from safetensors.torch import load_file as load
+
+    return load(str(path))
 
 LR = 0.01
 
@@ -149,3 +156,69 @@ def test_the_batch_plan_keeps_the_global_batch_at_every_worker_count():
         TrainConfig(global_batch=16, num_workers=4, min_workers=2)
     with pytest.raises(ValidationError, match="min_workers=3 is above train.num_workers=2"):
         TrainConfig(global_batch=16, num_workers=2, min_workers=3)
+
+
+def _resize_worker(rank: int, world: int, port: int, strategy: str, folder: str, load: bool, first: int, steps: int,
+                   out: str) -> None:
+    """One rank of a `world`-worker run (gloo on loopback): from folder/start's weights and full optimizer
+    state when `load`, else fresh (seed 0); global steps first..first+steps-1 of a fixed image sequence
+    (batch 8, this rank's share); then the full optimizer state and the weights, by rank 0, to folder/out."""
+    import torch.distributed as dist
+
+    from cxrray.config import TrainConfig
+    from cxrray.io import checkpoint as ckpt_io
+    from cxrray.train.engine import build_engine
+    from cxrray.train.optimizer_state import full_state, load_full_state
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = Toy()
+    base = Path(folder)
+    if load:
+        ckpt_io.load_weights(model, base / "start" / "model.safetensors")
+    cfg = TrainConfig(strategy=strategy, zero_stage=1, global_batch=8, num_workers=2, min_workers=1, lr=LR,
+                      precision="fp32")
+    engine = build_engine(model, TOY, cfg, world_size=world, device=torch.device("cpu"))
+    if load:
+        assert load_full_state(engine, ckpt_io.load_state(base / "start", "optimizer-full")) == ["main", "disc"]
+    micro, _ = cfg.batch_plan(world)
+    images = torch.randn(8, 8, 4, generator=torch.Generator().manual_seed(3))
+    for x in images[first:first + steps]:
+        share = x[rank * 8 // world:(rank + 1) * 8 // world]
+        engine.step([{"image": share[i:i + micro]} for i in range(0, len(share), micro)])
+    state = full_state(engine)
+    if rank == 0:
+        (base / out).mkdir(parents=True, exist_ok=True)
+        ckpt_io.save_state(state, base / out, "optimizer-full")
+        ckpt_io.save_weights(model, base / out / "model.safetensors")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed", "ddp"])
+def test_optimizer_state_survives_a_change_of_worker_count(strategy, tmp_path):
+    """Issue 28 §2: Adam's moments gathered whole at one worker count (under ZeRO each rank holds a slice of
+    flat partitions) and spread again at another: the step after a resize is the one an uninterrupted run
+    takes (weights and moments to 1e-6), 2 -> 1 and 1 -> 2, so a resize changes nothing in the optimisation."""
+    import torch.multiprocessing as mp
+
+    from cxrray.io import checkpoint as ckpt_io
+    from s3_fixture import free_port as port
+
+    def run(world: int, load: bool, first: int, steps: int, out: str) -> tuple[dict, dict]:
+        mp.spawn(_resize_worker, args=(world, port(), strategy, str(tmp_path), load, first, steps, out), nprocs=world)
+        return ckpt_io.load_state(tmp_path / out, "optimizer-full"), load_file(tmp_path / out / "model.safetensors")
+
+    for before, after in ((2, 1), (1, 2)):
+        run(before, False, 0, 3, "start")  # the checkpoint: 3 steps at the old size
+        uninterrupted = run(before, False, 0, 4, "uninterrupted")
+        resized = run(after, True, 3, 1, "resized")  # the 4th step at the new size, from the gathered state
+        assert uninterrupted[0]["main"]["step"] == resized[0]["main"]["step"] == 4
+        for name, weight in uninterrupted[1].items():
+            assert torch.allclose(resized[1][name], weight, atol=1e-6), (before, after, name)
+        for objective, saved in uninterrupted[0].items():
+            for name, moments in saved["params"].items():
+                for k, v in moments.items():
+                    assert torch.allclose(resized[0][objective]["params"][name][k], v, atol=1e-6), (before, after, name, k)

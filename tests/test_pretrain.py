@@ -117,7 +117,7 @@ def test_deepspeed_pretraining_logs_to_mlflow_server(shards, mlflow_server, tmp_
 
 
 @pytest.mark.slow  # ~110 s: resuming is in the default suite through the ddpm family's test below
-def test_continuing_with_ddp_restarts_the_optimizer_and_keeps_the_run(shards, mlflow_server, tmp_path, capfd):
+def test_continuing_with_ddp_carries_the_optimizer_over_and_keeps_the_run(shards, mlflow_server, tmp_path, capfd):
     out = f"file://{tmp_path / 'run'}"
     args = _deepspeed_run(shards, out, mlflow_server)
     assert main(args) == 0
@@ -128,12 +128,14 @@ def test_continuing_with_ddp_restarts_the_optimizer_and_keeps_the_run(shards, ml
 
     client = MlflowClient(mlflow_server, registry_uri=mlflow_server)
 
-    # continue the same output to more images with the DDP baseline: weights carry over, the
-    # optimizer layout changed (so it restarts), images shown continue from 96, same MLflow run
+    # continue the same output to more images with the DDP baseline: weights carry over, the optimizer
+    # layout changed (ZeRO partitions -> whole), so its gathered state is spread again; images shown continue
+    # from 96, same MLflow run
     assert main([*args[:5], "--images", "128", *_sets(TINY32 + ["train.strategy=ddp", "train.checkpoint_every=32",
                                                    "train.eval_every=1000", f"tracking.uri={mlflow_server}"])]) == 0
     logs = capfd.readouterr().out
-    assert "resumed at 96 images shown" in logs and "optimizer state not restored" in logs
+    assert "resumed at 96 images shown" in logs
+    assert "optimizer state re-partitioned from 2 deepspeed workers (ZeRO 1) to 2 ddp (ZeRO 1)" in logs
     assert main(["status", "--output", out]) == 0
     status2 = json.loads(capfd.readouterr().out)
     assert status2["images_shown"] == 128 and status2["mlflow_run_id"] == status["mlflow_run_id"]

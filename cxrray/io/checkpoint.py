@@ -8,6 +8,8 @@ A checkpoint directory holds
 | ema.safetensors               | rank 0     | EMA weights (same keys)                                  |
 | optimizer-rank{r}.safetensors | every rank | that rank's optimizer state (ZeRO partition or full)     |
 | optimizer-rank{r}.json        | every rank | non-tensor part of the optimizer state                   |
+| optimizer-full.safetensors/.json | rank 0  | every objective's Adam state by parameter name, whole    |
+|                               |            | (gathered from ZeRO's partitions: loads at any world size) |
 | rng-rank{r}.safetensors/.json | every rank | torch / numpy / python RNG states                        |
 | state.json                    | rank 0     | images_shown, step, world_size, strategy, config, stats  |
 | COMPLETE                      | rank 0     | written last by rank 0: marks its part of the directory  |

@@ -178,14 +178,12 @@ def build_engine(model: nn.Module, family: Family, cfg: TrainConfig, world_size:
         steps = [ObjectiveStep(MAIN, wrapped, getattr(optimizer, "optimizer", optimizer), main_params, "deepspeed")]
     else:
         wrapped = main_module
-        if world_size > 1:
-            import ray.train.torch
-
+        if world_size > 1:  # plain DDP on the process group Ray Train (or a test) has set up
             others = {n for n, p in main_module.named_parameters() if p.requires_grad and
                       not any(p is q for q in main_params)}
             if others:  # further objectives reduce their own gradients
                 nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(main_module, others)
-            wrapped = ray.train.torch.prepare_model(main_module, move_to_device=False)
+            wrapped = nn.parallel.DistributedDataParallel(main_module, device_ids=[device.index] if device.type == "cuda" else None)
         steps = [ObjectiveStep(MAIN, wrapped, torch.optim.Adam(main_params, lr=cfg.lr, weight_decay=0.0), main_params,
                                "torch")]
     for objective, params in parts[1:]:

@@ -30,6 +30,7 @@ from cxrray.io.card import model_card
 from cxrray.train.console import phases, say
 from cxrray.train.ema import ema_model
 from cxrray.train.engine import build_engine
+from cxrray.train.optimizer_state import full_state, load_full_state
 from cxrray.train.evaluate import evaluate
 
 
@@ -87,13 +88,18 @@ def train_loop_per_worker(config: dict) -> None:
             ckpt_io.load_weights(ema.module, Path(folder) / "ema.safetensors")
             ema.n_averaged.fill_(max(1, saved["ema_updates"]))
             same_layout = (saved["world_size"], saved["strategy"], saved["zero_stage"]) == (world, tc.strategy, tc.zero_stage)
-            if same_layout and (Path(folder) / f"optimizer-rank{rank}.json").exists():
+            change = (f"from {saved['world_size']} {saved['strategy']} workers (ZeRO {saved['zero_stage']}) to {world} "
+                      f"{tc.strategy} (ZeRO {tc.zero_stage})")
+            if same_layout and (Path(folder) / f"optimizer-rank{rank}.json").exists():  # exact, RNG included
                 for name, optimizer in engine.optimizers().items():
                     optimizer.load_state_dict(ckpt_io.load_state(Path(folder), f"{name}-rank{rank}"))
                 ckpt_io.set_rng_state(ckpt_io.load_state(Path(folder), f"rng-rank{rank}"))
+            elif (Path(folder) / "optimizer-full.json").exists():  # another layout: the gathered state, spread again
+                load_full_state(engine, ckpt_io.load_state(Path(folder), "optimizer-full"))
+                if rank == 0:
+                    say(f"[pretrain] optimizer state re-partitioned {change}")
             elif rank == 0:
-                say(f"[pretrain] optimizer state not restored: layout changed from {saved['world_size']} "
-                    f"{saved['strategy']} workers (ZeRO {saved['zero_stage']}) to {world} {tc.strategy} (ZeRO {tc.zero_stage})")
+                say(f"[pretrain] optimizer state not restored: layout changed {change}")
             if rank == 0:
                 say(f"[pretrain] resumed at {progress['images_shown']:,} images shown")
 
@@ -203,7 +209,9 @@ def _save_and_report(engine, ema, progress: dict, metrics: dict, cfg: Config, ra
         for name, optimizer in engine.optimizers().items():
             ckpt_io.save_state(optimizer.state_dict(), folder, f"{name}-rank{rank}")
         ckpt_io.save_state(ckpt_io.rng_state(), folder, f"rng-rank{rank}")
+        whole = full_state(engine)  # collective: every rank takes part in gathering ZeRO's partitions
         if rank == 0:
+            ckpt_io.save_state(whole, folder, "optimizer-full")
             ckpt_io.save_weights(engine.model, folder / "model.safetensors")
             ckpt_io.save_weights(ema.module, folder / "ema.safetensors")
             state = {**progress, "world_size": world, "strategy": cfg.train.strategy,
