@@ -197,7 +197,8 @@ def _resize_worker(rank: int, world: int, port: int, strategy: str, folder: str,
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("strategy", ["deepspeed", "ddp"])
+# deepspeed (ZeRO's partitions, the hard case) in the default suite; ddp (the moments are whole on every rank) slow
+@pytest.mark.parametrize("strategy", ["deepspeed", pytest.param("ddp", marks=pytest.mark.slow)])
 def test_optimizer_state_survives_a_change_of_worker_count(strategy, tmp_path):
     """Issue 28 §2: Adam's moments gathered whole at one worker count (under ZeRO each rank holds a slice of
     flat partitions) and spread again at another: the step after a resize is the one an uninterrupted run
