@@ -162,7 +162,7 @@ def _resize_worker(rank: int, world: int, port: int, strategy: str, folder: str,
                    out: str) -> None:
     """One rank of a `world`-worker run (gloo on loopback): from folder/start's weights and full optimizer
     state when `load`, else fresh (seed 0); global steps first..first+steps-1 of a fixed image sequence
-    (batch 8, this rank's share); then the full optimizer state and the weights, by rank 0, to folder/out."""
+    (batch 12, this rank's share); then the full optimizer state and the weights, by rank 0, to folder/out."""
     import torch.distributed as dist
 
     from cxrray.config import TrainConfig
@@ -178,15 +178,17 @@ def _resize_worker(rank: int, world: int, port: int, strategy: str, folder: str,
     base = Path(folder)
     if load:
         ckpt_io.load_weights(model, base / "start" / "model.safetensors")
-    cfg = TrainConfig(strategy=strategy, zero_stage=1, global_batch=8, num_workers=2, min_workers=1, lr=LR,
+    # sized for 4 workers: micro-batches of 3, accumulated 2x at 2 workers (DDP's no_sync, the further
+    # objective's own all-reduce) and 4x at 1
+    cfg = TrainConfig(strategy=strategy, zero_stage=1, global_batch=12, num_workers=4, min_workers=1, lr=LR,
                       precision="fp32")
     engine = build_engine(model, TOY, cfg, world_size=world, device=torch.device("cpu"))
     if load:
         assert load_full_state(engine, ckpt_io.load_state(base / "start", "optimizer-full")) == ["main", "disc"]
     micro, _ = cfg.batch_plan(world)
-    images = torch.randn(8, 8, 4, generator=torch.Generator().manual_seed(3))
+    images = torch.randn(8, 12, 4, generator=torch.Generator().manual_seed(3))
     for x in images[first:first + steps]:
-        share = x[rank * 8 // world:(rank + 1) * 8 // world]
+        share = x[rank * 12 // world:(rank + 1) * 12 // world]
         engine.step([{"image": share[i:i + micro]} for i in range(0, len(share), micro)])
     state = full_state(engine)
     if rank == 0:
@@ -223,3 +225,26 @@ def test_optimizer_state_survives_a_change_of_worker_count(strategy, tmp_path):
             for name, moments in saved["params"].items():
                 for k, v in moments.items():
                     assert torch.allclose(resized[0][objective]["params"][name][k], v, atol=1e-6), (before, after, name, k)
+
+
+def test_a_step_counted_schedule_counts_optimizer_steps_not_micro_batches():
+    """The VAE's discriminator starts after `disc_start` optimizer steps: with 2 micro-batches a step it must
+    not start twice as early (the family counts in `after_step`, once per step, never in its loss)."""
+    from cxrray.config import TrainConfig
+    from cxrray.families import get_family
+    from cxrray.train.engine import build_engine
+
+    family = get_family("vae")
+    torch.manual_seed(0)
+    model = family.build(family.config(image_size=32, base_channels=8, channel_mult=[1, 2], layers_per_block=1,
+                                       norm_groups=4, disc_channels=8, disc_start=2, perceptual_weight=0.0))
+    cfg = TrainConfig(strategy="ddp", global_batch=4, num_workers=2, min_workers=1, lr=LR, precision="fp32")
+    assert cfg.batch_plan(1) == (2, 2)
+    engine = build_engine(model, family, cfg, world_size=1, device=torch.device("cpu"))
+    x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    disc = []
+    for _ in range(3):
+        engine.step([{"image": x[:2]}, {"image": x[2:]}])
+        disc.append(engine.last["loss_discriminator"])
+    assert int(model.steps) == 3
+    assert disc[0] == disc[1] == 0.0 and disc[2] > 0, disc  # warm-up: exactly disc_start = 2 optimizer steps

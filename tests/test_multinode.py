@@ -183,8 +183,8 @@ def test_elastic_training_loses_a_node_continues_smaller_and_grows_back(cluster,
     assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2 and sizes.index(1) < len(sizes) - 1, sizes
     assert "micro-batch 4 x accumulation 2 x 1 = global batch 8" in logs  # one worker does two workers' batch
     # Adam's moments follow the run through both resizes (gathered from ZeRO's partitions, spread again)
-    assert "optimizer state re-partitioned from 2 deepspeed workers (ZeRO 1) to 1 deepspeed (ZeRO 1)" in logs
-    assert "optimizer state re-partitioned from 1 deepspeed workers (ZeRO 1) to 2 deepspeed (ZeRO 1)" in logs
+    assert "optimizer state re-partitioned from 2 deepspeed workers (ZeRO 1) to 1 deepspeed (ZeRO 1): main" in logs
+    assert "optimizer state re-partitioned from 1 deepspeed workers (ZeRO 1) to 2 deepspeed (ZeRO 1): main" in logs
     latest = json.loads((run / "latest.json").read_text())
     assert latest["images_shown"] == target and latest["latest_checkpoint"].endswith(f"checkpoint-{target:012d}")
     resumed = [int(n.replace(",", "")) for n in re.findall(r"resumed at ([\d,]+) images shown", logs)]

@@ -135,7 +135,7 @@ def test_continuing_with_ddp_carries_the_optimizer_over_and_keeps_the_run(shards
                                                    "train.eval_every=1000", f"tracking.uri={mlflow_server}"])]) == 0
     logs = capfd.readouterr().out
     assert "resumed at 96 images shown" in logs
-    assert "optimizer state re-partitioned from 2 deepspeed workers (ZeRO 1) to 2 ddp (ZeRO 1)" in logs
+    assert "optimizer state re-partitioned from 2 deepspeed workers (ZeRO 1) to 2 ddp (ZeRO 1): main" in logs
     assert main(["status", "--output", out]) == 0
     status2 = json.loads(capfd.readouterr().out)
     assert status2["images_shown"] == 128 and status2["mlflow_run_id"] == status["mlflow_run_id"]

@@ -103,6 +103,9 @@ class Family:
     export: Callable[[Any, Any], list[str]]
     prepare: Callable[[Any, str], Any] = staticmethod(lambda cfg, data_uri: cfg)
     initialise: Callable[[Any], None] = staticmethod(lambda model: None)
+    # once after every optimizer step (every objective stepped, however many micro-batches it accumulated):
+    # where a step-counted schedule counts, never in `loss`, which runs once per micro-batch
+    after_step: Callable[[Any], None] = staticmethod(lambda model: None)
     objectives: tuple[Objective, ...] = ()
     generate: Callable[[Any, GenerateRequest], Generated] | None = None
     inpaint: Callable[[Any, Any, Any, GenerateRequest], Generated] | None = None

@@ -57,6 +57,7 @@ class Engine:
     autocast: Callable[[], contextlib.AbstractContextManager]
     grad_clip: float
     world_size: int = 1
+    after_step: Callable[[nn.Module], None] = lambda model: None  # the family's, once per optimizer step
     last: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -81,12 +82,17 @@ class Engine:
                 result = (loss, norm)
             else:
                 self.last.update({f"loss_{objective.name}": loss, f"grad_norm_{objective.name}": norm})
+        self.after_step(self.model)
         return result
 
     def _step(self, o: ObjectiveStep, batches: list[dict]) -> tuple[float, float]:
         if len(self.objectives) > 1:  # grads another objective's backward left on these parameters
             for p in o.params:
                 p.grad = None
+        if o.engine == "deepspeed" and len(batches) != o.wrapped.gradient_accumulation_steps():
+            # DeepSpeed steps at its own boundary only: any other count would silently skip or split the update
+            raise ValueError(f"{len(batches)} micro-batches for a DeepSpeed engine built for "
+                             f"{o.wrapped.gradient_accumulation_steps()} (train.batch_plan)")
         total = 0.0
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
@@ -193,4 +199,4 @@ def build_engine(model: nn.Module, family: Family, cfg: TrainConfig, world_size:
     if cfg.compile:
         for o in steps:
             o.wrapped.compile() if hasattr(o.wrapped, "compile") else None
-    return Engine(cfg.strategy, model, steps, device, autocast, cfg.grad_clip, world_size)
+    return Engine(cfg.strategy, model, steps, device, autocast, cfg.grad_clip, world_size, family.after_step)

@@ -95,9 +95,9 @@ def train_loop_per_worker(config: dict) -> None:
                     optimizer.load_state_dict(ckpt_io.load_state(Path(folder), f"{name}-rank{rank}"))
                 ckpt_io.set_rng_state(ckpt_io.load_state(Path(folder), f"rng-rank{rank}"))
             elif (Path(folder) / "optimizer-full.json").exists():  # another layout: the gathered state, spread again
-                load_full_state(engine, ckpt_io.load_state(Path(folder), "optimizer-full"))
+                restored = load_full_state(engine, ckpt_io.load_state(Path(folder), "optimizer-full"))
                 if rank == 0:
-                    say(f"[pretrain] optimizer state re-partitioned {change}")
+                    say(f"[pretrain] optimizer state re-partitioned {change}: {', '.join(restored) or 'none saved'}")
             elif rank == 0:
                 say(f"[pretrain] optimizer state not restored: layout changed {change}")
             if rank == 0:
@@ -209,7 +209,7 @@ def _save_and_report(engine, ema, progress: dict, metrics: dict, cfg: Config, ra
         for name, optimizer in engine.optimizers().items():
             ckpt_io.save_state(optimizer.state_dict(), folder, f"{name}-rank{rank}")
         ckpt_io.save_state(ckpt_io.rng_state(), folder, f"rng-rank{rank}")
-        whole = full_state(engine)  # collective: every rank takes part in gathering ZeRO's partitions
+        whole = full_state(engine, keep=rank == 0)  # collective: every rank takes part in ZeRO's gathers
         if rank == 0:
             ckpt_io.save_state(whole, folder, "optimizer-full")
             ckpt_io.save_weights(engine.model, folder / "model.safetensors")

@@ -12,6 +12,7 @@ FAMILY = Family(
     description="KL autoencoder, factor 4 (Cheff stage 1): latents for latent diffusion",
     build=lazy("cxrray.families.vae.network", "KLAutoencoder"),
     loss=lazy(TASK, "loss"), evaluate=lazy(TASK, "evaluate"), export=lazy(TASK, "export"),
+    after_step=lazy(TASK, "count_step"),
     objectives=(Objective("discriminator", lazy(TASK, "discriminator_loss"), lazy(TASK, "discriminator_parameters")),),
     capabilities=frozenset({"reconstruct", "latents"}),
 )

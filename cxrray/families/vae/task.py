@@ -27,7 +27,7 @@ def loss(model: KLAutoencoder, batch: dict, generator: torch.Generator | None = 
     pixels = x[0].numel()
     rec = reconstruction_loss(model, x, x_hat)
     total = rec + cfg.kl_weight * posterior.kl().mean() / pixels
-    adversarial = _adversarial(model, after_main=False)
+    adversarial = _adversarial(model)
     if model.training:
         _track(model, z.detach())
     if adversarial:
@@ -75,7 +75,7 @@ def _feature_network(path: str) -> torch.jit.ScriptModule:
 def discriminator_loss(model: KLAutoencoder, batch: dict) -> torch.Tensor:
     """Hinge loss of the patch discriminator on real images and (fresh, detached) reconstructions; an exact
     zero before `disc_start`, so its optimiser leaves it untouched during the warm-up."""
-    if not _adversarial(model, after_main=True):
+    if not _adversarial(model):
         return sum(p.sum() for p in model.discriminator.parameters()) * 0.0
     x = batch["image"]
     with torch.no_grad():
@@ -88,11 +88,9 @@ def discriminator_parameters(model: KLAutoencoder) -> list:
     return list(model.discriminator.parameters())
 
 
-def _adversarial(model: KLAutoencoder, after_main: bool) -> bool:
-    """Whether this optimiser step trains adversarially (the main loss has already counted it when
-    `after_main`)."""
-    step = int(model.steps) - (1 if after_main else 0)
-    return model.cfg.disc_weight > 0 and step >= model.cfg.disc_start
+def _adversarial(model: KLAutoencoder) -> bool:
+    """Whether this optimiser step trains adversarially (`model.steps` counts the steps already taken)."""
+    return model.cfg.disc_weight > 0 and int(model.steps) >= model.cfg.disc_start
 
 
 def _adaptive_weight(model: KLAutoencoder, rec: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -107,10 +105,15 @@ def _adaptive_weight(model: KLAutoencoder, rec: torch.Tensor, g: torch.Tensor) -
 
 @torch.no_grad()
 def _track(model: KLAutoencoder, z: torch.Tensor) -> None:
-    """Count the step and fold this batch's latent std into the running estimate (the first batch sets it)."""
+    """Fold this (micro-)batch's latent std into the running estimate (a batch of the first step sets it)."""
     std = z.float().std()
     first = float(model.steps) == 0
     model.latent_std.copy_(std if first else torch.lerp(model.latent_std, std, model.cfg.latent_std_momentum))
+
+
+@torch.no_grad()
+def count_step(model: KLAutoencoder) -> None:
+    """One optimiser step taken (the engine calls it once per step, after every objective)."""
     model.steps.add_(1)
 
 
