@@ -1,6 +1,6 @@
 """`cxrray reproduce cxr_ddpm` (issue 13 part 5): the presets compose into valid configs, and (slow, ~57 min)
 the tiny preset runs the whole miniature: the shuffled control and Gen-vs-Base criteria are asserted; the
-fidelity criterion r >= 0.8 is a strict xfail with its measurement (not met at 32²). `cxrray reproduce cheff`
+fidelity criterion (r >= 0.8 of the judge's ceiling, over the guidance sweep) is a strict xfail with its measurement (not met at 32²). `cxrray reproduce cheff`
 (issue 14): presets that chain, a toy-size run of every stage, and (slow, ~57 min) the tiny miniature's
 figures: what it meets asserted, the issue's criteria it misses as strict xfails with their measurements."""
 from __future__ import annotations
@@ -68,14 +68,27 @@ def test_reproduce_tiny_meets_the_issue_criteria(tiny_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 13's r >= 0.8 is not met at 32²: measured 2026-11-30 r 0.46 for LVIDd "
-                   "(shuffled 0.01), with the judge's own ceiling on real test images at 0.75 (README)")
+@pytest.mark.xfail(strict=True, reason="issue 27 §4's r >= 0.8 of the judge's real-image r is not met at 32²: measured "
+                   "2026-12-05 best 0.783 (guidance 3; 0.628 at guidance 1, shuffled |r| <= 0.06), ceiling 0.749 (README)")
 def test_reproduce_tiny_judge_reads_the_requested_lvidd(tiny_run):
     # The phantoms draw the heart from LVIDd + IVSd + LVPWd (its outer diameter) and age, never the walls on
     # their own: with the paper's independent draws no judge can read IVSd or LVPWd apart from the sum, so the
-    # issue's r >= 0.8 is asked of LVIDd (most of the sum's variance); the walls' r is reported.
-    fidelity = tiny_run[0]["audit"]["fidelity"]
-    assert fidelity["lvidd"]["r_requested"] >= 0.8, fidelity
+    # goal is asked of LVIDd (most of the sum's variance); the walls' r is reported.
+    sweep = tiny_run[0]["audit"]["guidance_sweep"]
+    assert max(f["lvidd"]["of_ceiling"] for f in sweep.values()) >= 0.8, sweep
+
+
+@pytest.mark.slow
+def test_reproduce_tiny_guidance_sweep_follows_the_covariates(tiny_run):
+    """The same requests and noise at guidance 1 / 2 / 3 / 5: every set's shuffled control stays null, and some
+    guidance above 1 reads LVIDd better than guidance 1 (measured 2026-12-05: 0.470 -> 0.565 / 0.587 / 0.540;
+    the 0.05 margin was chosen after seeing those numbers, about one standard error of r at n = 256)."""
+    sweep = tiny_run[0]["audit"]["guidance_sweep"]
+    assert set(sweep) == {"guidance 1", "guidance 2", "guidance 3", "guidance 5"}
+    for f in sweep.values():
+        assert abs(f["lvidd"]["r_shuffled"]) < 0.2 and f["lvidd"]["r_real_test"] > 0.5, f["lvidd"]
+    guided = max(sweep[g]["lvidd"]["r_requested"] for g in ("guidance 2", "guidance 3", "guidance 5"))
+    assert guided >= sweep["guidance 1"]["lvidd"]["r_requested"] + 0.05, sweep
 
 
 @pytest.mark.slow  # ~10 min: every stage of the chain at toy sizes (the figures mean nothing; the plumbing does)
