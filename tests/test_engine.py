@@ -159,10 +159,11 @@ def test_the_batch_plan_keeps_the_global_batch_at_every_worker_count():
 
 
 def _resize_worker(rank: int, world: int, port: int, strategy: str, folder: str, load: bool, first: int, steps: int,
-                   out: str) -> None:
+                   outs: dict) -> None:
     """One rank of a `world`-worker run (gloo on loopback): from folder/start's weights and full optimizer
     state when `load`, else fresh (seed 0); global steps first..first+steps-1 of a fixed image sequence
-    (batch 12, this rank's share); then the full optimizer state and the weights, by rank 0, to folder/out."""
+    (batch 12, this rank's share); after the n-th of them, for each {n: name} in `outs`, the full optimizer
+    state and the weights, by rank 0, to folder/name."""
     import torch.distributed as dist
 
     from cxrray.config import TrainConfig
@@ -187,14 +188,15 @@ def _resize_worker(rank: int, world: int, port: int, strategy: str, folder: str,
         assert load_full_state(engine, ckpt_io.load_state(base / "start", "optimizer-full")) == ["main", "disc"]
     micro, _ = cfg.batch_plan(world)
     images = torch.randn(8, 12, 4, generator=torch.Generator().manual_seed(3))
-    for x in images[first:first + steps]:
+    for n, x in enumerate(images[first:first + steps], start=1):
         share = x[rank * 12 // world:(rank + 1) * 12 // world]
         engine.step([{"image": share[i:i + micro]} for i in range(0, len(share), micro)])
-    state = full_state(engine)
-    if rank == 0:
-        (base / out).mkdir(parents=True, exist_ok=True)
-        ckpt_io.save_state(state, base / out, "optimizer-full")
-        ckpt_io.save_weights(model, base / out / "model.safetensors")
+        if n in outs:
+            state = full_state(engine, keep=rank == 0)
+            if rank == 0:
+                (base / outs[n]).mkdir(parents=True, exist_ok=True)
+                ckpt_io.save_state(state, base / outs[n], "optimizer-full")
+                ckpt_io.save_weights(model, base / outs[n] / "model.safetensors")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -210,14 +212,15 @@ def test_optimizer_state_survives_a_change_of_worker_count(strategy, tmp_path):
     from cxrray.io import checkpoint as ckpt_io
     from s3_fixture import free_port as port
 
-    def run(world: int, load: bool, first: int, steps: int, out: str) -> tuple[dict, dict]:
-        mp.spawn(_resize_worker, args=(world, port(), strategy, str(tmp_path), load, first, steps, out), nprocs=world)
-        return ckpt_io.load_state(tmp_path / out, "optimizer-full"), load_file(tmp_path / out / "model.safetensors")
+    def run(world: int, load: bool, first: int, steps: int, outs: dict) -> tuple[dict, dict]:
+        mp.spawn(_resize_worker, args=(world, port(), strategy, str(tmp_path), load, first, steps, outs), nprocs=world)
+        last = outs[max(outs)]
+        return ckpt_io.load_state(tmp_path / last, "optimizer-full"), load_file(tmp_path / last / "model.safetensors")
 
     for before, after in ((2, 1), (1, 2)):
-        run(before, False, 0, 3, "start")  # the checkpoint: 3 steps at the old size
-        uninterrupted = run(before, False, 0, 4, "uninterrupted")
-        resized = run(after, True, 3, 1, "resized")  # the 4th step at the new size, from the gathered state
+        # 4 steps at the old size, the checkpoint after the 3rd; then the 4th at the new size from it
+        uninterrupted = run(before, False, 0, 4, {3: "start", 4: "uninterrupted"})
+        resized = run(after, True, 3, 1, {1: "resized"})
         assert uninterrupted[0]["main"]["step"] == resized[0]["main"]["step"] == 4
         for name, weight in uninterrupted[1].items():
             assert torch.allclose(resized[1][name], weight, atol=1e-6), (before, after, name)
