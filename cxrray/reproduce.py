@@ -90,9 +90,9 @@ def reproduce_cxr_ddpm(cfg: Config, workdir: Path, n: int, shards: str, sweep: d
     if sweep:
         again = CohortSpec(n=sweep["images"], **{**PAPER_COHORT, "seed": 1})
         for w in sweep["guidance"]:
-            swept[f"guidance {w:g}"] = f"{shards}/guidance/w{w:g}"
-            progress(f"[reproduce] 5/7 guidance sweep: {sweep['images']} images at guidance {w:g} -> {swept[f'guidance {w:g}']}")
-            generate_cohort(checkpoint, again, swept[f"guidance {w:g}"], cfg.generate.model_copy(update={"guidance": w}))
+            uri = swept[f"guidance {w:g}"] = f"{shards}/guidance/w{w:g}"
+            progress(f"[reproduce] 5/7 guidance sweep: {sweep['images']} images at guidance {w:g} -> {uri}")
+            generate_cohort(checkpoint, again, uri, cfg.generate.model_copy(update={"guidance": w}))
     progress("[reproduce] 6/7 experiment: Base / Gen / Base+Gen / Base+Gen(Pos)")
     experiment = run_experiment(real, synthetic, f"file://{(workdir / 'experiment').resolve()}", cfg, progress)
     progress("[reproduce] 7/7 audit of the synthetic set" + (" and of the guidance sweep" if swept else ""))

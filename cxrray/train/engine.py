@@ -94,11 +94,11 @@ class Engine:
             raise ValueError(f"{len(batches)} micro-batches for a DeepSpeed engine built for "
                              f"{o.wrapped.gradient_accumulation_steps()} (train.batch_plan)")
         total = 0.0
+        # DDP all-reduces on the last micro-batch's backward only; DeepSpeed keeps its own boundary (and
+        # refuses step() inside its no_sync)
+        torch_ddp = o.engine == "torch" and hasattr(o.wrapped, "no_sync")
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            # DDP all-reduces on the last micro-batch's backward only; DeepSpeed keeps its own boundary (and
-            # refuses step() inside its no_sync)
-            torch_ddp = o.engine == "torch" and hasattr(o.wrapped, "no_sync")
             sync = o.wrapped.no_sync() if torch_ddp and not last else contextlib.nullcontext()
             with sync:
                 with self.autocast():
