@@ -57,6 +57,7 @@ class RayNode:
     env: dict = field(repr=False)  # environment of the node's processes (its workers inherit it)
     ports: dict = field(default_factory=dict)
     resources: dict = field(default_factory=dict)  # custom resources it was started with
+    leader: subprocess.Popen | None = field(default=None, repr=False)  # its `ray start --block`, when blocking
 
     def processes(self) -> list[psutil.Process]:
         """Live processes of this node: same session id as its `ray start`, plus their descendants."""
@@ -98,6 +99,8 @@ class RayNode:
             for proc in procs:  # again each round: a dying raylet may still have spawned a worker
                 _signal(proc, signal.SIGKILL)
             time.sleep(0.2)
+        if self.leader is not None:
+            self.leader.poll()  # reap it
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         return procs
 
@@ -169,10 +172,12 @@ def start_head(num_cpus: int = 2, object_store_mb: int = 400, env: dict | None =
 
 
 def start_worker(head: RayHead, num_cpus: int = 1, resources: dict | None = None, object_store_mb: int = 200,
-                 timeout: float = 120.0) -> RayNode:
+                 timeout: float = 120.0, block: bool = False, env: dict | None = None) -> RayNode:
     """Another raylet on this machine joining `head`, in a session of its own, with its own temp dir and free
     loopback ports (started by ray_node.py: why not `ray start --address` is said there); returns once the
-    GCS lists it alive, found by `resources`, which must name a resource no other node has."""
+    GCS lists it alive, found by `resources`, which must name a resource no other node has. `block`: its
+    starter stays in the foreground as `ray start --block` does (`RayNode.leader`; SIGTERM to it drains the
+    node, as a spot reclaim or a pod deletion does); `env`: extra environment of the node's processes."""
     resources = dict(resources or {})
     if not resources:
         raise ValueError("a worker node needs a custom resource of its own, to be found and to pin work to it")
@@ -180,13 +185,15 @@ def start_worker(head: RayHead, num_cpus: int = 1, resources: dict | None = None
     ports = {name: free_port() for name in ("node_manager_port", "object_manager_port", "metrics_export_port",
                                             "metrics_agent_port", "dashboard_agent_listen_port", "runtime_env_agent_port")}
     params = {"num_cpus": num_cpus, "resources": resources, "object_store_memory": object_store_mb * 1024 * 1024, **ports}
-    log = temp_dir / "ray_node.log"
+    log, node_env = temp_dir / "ray_node.log", {**head.env, **(env or {})}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("ray_node.py")), head.gcs_address,
-                                 str(temp_dir), json.dumps(params)], env=head.env, cwd=temp_dir, start_new_session=True,
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    node = RayNode(temp_dir=temp_dir, sid=proc.pid, env=head.env, ports=ports, resources=resources)
-    _started(proc, node, log, timeout, lambda deadline: wait_for_node(head, resources, "ALIVE", deadline))
+                                 str(temp_dir), json.dumps(params), *(["block"] if block else [])], env=node_env,
+                                cwd=temp_dir, start_new_session=True, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT)
+    node = RayNode(temp_dir=temp_dir, sid=proc.pid, env=node_env, ports=ports, resources=resources,
+                   leader=proc if block else None)
+    _started(proc, node, log, timeout, lambda deadline: wait_for_node(head, resources, "ALIVE", deadline), block)
     return node
 
 
@@ -217,12 +224,15 @@ def wait_for_node(head: RayHead, resources: dict, state: str, deadline: float) -
     raise TimeoutError(f"node with {resources} not {state} in time (last: {last!r})")
 
 
-def _started(proc: subprocess.Popen, node: RayNode, log: Path, timeout: float, ready) -> None:
-    """Wait for `ray start` to exit 0 and for `ready(deadline)`; on any failure kill what it started."""
+def _started(proc: subprocess.Popen, node: RayNode, log: Path, timeout: float, ready, block: bool = False) -> None:
+    """Wait for `ray start` to exit 0 (`block`: to be still running) and for `ready(deadline)`; on any failure
+    kill what it started."""
     try:
-        if proc.wait(timeout=timeout) != 0:
+        if not block and proc.wait(timeout=timeout) != 0:
             raise RuntimeError(f"ray start failed ({proc.returncode}):\n{log.read_text()[-4000:]}")
         ready(time.monotonic() + timeout)
+        if block and proc.poll() is not None:
+            raise RuntimeError(f"ray start --block exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
     except BaseException:
         proc.kill()
         node.stop()

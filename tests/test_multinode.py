@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import textwrap
 import time
@@ -143,25 +144,12 @@ def test_elastic_training_loses_a_node_continues_smaller_and_grows_back(cluster,
     that checkpoint, and grows back to two workers when a new node joins. Asserted: the worker counts 2 -> 1
     -> 2, images shown reach the target exactly with every checkpoint a whole number of global batches, and
     the loss carries on from where it was (not from an untrained model's), the optimizer state with it."""
-    import re
-
-    from cxrray.data.phantom import PhantomConfig, generate
-    from test_jobs import job_logs, submit, wait_for
+    from test_jobs import job_logs, wait_for
 
     head = cluster.head
-    generate(96, tmp_path / "in", PhantomConfig(size=64, seed=21))
-    job = submit(head, "python", "jobs/ingest.py", "--input", str(tmp_path / "in"), "--labels",
-                 str(tmp_path / "in" / "labels.csv"), "--output", f"file://{tmp_path}/shards", "--size", "32",
-                 "--set", "ingest.shard_samples=24")
-    assert wait_for(head, job, timeout=240) == "SUCCEEDED", job_logs(head, job)[-3000:]
     target, run = 640, tmp_path / "run"
-    sets = ["model.image_size=32", "model.base_channels=16", "model.channel_mult=[1,2]", "model.norm_groups=8",
-            "model.z_dim=64", "train.global_batch=8", "train.lr=0.001", "train.log_every=16", "train.checkpoint_every=32",
-            "train.eval_split=null", "train.num_workers=2", "train.min_workers=1", "train.max_failures=3",
-            "train.resize_check_s=5", "train.cpus_per_worker=0.5", 'train.worker_resources={"trainer": 1}',
-            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
-    job = submit(head, "python", "jobs/pretrain.py", "--data", f"file://{tmp_path}/shards", "--output", f"file://{run}",
-                 "--images", str(target), *[a for item in sets for a in ("--set", item)])
+    job = _submit_pretraining(head, tmp_path, run, target, ["train.checkpoint_every=32", "train.resize_check_s=5",
+                                                           'train.worker_resources={"trainer": 1}'])
     client, deadline, joined = head.job_client(), time.monotonic() + 900, None
     shown = lambda: json.loads((run / "latest.json").read_text()).get("images_shown", 0) if (run / "latest.json").exists() else 0  # noqa: E731
     while shown() < 32:  # the first checkpoint
@@ -194,3 +182,124 @@ def test_elastic_training_loses_a_node_continues_smaller_and_grows_back(cluster,
     print(json.dumps({"worker_counts": sizes, "killed_after_images": lost_at, "resumed_at": resumed,
                       "first_loss": losses[0], "first_loss_after_resume": first_after, "last_loss": losses[-1]}))
     assert first_after < losses[0], (losses[0], first_after, losses)  # carried on, not restarted from scratch
+
+
+def _submit_pretraining(head, tmp_path, run, target: int, extra: list[str]) -> str:
+    """Ingest 96 phantoms (a job) and submit a tiny elastic pretraining job (1-2 workers, global batch 8) on
+    them with `extra` settings; returns the pretraining job's id."""
+    from cxrray.data.phantom import PhantomConfig, generate
+    from test_jobs import job_logs, submit, wait_for
+
+    generate(96, tmp_path / "in", PhantomConfig(size=64, seed=21))
+    job = submit(head, "python", "jobs/ingest.py", "--input", str(tmp_path / "in"), "--labels",
+                 str(tmp_path / "in" / "labels.csv"), "--output", f"file://{tmp_path}/shards", "--size", "32",
+                 "--set", "ingest.shard_samples=24")
+    assert wait_for(head, job, timeout=240) == "SUCCEEDED", job_logs(head, job)[-3000:]
+    sets = ["model.image_size=32", "model.base_channels=16", "model.channel_mult=[1,2]", "model.norm_groups=8",
+            "model.z_dim=64", "train.global_batch=8", "train.lr=0.001", "train.log_every=16", "train.eval_split=null",
+            "train.num_workers=2", "train.min_workers=1", "train.max_failures=3", "train.cpus_per_worker=0.5",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *extra]
+    return submit(head, "python", "jobs/pretrain.py", "--data", f"file://{tmp_path}/shards", "--output", f"file://{run}",
+                  "--images", str(target), *[a for item in sets for a in ("--set", item)])
+
+
+def test_a_preemption_notice_is_answered_with_a_checkpoint_and_the_run_resumes_from_it(cluster, tmp_path):
+    """Issue 28 §2, spot capacity: training on two spot nodes (one worker each); SIGTERM to one node's
+    `ray start --block` (a spot reclaim, a pod deletion) makes Ray drain it with reason PREEMPTION and a 30-s
+    deadline. Asserted: the run checkpoints at once, at an image count no periodic checkpoint falls on
+    (checkpoint_every is past the target), before the deadline; when the node goes it restarts on the
+    survivor from exactly that checkpoint and reaches the target."""
+    from test_jobs import job_logs, wait_for
+
+    head, grace = cluster.head, 30
+    reclaimed = start_worker(head, num_cpus=1, resources={"spot_1": 1, "spot": 1}, block=True,
+                             env={"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(grace)})
+    survivor = start_worker(head, num_cpus=1, resources={"spot_2": 1, "spot": 1})
+    try:
+        target, run = 480, tmp_path / "run"
+        job = _submit_pretraining(head, tmp_path, run, target, [
+            "train.checkpoint_every=100000", "train.preemption_check_every=8", "train.resize_check_s=600",
+            'train.worker_resources={"spot": 1}'])
+        client, deadline = head.job_client(), time.monotonic() + 900
+        progress = re.compile(r"\[pretrain\] ([\d,]+)/[\d,]+ images")
+        while not [n for n in progress.findall(client.get_job_logs(job)) if int(n.replace(",", "")) >= 48]:
+            assert time.monotonic() < deadline and not client.get_job_status(job).is_terminal(), client.get_job_logs(job)[-3000:]
+            time.sleep(1)
+        reclaimed.leader.terminate()  # the spot notice: SIGTERM to the node's `ray start --block`
+        noticed_by = time.monotonic() + grace
+        while "[pretrain] preemption notice" not in (logs := client.get_job_logs(job)):
+            assert time.monotonic() < noticed_by, f"no checkpoint within the {grace}-s notice:\n{logs[-3000:]}"
+            time.sleep(0.5)
+        assert wait_for(head, job, timeout=max(60, deadline - time.monotonic())) == "SUCCEEDED", job_logs(head, job)[-4000:]
+        logs = job_logs(head, job)
+        assert reclaimed.leader.wait(timeout=60) == 1  # Ray's handler: drain, stop the node's processes, exit 1
+        assert node_state(head, {"spot_1": 1})[1] == "DEAD"
+    finally:
+        for node in (reclaimed, survivor):
+            node.stop()
+    at = [int(n.replace(",", "")) for n in re.findall(r"preemption notice: .* checkpoint now at ([\d,]+) images shown", logs)]
+    assert len(at) == 1 and 48 <= at[0] < target and at[0] % 8 == 0, (at, logs[-3000:])
+    resumed = [int(n.replace(",", "")) for n in re.findall(r"resumed at ([\d,]+) images shown", logs)]
+    assert resumed == at, (resumed, at)  # from the just-in-time checkpoint, not from the start
+    sizes = [int(n) for n in re.findall(r"\[pretrain\] (\d+) workers: micro-batch", logs)]
+    assert sizes == [2, 1], sizes
+    latest = json.loads((run / "latest.json").read_text())
+    assert latest["images_shown"] == target
+    assert (run / "ray").exists() and list(run.glob(f"ray/*/checkpoint-{at[0]:012d}/COMPLETE"))
+    print(json.dumps({"checkpointed_at": at[0], "resumed_at": resumed, "worker_counts": sizes}))
+
+
+def test_a_batch_job_loses_the_node_its_actors_run_on_and_writes_every_output_once(cluster, tmp_path):
+    """Issue 28 §2, batch jobs: `jobs/generate.py` (a cohort of 24 in 12 shards) with its actor pool pinned to
+    "batch" nodes (`generate.actor_resources`). The only one is killed whole once the first shard is written;
+    a replacement joins (what a spot pool's autoscaler does); Ray Data restarts the actor there and retries
+    the unit it lost (or, if the job fails, its rerun finishes it). Asserted: every file of the output is
+    byte-identical to a clean run's, with every sample exactly once and no partial file left."""
+    import hashlib
+
+    import torch
+
+    from conftest import write_checkpoint
+    from cxrray.data.shards import read_tar
+    from cxrray.families import get_family
+    from test_generate import MODEL, _spec
+    from test_jobs import job_logs, submit, wait_for
+
+    head = cluster.head
+    torch.manual_seed(0)
+    ckpt = f"file://{write_checkpoint(get_family('ddpm').build(MODEL).eval(), tmp_path / 'ckpt', 64)}"
+    args = ["python", "jobs/generate.py", "--checkpoint", ckpt, "--cohort", str(_spec(tmp_path, n=24)), "--steps", "40",
+            "--set", "generate.shard_samples=2", "--set", "generate.batch_size=2", "--set", "generate.actors=1"]
+    clean, lost = tmp_path / "clean", tmp_path / "lost"
+    job = submit(head, *args, "--output", f"file://{clean}")
+    assert wait_for(head, job, timeout=300) == "SUCCEEDED", job_logs(head, job)[-3000:]
+
+    doomed = start_worker(head, num_cpus=1, resources={"batch_1": 1, "batch": 1})
+    replacement = None
+    try:
+        job = submit(head, *args, "--output", f"file://{lost}", "--set", 'generate.actor_resources={"batch": 1}')
+        client, deadline = head.job_client(), time.monotonic() + 300
+        while not list(lost.glob("_parts/*.json")):
+            assert time.monotonic() < deadline and not client.get_job_status(job).is_terminal(), client.get_job_logs(job)[-3000:]
+            time.sleep(0.2)
+        assert not doomed.stop(), "the batch node survived its kill"
+        written_before = len(list(lost.glob("_parts/*.json")))
+        replacement = start_worker(head, num_cpus=1, resources={"batch_2": 1, "batch": 1})
+        status = wait_for(head, job, timeout=300)
+        reran = status != "SUCCEEDED"
+        if reran:  # Ray Data could not retry in-job: the rerun must finish it, writing only what is missing
+            job = submit(head, *args, "--output", f"file://{lost}", "--set", 'generate.actor_resources={"batch": 1}')
+            assert wait_for(head, job, timeout=300) == "SUCCEEDED", job_logs(head, job)[-3000:]
+        logs = job_logs(head, job)
+    finally:
+        for node in (doomed, replacement):
+            if node is not None:
+                node.stop()
+    files = lambda root: {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+                          for p in sorted(root.rglob("*")) if p.is_file()}
+    assert written_before < 12, "the kill must land mid-job"
+    assert files(lost) == files(clean) and len([n for n in files(clean) if n.endswith(".tar")]) == 12
+    keys = [meta["key"] for p in sorted(lost.glob("*.tar")) for _, _, meta in read_tar(p.read_bytes())]
+    assert len(keys) == len(set(keys)) == 24, "every sample exactly once"
+    print(json.dumps({"shards_written_before_the_kill": written_before, "finished_by": "rerun" if reran else "ray data retry",
+                      "removed_partial": "partial file" in logs}))

@@ -104,7 +104,7 @@ def encode(checkpoint: str, data_uri: str, output_uri: str, cfg: EncodeConfig) -
           f"({sum(u['rows'] for u in todo):,} images){' with DDIM inversion' if cfg.invert else ''}", flush=True)
     fan_out("encode", todo, ChunkEncoder, {"checkpoint": checkpoint, "data_uri": data_uri, "output_uri": out.uri,
                                            "cfg": cfg.model_dump(), "covariates": manifest["covariates"]},
-            use_gpu=cfg.use_gpu, actors=cfg.actors, count="rows", what="images")
+            cfg, out, count="rows", what="images")
     index = {"format": FORMAT, "checkpoint": identity["checkpoint"], "model": identity, "data": Storage(data_uri).uri,
              "z_dim": identity["z_dim"], "image_size": manifest["preprocessing"]["size"],
              "invert_steps": settings["invert_steps"], "label_vocabulary": manifest["label_vocabulary"],

@@ -188,7 +188,7 @@ def explain_shards(checkpoint: str, probe: str, data_uri: str, findings: list[st
     result = fan_out("explain", units, ShardExplainer,
                      {"data_uri": data_uri, "checkpoint": checkpoint, "probe": probe, "output_uri": out.uri,
                       "cfg": cfg.explain.model_dump(), "findings": findings, "toward": toward, "reference": reference},
-                     use_gpu=cfg.explain.use_gpu, actors=cfg.explain.actors, count="written", what="counterfactuals")
+                     cfg.explain, out, count="written", what="counterfactuals")
     written = result.counted
     print(f"[explain] wrote {written} counterfactual records (PNG, DICOM, difference map, JSON each) -> {out.uri}",
           flush=True)

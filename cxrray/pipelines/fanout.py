@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import ray
 
+from cxrray.data.storage import Storage
+from cxrray.pipelines.settings import ActorPoolConfig
+
 
 @dataclass
 class FanOutResult:
@@ -26,11 +29,14 @@ class FanOutResult:
         return self.counted / self.seconds if self.seconds > 0 else 0.0
 
 
-def pool_args(use_gpu: bool, actors: int | None) -> dict:
-    """Ray Data actor-pool arguments: one GPU each on a cluster, else one CPU each (two locally)."""
-    if use_gpu:
-        return {"num_gpus": 1, "concurrency": actors or max(1, int(ray.cluster_resources().get("GPU", 1)))}
-    return {"num_cpus": 1, "concurrency": actors or max(1, min(2, int(ray.cluster_resources().get("CPU", 1))))}
+def pool_args(pool: ActorPoolConfig) -> dict:
+    """Ray Data actor-pool arguments: one GPU each on a cluster, else one CPU each (two locally), plus the
+    pool's custom resources."""
+    extra = {"resources": dict(pool.actor_resources)} if pool.actor_resources else {}
+    if pool.use_gpu:
+        return {"num_gpus": 1, "concurrency": pool.actors or max(1, int(ray.cluster_resources().get("GPU", 1))), **extra}
+    return {"num_cpus": 1, "concurrency": pool.actors or max(1, min(2, int(ray.cluster_resources().get("CPU", 1)))),
+            **extra}
 
 
 def eta(done: int, total: int, elapsed: float) -> str:
@@ -41,21 +47,24 @@ def eta(done: int, total: int, elapsed: float) -> str:
     return f"{int(left // 60)}:{int(left % 60):02d}"
 
 
-def fan_out(job: str, units: list[dict], actor: type, constructor_kwargs: dict, *, use_gpu: bool = False,
-            actors: int | None = None, count: str = "rows", what: str = "items") -> FanOutResult:
+def fan_out(job: str, units: list[dict], actor: type, constructor_kwargs: dict, pool: ActorPoolConfig,
+            output: Storage, *, count: str = "rows", what: str = "items") -> FanOutResult:
     """Run `actor` over `units` (one unit per call) on an actor pool; prints
-    `[job] i/N units  k what  r what/s  ETA m:ss` after each unit and returns the totals."""
+    `[job] i/N units  k what  r what/s  ETA m:ss` after each unit and returns the totals. An actor lost with
+    its node is restarted and its unit retried by Ray Data; what it was writing to `output` when it died
+    (a `.tmp-` file) is removed once the pool is done, so only whole outputs remain."""
     if not units:
         return FanOutResult(0, 0, 0.0)
     ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        actor, batch_size=1, fn_constructor_kwargs=constructor_kwargs, **pool_args(use_gpu, actors))
+        actor, batch_size=1, fn_constructor_kwargs=constructor_kwargs, **pool_args(pool))
     start, counted, done = time.perf_counter(), 0, 0
     for done, row in enumerate(ds.iter_rows(), start=1):
         counted += int(row[count])
         elapsed = time.perf_counter() - start
         print(f"[{job}] {done}/{len(units)} units  {counted:,} {what}  {counted / max(elapsed, 1e-9):.2f} {what}/s  "
               f"ETA {eta(done, len(units), elapsed)}", flush=True)
+    stranded = output.remove_partial()
     result = FanOutResult(done, counted, time.perf_counter() - start)
-    print(f"[{job}] {result.units} units, {counted:,} {what} in {result.seconds:.1f} s ({result.rate:.2f} {what}/s)",
-          flush=True)
+    print(f"[{job}] {result.units} units, {counted:,} {what} in {result.seconds:.1f} s ({result.rate:.2f} {what}/s)"
+          + (f"; removed {stranded} partial file(s) of lost actors" if stranded else ""), flush=True)
     return result

@@ -234,7 +234,7 @@ def generate_rows(checkpoint: str, rows: list[dict], output_uri: str, cfg: Gener
         configure_data()
         result = fan_out("generate", [{"unit": json.dumps(u)} for u in todo], ShardGenerator,
                 {"checkpoint": checkpoint, "output_uri": out.uri, "cfg": cfg.model_dump(), "model": public,
-                 "fingerprint": fingerprint, "findings": findings, "sr": sr}, use_gpu=cfg.use_gpu, actors=cfg.actors,
+                 "fingerprint": fingerprint, "findings": findings, "sr": sr}, cfg, out,
                          count="images", what="images")
         if timing is not None:
             timing.update(seconds=result.seconds, images=result.counted)

@@ -144,7 +144,7 @@ def latents(vae: str, data_uri: str, output_uri: str, cfg: LatentsConfig) -> dic
     print(f"[latents] {len(names) - len(todo)}/{len(names)} shards already written; encoding {len(todo)}", flush=True)
     fan_out("latents", todo, ShardLatents, {"vae": vae, "data_uri": data_uri, "output_uri": out.uri,
                                             "cfg": cfg.model_dump(), "findings": manifest["label_vocabulary"]},
-            use_gpu=cfg.use_gpu, actors=cfg.actors, count="rows", what="images")
+            cfg, out, count="rows", what="images")
     parts = [load_part(out, n) for n in names]
     shards = [{k: p[k] for k in ("name", "samples", "sha256", "bytes", "splits")} for p in parts]
     members = sorted({m for p in parts for m in p.get("members", ())})

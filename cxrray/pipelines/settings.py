@@ -10,18 +10,25 @@ from cxrray.data.settings import StrictModel
 from cxrray.eval.confounding import ConfoundingSettings
 
 
-class EncodeConfig(StrictModel):
+class ActorPoolConfig(StrictModel):
+    """The actor pool a batch job fans out over (`pipelines.fanout`)."""
+
+    actors: int | None = Field(None, ge=1)  # pool size; None: one per GPU / two CPU actors locally
+    use_gpu: bool = False
+    # custom Ray resources each actor also needs (e.g. {"spot": 1} to keep the job on the nodes that advertise it)
+    actor_resources: dict[str, float] = Field(default_factory=dict)
+
+
+class EncodeConfig(ActorPoolConfig):
     """Encode job: z from the EMA encoder and, optionally, x_T by deterministic DDIM inversion."""
 
     invert: bool = False
     invert_steps: int = Field(250, ge=1, le=1000)  # DiffChest: 250
     batch_size: int = Field(16, ge=1)
     chunk: int = Field(256, ge=1)  # samples per Parquet part: the unit of resumption
-    actors: int | None = Field(None, ge=1)  # actor-pool size; None: one per GPU / two CPU actors locally
-    use_gpu: bool = False
 
 
-class LatentsConfig(StrictModel):
+class LatentsConfig(ActorPoolConfig):
     """Latents job (`cxrray latents`): image shards -> latent shards (scaled VAE posterior means) with the
     reports tokenised by a WordPiece tokenizer trained here on the training split's de-identified reports."""
 
@@ -31,8 +38,6 @@ class LatentsConfig(StrictModel):
     min_patients: int = Field(3, ge=1)
     tokenizer_split: str = "train"
     batch_size: int = Field(16, ge=1)
-    actors: int | None = Field(None, ge=1)
-    use_gpu: bool = False
 
 
 class ProbeConfig(StrictModel):
@@ -49,7 +54,7 @@ class ProbeConfig(StrictModel):
     seed: int = 0
 
 
-class ExplainConfig(StrictModel):
+class ExplainConfig(ActorPoolConfig):
     """Counterfactual explanations: z* = z + eps * y_t * w (DiffChest eq. 5) or the closed form (eq. 4)."""
 
     mode: Literal["linear", "closed_form"] = "linear"
@@ -82,8 +87,6 @@ class ExplainConfig(StrictModel):
     mask_blur: float = Field(1.5, ge=0.0, le=16.0)
     mask_dilate: int = Field(2, ge=0, le=32)
     batch_size: int = Field(8, ge=1)
-    actors: int | None = Field(None, ge=1)
-    use_gpu: bool = False
     seed: int = 0  # which images `cxrray explain --limit` picks from shards
 
     @model_validator(mode="after")
@@ -139,7 +142,7 @@ class AuditConfig(StrictModel):
     statistics: ConfoundingSettings = Field(default_factory=ConfoundingSettings)
 
 
-class GenerateConfig(StrictModel):
+class GenerateConfig(ActorPoolConfig):
     """Generation job (`cxrray generate`): a cohort spec's rows -> synthetic shards, one shard per unit."""
 
     sampler: Literal["ddim", "ddpm"] = "ddim"  # ddim: eta 0; ddpm: ancestral (the paper's 1000 steps)
@@ -148,8 +151,6 @@ class GenerateConfig(StrictModel):
     sr_steps: int = Field(100, ge=1, le=2000)  # DDIM steps of the super-resolution stage (`generate --sr`)
     shard_samples: int = Field(64, ge=1)  # images per shard: the unit of resumption
     batch_size: int = Field(16, ge=1)
-    actors: int | None = Field(None, ge=1)
-    use_gpu: bool = False
 
 
 ARMS = ("base", "gen", "base+gen", "base+gen(pos)")

@@ -113,6 +113,7 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     window = {"loss": 0.0, "steps": 0, "wait": 0.0, "busy": 0.0, "start": time.perf_counter(), "grad": 0.0, "extra": {}}
     last_metrics: dict = {}
+    noticed: set[str] = set()  # nodes whose preemption notice was answered with a checkpoint
     epoch = 0
     while progress["images_shown"] < tc.images:
         epoch += 1
@@ -151,10 +152,19 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0 and eval_batch is not None and (crossed(before, now, tc.eval_every) or done):
                 scores = evaluate(family, ema.module, eval_batch, cfg, now, logger)
                 last_metrics.update(scores)
-            if crossed(before, now, tc.checkpoint_every) or done:
+            checkpointed = crossed(before, now, tc.checkpoint_every) or done
+            if checkpointed:
                 _save_and_report(engine, ema, progress, last_metrics, cfg, rank, world, config.get("data") or {})
             elif crossed(before, now, tc.log_every):
                 ray.train.report(last_metrics)
+            if tc.preemption_check_every and crossed(before, now, tc.preemption_check_every) and not done:
+                notice = ray.train.get_preemption_info()  # a collective: every rank asks at the same step
+                if notice is not None and not set(notice.preempted_node_ids) <= noticed:
+                    noticed.update(notice.preempted_node_ids)
+                    if rank == 0:
+                        say(_preemption_line(notice, now, checkpointed))
+                    if not checkpointed:  # the run restarts from it when the node goes
+                        _save_and_report(engine, ema, progress, last_metrics, cfg, rank, world, config.get("data") or {})
             if done:
                 break
 
@@ -200,6 +210,13 @@ def _print_progress(m: dict, target: int) -> None:
     eta = max(target - m["images_shown"], 0) / max(m["images_per_s"], 1e-9)
     say(f"[pretrain] {m['images_shown']:,}/{target:,} images  loss {m['loss']:.4f}  {m['images_per_s']:.1f} img/s  "
         f"data-wait {100 * m['data_wait_fraction']:.0f}%  ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+
+
+def _preemption_line(notice, images_shown: int, already_saved: bool) -> str:
+    left = f"{max(0.0, notice.deadline_ms / 1000 - time.time()):.0f} s" if notice.deadline_ms else "no deadline"
+    nodes = ", ".join(f"{node[:8]} (ranks {ranks})" for node, ranks in sorted(notice.preempted_node_to_ranks.items()))
+    action = "just checkpointed" if already_saved else "checkpoint now"
+    return f"[pretrain] preemption notice: node {nodes} reclaimed in {left}; {action} at {images_shown:,} images shown"
 
 
 def _save_and_report(engine, ema, progress: dict, metrics: dict, cfg: Config, rank: int, world: int,
