@@ -1,10 +1,12 @@
 """An S3-compatible endpoint on 127.0.0.1 for tests: moto's server behind a tiny HTTP proxy that can
-answer the next N PUTs with 503 SlowDown (a transient failure the client must retry)."""
+answer the next N PUTs with 503 SlowDown (a transient failure the client must retry), or go away for a
+window (connections refused, open ones reset: an outage)."""
 from __future__ import annotations
 
 import http.client
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -18,7 +20,8 @@ class FaultProxy:
     """Forwards every request to `upstream_port`; counts requests; injects 503s on demand."""
 
     def __init__(self, port: int, upstream_port: int):
-        self.upstream_port = upstream_port
+        self.port, self.upstream_port = port, upstream_port
+        self.open_connections: set[socket.socket] = set()
         self.fail_next_puts = 0
         self.injected = 0
         self.requests: dict[str, int] = {}
@@ -30,6 +33,16 @@ class FaultProxy:
 
             def log_message(self, *args):  # quiet
                 pass
+
+            def setup(self):
+                super().setup()
+                with proxy.lock:
+                    proxy.open_connections.add(self.connection)
+
+            def finish(self):
+                with proxy.lock:
+                    proxy.open_connections.discard(self.connection)
+                super().finish()
 
             def _forward(self):
                 body = self._read_body()
@@ -80,12 +93,37 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.handler = Handler
+        self._listen()
+
+    def _listen(self):
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self.handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def start(self):
         self.thread.start()
         return self
+
+    def outage(self, seconds: float) -> threading.Thread:
+        """Stop listening (new connections are refused) and reset every open connection, for `seconds`;
+        then listen again on the same port. Returns the thread that reopens it (join it to wait)."""
+        self.server.shutdown()
+        self.server.server_close()
+        with self.lock:
+            for conn in list(self.open_connections):
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        def reopen():
+            time.sleep(seconds)
+            self._listen()
+            self.start()
+
+        thread = threading.Thread(target=reopen, daemon=True)
+        thread.start()
+        return thread
 
     def stop(self):
         self.server.shutdown()

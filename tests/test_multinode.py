@@ -16,30 +16,14 @@ import subprocess
 import textwrap
 import time
 import uuid
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from ray_head import LOOPBACK, RAY_CLI, node_state, start_head, start_worker, wait_for_node
+from ray_head import LOOPBACK, RAY_CLI, cluster, node_state, start_worker, wait_for_node  # noqa: F401
 
 pytestmark = pytest.mark.cluster
 JOB_TIMEOUT_S = 180
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """A head (1 CPU) and worker nodes a and b (1 CPU each; custom resources node_a / node_b, and one
-    "trainer" slot each, so an elastic training run puts one worker on each)."""
-    head = start_head(num_cpus=1, object_store_mb=200)
-    nodes = {}
-    try:
-        for name in ("a", "b"):
-            nodes[name] = start_worker(head, num_cpus=1, resources={f"node_{name}": 1, "trainer": 1})
-        yield SimpleNamespace(head=head, nodes=nodes)
-    finally:
-        survivors = [p for node in [*nodes.values(), head] for p in node.stop()]
-        assert not survivors, f"processes of the test cluster survived teardown: {survivors}"
 
 
 def run_job(head, folder, script: str, timeout: float = JOB_TIMEOUT_S, while_running=None) -> dict:
@@ -184,7 +168,7 @@ def test_elastic_training_loses_a_node_continues_smaller_and_grows_back(cluster,
     assert first_after < losses[0], (losses[0], first_after, losses)  # carried on, not restarted from scratch
 
 
-def _submit_pretraining(head, tmp_path, run, target: int, extra: list[str]) -> str:
+def _submit_pretraining(head, tmp_path, run, target: int, extra: list[str]) -> str:  # run: a folder or an s3:// URI
     """Ingest 96 phantoms (a job) and submit a tiny elastic pretraining job (1-2 workers, global batch 8) on
     them with `extra` settings; returns the pretraining job's id."""
     from cxrray.data.phantom import PhantomConfig, generate
@@ -199,7 +183,8 @@ def _submit_pretraining(head, tmp_path, run, target: int, extra: list[str]) -> s
             "model.z_dim=64", "train.global_batch=8", "train.lr=0.001", "train.log_every=16", "train.eval_split=null",
             "train.num_workers=2", "train.min_workers=1", "train.max_failures=3", "train.cpus_per_worker=0.5",
             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *extra]
-    return submit(head, "python", "jobs/pretrain.py", "--data", f"file://{tmp_path}/shards", "--output", f"file://{run}",
+    output = run if str(run).startswith("s3://") else f"file://{run}"
+    return submit(head, "python", "jobs/pretrain.py", "--data", f"file://{tmp_path}/shards", "--output", output,
                   "--images", str(target), *[a for item in sets for a in ("--set", item)])
 
 
@@ -249,31 +234,43 @@ def test_a_preemption_notice_is_answered_with_a_checkpoint_and_the_run_resumes_f
     print(json.dumps({"checkpointed_at": at[0], "resumed_at": resumed, "worker_counts": sizes}))
 
 
-def test_a_batch_job_loses_the_node_its_actors_run_on_and_writes_every_output_once(cluster, tmp_path):
+@pytest.fixture(scope="module")
+def generation(cluster, tmp_path_factory):
+    """A tiny covariate DDPM, a 24-row cohort and `jobs/generate.py`'s arguments for it (12 shards of 2, 40 steps,
+    one actor), and the output of one clean run of them on the cluster: (args, clean folder)."""
+    import torch
+
+    from conftest import write_checkpoint
+    from cxrray.families import get_family
+    from test_generate import MODEL, _spec
+    from test_jobs import job_logs, submit, wait_for
+
+    root = tmp_path_factory.mktemp("generation")
+    torch.manual_seed(0)
+    ckpt = f"file://{write_checkpoint(get_family('ddpm').build(MODEL).eval(), root / 'ckpt', 64)}"
+    args = ["python", "jobs/generate.py", "--checkpoint", ckpt, "--cohort", str(_spec(root, n=24)), "--steps", "40",
+            "--set", "generate.shard_samples=2", "--set", "generate.batch_size=2", "--set", "generate.actors=1"]
+    job = submit(cluster.head, *args, "--output", f"file://{root / 'clean'}")
+    assert wait_for(cluster.head, job, timeout=300) == "SUCCEEDED", job_logs(cluster.head, job)[-3000:]
+    return args, root / "clean"
+
+
+def _digests(root) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_batch_job_loses_the_node_its_actors_run_on_and_writes_every_output_once(cluster, generation, tmp_path):
     """Issue 28 §2, batch jobs: `jobs/generate.py` (a cohort of 24 in 12 shards) with its actor pool pinned to
     "batch" nodes (`generate.actor_resources`). The only one is killed whole once the first shard is written;
     a replacement joins (what a spot pool's autoscaler does); Ray Data restarts the actor there and retries
     the unit it lost (or, if the job fails, its rerun finishes it). Asserted: every file of the output is
     byte-identical to a clean run's, with every sample exactly once and no partial file left."""
-    import hashlib
-
-    import torch
-
-    from conftest import write_checkpoint
     from cxrray.data.shards import read_tar
-    from cxrray.families import get_family
-    from test_generate import MODEL, _spec
     from test_jobs import job_logs, submit, wait_for
 
-    head = cluster.head
-    torch.manual_seed(0)
-    ckpt = f"file://{write_checkpoint(get_family('ddpm').build(MODEL).eval(), tmp_path / 'ckpt', 64)}"
-    args = ["python", "jobs/generate.py", "--checkpoint", ckpt, "--cohort", str(_spec(tmp_path, n=24)), "--steps", "40",
-            "--set", "generate.shard_samples=2", "--set", "generate.batch_size=2", "--set", "generate.actors=1"]
-    clean, lost = tmp_path / "clean", tmp_path / "lost"
-    job = submit(head, *args, "--output", f"file://{clean}")
-    assert wait_for(head, job, timeout=300) == "SUCCEEDED", job_logs(head, job)[-3000:]
-
+    head, (args, clean), lost = cluster.head, generation, tmp_path / "lost"
     doomed = start_worker(head, num_cpus=1, resources={"batch_1": 1, "batch": 1})
     replacement = None
     try:
@@ -295,11 +292,79 @@ def test_a_batch_job_loses_the_node_its_actors_run_on_and_writes_every_output_on
         for node in (doomed, replacement):
             if node is not None:
                 node.stop()
-    files = lambda root: {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
-                          for p in sorted(root.rglob("*")) if p.is_file()}
     assert written_before < 12, "the kill must land mid-job"
-    assert files(lost) == files(clean) and len([n for n in files(clean) if n.endswith(".tar")]) == 12
+    assert _digests(lost) == _digests(clean) and len([n for n in _digests(clean) if n.endswith(".tar")]) == 12
     keys = [meta["key"] for p in sorted(lost.glob("*.tar")) for _, _, meta in read_tar(p.read_bytes())]
     assert len(keys) == len(set(keys)) == 24, "every sample exactly once"
     print(json.dumps({"shards_written_before_the_kill": written_before, "finished_by": "rerun" if reran else "ray data retry",
                       "removed_partial": "partial file" in logs}))
+
+
+def _moto_objects(bucket: str, prefix: str = "") -> dict[str, bytes]:
+    """Every object under s3://bucket/prefix, read from moto directly (not through the fault proxy)."""
+    import boto3
+
+    from conftest import MOTO_PORT
+
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{MOTO_PORT}")
+    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for o in page.get("Contents", [])]
+    return {k[len(prefix):].lstrip("/"): client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def test_a_batch_job_rides_out_an_s3_outage_and_writes_the_same_objects(cluster, generation, s3):
+    """Issue 28 §2, object store faults: `jobs/generate.py` writing to s3:// while the endpoint refuses
+    connections (and resets open ones) for 5 s, from the moment its first shard lands. The actors' writes
+    are retried (the SDK's standard strategy) and the job finishes; the bucket then holds exactly the clean
+    run's files, byte for byte: nothing partial, nothing twice."""
+    import hashlib
+
+    from conftest import make_bucket
+    from test_jobs import job_logs, submit, wait_for
+
+    head, (args, clean) = cluster.head, generation
+    make_bucket("outage-generate")
+    job = submit(head, *args, "--output", "s3://outage-generate/syn")
+    client, deadline = head.job_client(), time.monotonic() + 300
+    while not any(k.startswith("_parts/") for k in _moto_objects("outage-generate", "syn")):
+        assert time.monotonic() < deadline and not client.get_job_status(job).is_terminal(), client.get_job_logs(job)[-3000:]
+        time.sleep(0.2)
+    reopened = s3.outage(5.0)
+    outage_started = time.time()
+    written_before = sum(k.startswith("_parts/") for k in _moto_objects("outage-generate", "syn"))
+    reopened.join(timeout=30)
+    assert wait_for(head, job, timeout=300) == "SUCCEEDED", job_logs(head, job)[-3000:]
+    assert client.get_job_info(job).end_time / 1000 > outage_started + 5, "the job must have run through the outage"
+    assert written_before < 12, "the outage must land mid-job"
+    stored = {k: hashlib.sha256(v).hexdigest() for k, v in _moto_objects("outage-generate", "syn").items()}
+    assert stored == _digests(clean)
+
+
+def test_training_rides_out_an_s3_outage_and_every_checkpoint_is_whole(cluster, s3, tmp_path):
+    """Issue 28 §2, object store faults: pretraining with its output (checkpoints, status) on s3:// while the
+    endpoint refuses connections for 5 s, once the first checkpoint is there. The uploads are retried and the
+    run reaches its target; every checkpoint in the bucket is complete (model, EMA, optimizer, COMPLETE
+    marker) and the status pointer names the last one."""
+    from conftest import make_bucket
+    from test_jobs import job_logs, wait_for
+
+    head, target = cluster.head, 256
+    make_bucket("outage-train")
+    job = _submit_pretraining(head, tmp_path, "s3://outage-train/run", target, ["train.checkpoint_every=32"])
+    client, deadline = head.job_client(), time.monotonic() + 600
+    latest = lambda: json.loads(_moto_objects("outage-train", "run/latest.json").get("", b"{}") or b"{}")  # noqa: E731
+    while latest().get("images_shown", 0) < 32:
+        assert time.monotonic() < deadline and not client.get_job_status(job).is_terminal(), client.get_job_logs(job)[-3000:]
+        time.sleep(0.5)
+    reopened = s3.outage(5.0)
+    outage_started = time.time()
+    reopened.join(timeout=30)
+    assert wait_for(head, job, timeout=max(60, deadline - time.monotonic())) == "SUCCEEDED", job_logs(head, job)[-4000:]
+    assert client.get_job_info(job).end_time / 1000 > outage_started + 5, "the run must have trained through the outage"
+    objects = _moto_objects("outage-train", "run")
+    final = json.loads(objects["latest.json"])
+    assert final["images_shown"] == target and final["latest_checkpoint"].endswith(f"checkpoint-{target:012d}")
+    folders = {k.rsplit("/", 1)[0] for k in objects if re.search(r"/checkpoint-\d{12}/", k)}
+    assert folders and all({f"{f}/{name}" for name in ("model.safetensors", "ema.safetensors", "state.json", "COMPLETE")}
+                           <= set(objects) for f in folders), sorted(objects)
+    assert not [k for k in objects if ".tmp-" in k]

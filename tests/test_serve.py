@@ -64,10 +64,15 @@ def _png(array: np.ndarray, mode: str | None = None) -> bytes:
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
+    return make_artifacts(tmp_path_factory.mktemp("serve"))
+
+
+def make_artifacts(root) -> SimpleNamespace:
+    """A tiny DiffAE checkpoint, a probe head on its codes and three uploads (DICOM with identifiers, PNG, JPEG)
+    under `root`."""
     from cxrray.families.diffae.network import DiffAE, DiffAEConfig
     from cxrray.pipelines.head import LinearHead
 
-    root = tmp_path_factory.mktemp("serve")
     mcfg = DiffAEConfig(image_size=32, base_channels=32, channel_mult=(1, 2), layers_per_block=1,
                         attention_resolutions=(16,), z_dim=64)
     torch.manual_seed(0)
@@ -886,8 +891,38 @@ def test_overload_is_a_json_503_and_replica_ranges_are_checked():
         raise BackPressureError(num_queued_requests=33, max_queued_requests=32)
 
     with pytest.raises(ApiError) as err:
-        asyncio.run(_call(overloaded()))
+        asyncio.run(_call(overloaded))
     assert err.value.status == 503 and err.value.body()["error"] == "overloaded"
+    # a replica lost with its node: retried once on another; lost twice, a 503 that says so
+    from ray.exceptions import ActorDiedError
+
+    calls = []
+
+    async def lost_then_answered():
+        calls.append(1)
+        if len(calls) == 1:
+            raise ActorDiedError()
+        return {"ok": 1}
+
+    assert asyncio.run(_call(lost_then_answered)) == {"ok": 1} and len(calls) == 2
+
+    async def lost():
+        calls.append(1)
+        raise ActorDiedError()
+
+    calls.clear()
+    with pytest.raises(ApiError) as err:
+        asyncio.run(_call(lost))
+    assert err.value.status == 503 and err.value.body()["error"] == "unavailable" and len(calls) == 2
+    # custom resources and the autoscaler's pace reach Serve's options
+    from cxrray.serve.app import _options
+
+    cfg = load_config("tiny", ['serve.deployments.classifier.resources={"serve_node": 1}',
+                               "serve.deployments.classifier.upscale_delay_s=1", "serve.proxy_location=HeadOnly"])
+    options = _options(cfg.serve.deployments["classifier"])
+    assert options["ray_actor_options"]["resources"] == {"serve_node": 1.0}
+    assert options["autoscaling_config"]["upscale_delay_s"] == 1 and options["autoscaling_config"]["downscale_delay_s"] == 600
+    assert cfg.serve.proxy_location == "HeadOnly"
     with pytest.raises(ConfigError, match="replicas must be"):
         load_config("tiny", ["serve.deployments.classifier.replicas=[3,1]"])
     with pytest.raises(ConfigError, match="unknown deployment"):

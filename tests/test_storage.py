@@ -35,6 +35,24 @@ def test_s3_storage_retries_transient_failures(s3):
     assert s3.injected - before == 2 and s3.fail_next_puts == 0
 
 
+def test_s3_storage_rides_out_an_endpoint_outage_within_its_retry_budget(s3):
+    """Connections refused (and open ones reset) for 2 s: the write and the read issued at the start of the
+    outage complete once it ends, through the SDK's retries (CXRRAY_S3_MAX_ATTEMPTS=6 here: measured to give
+    up after 13-22 s of refusals on this machine), and the object is whole."""
+    import time
+
+    make_bucket("outage")
+    store = Storage("s3://outage/prefix")
+    store.write_bytes("warm.bin", b"0")  # a pooled connection, reset by the outage
+    payload = bytes(range(256)) * 4096
+    started = time.monotonic()
+    reopened = s3.outage(2.0)
+    store.write_bytes("during.bin", payload)
+    assert time.monotonic() - started >= 1.5, "the write must have waited out the outage"
+    assert store.read_bytes("during.bin") == payload and store.list() == ["during.bin", "warm.bin"]
+    reopened.join(timeout=10)
+
+
 @pytest.mark.parametrize("uri,message", [("s3://", "needs a bucket"), ("gs://b/x", "unsupported storage scheme")])
 def test_bad_uris(uri, message):
     with pytest.raises(ValueError, match=message):

@@ -194,14 +194,21 @@ def _choice(value: str, name: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-async def _call(awaitable):
-    """A backend call; overload becomes 503, anything else propagates to the 500 guard."""
-    from ray.serve.exceptions import BackPressureError
+async def _call(make):
+    """A backend call, `make()` -> awaitable (every call is a pure function of its arguments, so safe to repeat).
+    A replica lost mid-call (its node gone) is retried once on another; lost again or none left: 503 with a
+    reason. Overload is 503; anything else propagates to the 500 guard."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-    try:
-        return await awaitable
-    except BackPressureError:
-        raise ApiError(503, "overloaded", "too many requests queued; retry later") from None
+    for attempt in (1, 2):
+        try:
+            return await make()
+        except BackPressureError:
+            raise ApiError(503, "overloaded", "too many requests queued; retry later") from None
+        except (RayActorError, DeploymentUnavailableError) as exc:
+            log.warning("model replica unavailable (%s), attempt %d", type(exc).__name__, attempt)
+    raise ApiError(503, "unavailable", "the model replica serving this request was lost; retry")
 
 
 def create_api(settings: dict, backend) -> FastAPI:
@@ -218,7 +225,7 @@ def create_api(settings: dict, backend) -> FastAPI:
     async def info() -> dict:
         """Model facts for validation (findings, image size); re-read every INFO_TTL_S (model updates)."""
         if "info" not in cache or time.monotonic() - cache["at"] > INFO_TTL_S:
-            cache["info"], cache["at"] = await _call(backend.info()), time.monotonic()
+            cache["info"], cache["at"] = await _call(lambda: backend.info()), time.monotonic()
         return cache["info"]
 
     def model_ref(i: dict) -> dict:
@@ -304,7 +311,8 @@ def create_api(settings: dict, backend) -> FastAPI:
         i = await info()
         supported(i, "classify")
         _, (data,) = await upload(request, set())
-        out = await _call(backend.classify(await image_of(data, i)))
+        image = await image_of(data, i)
+        out = await _call(lambda: backend.classify(image))
         return {"findings": list(out["probabilities"]), **out}
 
     @app.post("/v1/explain", openapi_extra=EXPLAIN_FORM,
@@ -335,7 +343,7 @@ def create_api(settings: dict, backend) -> FastAPI:
         if not math.isfinite(eps):
             raise ApiError(422, "out_of_range", f"eps must be in (0, 10], got {eps}")
         image = await image_of(data, i)
-        out = await _call(backend.explain(image, finding, cfg.model_dump(mode="json"),
+        out = await _call(lambda: backend.explain(image, finding, cfg.model_dump(mode="json"),
                                           1 if direction == "toward" else -1, fmt))
         return {"finding": finding, "direction": direction, "eps": eps, "steps": steps, "invert_steps": invert,
                 "format": fmt, **out}
@@ -363,7 +371,7 @@ def create_api(settings: dict, backend) -> FastAPI:
         steps = _int(body.get("steps", default_steps), "steps", 1, settings["max_steps"])
         conditions = _conditions(body.get("conditions", {}), i["conditions"])
         guidance = _number(body.get("guidance", 1.0), "guidance", 1.0, MAX_GUIDANCE)
-        out = await _call(backend.generate(seed, n, steps, conditions, guidance))
+        out = await _call(lambda: backend.generate(seed, n, steps, conditions, guidance))
         return {"seed": seed, "n": n, "steps": steps, "conditions": conditions, "guidance": guidance, **out}
 
     async def paint(request: Request, outpaint: bool) -> dict:
@@ -382,7 +390,7 @@ def create_api(settings: dict, backend) -> FastAPI:
         conditions = _conditions({"prompt": fields["prompt"]} if fields.get("prompt") else {}, i["conditions"])
         image, mask = await asyncio.to_thread(prepare_image_and_mask, data, mask_data, i["model"]["image_size"],
                                               settings["fit"], decode, settings["max_pixels"])
-        out = await _call(backend.inpaint(image, mask, seed, steps, conditions, guidance, outpaint))
+        out = await _call(lambda: backend.inpaint(image, mask, seed, steps, conditions, guidance, outpaint))
         return {"seed": seed, "steps": steps, "guidance": guidance, "conditions": conditions,
                 "masked": float(mask.mean()), **out}
 
@@ -406,7 +414,8 @@ def create_api(settings: dict, backend) -> FastAPI:
             raise ApiError(422, "missing_field", "form field `seed` is required")
         seed = _int(fields["seed"], "seed", 0, MAX_SEED)
         steps = _int(fields.get("steps", default_steps), "steps", 1, settings["max_steps"])
-        out = await _call(backend.transform(await image_of(data, i), "upscale", seed, steps))
+        image = await image_of(data, i)
+        out = await _call(lambda: backend.transform(image, "upscale", seed, steps))
         return {"seed": seed, "steps": steps, **out}
 
     @app.post("/v1/reconstruct", openapi_extra=_form_schema({}),
@@ -415,6 +424,7 @@ def create_api(settings: dict, backend) -> FastAPI:
         i = await info()
         supported(i, "reconstruct")
         _, (data,) = await upload(request, set())
-        return await _call(backend.transform(await image_of(data, i), "reconstruct", 0, 0))
+        image = await image_of(data, i)
+        return await _call(lambda: backend.transform(image, "reconstruct", 0, 0))
 
     return app

@@ -50,9 +50,12 @@ def _options(d: DeploymentSettings) -> dict:
     """Serve `.options(...)` of one deployment from its settings."""
     lo, hi = d.replicas
     return {"autoscaling_config": {"min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, 1),
-                                   "target_ongoing_requests": d.target_ongoing_requests},
+                                   "target_ongoing_requests": d.target_ongoing_requests,
+                                   "look_back_period_s": d.look_back_period_s, "upscale_delay_s": d.upscale_delay_s,
+                                   "downscale_delay_s": d.downscale_delay_s},
             "max_queued_requests": d.max_queued_requests,
-            "ray_actor_options": {"num_cpus": d.num_cpus, **({"num_gpus": d.num_gpus} if d.num_gpus else {})}}
+            "ray_actor_options": {"num_cpus": d.num_cpus, **({"num_gpus": d.num_gpus} if d.num_gpus else {}),
+                                  **({"resources": dict(d.resources)} if d.resources else {})}}
 
 
 def make_app(checkpoint: str, probe: str | None, cfg: Config):
@@ -103,7 +106,7 @@ def run_server(checkpoint: str, probe: str | None, cfg: Config) -> int:
     if s.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(s.api_key_env):
         print(f"cxrray serve: warning: listening on {s.host} without an API key; set {s.api_key_env}", file=sys.stderr)
     ensure_ray()
-    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.start(http_options={"host": s.host, "port": s.port}, proxy_location=s.proxy_location)
     serve.run(make_app(checkpoint, probe, cfg), name="cxrray", route_prefix="/")
     url = f"http://{s.host}:{s.port}"
     print(json.dumps({"url": url, "auth": bool(os.environ.get(s.api_key_env)), "endpoints": [

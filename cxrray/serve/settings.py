@@ -4,6 +4,8 @@ deployment name -> its settings (replicas, resources, queue). Torch- and Ray-fre
 `--set serve.deployments.classifier.num_gpus=0.25`."""
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 
 from cxrray.data.settings import StrictModel
@@ -21,6 +23,12 @@ class DeploymentSettings(StrictModel):
     num_cpus: float = Field(0.5, ge=0)  # defaults fit a 2-core machine; clusters set their own
     num_gpus: float = Field(0.0, ge=0)  # fractional: replicas share a GPU (e.g. 0.25)
     max_queued_requests: int = Field(-1, ge=-1)  # calls queued beyond this answer 503 (-1: no limit)
+    resources: dict[str, float] = Field(default_factory=dict)  # custom Ray resources per replica (e.g. a node pool)
+    # Serve's autoscaler: load is averaged over look_back_period_s and must stay above (below) target for
+    # upscale_delay_s (downscale_delay_s) before replicas are added (removed); Serve's own defaults
+    look_back_period_s: float = Field(30.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
 
     @field_validator("replicas")
     @classmethod
@@ -43,6 +51,7 @@ class ServeConfig(StrictModel):
 
     host: str = "127.0.0.1"  # HTTP proxy address; anything wider only behind an authenticating gateway
     port: int = Field(8000, ge=1, le=65535)
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = "EveryNode"  # Serve's HTTP proxies
     api_key_env: str = "CXRRAY_API_KEY"  # when this variable is set, /v1 needs `Authorization: Bearer <key>`
     max_upload_bytes: int = Field(32 * 2**20, ge=1024)  # larger uploads: 413
     max_pixels: int = Field(40_000_000, ge=1)  # rows*cols of an upload (and <= ingest.decode.max_pixels): 413
