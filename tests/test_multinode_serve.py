@@ -52,7 +52,7 @@ def _replicas(head, deployment: str = "Classifier") -> list[tuple[str, str]]:
     status = requests.get(f"{head.address}/api/serve/applications/", timeout=10).json()
     app = status.get("applications", {}).get("cxrray") or {}
     dep = app.get("deployments", {}).get(deployment) or {}
-    return [(r["state"], r["node_id"]) for r in dep.get("replicas", [])]
+    return [(r["state"], r.get("node_id")) for r in dep.get("replicas", [])]  # no node while STARTING
 
 
 def _app_status(head) -> str:
