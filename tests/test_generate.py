@@ -225,3 +225,15 @@ def test_cli_cohort_describe_and_bad_input_exit_2(ddpm_checkpoint, tmp_path, cap
         err = capsys.readouterr().err
         assert "covariates.lvidd: mean 20 cm is outside the model's supported range" in err, err
     assert not (tmp_path / "never").exists()
+
+
+def test_actor_pools_are_fixed_or_autoscaling_and_take_custom_resources():
+    from cxrray.config import ConfigError, load_config
+    from cxrray.pipelines.fanout import pool_args
+
+    cfg = load_config("tiny", ["generate.actors=3", "generate.min_actors=1", 'generate.actor_resources={"spot_gpu": 1}'])
+    assert pool_args(cfg.generate) == {"num_cpus": 1, "concurrency": (1, 3), "resources": {"spot_gpu": 1.0}}
+    assert pool_args(load_config("tiny", ["encode.actors=2"]).encode) == {"num_cpus": 1, "concurrency": 2}
+    assert pool_args(load_config("tiny", ["explain.actors=4", "explain.use_gpu=true"]).explain) == {"num_gpus": 1, "concurrency": 4}
+    with pytest.raises(ConfigError, match="min_actors=2 needs actors"):
+        load_config("tiny", ["latents.min_actors=2"])

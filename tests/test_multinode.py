@@ -368,3 +368,39 @@ def test_training_rides_out_an_s3_outage_and_every_checkpoint_is_whole(cluster, 
     assert folders and all({f"{f}/{name}" for name in ("model.safetensors", "ema.safetensors", "state.json", "COMPLETE")}
                            <= set(objects) for f in folders), sorted(objects)
     assert not [k for k in objects if ".tmp-" in k]
+
+
+def test_an_autoscaling_actor_pool_grows_onto_nodes_that_join_mid_job(cluster, generation, tmp_path):
+    """Issue 28 §3: `jobs/generate.py` with an autoscaling pool (`generate.min_actors=1`, `generate.actors=3`) on
+    "pool" nodes; it starts with one such node, two more join once the first shard is written. Asserted from
+    Ray's state API: the pool ran actors on at least two of the nodes; every shard written once."""
+    from ray.util.state import list_actors
+
+    from cxrray.data.shards import read_tar
+    from test_jobs import job_logs, submit, wait_for
+
+    head, (args, _) = cluster.head, generation
+    args = [*args[:args.index("--steps")], "--steps", "120", *args[args.index("--steps") + 2:]]  # ~3 s a shard
+    nodes = [start_worker(head, num_cpus=1, resources={"pool_1": 1, "pool": 1})]
+    out, hosts = tmp_path / "out", set()
+    try:
+        job = submit(head, *args, "--output", f"file://{out}", "--set", "generate.actors=3", "--set",
+                     "generate.min_actors=1", "--set", 'generate.actor_resources={"pool": 1}')
+        client, deadline = head.job_client(), time.monotonic() + 300
+        while not list(out.glob("_parts/*.json")):
+            assert time.monotonic() < deadline and not client.get_job_status(job).is_terminal(), client.get_job_logs(job)[-3000:]
+            time.sleep(0.2)
+        written_before = len(list(out.glob("_parts/*.json")))
+        nodes += [start_worker(head, num_cpus=1, resources={f"pool_{i}": 1, "pool": 1}) for i in (2, 3)]
+        while not client.get_job_status(job).is_terminal() and time.monotonic() < deadline:
+            hosts |= {a.node_id for a in list_actors(address=head.address, filters=[("state", "=", "ALIVE")], limit=1000,
+                                                     raise_on_missing_output=False) if "ShardGenerator" in (a.class_name or "")}
+            time.sleep(0.5)
+        assert wait_for(head, job, timeout=60) == "SUCCEEDED", job_logs(head, job)[-3000:]
+    finally:
+        for node in nodes:
+            node.stop()
+    keys = [meta["key"] for p in sorted(out.glob("*.tar")) for _, _, meta in read_tar(p.read_bytes())]
+    print(json.dumps({"shards_before_nodes_joined": written_before, "nodes_with_actors": len(hosts)}))
+    assert written_before < 12 and len(list(out.glob("*.tar"))) == 12 and len(keys) == len(set(keys)) == 24
+    assert len(hosts) >= 2, f"the pool never grew past the first node: {hosts}"

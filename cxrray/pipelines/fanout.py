@@ -30,9 +30,11 @@ class FanOutResult:
 
 
 def pool_args(pool: ActorPoolConfig) -> dict:
-    """Ray Data actor-pool arguments: one GPU each on a cluster, else one CPU each (two locally), plus the
-    pool's custom resources."""
+    """Ray Data actor-pool arguments: one GPU each on a cluster, else one CPU each (two locally); a fixed size,
+    or (min, max) for an autoscaling pool; plus the pool's custom resources."""
     extra = {"resources": dict(pool.actor_resources)} if pool.actor_resources else {}
+    if pool.min_actors is not None and pool.min_actors < pool.actors:
+        extra["concurrency"] = (pool.min_actors, pool.actors)  # Ray Data's autoscaling actor pool
     if pool.use_gpu:
         return {"num_gpus": 1, "concurrency": pool.actors or max(1, int(ray.cluster_resources().get("GPU", 1))), **extra}
     return {"num_cpus": 1, "concurrency": pool.actors or max(1, min(2, int(ray.cluster_resources().get("CPU", 1)))),

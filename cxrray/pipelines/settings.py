@@ -13,10 +13,19 @@ from cxrray.eval.confounding import ConfoundingSettings
 class ActorPoolConfig(StrictModel):
     """The actor pool a batch job fans out over (`pipelines.fanout`)."""
 
-    actors: int | None = Field(None, ge=1)  # pool size; None: one per GPU / two CPU actors locally
+    actors: int | None = Field(None, ge=1)  # pool size (the most, with min_actors); None: one per GPU now in the
+    # cluster / two CPU actors locally
+    min_actors: int | None = Field(None, ge=1)  # set: an autoscaling pool of min_actors..actors that grows as
+    # nodes join (and work waits) and shrinks when idle; None: a fixed pool
     use_gpu: bool = False
     # custom Ray resources each actor also needs (e.g. {"spot": 1} to keep the job on the nodes that advertise it)
     actor_resources: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _pool_range(self):
+        if self.min_actors is not None and (self.actors is None or self.min_actors > self.actors):
+            raise ValueError(f"min_actors={self.min_actors} needs actors (the pool's most) >= it, got actors={self.actors}")
+        return self
 
 
 class EncodeConfig(ActorPoolConfig):
