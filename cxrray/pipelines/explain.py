@@ -143,25 +143,36 @@ class ShardExplainer(Explainer):
 
 def select(data_uri: str, split: str | None, label: str | None = None, value: float | None = None,
            limit: int | None = None, seed: int = 0) -> tuple[list[dict], dict]:
-    """Samples of `split` (optionally with labels[label] == value), seeded subsample of `limit`:
-    [{shard, key}] in a stable order, and the manifest."""
+    """Samples of `split` (optionally with labels[label] == value): [{shard, key}] in shard order, and the
+    manifest. With `limit`, the `limit` matching samples of smallest seeded hash of their key: a uniform
+    sample that does not depend on the shards' order or count, kept in a heap of `limit` entries, so the
+    planner's memory does not grow with the archive (one shard is read at a time)."""
+    import heapq
+
     store, manifest = Storage(data_uri), read_manifest(data_uri)
     vocab = manifest["label_vocabulary"]
     if label is not None and label not in vocab:
         raise InputError(f"unknown label {label!r}; the shards have: {', '.join(vocab)}")
-    chosen = []
-    for shard in manifest["shards"]:
+    chosen, kept = [], []  # all matches (no limit) | heap of (-hash, shard index, position, sample)
+    for s, shard in enumerate(manifest["shards"]):
         if split is not None and not shard["splits"].get(split):
             continue
-        for key, _, meta in read_tar(store.read_bytes(shard["name"]), source=shard["name"]):
+        for i, (key, _, meta) in enumerate(read_tar(store.read_bytes(shard["name"]), source=shard["name"])):
             if split is not None and meta["split"] != split:
                 continue
             if label is not None and meta["labels"][vocab.index(label)] != value:
                 continue
-            chosen.append({"shard": shard["name"], "key": key})
-    if limit is not None and len(chosen) > limit:
-        pick = np.sort(np.random.default_rng(seed).choice(len(chosen), size=limit, replace=False))
-        chosen = [chosen[i] for i in pick]
+            sample = {"shard": shard["name"], "key": key}
+            if limit is None:
+                chosen.append(sample)
+                continue
+            rank = -int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
+            if len(kept) < limit:
+                heapq.heappush(kept, (rank, s, i, sample))
+            elif kept and rank > kept[0][0]:
+                heapq.heapreplace(kept, (rank, s, i, sample))
+    if limit is not None:
+        chosen = [sample for _, _, _, sample in sorted(kept, key=lambda entry: entry[1:3])]
     return chosen, manifest
 
 

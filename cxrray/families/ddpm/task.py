@@ -97,27 +97,40 @@ def prepare(cfg: DDPMConfig, data_uri: str) -> DDPMConfig:
     from cxrray.data.shards import read_manifest, read_tar
     from cxrray.data.storage import Storage
 
-    store = Storage(data_uri)
-    rows: list[list[float]] = []
+    store, k = Storage(data_uri), len(wanted)
+    # running moments, one shard at a time (memory flat in the archive's size): per covariate over its present
+    # values; jointly over the rows that have them all (for the correlations)
+    count, total, squares = np.zeros(k), np.zeros(k), np.zeros(k)
+    rows, joint, cross = 0, np.zeros(k), np.zeros((k, k))
     for shard in read_manifest(store)["shards"]:
         if not shard["splits"].get("train"):
             continue
-        for _, _, meta in read_tar(store.read_bytes(shard["name"]), shard["name"]):
-            if meta["split"] == "train":
-                rows.append([_value(meta, c) for c in wanted])
-    table = np.asarray(rows, dtype=np.float64).reshape(-1, len(wanted))
-    counts = {c: int(np.isfinite(table[:, i]).sum()) for i, c in enumerate(wanted)}
-    missing = [c for c, n in counts.items() if n < 2]
+        table = np.asarray([[_value(meta, c) for c in wanted] for _, _, meta in
+                            read_tar(store.read_bytes(shard["name"]), shard["name"]) if meta["split"] == "train"],
+                           dtype=np.float64).reshape(-1, k)
+        present = np.isfinite(table)
+        values = np.where(present, table, 0.0)
+        count += present.sum(0)
+        total += values.sum(0)
+        squares += (values ** 2).sum(0)
+        complete = table[present.all(axis=1)]
+        rows += len(complete)
+        joint += complete.sum(0)
+        cross += complete.T @ complete
+    missing = [c for c, n in zip(wanted, count) if n < 2]
     if missing:
         raise InputError(f"{data_uri}: covariate(s) {missing} have fewer than 2 values in the train split; "
                          f"drop them from model.covariates")
-    stats = cfg.covariate_stats or {c: (float(np.nanmean(table[:, i])), float(np.nanstd(table[:, i]) or 1.0))
-                                    for i, c in enumerate(wanted)}
-    complete = table[np.isfinite(table).all(axis=1)]
+    mean = total / count
+    sd = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+    stats = cfg.covariate_stats or {c: (float(mean[i]), float(sd[i] or 1.0)) for i, c in enumerate(wanted)}
     corr = None
-    if len(complete) >= 3:
-        r = np.nan_to_num(np.corrcoef(complete, rowvar=False).reshape(len(wanted), len(wanted)))
-        r = (r + r.T) / 2  # exactly symmetric (corrcoef's divisions round differently)
+    if rows >= 3:
+        centred = cross / rows - np.outer(joint / rows, joint / rows)
+        scale = np.sqrt(np.maximum(np.diag(centred), 0.0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.nan_to_num(centred / np.outer(scale, scale))
+        r = (r + r.T) / 2  # exactly symmetric
         np.fill_diagonal(r, 1.0)
         corr = {a: {b: float(r[i, j]) for j, b in enumerate(wanted)} for i, a in enumerate(wanted)}
     return cfg.model_copy(update={"covariate_stats": stats, "covariate_corr": corr})
