@@ -129,3 +129,23 @@ def kill_cli_when(args: list[str], env: dict, ready, timeout: float, waiting_for
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """The multi-node test cluster (not the `ray_head` one), defined here so that every module shares one:
+    a head (1 CPU) and worker nodes a and b (1 CPU each; custom resources node_a / node_b, and one "trainer"
+    slot each, so an elastic training run puts one worker on each). Tests add and kill nodes of their own."""
+    from types import SimpleNamespace
+
+    from ray_head import start_head, start_worker
+
+    head = start_head(num_cpus=1, object_store_mb=200)
+    nodes = {}
+    try:
+        for name in ("a", "b"):
+            nodes[name] = start_worker(head, num_cpus=1, resources={f"node_{name}": 1, "trainer": 1})
+        yield SimpleNamespace(head=head, nodes=nodes)
+    finally:
+        survivors = [p for node in [*nodes.values(), head] for p in node.stop()]
+        assert not survivors, f"processes of the test cluster survived teardown: {survivors}"

@@ -30,7 +30,6 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from pathlib import Path
 
 import psutil
@@ -287,18 +286,3 @@ def ray_head_address(ray_head) -> str:
     """`http://127.0.0.1:<dashboard port>`: pass it to `ray job submit --address`."""
     return ray_head.address
 
-
-@pytest.fixture(scope="session")
-def cluster():
-    """A multi-node cluster of its own (not the `ray_head` one): a head (1 CPU) and worker nodes a and b
-    (1 CPU each; custom resources node_a / node_b, and one "trainer" slot each, so an elastic training run
-    puts one worker on each). Tests add and kill further nodes of their own."""
-    head = start_head(num_cpus=1, object_store_mb=200)
-    nodes = {}
-    try:
-        for name in ("a", "b"):
-            nodes[name] = start_worker(head, num_cpus=1, resources={f"node_{name}": 1, "trainer": 1})
-        yield SimpleNamespace(head=head, nodes=nodes)
-    finally:
-        survivors = [p for node in [*nodes.values(), head] for p in node.stop()]
-        assert not survivors, f"processes of the test cluster survived teardown: {survivors}"

@@ -1,10 +1,11 @@
 """An S3-compatible endpoint on 127.0.0.1 for tests: moto's server behind a tiny HTTP proxy that can
 answer the next N PUTs with 503 SlowDown (a transient failure the client must retry), or go away for a
-window (connections refused, open ones reset: an outage)."""
+window (an outage: every new connection reset as soon as it is accepted, and counted; open ones closed)."""
 from __future__ import annotations
 
 import http.client
 import socket
+import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +47,11 @@ class FaultProxy:
 
             def _forward(self):
                 body = self._read_body()
+                if proxy.down.is_set():  # a request on a connection opened before the outage: no answer
+                    with proxy.lock:
+                        proxy.refused += 1
+                    self.close_connection = True
+                    return
                 with proxy.lock:
                     proxy.requests[self.command] = proxy.requests.get(self.command, 0) + 1
                     fail = self.command == "PUT" and proxy.fail_next_puts > 0
@@ -93,11 +99,18 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
-        self.handler = Handler
-        self._listen()
+        class Server(ThreadingHTTPServer):
+            def verify_request(self, request, client_address):
+                """During an outage: reset the connection at once (SO_LINGER 0: an RST, not a FIN), count it."""
+                if not proxy.down.is_set():
+                    return True
+                with proxy.lock:
+                    proxy.refused += 1
+                request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return False
 
-    def _listen(self):
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self.handler)
+        self.down, self.refused = threading.Event(), 0
+        self.server = Server(("127.0.0.1", port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def start(self):
@@ -105,23 +118,22 @@ class FaultProxy:
         return self
 
     def outage(self, seconds: float) -> threading.Thread:
-        """Stop listening (new connections are refused) and reset every open connection, for `seconds`;
-        then listen again on the same port. Returns the thread that reopens it (join it to wait)."""
-        self.server.shutdown()
-        self.server.server_close()
+        """For `seconds`, reset every new connection as it is accepted (counted in `refused`) and close the
+        open ones; then serve again. Returns the thread that ends it (join it to wait)."""
+        self.down.set()
         with self.lock:
             for conn in list(self.open_connections):
                 try:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     conn.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
 
-        def reopen():
+        def end():
             time.sleep(seconds)
-            self._listen()
-            self.start()
+            self.down.clear()
 
-        thread = threading.Thread(target=reopen, daemon=True)
+        thread = threading.Thread(target=end, daemon=True)
         thread.start()
         return thread
 

@@ -310,6 +310,20 @@ def test_ddpm_covariate_statistics_come_from_the_training_rows_only(tmp_path):
     assert cfg.covariate_corr["lvidd"]["ivsd"] == cfg.covariate_corr["ivsd"]["lvidd"] and cfg.covariate_corr["age"]["age"] == 1.0
 
 
+def test_covariate_moments_merged_by_shard_match_numpy_far_from_zero_and_on_constant_columns():
+    from cxrray.families.ddpm.task import _Moments
+
+    rng = np.random.default_rng(3)
+    data = np.column_stack([1e6 + rng.normal(size=500), rng.normal(size=500) * 3, np.full(500, 1.1)])
+    moments = _Moments(3)
+    for start in range(0, 500, 37):  # uneven blocks, as shards are
+        moments.add(data[start:start + 37])
+    assert moments.n == 500 and moments.mean == pytest.approx(data.mean(0), rel=1e-12)
+    sd = moments.sd()
+    assert sd[:2] == pytest.approx(data[:, :2].std(0), rel=1e-9) and sd[2] == 0.0  # not ~1e-8 from cancellation
+    assert moments.m2[0, 1] / 500 == pytest.approx(np.cov(data[:, 0], data[:, 1], bias=True)[0, 1], rel=1e-9)
+
+
 def test_missing_covariates_are_masked_not_zeroed():
     model = get_family("ddpm").build(tiny("ddpm"))
     c = model.condition({"age": torch.tensor([60.0, np.nan]), "sex": torch.tensor([np.nan, 0.0]),

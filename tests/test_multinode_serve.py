@@ -3,7 +3,9 @@ deployed with `serve deploy` as an operator does, with the classifier's replicas
 (custom resource `serve_node`) and the HTTP proxy and ingress on the head. Under a bounded load loop the
 classifier scales 1 -> 2 replicas and back (read from Serve's own REST status); then one replica's node is
 killed whole under load: every request gets an answer (200, or 503 with a JSON reason, never a dropped
-connection or a 500), the app recovers when a replacement node joins, and its answers equal those before.
+connection or a 500), Serve starts the lost replica on a replacement node, and the answers equal those before.
+The test pins the proxy (HeadOnly) and the ingress to the head; the shipped file leaves that to the operator
+(cluster/README.md): an ingress or proxy on a lost node drops the connections it holds.
 Marked `cluster` (`make test-cluster`)."""
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import pytest
 import requests
 import yaml
 
-from ray_head import RAY_CLI, cluster, free_port, node_state, start_worker  # noqa: F401
+from ray_head import RAY_CLI, free_port, node_state, start_worker
 from test_serve import SERVE_CONFIG, make_artifacts
 
 pytestmark = pytest.mark.cluster
@@ -91,6 +93,7 @@ class Load:
                     r = session.post(url, files=files, timeout=60)
                 except requests.RequestException:
                     self.outcomes["dropped"] += 1
+                    time.sleep(0.1)  # no busy loop against a server that is gone
                     continue
                 self.outcomes[r.status_code] += 1
                 if r.status_code != 200:
@@ -114,7 +117,7 @@ def test_serve_scales_with_load_across_two_nodes_and_survives_losing_one(cluster
     port = free_port()
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(_config(art, port)))
     env = {k: v for k, v in head.env.items() if k != "RAY_ADDRESS"}
-    base, measured = f"http://127.0.0.1:{port}", {}
+    base, measured, load = f"http://127.0.0.1:{port}", {}, None
     try:
         res = subprocess.run([SERVE_CLI, "deploy", str(tmp_path / "serve.yaml"), "--address",
                               head.address], env=env, capture_output=True, text=True, timeout=120)
@@ -140,20 +143,27 @@ def test_serve_scales_with_load_across_two_nodes_and_survives_losing_one(cluster
         measured["scale_down_s"] = round(time.monotonic() - stopped, 1)
         measured["requests_while_scaling"] = outcomes[200]
 
-        # §2: with a replica on each serve node under load, one node is lost whole
+        # §2: with a replica on each serve node under load, one node is lost whole; the load goes on, so the
+        # autoscaler wants two replicas and Serve starts the lost one again on the node that joins
         load = Load(f"{base}/v1/classify", files, clients=8)
         _wait("2 classifier replicas RUNNING again", lambda: sum(s == "RUNNING" for s, _ in _replicas(head)) == 2, 120)
         time.sleep(2)
         killed_at = time.monotonic()
         assert not nodes[1].stop(), "serve node 1 survived its kill"
-        time.sleep(10)  # the load goes on against the survivor
+        time.sleep(5)  # the load goes on against the survivor alone
         replacement = start_worker(head, num_cpus=1, resources={"serve_3": 1, "serve_node": 1})
-        time.sleep(5)
+        new_node = node_state(head, {"serve_3": 1})[0]
+        _wait("a classifier replica RUNNING on the replacement node",
+              lambda: new_node in {n for s, n in _replicas(head) if s == "RUNNING"}, 180)
+        measured["replaced_s"] = round(time.monotonic() - killed_at, 1)
         outcomes = load.stop()
-        _wait("the app RUNNING after the loss", lambda: _app_status(head) == "RUNNING", 120)
-        measured["recovered_s"] = round(time.monotonic() - killed_at, 1)
+        assert _app_status(head) == "RUNNING"
         after = [requests.post(f"{base}/v1/classify", files=u, timeout=60).json()["probabilities"] for u in uploads]
+        measured["ingress_retries"] = sum(p.read_text(errors="replace").count("model replica unavailable")
+                                          for p in (head.temp_dir / "session_latest" / "logs").rglob("*") if p.is_file())
     finally:
+        if load is not None:
+            load.stop()
         subprocess.run([SERVE_CLI, "shutdown", "-y", "--address", head.address], env=env,
                        capture_output=True, timeout=120)
         for node in [*nodes.values(), replacement]:

@@ -7,6 +7,7 @@ or the whole object (local: temp file + rename; S3: a single PUT becomes visible
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
@@ -17,6 +18,7 @@ import pyarrow.fs as pafs
 from cxrray.errors import InputError
 
 S3_MAX_ATTEMPTS = int(os.environ.get("CXRRAY_S3_MAX_ATTEMPTS", "8"))
+WRITER_ENV = "CXRRAY_WRITER"  # a tag in the names of this process's temporary files
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
@@ -71,12 +73,19 @@ class Storage:
         target = self.path(name)
         if self.scheme == "file":
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            # the writer tag (set per job in its worker processes: `fanout`) lets a job remove only what its own
+            # lost workers left, never another job's write in flight
+            tmp = f"{target}.tmp-{os.environ.get(WRITER_ENV, '')}{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         else:
             with self.fs.open_output_stream(target) as f:
                 f.write(data)
@@ -95,9 +104,11 @@ class Storage:
         if self.exists(name):
             self.fs.delete_file(self.path(name))
 
-    def remove_partial(self, prefix: str = "") -> int:
-        """Delete temporary files left by writes interrupted by a kill (local only; S3 PUTs are atomic)."""
-        partial = [n for n in self.list(prefix) if ".tmp-" in n.rsplit("/", 1)[-1]] if self.scheme == "file" else []
+    def remove_partial(self, prefix: str = "", writer: str = "") -> int:
+        """Delete temporary files left by writes interrupted by a kill (local only; S3 PUTs are atomic); with
+        `writer`, only those of processes that ran with that writer tag."""
+        mark = f".tmp-{writer}"
+        partial = [n for n in self.list(prefix) if mark in n.rsplit("/", 1)[-1]] if self.scheme == "file" else []
         for name in partial:
             self.delete(name)
         return len(partial)

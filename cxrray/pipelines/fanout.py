@@ -9,12 +9,14 @@ ETA, and returns the totals. Later jobs (generate, attribute, evaluate) use it t
 """
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from dataclasses import dataclass
 
 import ray
 
-from cxrray.data.storage import Storage
+from cxrray.data.storage import WRITER_ENV, Storage
 from cxrray.pipelines.settings import ActorPoolConfig
 
 
@@ -49,23 +51,37 @@ def eta(done: int, total: int, elapsed: float) -> str:
     return f"{int(left // 60)}:{int(left % 60):02d}"
 
 
+def _tagged(actor: type, writer: str) -> type:
+    """`actor` whose processes tag their temporary files with `writer` (see `Storage.write_bytes`)."""
+
+    class Tagged(actor):
+        def __init__(self, **kwargs):
+            os.environ[WRITER_ENV] = writer
+            super().__init__(**kwargs)
+
+    Tagged.__name__, Tagged.__qualname__ = actor.__name__, actor.__qualname__
+    return Tagged
+
+
 def fan_out(job: str, units: list[dict], actor: type, constructor_kwargs: dict, pool: ActorPoolConfig,
             output: Storage, *, count: str = "rows", what: str = "items") -> FanOutResult:
     """Run `actor` over `units` (one unit per call) on an actor pool; prints
     `[job] i/N units  k what  r what/s  ETA m:ss` after each unit and returns the totals. An actor lost with
     its node is restarted and its unit retried by Ray Data; what it was writing to `output` when it died
-    (a `.tmp-` file) is removed once the pool is done, so only whole outputs remain."""
+    (a `.tmp-<this pool's tag>` file) is removed once the pool is done, so only whole outputs remain and
+    another job's writes in flight are left alone."""
     if not units:
         return FanOutResult(0, 0, 0.0)
+    writer = f"{uuid.uuid4().hex[:8]}-"
     ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        actor, batch_size=1, fn_constructor_kwargs=constructor_kwargs, **pool_args(pool))
+        _tagged(actor, writer), batch_size=1, fn_constructor_kwargs=constructor_kwargs, **pool_args(pool))
     start, counted, done = time.perf_counter(), 0, 0
     for done, row in enumerate(ds.iter_rows(), start=1):
         counted += int(row[count])
         elapsed = time.perf_counter() - start
         print(f"[{job}] {done}/{len(units)} units  {counted:,} {what}  {counted / max(elapsed, 1e-9):.2f} {what}/s  "
               f"ETA {eta(done, len(units), elapsed)}", flush=True)
-    stranded = output.remove_partial()
+    stranded = output.remove_partial(writer=writer)
     result = FanOutResult(done, counted, time.perf_counter() - start)
     print(f"[{job}] {result.units} units, {counted:,} {what} in {result.seconds:.1f} s ({result.rate:.2f} {what}/s)"
           + (f"; removed {stranded} partial file(s) of lost actors" if stranded else ""), flush=True)

@@ -156,8 +156,7 @@ def pretrain(cfg: Config, data_uri: str, output_uri: str, progress: Callable[[st
         datasets={"train": train_data},
         run_config=RunConfig(
             name=f"pretrain-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=out.path("ray"),
-            storage_filesystem=out.fs, failure_config=FailureConfig(max_failures=tc.max_failures, max_preemption_failures=tc.max_preemption_failures,
-                                                                 preemption_grace_s=tc.preemption_grace_s),
+            storage_filesystem=out.fs, failure_config=FailureConfig(max_failures=tc.max_failures, max_preemption_failures=tc.max_preemption_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             callbacks=[LatestPointer(out.uri, run_id)]),
     )

@@ -40,11 +40,11 @@ class TrainConfig(StrictModel):
     max_failures: int = Field(3, ge=0)  # worker failures survived by restoring the last checkpoint
     # spot capacity: a node's preemption notice (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`, or SIGTERM
     # to a node's `ray start --block`, which drains it) is checked every preemption_check_every images (a collective;
-    # 0: never) and answered with a checkpoint at once; reclaims are counted apart from failures (-1: any number);
-    # preemption_grace_s: how long the surviving workers may run past the notice's deadline
+    # 0: never) and answered with a checkpoint at once, which every rank takes part in (ZeRO's gather), so the
+    # node's drain window must cover those images, the watcher's 5-s poll and one checkpoint; reclaims are counted
+    # apart from failures (-1: any number)
     preemption_check_every: int = Field(64, ge=0)
     max_preemption_failures: int = Field(-1, ge=-1)
-    preemption_grace_s: float = Field(0.0, ge=0)
     split: str | None = "train"  # shard split to train on (PadChest DiffChest protocol: "pretrain")
     eval_split: str | None = "val"
     eval_images: int = Field(8, ge=1)

@@ -88,6 +88,28 @@ def _raw(name: str, value) -> float:
     return float(value)
 
 
+class _Moments:
+    """Count, mean [k] and co-moment matrix [k, k] (sum of outer products of deviations) of rows added in
+    blocks, merged pairwise (Chan, Golub & LeVeque), so no sum of squares is ever subtracted from another."""
+
+    def __init__(self, k: int):
+        self.n, self.mean, self.m2 = 0, np.zeros(k), np.zeros((k, k))
+
+    def add(self, block: np.ndarray) -> None:
+        if not len(block):
+            return
+        n, mean = len(block), block.mean(axis=0)
+        deviation = block - mean
+        delta, total = mean - self.mean, self.n + n
+        self.m2 = self.m2 + deviation.T @ deviation + np.outer(delta, delta) * self.n * n / total
+        self.mean, self.n = self.mean + delta * n / total, total
+
+    def sd(self) -> list[float]:
+        """Population standard deviations; 0 for a constant column (within rounding of its mean)."""
+        sd = np.sqrt(np.maximum(np.diag(self.m2) / max(self.n, 1), 0.0))
+        return [0.0 if s <= 1e-12 * max(1.0, abs(m)) else float(s) for s, m in zip(sd, self.mean)]
+
+
 def prepare(cfg: DDPMConfig, data_uri: str) -> DDPMConfig:
     """Mean/std of each numeric covariate on the training rows of the shards, and their correlations on
     the rows that have them all (both stored with the model)."""
@@ -98,10 +120,10 @@ def prepare(cfg: DDPMConfig, data_uri: str) -> DDPMConfig:
     from cxrray.data.storage import Storage
 
     store, k = Storage(data_uri), len(wanted)
-    # running moments, one shard at a time (memory flat in the archive's size): per covariate over its present
-    # values; jointly over the rows that have them all (for the correlations)
-    count, total, squares = np.zeros(k), np.zeros(k), np.zeros(k)
-    rows, joint, cross = 0, np.zeros(k), np.zeros((k, k))
+    # moments merged shard by shard (Chan et al.'s pairwise update: no cancellation, memory flat in the archive):
+    # per covariate over its present values; jointly over the rows that have them all (for the correlations)
+    single = [_Moments(1) for _ in wanted]
+    joint = _Moments(k)
     for shard in read_manifest(store)["shards"]:
         if not shard["splits"].get("train"):
             continue
@@ -109,28 +131,19 @@ def prepare(cfg: DDPMConfig, data_uri: str) -> DDPMConfig:
                             read_tar(store.read_bytes(shard["name"]), shard["name"]) if meta["split"] == "train"],
                            dtype=np.float64).reshape(-1, k)
         present = np.isfinite(table)
-        values = np.where(present, table, 0.0)
-        count += present.sum(0)
-        total += values.sum(0)
-        squares += (values ** 2).sum(0)
-        complete = table[present.all(axis=1)]
-        rows += len(complete)
-        joint += complete.sum(0)
-        cross += complete.T @ complete
-    missing = [c for c, n in zip(wanted, count) if n < 2]
+        for i, moments in enumerate(single):
+            moments.add(table[present[:, i], i:i + 1])
+        joint.add(table[present.all(axis=1)])
+    missing = [c for c, m in zip(wanted, single) if m.n < 2]
     if missing:
         raise InputError(f"{data_uri}: covariate(s) {missing} have fewer than 2 values in the train split; "
                          f"drop them from model.covariates")
-    mean = total / count
-    sd = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
-    stats = cfg.covariate_stats or {c: (float(mean[i]), float(sd[i] or 1.0)) for i, c in enumerate(wanted)}
+    stats = cfg.covariate_stats or {c: (float(m.mean[0]), m.sd()[0] or 1.0) for c, m in zip(wanted, single)}
     corr = None
-    if rows >= 3:
-        centred = cross / rows - np.outer(joint / rows, joint / rows)
-        scale = np.sqrt(np.maximum(np.diag(centred), 0.0))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r = np.nan_to_num(centred / np.outer(scale, scale))
-        r = (r + r.T) / 2  # exactly symmetric
+    if joint.n >= 3:
+        scale = np.outer(joint.sd(), joint.sd())
+        r = np.divide(joint.m2 / joint.n, scale, out=np.zeros_like(scale), where=scale > 0)  # constant: r 0
+        r = np.clip((r + r.T) / 2, -1.0, 1.0)  # exactly symmetric, in range (as corrcoef)
         np.fill_diagonal(r, 1.0)
         corr = {a: {b: float(r[i, j]) for j, b in enumerate(wanted)} for i, a in enumerate(wanted)}
     return cfg.model_copy(update={"covariate_stats": stats, "covariate_corr": corr})
