@@ -142,7 +142,13 @@ def test_elastic_training_loses_a_node_continues_smaller_and_grows_back(cluster,
     lost_at = shown()
     assert not cluster.nodes["b"].stop(), "node b survived its kill"
     try:
-        while "[pretrain] 1 workers:" not in client.get_job_logs(job):
+        while "[pretrain] 1 workers:" not in (logs := client.get_job_logs(job)):
+            assert time.monotonic() < deadline and not client.get_job_status(job).is_terminal(), logs[-3000:]
+            time.sleep(1)
+        # the node joins once the smaller run has checkpointed (else it grows back from the 2-worker checkpoint
+        # it resumed from, and nothing was re-partitioned from 1 worker)
+        smaller_from = int(re.findall(r"resumed at ([\d,]+) images shown", logs)[-1].replace(",", ""))
+        while shown() <= smaller_from:
             assert time.monotonic() < deadline and not client.get_job_status(job).is_terminal(), client.get_job_logs(job)[-3000:]
             time.sleep(1)
         joined = start_worker(head, num_cpus=1, resources={"node_b2": 1, "trainer": 1})

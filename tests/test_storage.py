@@ -71,6 +71,16 @@ def test_s3_storage_rides_out_an_endpoint_outage_within_its_retry_budget(s3):
     assert s3.refused > refused, "the client's attempts must have met the outage"
     assert store.read_bytes("during.bin") == payload and store.list() == ["during.bin", "warm.bin"]
     reopened.join(timeout=10)
+    # the same through a pickled copy, as Ray hands the filesystem to its workers and Ray Train's controller
+    # (pyarrow's own S3FileSystem loses its retry strategy in a pickle and gave up here within a second)
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(store.fs))
+    reopened, refused = s3.outage(2.0), s3.refused
+    with copy.open_output_stream(store.path("pickled.bin")) as f:
+        f.write(payload)
+    assert s3.refused > refused and store.read_bytes("pickled.bin") == payload
+    reopened.join(timeout=10)
 
 
 @pytest.mark.parametrize("uri,message", [("s3://", "needs a bucket"), ("gs://b/x", "unsupported storage scheme")])

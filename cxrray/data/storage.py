@@ -21,8 +21,77 @@ S3_MAX_ATTEMPTS = int(os.environ.get("CXRRAY_S3_MAX_ATTEMPTS", "8"))
 WRITER_ENV = "CXRRAY_WRITER"  # a tag in the names of this process's temporary files
 
 
-def s3_filesystem() -> pafs.S3FileSystem:
-    """pyarrow S3 filesystem configured from the standard AWS environment."""
+def s3_filesystem() -> pafs.FileSystem:
+    """pyarrow's S3 filesystem configured from the standard AWS environment, rebuilt that way wherever it is
+    unpickled (see `_S3FromEnvironment`)."""
+    return pafs.PyFileSystem(_S3FromEnvironment())
+
+
+class _S3FromEnvironment(pafs.FileSystemHandler):
+    """Delegates to `_s3_from_environment()`, and pickles as "build it again from the environment here".
+    Why not the S3FileSystem itself: pyarrow (25.0) drops the retry strategy when it pickles one, and Ray pickles
+    the filesystem it is given (Ray Train's storage, Ray Data's readers) into every worker and its controller,
+    which then gave up on an S3 outage after 0.7 s instead of riding it out (17 s with 6 attempts, measured)."""
+
+    def __init__(self):
+        self.fs = _s3_from_environment()
+
+    def __reduce__(self):
+        return (_S3FromEnvironment, ())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _S3FromEnvironment)
+
+    def equals(self, other) -> bool:
+        return isinstance(other, _S3FromEnvironment)
+
+    def get_type_name(self) -> str:
+        return "cxrray-s3"
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        self.fs.delete_dir_contents("/", accept_root_dir=True)
+
+    def delete_file(self, path):
+        self.fs.delete_file(path)
+
+    def move(self, src, dest):
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        return self.fs.open_append_stream(path, metadata=metadata)
+
+
+def _s3_from_environment() -> pafs.S3FileSystem:
     kwargs: dict = {
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
         "region": os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
