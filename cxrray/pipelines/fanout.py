@@ -34,14 +34,15 @@ class FanOutResult:
 def pool_args(pool: ActorPoolConfig) -> dict:
     """Ray Data actor-pool arguments: one GPU each on a cluster, else one CPU each (two locally); a fixed size,
     or (min, max) for an autoscaling pool; plus the pool's custom resources."""
-    extra = {"resources": dict(pool.actor_resources)} if pool.actor_resources else {}
-    if pool.min_actors is not None and pool.min_actors < pool.actors:
-        extra["concurrency"] = (pool.min_actors, pool.actors)  # Ray Data's autoscaling actor pool
     if pool.use_gpu:
-        return {"num_gpus": 1, "concurrency": pool.actors or max(1, int(ray.cluster_resources().get("GPU", 1))), **extra}
-    return {"num_cpus": 1, "concurrency": pool.actors or max(1, min(2, int(ray.cluster_resources().get("CPU", 1)))),
-            **extra}
-
+        args, size = {"num_gpus": 1}, pool.actors or max(1, int(ray.cluster_resources().get("GPU", 1)))
+    else:
+        args, size = {"num_cpus": 1}, pool.actors or max(1, min(2, int(ray.cluster_resources().get("CPU", 1))))
+    autoscaling = pool.min_actors is not None and pool.min_actors < size
+    args["concurrency"] = (pool.min_actors, size) if autoscaling else size  # (min, max): Ray Data autoscales it
+    if pool.actor_resources:
+        args["resources"] = dict(pool.actor_resources)
+    return args
 
 def eta(done: int, total: int, elapsed: float) -> str:
     """'m:ss' left at the rate so far ('?' before the first unit)."""

@@ -113,6 +113,7 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     window = {"loss": 0.0, "steps": 0, "wait": 0.0, "busy": 0.0, "start": time.perf_counter(), "grad": 0.0, "extra": {}}
     last_metrics: dict = {}
+    data_facts = config.get("data") or {}  # recorded with every checkpoint
     noticed: set[str] = set()  # nodes whose preemption notice was answered with a checkpoint
     epoch = 0
     while progress["images_shown"] < tc.images:
@@ -154,7 +155,7 @@ def train_loop_per_worker(config: dict) -> None:
                 last_metrics.update(scores)
             checkpointed = crossed(before, now, tc.checkpoint_every) or done
             if checkpointed:
-                _save_and_report(engine, ema, progress, last_metrics, cfg, rank, world, config.get("data") or {})
+                _save_and_report(engine, ema, progress, last_metrics, cfg, rank, world, data_facts)
             elif crossed(before, now, tc.log_every):
                 ray.train.report(last_metrics)
             if tc.preemption_check_every and crossed(before, now, tc.preemption_check_every) and not done:
@@ -164,7 +165,7 @@ def train_loop_per_worker(config: dict) -> None:
                     if rank == 0:
                         say(_preemption_line(notice, now, checkpointed))
                     if not checkpointed:  # the run restarts from it when the node goes
-                        _save_and_report(engine, ema, progress, last_metrics, cfg, rank, world, config.get("data") or {})
+                        _save_and_report(engine, ema, progress, last_metrics, cfg, rank, world, data_facts)
             if done:
                 break
 
