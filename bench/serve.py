@@ -1,15 +1,18 @@
 """Serving /v1/classify (tiny model, CPU): latency and throughput through Ray Serve with dynamic batching
-off (max_batch_size 1) and on, under concurrent clients, and Serve's added latency against the same
-decode + model + head called directly in this process.
+off (max_batch_size 1) and on, under one and concurrent clients, and Serve's added latency against the
+same decode + model + head called directly in this process.
 
     python bench/serve.py                      # 200 requests per setting, 16 concurrent, batch 1 vs 8
+    python bench/serve.py --no-access-log      # the same with Serve's per-request access log off
 
 Inputs are phantom DICOMs (nominal height 256, cycled); the model is the tiny preset (64²) with seeded
 random weights and a random probe (speed does not depend on training). Serve runs on a local Ray with
 its proxy on 127.0.0.1 and one ingress + one classifier replica; every request is a real multipart
-upload decoded by the ingress. "direct" is the same work sequentially in one process, no HTTP;
-"handle" drives the Classifier deployment alone through its handle (preprocessed images, no HTTP),
-which isolates what dynamic batching changes from the ingress and proxy costs.
+upload, parsed by the ingress and decoded in the batched Classifier replica. "direct" is the same work
+sequentially in one process, no HTTP; "direct_model_b<B>" is the model + head alone at batch B (ms per
+image: the most batching can win on this CPU); "healthz" is the proxy + ingress hops with no model call;
+"handle" drives the Classifier deployment alone through its handle (raw uploads, no HTTP), which
+isolates what dynamic batching changes from the ingress and proxy costs.
 """
 from __future__ import annotations
 
@@ -89,7 +92,25 @@ def direct(files: list[bytes], ckpt: str, probe: str, size: int, n: int) -> dict
     return stats(latencies, time.perf_counter() - start)
 
 
-def drive(base: str, files: list[bytes], n: int, concurrency: int) -> dict:
+def direct_model(files: list[bytes], ckpt: str, probe: str, size: int, batch: int, n: int) -> float:
+    """Model + head alone on preprocessed images at `batch`: median ms per image over n // batch calls."""
+    from cxrray.config import DecodeConfig
+    from cxrray.serve.models import ModelService
+    from cxrray.serve.uploads import prepare_image
+
+    service = ModelService(ckpt, probe)
+    xs = [prepare_image(f, size, "pad", DecodeConfig(), 10**8) for f in files]
+    batches = [[xs[(i + j) % len(xs)] for j in range(batch)] for i in range(0, n, batch)]
+    service.classify(batches[0])
+    times = []
+    for b in batches:
+        t = time.perf_counter()
+        service.classify(b)
+        times.append(1000 * (time.perf_counter() - t) / batch)
+    return round(statistics.median(times), 2)
+
+
+def drive(base: str, files: list[bytes], n: int, concurrency: int, route: str = "/v1/classify") -> dict:
     import requests
 
     local = threading.local()
@@ -98,7 +119,8 @@ def drive(base: str, files: list[bytes], n: int, concurrency: int) -> dict:
         session = getattr(local, "s", None) or requests.Session()
         local.s = session
         t = time.perf_counter()
-        r = session.post(base + "/v1/classify", files={"file": ("x.dcm", files[i % len(files)])}, timeout=120)
+        r = (session.post(base + route, files={"file": ("x.dcm", files[i % len(files)])}, timeout=120)
+             if route.startswith("/v1") else session.get(base + route, timeout=120))
         if r.status_code != 200:
             raise RuntimeError(f"{r.status_code}: {r.text[:200]}")
         return time.perf_counter() - t
@@ -109,15 +131,12 @@ def drive(base: str, files: list[bytes], n: int, concurrency: int) -> dict:
     return stats(latencies, time.perf_counter() - start)
 
 
-def drive_handle(files: list[bytes], size: int, n: int, concurrency: int) -> dict:
-    """The Classifier deployment alone, through its Serve handle from this process (no HTTP, no decode):
-    waves of `concurrency` preprocessed images, so batching is measured where it acts."""
+def drive_handle(files: list[bytes], n: int, concurrency: int) -> dict:
+    """The Classifier deployment alone, through its Serve handle from this process (no HTTP): waves of
+    `concurrency` raw uploads, so batching is measured where it acts."""
     from ray import serve
 
-    from cxrray.config import DecodeConfig
-    from cxrray.serve.uploads import prepare_image
-
-    xs = [prepare_image(f, size, "pad", DecodeConfig(), 10**8) for f in files]
+    xs = files
     handle = serve.get_deployment_handle("Classifier", app_name="cxrray")
     latencies, start = [], time.perf_counter()
     for first in range(0, n, concurrency):
@@ -136,6 +155,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="max_batch_size of the batched setting")
     parser.add_argument("--wait-ms", type=float, default=10.0, help="batch_wait_timeout_s of the batched setting, ms")
     parser.add_argument("--size", type=int, default=64, help="model image size")
+    parser.add_argument("--no-access-log", action="store_true", help="serve.access_log=false")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "cxrray-bench-serve"))
     args = parser.parse_args()
 
@@ -144,6 +164,7 @@ def main() -> None:
     files = [p.read_bytes() for p in sorted((root / "images").glob("*.dcm"))]
     ckpt, probe = build_artifacts(workdir / f"model-{os.getpid()}", files, args.size)
     results = {"direct": direct(files, ckpt, probe, args.size, args.requests)}
+    model_ms = {b: direct_model(files, ckpt, probe, args.size, b, args.requests) for b in (1, args.batch)}
 
     from ray import serve
 
@@ -162,17 +183,18 @@ def main() -> None:
         for batch in (1, args.batch):
             cfg = load_config("tiny", [f"model.image_size={args.size}", f"serve.max_batch_size={batch}",
                                        f"serve.batch_wait_timeout_s={args.wait_ms / 1000}",
-                                       "serve.deployments.ingress.replicas=[1,1]", "serve.deployments.classifier.replicas=[1,1]"])
+                                       "serve.deployments.ingress.replicas=[1,1]", "serve.deployments.classifier.replicas=[1,1]",
+                                       f"serve.access_log={not args.no_access_log}"])
             serve.run(make_app(ckpt, probe, cfg), name="cxrray", route_prefix="/")
             drive(base, files, 20, 4)  # warm-up
             if batch == 1:
-                results["serve_sequential"] = drive(base, files, args.requests, 1)
+                results["healthz_sequential"] = drive(base, files, args.requests, 1, "/healthz")
+            results[f"serve_batch{batch}_sequential"] = drive(base, files, args.requests, 1)
             handle = serve.get_deployment_handle("Classifier", app_name="cxrray")
             before = handle.stats.remote().result()["batch_sizes"]
             results[f"serve_batch{batch}_c{args.concurrency}"] = drive(base, files, args.requests, args.concurrency)
             after_http = handle.stats.remote().result()["batch_sizes"]
-            results[f"handle_batch{batch}_c{args.concurrency}"] = drive_handle(files, args.size, args.requests,
-                                                                             args.concurrency)
+            results[f"handle_batch{batch}_c{args.concurrency}"] = drive_handle(files, args.requests, args.concurrency)
             after = handle.stats.remote().result()["batch_sizes"]
             batch_sizes[batch] = {"http": mean_batch(before, after_http), "handle": mean_batch(after_http, after)}
     finally:
@@ -183,10 +205,15 @@ def main() -> None:
         print(f"  {name:<24}{r['p50_ms']:>9}{r['p99_ms']:>9}{r['req_s']:>8}")
     figures = {"bench": "serve", "image_size": args.size, "requests": args.requests, "concurrency": args.concurrency,
                "device": "cpu", "cpus": os.cpu_count(), "batch": args.batch, "batch_wait_ms": args.wait_ms,
+               "access_log": not args.no_access_log,
+               **{f"direct_model_b{b}_ms_per_image": v for b, v in model_ms.items()},
+               "model_batching_ceiling": round(model_ms[1] / model_ms[args.batch], 2),
                **{f"{name}_{k}": v for name, r in results.items() for k, v in r.items()},
                "mean_batch_http": batch_sizes[args.batch]["http"],
                "mean_batch_handle": batch_sizes[args.batch]["handle"],
-               "serve_added_p50_ms": round(results["serve_sequential"]["p50_ms"] - results["direct"]["p50_ms"], 1),
+               "serve_added_p50_ms": round(results["serve_batch1_sequential"]["p50_ms"] - results["direct"]["p50_ms"], 1),
+               "serve_added_p50_ms_batched": round(results[f"serve_batch{args.batch}_sequential"]["p50_ms"]
+                                                   - results["direct"]["p50_ms"], 1),
                "batching_speedup_http": round(results[f"serve_batch{args.batch}_c{args.concurrency}"]["req_s"]
                                               / results[f"serve_batch1_c{args.concurrency}"]["req_s"], 2),
                "batching_speedup_handle": round(results[f"handle_batch{args.batch}_c{args.concurrency}"]["req_s"]

@@ -201,6 +201,23 @@ def test_classify_equals_model_and_head_called_directly(server, artifacts, kind,
         assert abs(body["probabilities"][finding] - p) <= 1e-5, (finding, body["probabilities"][finding], p)
 
 
+def test_a_refused_upload_in_a_classify_batch_costs_only_its_own_answer(artifacts):
+    """The batched replica decodes uploads itself: a batch [good, garbage, good, too large] answers each in
+    order, the good ones exactly as called directly, the bad ones with the status and code the ingress returns."""
+    from cxrray.config import DecodeConfig
+    from cxrray.serve.models import ModelService
+
+    service = ModelService(str(artifacts.ckpt), str(artifacts.probe))
+    big = _png(np.zeros((300, 300), np.uint8))
+    answers = service.classify_uploads([artifacts.images["dicom"], b"not an image" * 9, artifacts.images["png"], big],
+                                       "pad", DecodeConfig(), max_pixels=200 * 200)
+    assert [a.get("status") for a in answers] == [None, 422, None, 413]
+    assert answers[1]["error"]["error"] == "invalid_image" and answers[3]["error"]["error"] == "too_many_pixels"
+    for answer, kind in ((answers[0], "dicom"), (answers[2], "png")):
+        expected = direct_probabilities(artifacts, artifacts.images[kind])
+        assert max(abs(answer["probabilities"][f] - p) for f, p in expected.items()) <= 1e-5
+
+
 def test_explain_png_counterfactual_with_provenance(server, artifacts):
     from cxrray.config import ExplainConfig
     from cxrray.data.imaging import decode_png16
@@ -680,7 +697,7 @@ def in_process(artifacts):
     def start(key_env: str):
         settings = settings_from(load_config("tiny", SETS + [f"serve.api_key_env={key_env}"]))
         port = free_port()
-        srv = uvicorn.Server(uvicorn.Config(create_api(settings, LocalBackend(service)), host="127.0.0.1", port=port,
+        srv = uvicorn.Server(uvicorn.Config(create_api(settings, LocalBackend(service, settings)), host="127.0.0.1", port=port,
                                             log_level="warning"))
         thread = threading.Thread(target=srv.run, daemon=True)
         thread.start()

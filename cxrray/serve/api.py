@@ -98,8 +98,8 @@ class HandleBackend:
     async def info(self) -> dict:
         return await (self.classifier or self.explainer).info.remote()
 
-    async def classify(self, image: np.ndarray) -> dict:
-        return await self.classifier.classify.remote(image)
+    async def classify(self, upload: bytes) -> dict:
+        return await self.classifier.classify.remote(upload)
 
     async def explain(self, image, finding, cfg, toward, fmt) -> dict:
         return await self.explainer.explain.remote(image, finding, cfg, toward, fmt)
@@ -117,15 +117,16 @@ class HandleBackend:
 class LocalBackend:
     """One in-process `ModelService` (tests, benchmarks): the same answers without Serve."""
 
-    def __init__(self, service):  # cxrray.serve.models.ModelService
+    def __init__(self, service, settings: dict):  # cxrray.serve.models.ModelService, `settings_from(cfg)`
         self.service = service
+        self.prepare = (settings["fit"], DecodeConfig(**settings["decode"]), settings["max_pixels"])
 
     async def info(self) -> dict:
         return self.service.info()
 
-    async def classify(self, image):
-        probs = (await asyncio.to_thread(self.service.classify, [image]))[0]
-        return {"probabilities": probs, "model": self.service.model_ref}
+    async def classify(self, upload: bytes):
+        answer = (await asyncio.to_thread(self.service.classify_uploads, [upload], *self.prepare))[0]
+        return {**answer, "model": self.service.model_ref}
 
     async def explain(self, image, finding, cfg, toward, fmt):
         return await asyncio.to_thread(self.service.explain, image, finding, cfg, toward, fmt)
@@ -311,8 +312,9 @@ def create_api(settings: dict, backend) -> FastAPI:
         i = await info()
         supported(i, "classify")
         _, (data,) = await upload(request, set())
-        image = await image_of(data, i)
-        out = await _call(lambda: backend.classify(image))
+        out = await _call(lambda: backend.classify(data))  # decoded in the batched model replica
+        if "error" in out:
+            raise ApiError.from_answer(out)
         return {"findings": list(out["probabilities"]), **out}
 
     @app.post("/v1/explain", openapi_extra=EXPLAIN_FORM,

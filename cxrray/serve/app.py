@@ -62,7 +62,9 @@ def make_app(checkpoint: str, probe: str | None, cfg: Config):
     """The Serve application (ingress bound to the model deployments), sized from `cfg.serve.deployments`."""
     s, settings = cfg.serve, settings_from(cfg)
     d = s.deployments
-    common = {"graceful_shutdown_wait_loop_s": 0.5}  # drained replicas stop within ~0.5 s, not 2 s
+    common = {"graceful_shutdown_wait_loop_s": 0.5,  # drained replicas stop within ~0.5 s, not 2 s
+              # only when off: a serve-config file's application logging_config still decides otherwise
+              **({} if s.access_log else {"logging_config": {"enable_access_log": False}})}
     classifier = None if not probe else Classifier.options(
         **common, max_ongoing_requests=max(16, 2 * s.max_batch_size), **_options(d["classifier"])
     ).bind(checkpoint, probe, settings)

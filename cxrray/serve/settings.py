@@ -10,8 +10,8 @@ from pydantic import Field, field_validator, model_validator
 
 from cxrray.data.settings import StrictModel
 
-#: the application's deployments: ingress (HTTP, upload checks and decoding), classifier (encoder + probe,
-#: batched; only with a probe), explainer (counterfactuals and generation, one diffusion run per replica)
+#: the application's deployments: ingress (HTTP, upload checks; decodes the uploads of the unbatched
+#: endpoints), classifier (decodes its uploads, encoder + probe, batched; only with a probe), explainer (counterfactuals and generation, one diffusion run per replica)
 DEPLOYMENTS = ("ingress", "classifier", "explainer")
 
 
@@ -57,6 +57,7 @@ class ServeConfig(StrictModel):
     max_pixels: int = Field(40_000_000, ge=1)  # rows*cols of an upload (and <= ingest.decode.max_pixels): 413
     max_batch_size: int = Field(8, ge=1)  # classifier @serve.batch
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+    access_log: bool = True  # Serve's per-request access log lines (method, route, status, latency; no content)
     max_steps: int = Field(100, ge=1, le=1000)  # DDIM decode steps a request may ask for (explain, generate)
     max_invert_steps: int = Field(250, ge=1, le=1000)
     max_generate: int = Field(8, ge=1, le=64)  # images per /v1/generate request

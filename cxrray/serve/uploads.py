@@ -36,6 +36,12 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": self.code, "detail": self.detail, **self.extra}
 
+    @classmethod
+    def from_answer(cls, answer: dict) -> "ApiError":
+        """Back from {"status", "error": body()}, as a model replica returns a refused upload."""
+        body = dict(answer["error"])
+        return cls(answer["status"], body.pop("error"), body.pop("detail"), **body)
+
 
 def check_length(headers, limit: int) -> None:
     """413 before reading when the declared Content-Length is over `limit`."""
@@ -196,6 +202,19 @@ def decode_upload(data: bytes, decode: DecodeConfig, max_pixels: int) -> np.ndar
 def prepare_image(data: bytes, size: int, fit: str, decode: DecodeConfig, max_pixels: int) -> np.ndarray:
     """Upload bytes -> float32 [size, size] in [-1, 1], exactly what training saw for an ingested image."""
     return model_input(decode_upload(data, decode, max_pixels), size, fit)
+
+
+def prepare_uploads(uploads: list[bytes], size: int, fit: str, decode: DecodeConfig, max_pixels: int
+                    ) -> list[np.ndarray | ApiError]:
+    """`prepare_image` of each upload, a refused one as its `ApiError` in its place (one bad image in a batch
+    costs only its own answer)."""
+    out: list[np.ndarray | ApiError] = []
+    for data in uploads:
+        try:
+            out.append(prepare_image(data, size, fit, decode, max_pixels))
+        except ApiError as err:
+            out.append(err)
+    return out
 
 
 def prepare_image_and_mask(data: bytes, mask_data: bytes, size: int, fit: str, decode: DecodeConfig,
