@@ -2,7 +2,8 @@
 same shards (PNG-16 decode, JSON parse, batch to float [-1, 1]) in the same run, alternating epochs;
 figures are medians of the timed epochs after a warm-up epoch (Ray worker start-up excluded).
 
-    python bench/stream.py [--data URI] [--batch 64]   (without --data: ingests 800 phantoms at 256²)
+    python bench/stream.py [--data URI] [--batch 64]   (without --data: ingests 800 phantoms at 256², 8 shards)
+    python bench/stream.py --size 64 --images 4000 --render 96 --shard-samples 2000   (64², 2 shards)
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ def main() -> None:
     parser.add_argument("--data", default=None)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=3, help="timed passes after one warm-up pass each")
+    parser.add_argument("--size", type=int, default=256, help="ingested image side (without --data)")
+    parser.add_argument("--images", type=int, default=800, help="phantoms to ingest (without --data)")
+    parser.add_argument("--render", type=int, default=320, help="phantoms' nominal height (without --data)")
+    parser.add_argument("--shard-samples", type=int, default=100, help="samples per shard (without --data)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "cxrray-bench-stream"))
     args = parser.parse_args()
 
@@ -53,9 +58,10 @@ def main() -> None:
     ensure_ray()
     data = args.data
     if data is None:
-        root = phantoms(Path(args.workdir) / "dicom", 800, 320)
-        data = f"file://{Path(args.workdir) / 'shards-256'}"
-        ingest(root, data, load_config("paper", ["ingest.shard_samples=100"]).ingest, source="folder",
+        root = phantoms(Path(args.workdir) / f"dicom-{args.images}-{args.render}", args.images, args.render)
+        data = f"file://{Path(args.workdir) / f'shards-{args.images}-{args.size}-{args.shard_samples}'}"
+        ingest(root, data, load_config("paper", [f"ingest.shard_samples={args.shard_samples}",
+                                                 f"ingest.size={args.size}"]).ingest, source="folder",
                metadata=root / "labels.csv", progress=lambda line: None)
     store = Storage(data)
     manifest = read_manifest(store)
@@ -74,7 +80,7 @@ def main() -> None:
             our_rates.append(n / (time.perf_counter() - start))
     plain, ours = sorted(plain_rates)[len(plain_rates) // 2], sorted(our_rates)[len(our_rates) // 2]
     report({"bench": "stream", "images": n, "epochs": args.epochs, "size": manifest["preprocessing"]["size"],
-            "batch": args.batch, "cores": int(__import__("ray").cluster_resources().get("CPU", 1)),
+            "batch": args.batch, "shards": len(urls), "cores": int(__import__("ray").cluster_resources().get("CPU", 1)),
             "plain_webdataset_img_s": round(plain, 1), "cxrray_img_s": round(ours, 1), "ratio": round(ours / plain, 3)})
 
 

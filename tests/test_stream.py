@@ -46,6 +46,49 @@ def test_batches_are_model_ready_and_split_filtered(shards):
     assert np.all((covs[:, 1:] > 0.3) & (covs[:, 1:] < 9))  # echo measurements in cm
 
 
+def test_shards_split_into_sample_ranges_yield_every_sample_once_and_unchanged(shards):
+    """Batches smaller than a shard split each shard over several read tasks: every key exactly once, each
+    image and its labels as `head` reads them in this process."""
+    from cxrray.data.stream import ShardRanges
+    from cxrray.data.storage import Storage
+
+    manifest = read_manifest(str(shards))
+    store = Storage(str(shards))
+    tasks = ShardRanges(store, manifest["shards"], 3, {"split": None, "covariates": [], "with_keys": True,
+                                                      "text": False}, False).get_read_tasks(8)
+    assert len(tasks) > len(manifest["shards"])  # 48 samples in 10-sample shards, 6 per task: split
+    batches = list(stream(str(shards), batch_size=3).iter_batches(batch_size=None))
+    keys = np.concatenate([b["key"] for b in batches])
+    assert len(keys) == len(set(keys)) == manifest["samples"]
+    streamed = {k: (img, lab) for b in batches for k, img, lab in zip(b["key"], b["image"], b["labels"])}
+    direct = head(str(shards), None, manifest["samples"])
+    assert set(direct["key"]) == set(streamed)
+    for k, img, lab in zip(direct["key"], direct["image"], direct["labels"]):
+        assert np.array_equal(streamed[k][0], img) and np.array_equal(streamed[k][1], lab, equal_nan=True)
+
+
+def test_the_tar_reader_checks_header_checksums_and_reads_pax_names(tmp_path):
+    from cxrray.data.stream import tar_files
+    from cxrray.errors import InputError
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("a" * 120 + ".json", b"{}"), ("k.png", b"x" * 700)):  # a name only pax can hold
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0.5  # a float mtime: a pax header, as webdataset writes
+            tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    f = io.BytesIO(raw)
+    got = []
+    for name, size in tar_files(f, "t.tar"):
+        got.append((name, f.read(size)))
+    assert got == [("a" * 120 + ".json", b"{}"), ("k.png", b"x" * 700)]
+    corrupt = bytearray(raw)
+    corrupt[1024 + 130] ^= 1  # the first file's own header (after its pax header), size field
+    with pytest.raises(InputError, match="checksum"):
+        list(tar_files(io.BytesIO(bytes(corrupt)), "t.tar"))
+
+
 def test_foreign_members_are_refused_never_unpickled(ray_local, shards, tmp_path):
     import pickle
     import shutil

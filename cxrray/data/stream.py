@@ -17,15 +17,25 @@ and `text=False`) hold:
 | report     | str [B]                       | de-identified report text, "" if none (`text`) |
 | <extra>    | float32 [B, ...] / str [B]    | each extra member by name (text: `text`)   |
 
-The dataset is lazy and streamed: shards are read by parallel tasks as the consumer pulls batches.
+The dataset is lazy and streamed: read tasks decode as the consumer pulls batches. A read task covers a
+range of one shard's samples (`ShardRanges`), so read parallelism is not bounded by the shard count: a
+shard is split when there are fewer shards than ~4 tasks per CPU. Each task streams its shard from the
+start and stops after its range (a shard split in k reads about (k+1)/2 of its bytes); the last range of
+a shard reads to the end and checks every member. Each task yields model-ready blocks of `batch_size` rows
+directly: one Ray Data operator, decoding in batches, no per-sample rows between operators.
 """
 from __future__ import annotations
 
 import json
-from typing import Any
+import math
+import random
+from functools import partial
+from typing import Any, Iterator
 
 import numpy as np
 import ray
+from ray.data.block import BlockAccessor, BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
 from cxrray.data.imaging import decode_png16, png16_to_model
 from cxrray.data.members import decode_extra, split_member
@@ -89,12 +99,13 @@ def to_batch(batch: dict[str, np.ndarray], split: str | None, covariates: list[s
     return out
 
 
+def _columns(samples: list[dict]) -> dict[str, np.ndarray]:
+    """Decoded samples -> the {member: object array} batch `to_batch` takes."""
+    return {c: np.asarray([s[c] for s in samples] + [None], dtype=object)[:-1] for c in samples[0]}
+
+
 def _num(value) -> float:
     return np.nan if value is None else float(value)
-
-
-def shard_paths(store: Storage, manifest: dict, split: str | None) -> list[str]:
-    return [store.path(s["name"]) for s in manifest["shards"] if split is None or s["splits"].get(split)]
 
 
 def head(data_uri: str, split: str | None, n: int, *, with_keys: bool = True, text: bool | None = None
@@ -120,14 +131,124 @@ def head(data_uri: str, split: str | None, n: int, *, with_keys: bool = True, te
             if split is None or meta["split"] == split:  # decode only the rows returned
                 samples.append(decode_sample({"__key__": key, "png": png, "json": json.dumps(meta), **extra}))
         if samples:
-            columns = {c: np.asarray([s[c] for s in samples] + [None], dtype=object)[:-1] for c in samples[0]}
-            parts.append(to_batch(columns, **kwargs))
+            parts.append(to_batch(_columns(samples), **kwargs))
             rows += len(samples)
         if rows >= n:
             break
     if not parts:
         raise InputError(f"{store.uri}: no rows of split {split!r} to take (n = {n})")
     return {c: np.concatenate([p[c] for p in parts])[:n] for c in parts[0]}
+
+
+def tar_files(f, source: str) -> Iterator[tuple[str, int]]:
+    """(name, size) of each regular file of a ustar/pax tar read as a stream from `f`; the caller reads or
+    `skip`s exactly `size` bytes before the next. By hand because `tarfile` parses each header in Python
+    (with the pax header webdataset writes per member) as slowly as a 64² PNG decodes; this checks every
+    header's checksum and refuses what it does not understand rather than guess."""
+    pending: dict[str, str] = {}
+    while True:
+        header = f.read(512)
+        if len(header) < 512 or header == bytes(512):
+            return
+        stored = int(header[148:156].strip(b"\0 ") or b"0", 8)
+        if stored != sum(header[:148]) + 256 + sum(header[156:]):
+            raise InputError(f"{source}: corrupt tar header (checksum) near {header[:100].rstrip(bytes(1))!r}")
+        size, kind = int(header[124:136].strip(b"\0 ") or b"0", 8), header[156:157]
+        name = (header[345:500].rstrip(b"\0") + b"/" if header[257:262] == b"ustar" and header[345] else b"") + \
+            header[:100].rstrip(b"\0")
+        if kind == b"x":  # pax extended header for the next member: "LEN key=value\n" records
+            records = f.read(size)
+            skip(f, -size % 512)
+            while records:
+                length, _, rest = records.partition(b" ")
+                key, _, value = rest[:int(length) - len(length) - 2].partition(b"=")
+                pending[key.decode()] = value.decode("utf-8")
+                records = records[int(length):]
+            continue
+        if kind not in (b"0", b"\0", b"5", b"g"):
+            raise InputError(f"{source}: unsupported tar member type {kind!r} ({name[:60]!r})")
+        size = int(pending.pop("size", size))
+        name_text = pending.pop("path", None) or name.decode("utf-8")
+        pending.clear()
+        if kind in (b"0", b"\0"):
+            yield name_text, size
+        else:
+            skip(f, size)
+        skip(f, -size % 512)
+
+
+def skip(f, n: int) -> None:
+    while n > 0:
+        n -= len(f.read(min(n, 1 << 20)) or b"x" * n)
+
+
+def _tar_samples(fileobj, source: str, want) -> Iterator[tuple[int, dict]]:
+    """(index, {"__key__", ext: bytes}) of a tar's samples in stored order, read as a stream; members of an
+    index `want(index)` rejects are checked but not read. Every member's extension is checked (`split_member`)."""
+    index, sample = -1, None
+    for name, size in tar_files(fileobj, source):
+        key, _, ext = name.partition(".")
+        split_member(ext, f"{name} (in {source})")
+        if sample is None or key != sample["__key__"]:
+            if sample is not None:
+                yield index, sample
+            index, sample = index + 1, {"__key__": key}
+        if want(index):
+            sample[ext] = fileobj.read(size)
+        else:
+            skip(fileobj, size)
+    if sample is not None:
+        yield index, sample
+
+
+def read_range(fs, path: str, first: int, stop: int, last: bool, rows: int, kwargs: dict) -> Iterator:
+    """One read task: samples [first, stop) of the shard at `path`, as model-ready blocks of `rows` rows.
+    `last`: read to the end, refusing samples beyond `stop` (the manifest's count)."""
+    decoded: list[dict] = []
+    with fs.open_input_stream(path) as f:
+        for index, sample in _tar_samples(f, path, lambda i: first <= i < stop):
+            if index >= stop:
+                if not last:
+                    break
+                raise InputError(f"{path}: more samples than the manifest's {stop} (sample {sample['__key__']!r})")
+            if index < first:
+                continue
+            if not {"png", "json"} <= set(sample):
+                raise InputError(f"{path}: sample {sample['__key__']!r} lacks a .png or .json member")
+            decoded.append(decode_sample(sample))
+            if len(decoded) == rows:
+                yield BlockAccessor.batch_to_block(to_batch(_columns(decoded), **kwargs))
+                decoded = []
+    if decoded:
+        yield BlockAccessor.batch_to_block(to_batch(_columns(decoded), **kwargs))
+
+
+class ShardRanges(Datasource):
+    """Read tasks over ranges of samples of the manifest's shards (see the module docstring)."""
+
+    def __init__(self, store: Storage, shards: list[dict], rows: int, kwargs: dict, shuffle: bool):
+        super().__init__()
+        self.fs, self.rows, self.kwargs, self.shuffle = store.fs, rows, kwargs, shuffle
+        self.shards = [(store.path(s["name"]), s["samples"], s["bytes"]) for s in shards]
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(size for _, _, size in self.shards)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        total = sum(n for _, n, _ in self.shards)
+        per_task = max(self.rows, math.ceil(total / max(parallelism, 1)))
+        tasks = []
+        for path, n, size in self.shards:
+            k = max(1, math.ceil(n / per_task))
+            bounds = [round(i * n / k) for i in range(k + 1)]
+            for i in range(k):
+                first, stop = bounds[i], bounds[i + 1]
+                tasks.append(ReadTask(partial(read_range, self.fs, path, first, stop, i == k - 1, self.rows, self.kwargs),
+                                      BlockMetadata(num_rows=None, size_bytes=size * (stop - first) // max(n, 1),
+                                                    input_files=[path], exec_stats=None)))
+        if self.shuffle:
+            random.shuffle(tasks)  # a new order for each execution (epoch), as a file shuffle would
+        return tasks
 
 
 def stream(data_uri: str, split: str | None = None, *, batch_size: int = 64, shuffle_files: bool = False,
@@ -138,12 +259,11 @@ def stream(data_uri: str, split: str | None = None, *, batch_size: int = 64, shu
     ensure_ray()
     store = Storage(data_uri)
     manifest = read_manifest(store)
-    paths = shard_paths(store, manifest, split)
-    if not paths:
+    shards = [s for s in manifest["shards"] if split is None or s["splits"].get(split)]
+    if not shards:
         raise InputError(f"{store.uri}: no shard holds split {split!r} (splits: {sorted(manifest['splits'])})")
-    ds = ray.data.read_webdataset(
-        paths, filesystem=store.fs, decoder=decode_sample,
-        shuffle="files" if shuffle_files else None, override_num_blocks=len(paths))
-    return ds.map_batches(to_batch, batch_size=batch_size, batch_format="numpy",
-                          fn_kwargs={"split": split, "covariates": manifest["covariates"], "with_keys": with_keys,
-                                     "text": with_keys if text is None else text})
+    kwargs = {"split": split, "covariates": manifest["covariates"], "with_keys": with_keys,
+              "text": with_keys if text is None else text}
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return ray.data.read_datasource(ShardRanges(store, shards, batch_size, kwargs, shuffle_files),
+                                    override_num_blocks=max(len(shards), 4 * cpus))
