@@ -6,7 +6,7 @@ synthetic encodings (z of 64 floats).
 
 Each stage runs in a fresh process, so its peak RSS (ru_maxrss) is its own; reported as the rise above the
 process's RSS after imports. Stages: `manifest` (read it), `select` (explain/audit's planner: 64 test samples),
-`covariate_stats` (the covariate DDPM's training statistics), `probe_load` (the probe's encodings, z stacked).
+`covariate_stats` (the covariate DDPM's training statistics), `probe_load` (the probe's encodings: scalar columns, z and labels as float32 matrices).
 The goal (issue 28): driver memory flat in N, planning time linear or better. Prints a table, writes a log-log
 plot under bench/results/, and one JSON line last.
 """
@@ -70,7 +70,7 @@ def run_stage(stage: str, shards_uri: str, encodings_uri: str) -> dict:
     from cxrray.config import load_config
     from cxrray.data.shards import read_manifest
     from cxrray.families.ddpm.task import prepare
-    from cxrray.pipelines.encodings import read_encodings, stack
+    from cxrray.pipelines.encodings import read_matrices
     from cxrray.pipelines.explain import select
     from cxrray.pipelines.probe import COLUMNS
 
@@ -84,8 +84,7 @@ def run_stage(stage: str, shards_uri: str, encodings_uri: str) -> dict:
     elif stage == "covariate_stats":
         prepare(cfg, shards_uri)
     elif stage == "probe_load":
-        frame, _ = read_encodings(encodings_uri, columns=COLUMNS)
-        stack(frame, "z")
+        read_matrices(encodings_uri, COLUMNS, ["labels", "z"])
     seconds = time.perf_counter() - started
     return {"seconds": round(seconds, 3), "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, 1)}
 

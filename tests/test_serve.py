@@ -218,6 +218,18 @@ def test_a_refused_upload_in_a_classify_batch_costs_only_its_own_answer(artifact
         assert max(abs(answer["probabilities"][f] - p) for f, p in expected.items()) <= 1e-5
 
 
+def test_an_unexpected_decoder_failure_is_a_422_naming_only_its_type(monkeypatch, artifacts):
+    from cxrray.config import DecodeConfig
+    from cxrray.serve import uploads
+
+    def fails(*args):
+        raise ValueError("PatientName=SECRET header text")
+
+    monkeypatch.setattr(uploads, "prepare_image", fails)
+    (err,) = uploads.prepare_uploads([artifacts.images["png"]], 32, "pad", DecodeConfig(), 10**6)
+    assert (err.status, err.code) == (422, "invalid_image") and "SECRET" not in err.detail and "ValueError" in err.detail
+
+
 def test_explain_png_counterfactual_with_provenance(server, artifacts):
     from cxrray.config import ExplainConfig
     from cxrray.data.imaging import decode_png16

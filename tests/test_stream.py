@@ -89,6 +89,45 @@ def test_the_tar_reader_checks_header_checksums_and_reads_pax_names(tmp_path):
         list(tar_files(io.BytesIO(bytes(corrupt)), "t.tar"))
 
 
+def test_truncated_or_malformed_tars_are_refused_not_read_short(shards, tmp_path):
+    """A shard cut anywhere, a pax record that would loop a naive parser, or fewer samples than the manifest
+    counts: an InputError naming the shard, never a shorter stream."""
+    from cxrray.data.storage import Storage
+    from cxrray.data.stream import read_range, tar_files
+    from cxrray.errors import InputError
+
+    shard = read_manifest(str(shards))["shards"][0]
+    raw = (shards / shard["name"]).read_bytes()
+    kwargs = {"split": None, "covariates": [], "with_keys": True, "text": False}
+    store = Storage(str(tmp_path))
+    for cut in (700, 1024 + 512 + 100, len(raw) // 2):  # in a header, in a member, anywhere
+        (tmp_path / "cut.tar").write_bytes(raw[:cut])
+        with pytest.raises(InputError, match="truncated|samples"):
+            list(read_range(store.fs, store.path("cut.tar"), 0, shard["samples"], True, 4, kwargs))
+    (tmp_path / "whole.tar").write_bytes(raw)
+    n = shard["samples"]
+    with pytest.raises(InputError, match=f"{n} samples, the manifest says {n + 1}"):
+        list(read_range(store.fs, store.path("whole.tar"), 0, n + 1, True, 4, kwargs))
+    pax = bytearray(tarfile.TarInfo("x").tobuf())
+    pax[156:157] = b"x"
+    pax[124:136] = b"%011o\0" % 9
+    pax[148:156] = b"        "
+    pax[148:156] = b"%06o\0 " % sum(pax)
+    with pytest.raises(InputError, match="malformed pax record"):
+        list(tar_files(io.BytesIO(bytes(pax) + b"0 a=b\n\n".ljust(512, b"\0") + bytes(1024)), "p.tar"))
+
+
+def test_a_range_with_no_rows_of_the_split_yields_nothing(shards):
+    from cxrray.data.storage import Storage
+    from cxrray.data.stream import read_range
+
+    manifest = read_manifest(str(shards))
+    store = Storage(str(shards))
+    shard = next(s for s in manifest["shards"] if set(s["splits"]) == {"train"})
+    kwargs = {"split": "test", "covariates": manifest["covariates"], "with_keys": True, "text": False}
+    assert list(read_range(store.fs, store.path(shard["name"]), 0, shard["samples"], True, 3, kwargs)) == []
+
+
 def test_foreign_members_are_refused_never_unpickled(ray_local, shards, tmp_path):
     import pickle
     import shutil

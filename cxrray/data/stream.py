@@ -141,45 +141,76 @@ def head(data_uri: str, split: str | None, n: int, *, with_keys: bool = True, te
 
 
 def tar_files(f, source: str) -> Iterator[tuple[str, int]]:
-    """(name, size) of each regular file of a ustar/pax tar read as a stream from `f`; the caller reads or
-    `skip`s exactly `size` bytes before the next. By hand because `tarfile` parses each header in Python
-    (with the pax header webdataset writes per member) as slowly as a 64² PNG decodes; this checks every
-    header's checksum and refuses what it does not understand rather than guess."""
+    """(name, size) of each regular file of a ustar/pax tar read as a stream from `f`; the caller reads
+    exactly `size` bytes (`read_exact` or `skip`) before the next. By hand because `tarfile` parses each
+    header in Python (with the pax header webdataset writes per member) as slowly as a 64² PNG decodes. Every
+    header's checksum is checked; a truncated archive, a malformed pax record or an unknown member type is
+    an `InputError`, never a guess."""
     pending: dict[str, str] = {}
     while True:
         header = f.read(512)
-        if len(header) < 512 or header == bytes(512):
+        if not header or header == bytes(512):
             return
-        stored = int(header[148:156].strip(b"\0 ") or b"0", 8)
+        if len(header) < 512:
+            raise InputError(f"{source}: truncated tar (a {len(header)}-byte header at the end)")
+        try:
+            stored = int(header[148:156].strip(b"\0 ") or b"0", 8)
+            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        except ValueError:
+            raise InputError(f"{source}: corrupt tar header (not octal)") from None
         if stored != sum(header[:148]) + 256 + sum(header[156:]):
             raise InputError(f"{source}: corrupt tar header (checksum) near {header[:100].rstrip(bytes(1))!r}")
-        size, kind = int(header[124:136].strip(b"\0 ") or b"0", 8), header[156:157]
+        kind = header[156:157]
         name = (header[345:500].rstrip(b"\0") + b"/" if header[257:262] == b"ustar" and header[345] else b"") + \
             header[:100].rstrip(b"\0")
-        if kind == b"x":  # pax extended header for the next member: "LEN key=value\n" records
-            records = f.read(size)
-            skip(f, -size % 512)
-            while records:
-                length, _, rest = records.partition(b" ")
-                key, _, value = rest[:int(length) - len(length) - 2].partition(b"=")
-                pending[key.decode()] = value.decode("utf-8")
-                records = records[int(length):]
+        if kind == b"x":  # pax extended header for the next member
+            pending.update(_pax_records(read_exact(f, size, source), source))
+            skip(f, -size % 512, source)
             continue
         if kind not in (b"0", b"\0", b"5", b"g"):
             raise InputError(f"{source}: unsupported tar member type {kind!r} ({name[:60]!r})")
-        size = int(pending.pop("size", size))
-        name_text = pending.pop("path", None) or name.decode("utf-8")
+        if "size" in pending:
+            if not pending["size"].isdigit():
+                raise InputError(f"{source}: malformed pax size {pending['size'][:20]!r}")
+            size = int(pending["size"])
+        name_text = pending.get("path") or name.decode("utf-8", "replace")
         pending.clear()
         if kind in (b"0", b"\0"):
             yield name_text, size
         else:
-            skip(f, size)
-        skip(f, -size % 512)
+            skip(f, size, source)
+        skip(f, -size % 512, source)
 
 
-def skip(f, n: int) -> None:
+def _pax_records(records: bytes, source: str) -> dict[str, str]:
+    """A pax extended header's "LEN key=value\n" records (LEN counts the whole record)."""
+    out = {}
+    while records:
+        length, _, _ = records.partition(b" ")
+        n = int(length) if length.isdigit() else 0
+        if not len(length) + 2 < n <= len(records) or records[n - 1:n] != b"\n":
+            raise InputError(f"{source}: malformed pax record {records[:40]!r}")
+        key, eq, value = records[len(length) + 1:n - 1].partition(b"=")
+        if not eq:
+            raise InputError(f"{source}: malformed pax record {records[:40]!r}")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        records = records[n:]
+    return out
+
+
+def read_exact(f, n: int, source: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise InputError(f"{source}: truncated tar ({len(data)} of {n} bytes of a member)")
+    return data
+
+
+def skip(f, n: int, source: str) -> None:
     while n > 0:
-        n -= len(f.read(min(n, 1 << 20)) or b"x" * n)
+        chunk = f.read(min(n, 1 << 20))
+        if not chunk:
+            raise InputError(f"{source}: truncated tar ({n} bytes missing)")
+        n -= len(chunk)
 
 
 def _tar_samples(fileobj, source: str, want) -> Iterator[tuple[int, dict]]:
@@ -194,33 +225,40 @@ def _tar_samples(fileobj, source: str, want) -> Iterator[tuple[int, dict]]:
                 yield index, sample
             index, sample = index + 1, {"__key__": key}
         if want(index):
-            sample[ext] = fileobj.read(size)
+            sample[ext] = read_exact(fileobj, size, source)
         else:
-            skip(fileobj, size)
+            skip(fileobj, size, source)
     if sample is not None:
         yield index, sample
 
 
 def read_range(fs, path: str, first: int, stop: int, last: bool, rows: int, kwargs: dict) -> Iterator:
-    """One read task: samples [first, stop) of the shard at `path`, as model-ready blocks of `rows` rows.
-    `last`: read to the end, refusing samples beyond `stop` (the manifest's count)."""
-    decoded: list[dict] = []
+    """One read task: the rows of `kwargs["split"]` among samples [first, stop) of the shard at `path`, as
+    model-ready blocks of up to `rows` rows (never an empty one). `last`: read to the end and refuse a shard
+    holding more or fewer samples than `stop` (the manifest's count)."""
+    split, kept, seen = kwargs["split"], [], first - 1
+    batch_kwargs = {**kwargs, "split": None}  # filtered here, before the PNG is decoded
     with fs.open_input_stream(path) as f:
         for index, sample in _tar_samples(f, path, lambda i: first <= i < stop):
             if index >= stop:
                 if not last:
                     break
                 raise InputError(f"{path}: more samples than the manifest's {stop} (sample {sample['__key__']!r})")
+            seen = index
             if index < first:
                 continue
             if not {"png", "json"} <= set(sample):
                 raise InputError(f"{path}: sample {sample['__key__']!r} lacks a .png or .json member")
-            decoded.append(decode_sample(sample))
-            if len(decoded) == rows:
-                yield BlockAccessor.batch_to_block(to_batch(_columns(decoded), **kwargs))
-                decoded = []
-    if decoded:
-        yield BlockAccessor.batch_to_block(to_batch(_columns(decoded), **kwargs))
+            if split is not None and json.loads(sample["json"]).get("split") != split:
+                continue
+            kept.append(decode_sample(sample))
+            if len(kept) == rows:
+                yield BlockAccessor.batch_to_block(to_batch(_columns(kept), **batch_kwargs))
+                kept = []
+    if last and seen != stop - 1:
+        raise InputError(f"{path}: {seen + 1} samples, the manifest says {stop}")
+    if kept:
+        yield BlockAccessor.batch_to_block(to_batch(_columns(kept), **batch_kwargs))
 
 
 class ShardRanges(Datasource):

@@ -28,12 +28,12 @@ from sklearn.metrics import roc_curve
 from cxrray.config import Config
 from cxrray.eval.stats import age_bins, binary_metrics, bootstrap_ci, paired_bootstrap, subgroup_table
 from cxrray.data.shards import jsonable
-from cxrray.pipelines.encodings import read_encodings, stack
+from cxrray.pipelines.encodings import read_matrices
 from cxrray.pipelines.head import LinearHead
 from cxrray.errors import InputError
 
 STD_FLOOR = 1e-6  # z dimensions constant on the fit subset are scaled by this instead of 0
-COLUMNS = ["key", "split", "patient", "sex", "age", "labels", "z"]
+COLUMNS = ["key", "split", "patient", "sex", "age"]  # scalars; labels and z are read as matrices
 
 
 def fraction_key(fraction: float) -> str:
@@ -144,8 +144,9 @@ def evaluate(head: LinearHead, z: np.ndarray, labels: np.ndarray, min_positives:
     return {"findings": findings, "mean_auroc": float(np.mean(aurocs)) if aurocs else None, "evaluated": len(aurocs)}
 
 
-def _load(encodings_uri: str, cfg: Config) -> tuple[pd.DataFrame, dict, str]:
-    frame, index = read_encodings(encodings_uri, columns=COLUMNS)
+def _load(encodings_uri: str, cfg: Config) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict, str]:
+    """(scalar columns, {"labels", "z"} float32 matrices row-aligned with them, index, the fit split)."""
+    frame, matrices, index = read_matrices(encodings_uri, COLUMNS, ["labels", "z"])
     present = sorted(str(s) for s in frame["split"].dropna().unique())
     fit_split = next((s for s in cfg.probe.fit_splits if s in present), None)
     if fit_split is None:
@@ -157,7 +158,7 @@ def _load(encodings_uri: str, cfg: Config) -> tuple[pd.DataFrame, dict, str]:
     if fit_split == cfg.probe.test_split:
         raise InputError(f"fit split and test split are both {fit_split!r}")
     frame["patient"] = frame["patient"].fillna(frame["key"])  # no patient id: each image its own patient
-    return frame, index, fit_split
+    return frame, matrices, index, fit_split
 
 
 def _compare(y: np.ndarray, findings: list[str], probs: dict, heads: dict, evaluated: list[str], largest: float,
@@ -245,10 +246,13 @@ def run_probe(encodings_uri: str, output_dir: Path, cfg: Config, fractions: list
     fractions = sorted({float(f) for f in (fractions or pc.fractions)})
     if not fractions or not all(0 < f <= 1 for f in fractions):
         raise InputError(f"fractions must be in (0, 1], got {fractions}")
-    frame, index, fit_split = _load(encodings_uri, cfg)
+    frame, matrices, index, fit_split = _load(encodings_uri, cfg)
     findings = list(index["label_vocabulary"])
-    fit, test = frame[frame["split"] == fit_split], frame[frame["split"] == pc.test_split]
-    z_fit, y_fit, z_test, y_test = stack(fit, "z"), stack(fit, "labels"), stack(test, "z"), stack(test, "labels")
+    in_fit, in_test = (frame["split"] == fit_split).to_numpy(), (frame["split"] == pc.test_split).to_numpy()
+    fit, test = frame[in_fit], frame[in_test]
+    z_fit, y_fit = matrices["z"][in_fit], matrices["labels"][in_fit]
+    z_test, y_test = matrices["z"][in_test], matrices["labels"][in_test]
+    del matrices
     if y_fit.shape[1] != len(findings):
         raise InputError(f"{encodings_uri}: labels have {y_fit.shape[1]} columns, label_vocabulary {len(findings)}")
     out = Path(output_dir)
@@ -311,6 +315,7 @@ def run_probe(encodings_uri: str, output_dir: Path, cfg: Config, fractions: list
                    "fractions": per_fraction, "comparisons": comparisons,
                    "not_fitted": heads[largest].info["not_fitted"],
                    "fit_split": fit_split, "test_split": pc.test_split, "test_images": len(test),
+                   "matrix_bytes_per_sample": 4 * (z_fit.shape[1] + y_fit.shape[1]),  # z and labels, float32
                    "encodings": encodings_uri, "checkpoint": index.get("checkpoint"),
                    "largest_fraction": largest, "mlflow_run_id": run_id}
         (out / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1))

@@ -13,8 +13,8 @@ ingress refuses the rest.
 Model URIs: a checkpoint (`file://`, a path, `s3://`; a checkpoint directory or a pretraining output)
 or an MLflow model (`models:/NAME/VERSION`, `models:/NAME@ALIAS`, `runs:/RUN_ID/model`), whose
 `ema.safetensors` + `state.json` artifacts are downloaded and loaded the same way (no pickle).
-Inputs arrive validated by the ingress: classify takes the upload's raw bytes and decodes them in the batched
-replica (off the single ingress path); the rest take images preprocessed by the ingress (float32 [S, S] in
+Inputs arrive validated by the ingress: classify takes the upload's raw bytes and decodes them in the
+classifier replica (off the single ingress path); the rest take images preprocessed by the ingress (float32 [S, S] in
 [-1, 1]).
 """
 from __future__ import annotations
@@ -183,6 +183,7 @@ class Classifier:
     def __init__(self, checkpoint: str, probe: str | None, settings: dict):
         self.service = ModelService(checkpoint, probe, settings.get("tracking_uri"))
         self.prepare = (settings["fit"], DecodeConfig(**settings["decode"]), settings["max_pixels"])
+        self.size = self.service.info()["input_size"]
         self.classify_batch.set_max_batch_size(settings["max_batch_size"])
         self.classify_batch.set_batch_wait_timeout_s(settings["batch_wait_timeout_s"])
         self.batch_sizes: Counter = Counter()
@@ -194,17 +195,21 @@ class Classifier:
         return {"batch_sizes": dict(self.batch_sizes)}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def classify_batch(self, uploads: list[bytes]) -> list[dict]:
+    async def classify_batch(self, images: list[np.ndarray]) -> list[dict[str, float]]:
         """Runs on the replica's event loop, not in a thread: Serve seals the next batch after its wait timeout
         whether or not this one is done, so a free loop during the model call yields batches of 1-2 under
         load (bench/serve.py: mean 1.6 at 16 clients); blocked, it seals the next batch when this one ends."""
-        self.batch_sizes[len(uploads)] += 1
-        return self.service.classify_uploads(uploads, *self.prepare)
+        self.batch_sizes[len(images)] += 1
+        return self.service.classify(images)
 
     async def classify(self, upload: bytes) -> dict:
         """One upload's raw bytes -> {"probabilities": {finding: p}, "model": {name, version}}, or {"status",
-        "error"} when it cannot be decoded (see `ModelService.classify_uploads`)."""
-        return {**await self.classify_batch(upload), "model": self.service.model_ref}
+        "error"} when it cannot be decoded. Decoded here, in a thread of this replica (off the single ingress
+        path, and a bad upload never fails the batch it would have joined)."""
+        (image,) = await asyncio.to_thread(prepare_uploads, [upload], self.size, *self.prepare)
+        if isinstance(image, ApiError):
+            return {"status": image.status, "error": image.body(), "model": self.service.model_ref}
+        return {"probabilities": await self.classify_batch(image), "model": self.service.model_ref}
 
 
 @serve.deployment(name="Explainer")

@@ -206,14 +206,16 @@ def prepare_image(data: bytes, size: int, fit: str, decode: DecodeConfig, max_pi
 
 def prepare_uploads(uploads: list[bytes], size: int, fit: str, decode: DecodeConfig, max_pixels: int
                     ) -> list[np.ndarray | ApiError]:
-    """`prepare_image` of each upload, a refused one as its `ApiError` in its place (one bad image in a batch
-    costs only its own answer)."""
+    """`prepare_image` of each upload, a refused one as its `ApiError` in its place (one bad image costs only
+    its own answer). A decoder failure other than a named rejection is a 422 naming only the exception type."""
     out: list[np.ndarray | ApiError] = []
     for data in uploads:
         try:
             out.append(prepare_image(data, size, fit, decode, max_pixels))
         except ApiError as err:
             out.append(err)
+        except Exception as exc:  # never its message: it may quote header text
+            out.append(ApiError(422, "invalid_image", f"the image could not be decoded ({type(exc).__name__})"))
     return out
 
 
