@@ -5,7 +5,8 @@ synthetic encodings (z of 64 floats).
     python bench/scale.py [--sizes 10000,30000,100000] [--root /tmp/cxrray-scale]
 
 Each stage runs in a fresh process, so its peak RSS (ru_maxrss) is its own; reported as the rise above the
-process's RSS after imports. Stages: `manifest` (read it), `select` (explain/audit's planner: 64 test samples),
+process's RSS after imports. Stages: `manifest` (read it), `select` (explain/audit's planner: 64 test samples,
+from the shards), `select_encoded` (the same 64, from the encodings' key/split/labels columns),
 `covariate_stats` (the covariate DDPM's training statistics), `probe_load` (the probe's encodings: scalar columns, z and labels as float32 matrices).
 The goal (issue 28): driver memory flat in N, planning time linear or better. Prints a table, writes a log-log
 plot under bench/results/, and one JSON line last.
@@ -26,7 +27,7 @@ import _common  # noqa: E402,F401  (repo on sys.path, OMP_NUM_THREADS=1)
 PER_SHARD = 1000
 FINDINGS = ["effusion", "cardiomegaly"]
 COVARIATES = ["ivsd", "lvidd", "lvpwd"]
-STAGES = ("manifest", "select", "covariate_stats", "probe_load")
+STAGES = ("manifest", "select", "select_encoded", "covariate_stats", "probe_load")
 
 
 def build(root: Path, n: int) -> tuple[str, str]:
@@ -39,7 +40,7 @@ def build(root: Path, n: int) -> tuple[str, str]:
     from cxrray.pipelines.encodings import FORMAT, INDEX, part_table, write_part
 
     data, enc = Storage(f"file://{root}/shards-{n}"), Storage(f"file://{root}/encodings-{n}")
-    if data.exists(shards.MANIFEST) and enc.exists(INDEX):
+    if data.exists(shards.MANIFEST) and enc.exists(INDEX) and json.loads(enc.read_bytes(INDEX)).get("data") == data.uri:
         return data.uri, enc.uri
     png = encode_png16(np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4))
     rng = np.random.default_rng(0)
@@ -54,13 +55,13 @@ def build(root: Path, n: int) -> tuple[str, str]:
                           "covariates": {c: round(float(rng.normal(1.0, 0.2)), 2) for c in COVARIATES}})
         name = f"shard-{s:06d}.tar"
         parts.append(shards.write_shard(data, name, "scale", [(m["key"], png, m, {}) for m in metas], [], FINDINGS))
-        part = f"shard-{s:06d}-c0000-scale.parquet"
+        part = f"shard-{s:06d}-c0000-5ca1e.parquet"  # named as `encode.plan` names parts
         write_part(enc, part, part_table(metas, rng.normal(size=(len(metas), 64)).astype(np.float32), None, COVARIATES))
         names.append(part)
     manifest, _ = shards.build_manifest(parts, [], dataset="scale", findings=FINDINGS, covariates=COVARIATES,
                                         preprocessing={"size": 4}, split_rule={}, version="scale")
     data.write_bytes(shards.MANIFEST, shards.dumps(manifest))
-    enc.write_bytes(INDEX, json.dumps({"format": FORMAT, "z_dim": 64, "label_vocabulary": FINDINGS,
+    enc.write_bytes(INDEX, json.dumps({"format": FORMAT, "data": data.uri, "z_dim": 64, "label_vocabulary": FINDINGS,
                                        "covariates": COVARIATES, "parts": names, "rows": n}).encode())
     return data.uri, enc.uri
 
@@ -71,7 +72,7 @@ def run_stage(stage: str, shards_uri: str, encodings_uri: str) -> dict:
     from cxrray.data.shards import read_manifest
     from cxrray.families.ddpm.task import prepare
     from cxrray.pipelines.encodings import read_matrices
-    from cxrray.pipelines.explain import select
+    from cxrray.pipelines.explain import select, select_encoded
     from cxrray.pipelines.probe import COLUMNS
 
     cfg = load_config("tiny", ["model.family=ddpm", "model.covariates=[age,sex,ivsd,lvidd,lvpwd]"]).model
@@ -81,6 +82,8 @@ def run_stage(stage: str, shards_uri: str, encodings_uri: str) -> dict:
         read_manifest(shards_uri)
     elif stage == "select":
         select(shards_uri, "test", limit=64)
+    elif stage == "select_encoded":
+        select_encoded(shards_uri, encodings_uri, "test", limit=64)
     elif stage == "covariate_stats":
         prepare(cfg, shards_uri)
     elif stage == "probe_load":

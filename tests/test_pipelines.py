@@ -24,7 +24,8 @@ from cxrray.data.storage import Storage
 from cxrray.diffusion.ddim import ddim_invert
 from cxrray.errors import InputError
 from cxrray.families.diffae.network import DiffAE, DiffAEConfig
-from cxrray.pipelines.encodings import read_encodings, stack
+from cxrray.pipelines.encodings import read_encodings, read_matrices, stack
+from cxrray.pipelines.explain import select, select_encoded
 from cxrray.pipelines.head import LinearHead
 from conftest import kill_cli_when, write_checkpoint
 
@@ -96,6 +97,14 @@ def test_encode_matches_model_and_resumes_after_kill(world, ray_local, tmp_path)
     with torch.no_grad():
         z = world["model"].encode(x0)
     np.testing.assert_allclose(stack(frame, "z"), z.numpy(), atol=1e-5)
+    scalars, matrices, _ = read_matrices(f"file://{out}", ["key"], ["z", "labels"])  # the probe's reader
+    assert list(scalars["key"]) == list(frame["key"]) and matrices["z"].dtype == np.float32
+    np.testing.assert_array_equal(matrices["z"], stack(frame, "z"))
+    np.testing.assert_array_equal(matrices["labels"], stack(frame, "labels"))
+    for split, label, value, limit in (("train", None, None, None), ("train", "effusion", 0.0, 3), (None, None, None, 5)):
+        # the planner from the encodings' columns picks what it picks from the shards, in the same order
+        args = {"label": label, "value": value, "limit": limit, "seed": 3}
+        assert select_encoded(world["shards"], f"file://{out}", split, **args)[0] == select(world["shards"], split, **args)[0]
     x_T = ddim_invert(world["model"], x0[:4], z[:4], steps=60).reshape(4, -1).numpy()
     np.testing.assert_allclose(stack(frame, "x_T")[:4], x_T, atol=2e-3)  # batch-size rounding over 60 steps
     assert frame["labels"].map(len).eq(len(world["vocab"])).all()

@@ -38,7 +38,7 @@ from cxrray.data.storage import Storage
 from cxrray.eval import html
 from cxrray.eval.grids import save_grid
 from cxrray.io.loading import model_identity
-from cxrray.pipelines.explain import explain_shards, select, stem
+from cxrray.pipelines.explain import explain_shards, select, select_encoded, stem
 from cxrray.pipelines.head import load_head
 from cxrray.errors import InputError
 
@@ -149,10 +149,15 @@ def _grid(records: list[dict], store: Storage, path: Path, finding: str) -> str:
     return str(save_grid([orig, cf, diff], path, f"counterfactuals toward {finding}: original / counterfactual / |diff|"))
 
 
-def negatives(data_uri: str, finding: str, cfg: Config) -> list[dict]:
-    """Up to `audit.images` images of `audit.split` negative for `finding` ([{shard, key}], seeded)."""
-    samples, _ = select(data_uri, cfg.audit.split, label=finding, value=0.0, limit=cfg.audit.images,
-                        seed=cfg.audit.seed)
+def negatives(data_uri: str, finding: str, cfg: Config, encodings: str | None = None) -> list[dict]:
+    """Up to `audit.images` images of `audit.split` negative for `finding` ([{shard, key}], seeded): picked from
+    the encodings' key, split and labels columns when given (no shard is read), else from the shards."""
+    from cxrray.pipelines.encodings import read_index
+
+    kwargs = {"label": finding, "value": 0.0, "limit": cfg.audit.images, "seed": cfg.audit.seed}
+    encoded = encodings and read_index(encodings).get("data") == Storage(data_uri).uri  # of these very shards
+    samples, _ = (select_encoded(data_uri, encodings, cfg.audit.split, **kwargs) if encoded
+                  else select(data_uri, cfg.audit.split, **kwargs))
     if len(samples) < 2:
         raise InputError(f"audit of {finding!r}: only {len(samples)} images negative for it in split "
                          f"{cfg.audit.split!r}; need at least 2")
@@ -270,7 +275,7 @@ def audit(checkpoint: str, probe: str, data_uri: str, findings: list[str], outpu
     fit_split = metrics.get("fit_split") or head.info.get("fit_split") or "train"
     fit_labels, vocab = split_labels(data_uri, fit_split)
     associations = {f: odds_ratios(fit_labels, vocab, f) for f in findings}
-    plan = {f: negatives(data_uri, f, cfg) for f in findings}
+    plan = {f: negatives(data_uri, f, cfg, encodings) for f in findings}
     store = Storage(str((out / "counterfactuals").resolve()))
     counterfactuals_toward(checkpoint, probe, data_uri, plan, store, cfg)
     result = {"checkpoint": checkpoint, "probe": str(probe), "data": data_uri,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -141,39 +142,85 @@ class ShardExplainer(Explainer):
         return {"written": np.array(written)}
 
 
+class _Pick:
+    """All matching samples, or with `limit` the `limit` of smallest seeded hash of their key (a uniform sample
+    that depends neither on the shards' order nor their count), in a heap of `limit` entries; returned in
+    archive order (the `order` tuples given)."""
+
+    def __init__(self, limit: int | None, seed: int):
+        self.limit, self.seed, self.kept = limit, seed, []
+
+    def add(self, order: tuple, sample: dict) -> None:
+        import heapq
+
+        if self.limit is None:
+            self.kept.append((0, order, sample))
+            return
+        rank = -int.from_bytes(hashlib.blake2b(f"{self.seed}:{sample['key']}".encode(), digest_size=8).digest(), "big")
+        if len(self.kept) < self.limit:
+            heapq.heappush(self.kept, (rank, order, sample))
+        elif self.kept and rank > self.kept[0][0]:
+            heapq.heapreplace(self.kept, (rank, order, sample))
+
+    def samples(self) -> list[dict]:
+        return [sample for _, _, sample in sorted(self.kept, key=lambda entry: entry[1])]
+
+
+def _label_index(vocab: list[str], label: str | None) -> int | None:
+    if label is not None and label not in vocab:
+        raise InputError(f"unknown label {label!r}; the shards have: {', '.join(vocab)}")
+    return None if label is None else vocab.index(label)
+
+
 def select(data_uri: str, split: str | None, label: str | None = None, value: float | None = None,
            limit: int | None = None, seed: int = 0) -> tuple[list[dict], dict]:
     """Samples of `split` (optionally with labels[label] == value): [{shard, key}] in shard order, and the
-    manifest. With `limit`, the `limit` matching samples of smallest seeded hash of their key: a uniform
-    sample that does not depend on the shards' order or count, kept in a heap of `limit` entries, so the
-    planner's memory does not grow with the archive (one shard is read at a time)."""
-    import heapq
-
+    manifest; with `limit`, a seeded uniform sample of `limit` of them (`_Pick`). Reads every shard of the
+    split, one at a time: memory does not grow with the archive, time does (see `select_encoded`)."""
     store, manifest = Storage(data_uri), read_manifest(data_uri)
-    vocab = manifest["label_vocabulary"]
-    if label is not None and label not in vocab:
-        raise InputError(f"unknown label {label!r}; the shards have: {', '.join(vocab)}")
-    chosen, kept = [], []  # all matches (no limit) | heap of (-hash, shard index, position, sample)
+    j = _label_index(manifest["label_vocabulary"], label)
+    pick = _Pick(limit, seed)
     for s, shard in enumerate(manifest["shards"]):
         if split is not None and not shard["splits"].get(split):
             continue
         for i, (key, _, meta) in enumerate(read_tar(store.read_bytes(shard["name"]), source=shard["name"])):
-            if split is not None and meta["split"] != split:
-                continue
-            if label is not None and meta["labels"][vocab.index(label)] != value:
-                continue
-            sample = {"shard": shard["name"], "key": key}
-            if limit is None:
-                chosen.append(sample)
-                continue
-            rank = -int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
-            if len(kept) < limit:
-                heapq.heappush(kept, (rank, s, i, sample))
-            elif kept and rank > kept[0][0]:
-                heapq.heapreplace(kept, (rank, s, i, sample))
-    if limit is not None:
-        chosen = [sample for _, _, _, sample in sorted(kept, key=lambda entry: entry[1:3])]
-    return chosen, manifest
+            if (split is None or meta["split"] == split) and (j is None or meta["labels"][j] == value):
+                pick.add((s, i), {"shard": shard["name"], "key": key})
+    return pick.samples(), manifest
+
+
+PART_NAME = re.compile(r"^(?P<stem>.+)-c(?P<chunk>\d{4,})-[0-9a-f]+\.parquet$")  # encode.plan's part names
+
+
+def select_encoded(data_uri: str, encodings_uri: str, split: str | None, label: str | None = None,
+                   value: float | None = None, limit: int | None = None, seed: int = 0) -> tuple[list[dict], dict]:
+    """`select`, the same samples in the same order, read from the encodings of `data_uri` instead of its
+    shards: per part only the key, split and labels columns, rows of other splits filtered in the Parquet
+    reader. No image byte is read; memory is one part's three columns plus the `limit` kept."""
+    import pyarrow.parquet as pq
+
+    from cxrray.pipelines.encodings import PARTS, read_index
+
+    store, manifest, enc = Storage(data_uri), read_manifest(data_uri), Storage(encodings_uri)
+    index = read_index(enc)
+    if index.get("data") != store.uri:
+        raise InputError(f"{enc.uri} encodes {index.get('data')}, not {store.uri}")
+    j = _label_index(manifest["label_vocabulary"], label)
+    order = {shard["name"].rsplit(".", 1)[0]: (s, shard["name"]) for s, shard in enumerate(manifest["shards"])}
+    pick = _Pick(limit, seed)
+    for part in index["parts"]:
+        m = PART_NAME.match(part)
+        if not m or m["stem"] not in order:
+            raise InputError(f"{enc.uri}: part {part!r} names no shard of {store.uri}")
+        s, shard = order[m["stem"]]
+        table = pq.read_table(enc.path(f"{PARTS}/{part}"), filesystem=enc.fs, columns=["key", "labels"],
+                              filters=None if split is None else [("split", "==", split)])
+        keys = table.column("key").to_pylist()
+        labels = None if j is None else table.column("labels").to_pylist()
+        for i, key in enumerate(keys):
+            if j is None or labels[i][j] == value:
+                pick.add((s, int(m["chunk"]), i), {"shard": shard, "key": key})
+    return pick.samples(), manifest
 
 
 def explain_shards(checkpoint: str, probe: str, data_uri: str, findings: list[str], output_uri: str, cfg: Config,
