@@ -24,8 +24,8 @@ from cxrray.data.storage import Storage
 from cxrray.diffusion.ddim import ddim_invert
 from cxrray.errors import InputError
 from cxrray.families.diffae.network import DiffAE, DiffAEConfig
-from cxrray.pipelines.encodings import read_encodings, read_matrices, stack
-from cxrray.pipelines.explain import select, select_encoded
+from cxrray.pipelines.encodings import read_encodings, read_index, read_matrices, stack
+from cxrray.pipelines.explain import encodes_other, select, select_encoded
 from cxrray.pipelines.head import LinearHead
 from conftest import kill_cli_when, write_checkpoint
 
@@ -105,6 +105,12 @@ def test_encode_matches_model_and_resumes_after_kill(world, ray_local, tmp_path)
         # the planner from the encodings' columns picks what it picks from the shards, in the same order
         args = {"label": label, "value": value, "limit": limit, "seed": 3}
         assert select_encoded(world["shards"], f"file://{out}", split, **args)[0] == select(world["shards"], split, **args)[0]
+    index = read_index(f"file://{out}")
+    for changed, why in ((("rows", 1), "rows"), (("label_vocabulary", ["x"]), "vocabulary"),
+                         (("parts", index["parts"][:-1]), "parts"), (("data", "file:///elsewhere"), "encode")):
+        # encodings that cannot stand for these shards (a re-ingest, another archive): refused, never a quiet miss
+        assert why in encodes_other({**index, changed[0]: changed[1]}, world["manifest"], Storage(world["shards"]).uri)
+    assert encodes_other(index, world["manifest"], Storage(world["shards"]).uri) is None
     x_T = ddim_invert(world["model"], x0[:4], z[:4], steps=60).reshape(4, -1).numpy()
     np.testing.assert_allclose(stack(frame, "x_T")[:4], x_T, atol=2e-3)  # batch-size rounding over 60 steps
     assert frame["labels"].map(len).eq(len(world["vocab"])).all()

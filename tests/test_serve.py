@@ -230,6 +230,15 @@ def test_an_unexpected_decoder_failure_is_a_422_naming_only_its_type(monkeypatch
     assert (err.status, err.code) == (422, "invalid_image") and "SECRET" not in err.detail and "ValueError" in err.detail
 
 
+def test_a_dicom_without_its_preamble_still_has_its_identifiers_found_for_scrubbing(artifacts):
+    from cxrray.serve.uploads import _header_facts
+
+    raw = artifacts.images["dicom"]
+    assert raw[128:132] == b"DICM"
+    pixels, scrub = _header_facts(raw[132:])  # the decoder reads such a file (force=True): so must the scrubber
+    assert pixels == 80 * 64 and SECRETS[0] in scrub.names and ("ID", SECRETS[3]) in scrub.other
+
+
 def test_explain_png_counterfactual_with_provenance(server, artifacts):
     from cxrray.config import ExplainConfig
     from cxrray.data.imaging import decode_png16

@@ -106,7 +106,7 @@ def test_truncated_or_malformed_tars_are_refused_not_read_short(shards, tmp_path
             list(read_range(store.fs, store.path("cut.tar"), 0, shard["samples"], True, 4, kwargs))
     (tmp_path / "whole.tar").write_bytes(raw)
     n = shard["samples"]
-    with pytest.raises(InputError, match=f"{n} samples, the manifest says {n + 1}"):
+    with pytest.raises(InputError, match=f"{n} samples, the manifest says at least {n + 1}"):
         list(read_range(store.fs, store.path("whole.tar"), 0, n + 1, True, 4, kwargs))
     pax = bytearray(tarfile.TarInfo("x").tobuf())
     pax[156:157] = b"x"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from functools import partial
 from typing import Any, Iterator
 
@@ -149,15 +150,11 @@ def tar_files(f, source: str) -> Iterator[tuple[str, int]]:
     pending: dict[str, str] = {}
     while True:
         header = f.read(512)
-        if not header or header == bytes(512):
+        if header == bytes(512):
             return
-        if len(header) < 512:
-            raise InputError(f"{source}: truncated tar (a {len(header)}-byte header at the end)")
-        try:
-            stored = int(header[148:156].strip(b"\0 ") or b"0", 8)
-            size = int(header[124:136].strip(b"\0 ") or b"0", 8)
-        except ValueError:
-            raise InputError(f"{source}: corrupt tar header (not octal)") from None
+        if len(header) < 512:  # tar ends with zero blocks: a stream ending without them was cut
+            raise InputError(f"{source}: truncated tar (a {len(header)}-byte header, no end-of-archive block)")
+        stored, size = _octal(header[148:156], source), _octal(header[124:136], source)
         if stored != sum(header[:148]) + 256 + sum(header[156:]):
             raise InputError(f"{source}: corrupt tar header (checksum) near {header[:100].rstrip(bytes(1))!r}")
         kind = header[156:157]
@@ -170,7 +167,7 @@ def tar_files(f, source: str) -> Iterator[tuple[str, int]]:
         if kind not in (b"0", b"\0", b"5", b"g"):
             raise InputError(f"{source}: unsupported tar member type {kind!r} ({name[:60]!r})")
         if "size" in pending:
-            if not pending["size"].isdigit():
+            if not re.fullmatch(r"[0-9]+", pending["size"]):
                 raise InputError(f"{source}: malformed pax size {pending['size'][:20]!r}")
             size = int(pending["size"])
         name_text = pending.get("path") or name.decode("utf-8", "replace")
@@ -182,12 +179,19 @@ def tar_files(f, source: str) -> Iterator[tuple[str, int]]:
         skip(f, -size % 512, source)
 
 
+def _octal(field: bytes, source: str) -> int:
+    digits = field.strip(b"\0 ") or b"0"
+    if not re.fullmatch(rb"[0-7]+", digits):
+        raise InputError(f"{source}: corrupt tar header (field {field[:12]!r} is not octal)")
+    return int(digits, 8)
+
+
 def _pax_records(records: bytes, source: str) -> dict[str, str]:
     """A pax extended header's "LEN key=value\n" records (LEN counts the whole record)."""
     out = {}
     while records:
         length, _, _ = records.partition(b" ")
-        n = int(length) if length.isdigit() else 0
+        n = int(length) if re.fullmatch(rb"[0-9]+", length) else 0
         if not len(length) + 2 < n <= len(records) or records[n - 1:n] != b"\n":
             raise InputError(f"{source}: malformed pax record {records[:40]!r}")
         key, eq, value = records[len(length) + 1:n - 1].partition(b"=")
@@ -232,6 +236,13 @@ def _tar_samples(fileobj, source: str, want) -> Iterator[tuple[int, dict]]:
         yield index, sample
 
 
+def _meta(sample: dict, source: str) -> dict:
+    try:
+        return json.loads(sample["json"])
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise InputError(f"{source}: sample {sample['__key__']!r} has a .json member that is not JSON") from None
+
+
 def read_range(fs, path: str, first: int, stop: int, last: bool, rows: int, kwargs: dict) -> Iterator:
     """One read task: the rows of `kwargs["split"]` among samples [first, stop) of the shard at `path`, as
     model-ready blocks of up to `rows` rows (never an empty one). `last`: read to the end and refuse a shard
@@ -249,14 +260,14 @@ def read_range(fs, path: str, first: int, stop: int, last: bool, rows: int, kwar
                 continue
             if not {"png", "json"} <= set(sample):
                 raise InputError(f"{path}: sample {sample['__key__']!r} lacks a .png or .json member")
-            if split is not None and json.loads(sample["json"]).get("split") != split:
+            if _meta(sample, path).get("split") != split and split is not None:
                 continue
             kept.append(decode_sample(sample))
             if len(kept) == rows:
                 yield BlockAccessor.batch_to_block(to_batch(_columns(kept), **batch_kwargs))
                 kept = []
-    if last and seen != stop - 1:
-        raise InputError(f"{path}: {seen + 1} samples, the manifest says {stop}")
+    if seen != stop - 1:  # a range ends at `stop` (the next sample or the archive's end): fewer is a short shard
+        raise InputError(f"{path}: {seen + 1} samples, the manifest says at least {stop}")
     if kept:
         yield BlockAccessor.batch_to_block(to_batch(_columns(kept), **batch_kwargs))
 

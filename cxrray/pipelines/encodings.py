@@ -104,7 +104,8 @@ def read_matrices(uri: str | Storage, columns: list[str], matrices: list[str]
     ragged = {m: sorted(w) for m, w in widths.items() if len(w) > 1}
     if ragged:
         raise ValueError(f"{store.uri}: list columns of different lengths across parts: {ragged}")
-    return frame, {m: np.concatenate(parts[m]) if parts[m] else np.zeros((0, 0), np.float32) for m in matrices}, index
+    return frame, {m: np.concatenate([p for p in parts[m] if len(p)] or [np.zeros((0, 0), np.float32)])
+                   for m in matrices}, index
 
 
 def _matrix(column: pa.ChunkedArray, where: str) -> np.ndarray:

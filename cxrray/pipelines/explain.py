@@ -166,6 +166,12 @@ class _Pick:
         return [sample for _, _, sample in sorted(self.kept, key=lambda entry: entry[1])]
 
 
+def _matches(label_value, value) -> bool:
+    """labels[label] == value, an unknown label (JSON null, Parquet NaN) matching value None."""
+    unknown = label_value is None or label_value != label_value
+    return unknown if value is None else (not unknown and label_value == value)
+
+
 def _label_index(vocab: list[str], label: str | None) -> int | None:
     if label is not None and label not in vocab:
         raise InputError(f"unknown label {label!r}; the shards have: {', '.join(vocab)}")
@@ -184,9 +190,25 @@ def select(data_uri: str, split: str | None, label: str | None = None, value: fl
         if split is not None and not shard["splits"].get(split):
             continue
         for i, (key, _, meta) in enumerate(read_tar(store.read_bytes(shard["name"]), source=shard["name"])):
-            if (split is None or meta["split"] == split) and (j is None or meta["labels"][j] == value):
+            if (split is None or meta["split"] == split) and (j is None or _matches(meta["labels"][j], value)):
                 pick.add((s, i), {"shard": shard["name"], "key": key})
     return pick.samples(), manifest
+
+
+def encodes_other(index: dict, manifest: dict, data_uri: str) -> str | None:
+    """Why encodings (their `index`) are not of exactly these shards, or None: another data URI, another label
+    vocabulary, another sample count, or a part for a shard the manifest does not list (a re-ingest)."""
+    if index.get("data") != data_uri:
+        return f"they encode {index.get('data')}"
+    if index.get("label_vocabulary") != manifest["label_vocabulary"]:
+        return "their label vocabulary differs from the manifest's"
+    if index.get("rows") != manifest["samples"]:
+        return f"they hold {index.get('rows')} rows, the manifest {manifest['samples']} samples"
+    stems = {shard["name"].rsplit(".", 1)[0]: shard["samples"] for shard in manifest["shards"]}
+    matched = [PART_NAME.match(p) for p in index.get("parts", ())]
+    if not all(m and m["stem"] in stems for m in matched) or {m["stem"] for m in matched} != set(stems):
+        return "their parts do not name exactly the manifest's shards"
+    return None
 
 
 PART_NAME = re.compile(r"^(?P<stem>.+)-c(?P<chunk>\d{4,})-[0-9a-f]+\.parquet$")  # encode.plan's part names
@@ -203,8 +225,9 @@ def select_encoded(data_uri: str, encodings_uri: str, split: str | None, label: 
 
     store, manifest, enc = Storage(data_uri), read_manifest(data_uri), Storage(encodings_uri)
     index = read_index(enc)
-    if index.get("data") != store.uri:
-        raise InputError(f"{enc.uri} encodes {index.get('data')}, not {store.uri}")
+    why = encodes_other(index, manifest, store.uri)
+    if why:
+        raise InputError(f"{enc.uri} cannot stand for {store.uri}: {why}")
     j = _label_index(manifest["label_vocabulary"], label)
     order = {shard["name"].rsplit(".", 1)[0]: (s, shard["name"]) for s, shard in enumerate(manifest["shards"])}
     pick = _Pick(limit, seed)
@@ -218,7 +241,7 @@ def select_encoded(data_uri: str, encodings_uri: str, split: str | None, label: 
         keys = table.column("key").to_pylist()
         labels = None if j is None else table.column("labels").to_pylist()
         for i, key in enumerate(keys):
-            if j is None or labels[i][j] == value:
+            if j is None or _matches(labels[i][j], value):
                 pick.add((s, int(m["chunk"]), i), {"shard": shard, "key": key})
     return pick.samples(), manifest
 

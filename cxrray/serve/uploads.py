@@ -169,9 +169,14 @@ def _header_facts(data: bytes) -> tuple[int | None, KnownIdentifiers]:
             return 2**62, KnownIdentifiers()  # over PIL's own limit: certainly too many
         except Exception:
             return None, KnownIdentifiers()  # let the decoder name the problem
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    except Exception:
+    ds = None
+    for force in (False, True):  # as the decoder reads it: a DICOM without its preamble too
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=force)
+            break
+        except Exception:
+            continue
+    if ds is None:
         return None, KnownIdentifiers()
     scrub = known_identifiers(ds)
     try:
