@@ -260,7 +260,8 @@ def read_range(fs, path: str, first: int, stop: int, last: bool, rows: int, kwar
                 continue
             if not {"png", "json"} <= set(sample):
                 raise InputError(f"{path}: sample {sample['__key__']!r} lacks a .png or .json member")
-            if _meta(sample, path).get("split") != split and split is not None:
+            meta = _meta(sample, path)  # a corrupt .json is refused here, whatever the split
+            if split is not None and meta.get("split") != split:
                 continue
             kept.append(decode_sample(sample))
             if len(kept) == rows:

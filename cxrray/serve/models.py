@@ -69,6 +69,7 @@ class ModelService:
                                  f"the model's z_dim is {self.identity['z_dim']}")
         self.fitted = [i for i, ok in enumerate(self.head.fitted) if ok] if self.head is not None else []
         self.model_ref = {"name": self.identity["name"], "version": self.identity["version"]}
+        self.input_size = self.cfg.low_size if "upscale" in self.family.capabilities else self.cfg.image_size
 
     def endpoints(self) -> list[str]:
         """The /v1 operations this model can answer (by capability, and the probe where one is needed)."""
@@ -85,7 +86,7 @@ class ModelService:
         return {"model": dict(self.identity), "findings": [findings[i] for i in self.fitted],
                 "unfitted": [f for i, f in enumerate(findings) if i not in self.fitted],
                 "endpoints": self.endpoints(), "conditions": self.family.conditions(self.cfg),
-                "input_size": self.cfg.low_size if "upscale" in self.family.capabilities else self.cfg.image_size}
+                "input_size": self.input_size}
 
     def _probs(self, p: torch.Tensor) -> dict[str, float]:
         return {self.head.findings[i]: float(p[i]) for i in self.fitted}
@@ -100,7 +101,7 @@ class ModelService:
     def classify_uploads(self, uploads: list[bytes], fit: str, decode: DecodeConfig, max_pixels: int) -> list[dict]:
         """Raw uploads -> one answer each, in order: {"probabilities": {finding: p}}, or {"status": int, "error":
         {...}} for an upload its decoding refused (`ApiError`); the rest of the batch is classified regardless."""
-        prepared = prepare_uploads(uploads, self.info()["input_size"], fit, decode, max_pixels)
+        prepared = prepare_uploads(uploads, self.input_size, fit, decode, max_pixels)
         good = [x for x in prepared if not isinstance(x, ApiError)]
         probs = iter(self.classify(good) if good else [])
         return [{"status": x.status, "error": x.body()} if isinstance(x, ApiError) else {"probabilities": next(probs)}
@@ -183,7 +184,6 @@ class Classifier:
     def __init__(self, checkpoint: str, probe: str | None, settings: dict):
         self.service = ModelService(checkpoint, probe, settings.get("tracking_uri"))
         self.prepare = (settings["fit"], DecodeConfig(**settings["decode"]), settings["max_pixels"])
-        self.size = self.service.info()["input_size"]
         self.classify_batch.set_max_batch_size(settings["max_batch_size"])
         self.classify_batch.set_batch_wait_timeout_s(settings["batch_wait_timeout_s"])
         self.batch_sizes: Counter = Counter()
@@ -206,7 +206,7 @@ class Classifier:
         """One upload's raw bytes -> {"probabilities": {finding: p}, "model": {name, version}}, or {"status",
         "error"} when it cannot be decoded. Decoded here, in a thread of this replica (off the single ingress
         path, and a bad upload never fails the batch it would have joined)."""
-        (image,) = await asyncio.to_thread(prepare_uploads, [upload], self.size, *self.prepare)
+        (image,) = await asyncio.to_thread(prepare_uploads, [upload], self.service.input_size, *self.prepare)
         if isinstance(image, ApiError):
             return {"status": image.status, "error": image.body(), "model": self.service.model_ref}
         return {"probabilities": await self.classify_batch(image), "model": self.service.model_ref}
