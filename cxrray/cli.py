@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--away", action="store_true", help="move away from the finding instead of toward it")
     p.add_argument("--split", default=None, help="shards input: only this split")
     p.add_argument("--limit", type=int, default=None, help="shards input: at most this many images (seeded)")
+    p.add_argument("--encodings", default=None, help="shards input: plan from these encodings, no shard read "
+                                                     "(default: the probe's, when they encode exactly the input)")
     _add_config_args(p)
 
     p = sub.add_parser("audit", help="confounder audit: what counterfactuals toward a finding drag along")
@@ -466,7 +468,8 @@ def cmd_explain(args) -> int:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     cfg = load_config(args.config, args.overrides)
     print(json.dumps(explain(args.checkpoint, args.probe, args.input, args.finding, args.output, cfg,
-                             split=args.split, limit=args.limit, toward=-1 if args.away else 1), indent=1))
+                             split=args.split, limit=args.limit, toward=-1 if args.away else 1,
+                             encodings=args.encodings), indent=1))
     return 0
 
 

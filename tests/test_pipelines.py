@@ -25,7 +25,8 @@ from cxrray.diffusion.ddim import ddim_invert
 from cxrray.errors import InputError
 from cxrray.families.diffae.network import DiffAE, DiffAEConfig
 from cxrray.pipelines.encodings import read_encodings, read_index, read_matrices, stack
-from cxrray.pipelines.explain import encodes_other, select, select_encoded
+from cxrray.pipelines import explain as explain_module
+from cxrray.pipelines.explain import encodes_other, select, select_encoded, select_samples
 from cxrray.pipelines.head import LinearHead
 from conftest import kill_cli_when, write_checkpoint
 
@@ -73,7 +74,7 @@ def _cli_env(ray_local) -> dict:
     return {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
 
 
-def test_encode_matches_model_and_resumes_after_kill(world, ray_local, tmp_path):
+def test_encode_matches_model_and_resumes_after_kill(world, ray_local, tmp_path, monkeypatch, capsys):
     out = tmp_path / "enc"
     common = ["--checkpoint", world["ckpt"], "--data", world["shards"], "--output", f"file://{out}", "--invert",
               "--invert-steps", "60", "--set", "encode.chunk=2", "--set", "encode.batch_size=2"]
@@ -105,6 +106,15 @@ def test_encode_matches_model_and_resumes_after_kill(world, ray_local, tmp_path)
         # the planner from the encodings' columns picks what it picks from the shards, in the same order
         args = {"label": label, "value": value, "limit": limit, "seed": 3}
         assert select_encoded(world["shards"], f"file://{out}", split, **args)[0] == select(world["shards"], split, **args)[0]
+    picked = select(world["shards"], "train", label="effusion", value=0.0, limit=3, seed=3)[0]
+    with monkeypatch.context() as patched:  # the jobs' planner (explain, audit, cf_eval) reads no shard then
+        patched.setattr(explain_module, "read_tar", lambda *a, **k: pytest.fail("a shard was read"))
+        assert select_samples(world["shards"], "train", f"file://{out}", label="effusion", value=0.0,
+                              limit=3, seed=3) == picked
+    capsys.readouterr()
+    assert select_samples(world["shards"], "train", f"file://{tmp_path}/none", label="effusion", value=0.0,
+                          limit=3, seed=3) == picked  # encodings that are not there: the shards, and why
+    assert "cannot stand for them" in capsys.readouterr().out
     index = read_index(f"file://{out}")
     for changed, why in ((("rows", 1), "rows"), (("label_vocabulary", ["x"]), "vocabulary"),
                          (("parts", index["parts"][:-1]), "parts"), (("data", "file:///elsewhere"), "encode")):

@@ -68,7 +68,7 @@ def test_shards_split_into_sample_ranges_yield_every_sample_once_and_unchanged(s
 
 
 def test_the_tar_reader_checks_header_checksums_and_reads_pax_names(tmp_path):
-    from cxrray.data.stream import tar_files
+    from cxrray.data.tar import tar_files
     from cxrray.errors import InputError
 
     buf = io.BytesIO()
@@ -93,7 +93,9 @@ def test_truncated_or_malformed_tars_are_refused_not_read_short(shards, tmp_path
     """A shard cut anywhere, a pax record that would loop a naive parser, or fewer samples than the manifest
     counts: an InputError naming the shard, never a shorter stream."""
     from cxrray.data.storage import Storage
-    from cxrray.data.stream import read_range, tar_files
+    from cxrray.data.shards import read_tar
+    from cxrray.data.stream import read_range
+    from cxrray.data.tar import tar_files
     from cxrray.errors import InputError
 
     shard = read_manifest(str(shards))["shards"][0]
@@ -104,6 +106,8 @@ def test_truncated_or_malformed_tars_are_refused_not_read_short(shards, tmp_path
         (tmp_path / "cut.tar").write_bytes(raw[:cut])
         with pytest.raises(InputError, match="truncated|samples"):
             list(read_range(store.fs, store.path("cut.tar"), 0, shard["samples"], True, 4, kwargs))
+        with pytest.raises(InputError, match="truncated"):  # the whole-shard reader shares the parser
+            read_tar(raw[:cut], "cut.tar")
     (tmp_path / "whole.tar").write_bytes(raw)
     n = shard["samples"]
     with pytest.raises(InputError, match=f"{n} samples, the manifest says at least {n + 1}"):

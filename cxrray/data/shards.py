@@ -18,6 +18,7 @@ import numpy as np
 import webdataset as wds
 
 from cxrray.data.members import split_member
+from cxrray.data.tar import read_exact, tar_files
 from cxrray.data.storage import Storage
 from cxrray.errors import InputError
 
@@ -179,16 +180,12 @@ def read_tar(data: bytes, source: str = "shard", extras: bool = False) -> list[t
     """Tar bytes written by `write_tar` -> [(key, png_bytes, meta)] in stored order, or with `extras`
     [(key, png_bytes, meta, {"NAME.KIND": bytes})]. Only `.png`, `.json` and the extra members of
     `members.py` are accepted (anything else raises: nothing is ever unpickled)."""
-    import tarfile
-
     samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            split_member(ext, f"{source}:{member.name}")
-            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    f = io.BytesIO(data)
+    for name, size in tar_files(f, source):
+        key, _, ext = name.partition(".")
+        split_member(ext, f"{source}:{name}")
+        samples.setdefault(key, {})[ext] = read_exact(f, size, source)
     missing = [k for k, v in samples.items() if not {"png", "json"} <= set(v)]
     if missing:
         raise InputError(f"{source}: samples without both .png and .json: {missing[:5]}")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import re
 from functools import partial
 from typing import Any, Iterator
 
@@ -42,6 +41,7 @@ from cxrray.data.imaging import decode_png16, png16_to_model
 from cxrray.data.members import decode_extra, split_member
 from cxrray.data.shards import read_manifest
 from cxrray.data.storage import Storage
+from cxrray.data.tar import read_exact, skip, tar_files
 from cxrray.runtime import ensure_ray
 from cxrray.errors import InputError
 
@@ -139,82 +139,6 @@ def head(data_uri: str, split: str | None, n: int, *, with_keys: bool = True, te
     if not parts:
         raise InputError(f"{store.uri}: no rows of split {split!r} to take (n = {n})")
     return {c: np.concatenate([p[c] for p in parts])[:n] for c in parts[0]}
-
-
-def tar_files(f, source: str) -> Iterator[tuple[str, int]]:
-    """(name, size) of each regular file of a ustar/pax tar read as a stream from `f`; the caller reads
-    exactly `size` bytes (`read_exact` or `skip`) before the next. By hand because `tarfile` parses each
-    header in Python (with the pax header webdataset writes per member) as slowly as a 64² PNG decodes. Every
-    header's checksum is checked; a truncated archive, a malformed pax record or an unknown member type is
-    an `InputError`, never a guess."""
-    pending: dict[str, str] = {}
-    while True:
-        header = f.read(512)
-        if header == bytes(512):
-            return
-        if len(header) < 512:  # tar ends with zero blocks: a stream ending without them was cut
-            raise InputError(f"{source}: truncated tar (a {len(header)}-byte header, no end-of-archive block)")
-        stored, size = _octal(header[148:156], source), _octal(header[124:136], source)
-        if stored != sum(header[:148]) + 256 + sum(header[156:]):
-            raise InputError(f"{source}: corrupt tar header (checksum) near {header[:100].rstrip(bytes(1))!r}")
-        kind = header[156:157]
-        name = (header[345:500].rstrip(b"\0") + b"/" if header[257:262] == b"ustar" and header[345] else b"") + \
-            header[:100].rstrip(b"\0")
-        if kind == b"x":  # pax extended header for the next member
-            pending.update(_pax_records(read_exact(f, size, source), source))
-            skip(f, -size % 512, source)
-            continue
-        if kind not in (b"0", b"\0", b"5", b"g"):
-            raise InputError(f"{source}: unsupported tar member type {kind!r} ({name[:60]!r})")
-        if "size" in pending:
-            if not re.fullmatch(r"[0-9]+", pending["size"]):
-                raise InputError(f"{source}: malformed pax size {pending['size'][:20]!r}")
-            size = int(pending["size"])
-        name_text = pending.get("path") or name.decode("utf-8", "replace")
-        pending.clear()
-        if kind in (b"0", b"\0"):
-            yield name_text, size
-        else:
-            skip(f, size, source)
-        skip(f, -size % 512, source)
-
-
-def _octal(field: bytes, source: str) -> int:
-    digits = field.strip(b"\0 ") or b"0"
-    if not re.fullmatch(rb"[0-7]+", digits):
-        raise InputError(f"{source}: corrupt tar header (field {field[:12]!r} is not octal)")
-    return int(digits, 8)
-
-
-def _pax_records(records: bytes, source: str) -> dict[str, str]:
-    """A pax extended header's "LEN key=value\n" records (LEN counts the whole record)."""
-    out = {}
-    while records:
-        length, _, _ = records.partition(b" ")
-        n = int(length) if re.fullmatch(rb"[0-9]+", length) else 0
-        if not len(length) + 2 < n <= len(records) or records[n - 1:n] != b"\n":
-            raise InputError(f"{source}: malformed pax record {records[:40]!r}")
-        key, eq, value = records[len(length) + 1:n - 1].partition(b"=")
-        if not eq:
-            raise InputError(f"{source}: malformed pax record {records[:40]!r}")
-        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
-        records = records[n:]
-    return out
-
-
-def read_exact(f, n: int, source: str) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise InputError(f"{source}: truncated tar ({len(data)} of {n} bytes of a member)")
-    return data
-
-
-def skip(f, n: int, source: str) -> None:
-    while n > 0:
-        chunk = f.read(min(n, 1 << 20))
-        if not chunk:
-            raise InputError(f"{source}: truncated tar ({n} bytes missing)")
-        n -= len(chunk)
 
 
 def _tar_samples(fileobj, source: str, want) -> Iterator[tuple[int, dict]]:

@@ -38,7 +38,7 @@ from cxrray.data.storage import Storage
 from cxrray.eval import html
 from cxrray.eval.grids import save_grid
 from cxrray.io.loading import model_identity
-from cxrray.pipelines.explain import encodes_other, explain_shards, select, select_encoded, stem
+from cxrray.pipelines.explain import explain_shards, select_samples, stem
 from cxrray.pipelines.head import load_head
 from cxrray.errors import InputError
 
@@ -151,14 +151,10 @@ def _grid(records: list[dict], store: Storage, path: Path, finding: str) -> str:
 
 def negatives(data_uri: str, finding: str, cfg: Config, encodings: str | None = None) -> list[dict]:
     """Up to `audit.images` images of `audit.split` negative for `finding` ([{shard, key}], seeded): picked from
-    the encodings' key, split and labels columns when given (no shard is read), else from the shards."""
-    from cxrray.data.shards import read_manifest
-    from cxrray.pipelines.encodings import read_index
-
-    kwargs = {"label": finding, "value": 0.0, "limit": cfg.audit.images, "seed": cfg.audit.seed}
-    encoded = encodings and not encodes_other(read_index(encodings), read_manifest(data_uri), Storage(data_uri).uri)
-    samples, _ = (select_encoded(data_uri, encodings, cfg.audit.split, **kwargs) if encoded
-                  else select(data_uri, cfg.audit.split, **kwargs))
+    the encodings' key, split and labels columns when they encode these shards (no shard is read), else from
+    the shards."""
+    samples = select_samples(data_uri, cfg.audit.split, encodings, label=finding, value=0.0,
+                             limit=cfg.audit.images, seed=cfg.audit.seed)
     if len(samples) < 2:
         raise InputError(f"audit of {finding!r}: only {len(samples)} images negative for it in split "
                          f"{cfg.audit.split!r}; need at least 2")

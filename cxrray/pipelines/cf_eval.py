@@ -36,7 +36,7 @@ from cxrray.eval.localisation import dilate, energy_ratio, ssim_outside
 from cxrray.io.loading import load_model
 from cxrray.pipelines.audit import mean_ci as audit_mean_ci
 from cxrray.pipelines.counterfactual import shift_codes
-from cxrray.pipelines.explain import select
+from cxrray.pipelines.explain import select_samples
 from cxrray.pipelines.head import load_head
 from cxrray.pipelines.settings import ExplainConfig
 from cxrray.errors import InputError
@@ -102,7 +102,8 @@ def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings:
     model, head = loaded.model, load_head(probe)
     head.index(finding)
     manifest = read_manifest(data_uri)
-    chosen, _ = select(data_uri, split, label=finding, value=0.0, limit=images, seed=seed)
+    chosen = select_samples(data_uri, split, head.info.get("encodings"), label=finding, value=0.0,
+                            limit=images, seed=seed)  # planned from the probe's encodings when they fit
     store, by_shard = Storage(data_uri), {}
     for c in chosen:
         by_shard.setdefault(c["shard"], []).append(c["key"])

@@ -246,6 +246,24 @@ def select_encoded(data_uri: str, encodings_uri: str, split: str | None, label: 
     return pick.samples(), manifest
 
 
+def select_samples(data_uri: str, split: str | None, encodings: str | None = None, **kwargs) -> list[dict]:
+    """`select_encoded` when `encodings` encode exactly the shards of `data_uri` (no shard is read), else
+    `select` (every shard of the split is read), saying why; kwargs as `select`."""
+    from cxrray.pipelines.encodings import read_index
+
+    why = "no encodings given"
+    if encodings:
+        try:
+            why = encodes_other(read_index(encodings), read_manifest(data_uri), Storage(data_uri).uri)
+        except FileNotFoundError as error:
+            why = str(error)
+        if why is None:
+            return select_encoded(data_uri, encodings, split, **kwargs)[0]
+        print(f"[select] planning from the shards of {data_uri}: {encodings} cannot stand for them ({why})",
+              flush=True)
+    return select(data_uri, split, **kwargs)[0]
+
+
 def explain_shards(checkpoint: str, probe: str, data_uri: str, findings: list[str], output_uri: str, cfg: Config,
                    samples: list[dict], toward: int = 1, reference: bool = False) -> int:
     """Fan out counterfactuals for `samples` ([{shard, key, findings?}]) over one actor pool; a sample's own
@@ -291,8 +309,9 @@ def explain_file(checkpoint: str, probe: str, path: Path, findings: list[str], o
 
 
 def explain(checkpoint: str, probe: str, input: str, findings: list[str], output_uri: str, cfg: Config,
-            split: str | None = None, limit: int | None = None, toward: int = 1) -> dict:
-    """`cxrray explain`: a file or a shards URI (optionally one split, capped at `limit` images)."""
+            split: str | None = None, limit: int | None = None, toward: int = 1, encodings: str | None = None) -> dict:
+    """`cxrray explain`: a file or a shards URI (optionally one split, capped at `limit` images). Shards are
+    planned from `encodings` (default: the ones the probe was fitted on) when they encode exactly the input."""
     if not findings:
         raise InputError("give at least one --finding")
     model_identity(checkpoint, "counterfactual")
@@ -304,7 +323,8 @@ def explain(checkpoint: str, probe: str, input: str, findings: list[str], output
         return {"input": "file", "records": len(records), "output": Storage(output_uri).uri,
                 "probabilities": {r["finding"]: {"before": r["probs_before"][r["finding"]],
                                                  "after": r["probs_after"][r["finding"]]} for r in records}}
-    samples, _ = select(input, split, limit=limit, seed=cfg.explain.seed)
+    samples = select_samples(input, split, encodings or head.info.get("encodings"), limit=limit,
+                             seed=cfg.explain.seed)
     written = explain_shards(checkpoint, probe, input, findings, output_uri, cfg, samples, toward)
     total = sum(1 for n in Storage(output_uri).list() if n.endswith(f".{DIRECTIONS[toward]}.json"))
     return {"input": "shards", "images": len(samples), "findings": findings, "written_now": written,
