@@ -1,5 +1,5 @@
 """Counterfactual images against phantom ground truth, DiffChest's plain decode (z guidance 1, the
-baseline) beside amplified decodes, on the same images in the same run (`cxrray.pipelines.cf_eval`).
+baseline) beside amplified decodes, on the same images in the same run (`cxrray.pipelines.diffchest.cf_eval`).
 
     make demo && python bench/counterfactual.py                  # the demo's model, probe and phantoms
     python bench/counterfactual.py --finding cardiomegaly --axis pattern --eps 1 2 --guidance 1 3
@@ -7,7 +7,7 @@ baseline) beside amplified decodes, on the same images in the same run (`cxrray.
     python bench/counterfactual.py --judge demo_out/cf_judge \
         --setting axis=pattern,eps=2 axis=effect,eps=1,blend=model,invert_to=0.6   # issue 27's levers, judged
 
-With `--judge DIR` the independent judge (`cxrray.pipelines.cf_judge`, trained once into DIR) reads every
+With `--judge DIR` the independent judge (`cxrray.pipelines.diffchest.cf_judge`, trained once into DIR) reads every
 counterfactual and the true paired renders, and each setting is checked against `cf_eval.GOALS`. `--setting`
 gives explain settings as comma-separated overrides of the demo's (replacing the --axis/--eps/... grid).
 
@@ -60,7 +60,7 @@ def main() -> None:
 
     from cxrray.cli import DEMO_OVERRIDES, DEMO_SALT
     from cxrray.config import load_config
-    from cxrray.pipelines.cf_eval import evaluate, setting_tag
+    from cxrray.pipelines.diffchest.cf_eval import evaluate, setting_tag
     from cxrray.pipelines.settings import ExplainConfig
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -79,7 +79,7 @@ def main() -> None:
     start = time.perf_counter()
     judge = None
     if args.judge:
-        from cxrray.pipelines.cf_judge import load_judge, train_counterfactual_judge
+        from cxrray.pipelines.diffchest.cf_judge import load_judge, train_counterfactual_judge
 
         judge = (load_judge(args.judge) if (Path(args.judge) / "judge.json").exists() else
                  train_counterfactual_judge(cfg.phantom, cfg.ingest, cfg.cf_judge))

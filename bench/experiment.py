@@ -28,8 +28,8 @@ def main() -> None:
     import torch
 
     from cxrray.config import load_config
-    from cxrray.pipelines.detector_fits import fit_detector, run_fits
-    from cxrray.pipelines.experiment import base_statistics, load_sets
+    from cxrray.pipelines.cohorts.detector_fits import fit_detector, run_fits
+    from cxrray.pipelines.cohorts.experiment import base_statistics, load_sets
     from cxrray.runtime import ensure_ray
 
     cfg = load_config(None, ["experiment.arms=[base,gen]", f"experiment.seeds={args.seeds}",

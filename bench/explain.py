@@ -34,8 +34,8 @@ def main() -> None:
     from cxrray.diffusion.ddim import ddim_invert, ddim_sample
     from cxrray.diffusion.schedule import make_scheduler
     from cxrray.families.diffae.network import DiffAE
-    from cxrray.pipelines.counterfactual import counterfactuals
-    from cxrray.pipelines.head import LinearHead
+    from cxrray.pipelines.diffchest.counterfactual import counterfactuals
+    from cxrray.pipelines.diffchest.head import LinearHead
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.preset)

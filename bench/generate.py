@@ -55,8 +55,8 @@ def main() -> None:
     from cxrray.families.ddpm.config import COVARIATES
     from cxrray.diffusion.ddim import sample_conditional
     from cxrray.diffusion.schedule import make_scheduler
-    from cxrray.pipelines.cohort import CohortSpec, draw
-    from cxrray.pipelines.generate import generate_cohort
+    from cxrray.pipelines.cohorts.spec import CohortSpec, draw
+    from cxrray.pipelines.cohorts.generate import generate_cohort
     from cxrray.pipelines.settings import GenerateConfig
     from cxrray.runtime import ensure_ray
 

@@ -342,8 +342,8 @@ def counterfactuals(check: Check, deadline: float) -> dict:
     import torch
 
     from cxrray.config import load_config
-    from cxrray.pipelines.counterfactual import counterfactuals as make
-    from cxrray.pipelines.head import LinearHead
+    from cxrray.pipelines.diffchest.counterfactual import counterfactuals as make
+    from cxrray.pipelines.diffchest.head import LinearHead
 
     _, model = _diffae(check.sizes["mfu_preset"], check.device, check.sizes["mfu_size"])
     model.eval()
@@ -497,7 +497,7 @@ def _fit_judge(check: Check, images, targets, index, epochs: int):
     """The product's ImageJudge (the synthetic-set audit's) regressing `targets` [N] from real images alone."""
     import torch
 
-    from cxrray.pipelines.detector import ImageJudge
+    from cxrray.pipelines.cohorts.detector import ImageJudge
 
     torch.manual_seed(0)
     judge = ImageJudge().to(check.device)

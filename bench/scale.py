@@ -72,8 +72,8 @@ def run_stage(stage: str, shards_uri: str, encodings_uri: str) -> dict:
     from cxrray.data.shards import read_manifest
     from cxrray.families.ddpm.task import prepare
     from cxrray.pipelines.encodings import read_matrices
-    from cxrray.pipelines.explain import select, select_encoded
-    from cxrray.pipelines.probe import COLUMNS
+    from cxrray.pipelines.diffchest.explain import select, select_encoded
+    from cxrray.pipelines.diffchest.probe import COLUMNS
 
     cfg = load_config("tiny", ["model.family=ddpm", "model.covariates=[age,sex,ivsd,lvidd,lvpwd]"]).model
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

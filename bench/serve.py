@@ -41,7 +41,7 @@ def build_artifacts(root: Path, files: list[bytes], size: int) -> tuple[str, str
     from cxrray.config import DecodeConfig, load_config
     from cxrray.data.phantom import FINDINGS
     from cxrray.families.diffae.network import DiffAE
-    from cxrray.pipelines.head import LinearHead
+    from cxrray.pipelines.diffchest.head import LinearHead
     from cxrray.serve.uploads import prepare_image
     from cxrray.io.checkpoint import save_weights
 

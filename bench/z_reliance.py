@@ -43,7 +43,7 @@ def reliance(model, images) -> dict:
     import torch
 
     from cxrray.diffusion.ddim import ddim_sample
-    from cxrray.pipelines.cf_eval import z_sensitivity
+    from cxrray.pipelines.diffchest.cf_eval import z_sensitivity
 
     with torch.no_grad():
         z = model.encode(images)

@@ -275,7 +275,7 @@ def _summary(manifest: dict, uri: str) -> dict:
 
 
 def cmd_export(args) -> int:
-    from cxrray.io.export import export_diffusers
+    from cxrray.models.export import export_diffusers
 
     print(json.dumps(export_diffusers(args.checkpoint, args.output)))
     return 0
@@ -331,7 +331,7 @@ def cmd_encode(args) -> int:
 
 
 def cmd_latents(args) -> int:
-    from cxrray.pipelines.latents import latents
+    from cxrray.pipelines.cheff.latents import latents
 
     manifest = latents(args.vae, args.data, args.output, load_config(args.config, args.overrides).latents)
     print(json.dumps({"samples": manifest["samples"], "shape": manifest["latents"]["shape"],
@@ -340,7 +340,7 @@ def cmd_latents(args) -> int:
 
 
 def _cohort_model(checkpoint: str):
-    from cxrray.io.loading import checkpoint_config, model_identity
+    from cxrray.models.loading import checkpoint_config, model_identity
 
     model_identity(checkpoint, "generate")
     cfg = checkpoint_config(checkpoint)
@@ -350,7 +350,7 @@ def _cohort_model(checkpoint: str):
 
 
 def cmd_cohort(args) -> int:
-    from cxrray.pipelines.cohort import describe, describe_text, draw, load_spec
+    from cxrray.pipelines.cohorts.spec import describe, describe_text, draw, load_spec
 
     model = _cohort_model(args.checkpoint)
     summary = describe(draw(load_spec(args.spec, args.n), model), model)
@@ -360,8 +360,9 @@ def cmd_cohort(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from cxrray.pipelines.cohort import load_spec
-    from cxrray.pipelines.generate import generate_cohort, generate_prompts, report_prompts
+    from cxrray.pipelines.cohorts.spec import load_spec
+    from cxrray.pipelines.cheff.generate import generate_prompts, report_prompts
+    from cxrray.pipelines.cohorts.generate import generate_cohort
 
     overrides = list(args.overrides) + [f"generate.{k}={v}" for k, v in
                                         (("steps", args.steps), ("sampler", args.sampler), ("guidance", args.guidance))
@@ -396,7 +397,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from cxrray.pipelines.experiment import run_experiment
+    from cxrray.pipelines.cohorts.experiment import run_experiment
 
     overrides = list(args.overrides) + ([f"experiment.seeds={args.seeds}"] if args.seeds else [])
     overrides += [f"experiment.arms=[{args.arms}]"] if args.arms else []
@@ -409,7 +410,7 @@ def cmd_experiment(args) -> int:
 
 
 def cmd_audit_synthetic(args) -> int:
-    from cxrray.pipelines.synthetic_audit import run_synthetic_audit
+    from cxrray.pipelines.cohorts.synthetic_audit import run_synthetic_audit
 
     audit = run_synthetic_audit(args.synthetic, args.train, args.output, load_config(args.config, args.overrides),
                                 test_uri=args.test, features_model=args.features_model)
@@ -419,7 +420,7 @@ def cmd_audit_synthetic(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from cxrray.pipelines.generation_eval import run_generation_eval
+    from cxrray.pipelines.cheff.evaluate import run_generation_eval
 
     result = run_generation_eval(args.ldm, args.data, args.output, load_config(args.config, args.overrides), sr=args.sr,
                                  sr_base=args.sr_base, features_model=args.features_model)
@@ -431,7 +432,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from cxrray.reproduce import CHEFF_PRESETS, PRESETS, reproduce_cheff, reproduce_cxr_ddpm
+    from cxrray.pipelines.cheff.reproduce import CHEFF_PRESETS, reproduce_cheff
+    from cxrray.pipelines.cohorts.reproduce import PRESETS, reproduce_cxr_ddpm
 
     workdir = Path(args.workdir or f"reproduce_out/{args.paper}")
     shards = (args.shards or f"file://data_shards/{args.paper}").rstrip("/")
@@ -462,7 +464,7 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from cxrray.pipelines.explain import explain
+    from cxrray.pipelines.diffchest.explain import explain
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
@@ -474,7 +476,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from cxrray.pipelines.audit import audit
+    from cxrray.pipelines.diffchest.audit import audit
 
     result = audit(args.checkpoint, args.probe, args.data, args.finding, Path(args.output),
                    load_config(args.config, args.overrides), encodings=args.encodings)
@@ -484,7 +486,7 @@ def cmd_audit(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from cxrray.pipelines.probe import run_probe
+    from cxrray.pipelines.diffchest.probe import run_probe
 
     cfg = load_config(args.config, args.overrides)
     print(json.dumps(run_probe(args.encodings, Path(args.output), cfg, args.fraction), indent=1))

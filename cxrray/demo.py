@@ -15,9 +15,9 @@ AUDITED = ["effusion", "cardiomegaly"]  # the confounded finding and a control
 def run_demo(cfg: Config, n: int, workdir: Path, shards: str, run: str) -> dict:
     from cxrray.data.ingest import ingest
     from cxrray.data.phantom import generate
-    from cxrray.pipelines.audit import audit
+    from cxrray.pipelines.diffchest.audit import audit
     from cxrray.pipelines.encode import encode
-    from cxrray.pipelines.probe import run_probe
+    from cxrray.pipelines.diffchest.probe import run_probe
     from cxrray.train.pretrain import pretrain
 
     phantoms = workdir / "phantoms"
@@ -70,7 +70,7 @@ def counterfactual_grid(cfg: Config, shards: str, checkpoint: str, probe: Path, 
     from cxrray.data.imaging import decode_png16, png16_to_model
     from cxrray.data.storage import Storage
     from cxrray.eval.grids import save_grid
-    from cxrray.pipelines.explain import explain_shards, select, stem
+    from cxrray.pipelines.diffchest.explain import explain_shards, select, stem
 
     samples, _ = select(shards, "test", limit=n, seed=cfg.explain.seed)
     out = Storage(str((workdir / "counterfactuals").resolve()))
@@ -98,10 +98,10 @@ def counterfactual_grid(cfg: Config, shards: str, checkpoint: str, probe: Path, 
 
 def ground_truth(cfg: Config, shards: str, records: Path, n: int) -> dict:
     """Per audited finding, the audit's counterfactuals measured against where the finding can appear in each
-    phantom (`cxrray.pipelines.cf_eval.measure_records`): image effect, energy inside/outside the region,
+    phantom (`cxrray.pipelines.diffchest.cf_eval.measure_records`): image effect, energy inside/outside the region,
     SSIM outside, the other labels' image effects."""
     from cxrray.data.settings import resolve_salt
-    from cxrray.pipelines.cf_eval import describe, measure_records
+    from cxrray.pipelines.diffchest.cf_eval import describe, measure_records
 
     out = {}
     for finding in AUDITED:
@@ -142,7 +142,7 @@ def measured_rows(measured: dict) -> list[dict]:
 def write_report(workdir: Path, summary: dict, audited: dict) -> Path:
     """One self-contained HTML page: held-out grids, probe AUROC table + ROC, counterfactuals, audit."""
     from cxrray.eval import html
-    from cxrray.pipelines.audit import report_html
+    from cxrray.pipelines.diffchest.audit import report_html
 
     metrics = json.loads((workdir / "probe" / "metrics.json").read_text())
     rows = [{"finding": k, "positives": v.get("positives"), "AUROC": v.get("auroc"), "95% CI low": v.get("ci_low"),
@@ -178,7 +178,7 @@ def held_out_report(cfg: Config, shards: str, checkpoint: str, workdir: Path, ru
     from cxrray.data.stream import head
     from cxrray.diffusion.ddim import reconstruct, sample
     from cxrray.eval.grids import save_grid
-    from cxrray.io.loading import load_ema
+    from cxrray.models.loading import load_ema
     from cxrray.tracking import RunLogger, tracking_uri
 
     torch.set_num_threads(1)

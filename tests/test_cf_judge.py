@@ -14,7 +14,7 @@ CFG = load_config("tiny", ["phantom.confounder=tube:effusion:0.9:0.05", "phantom
 def test_the_judge_reads_ingests_pixels_and_its_phantoms_have_no_confounder_and_other_patients(tmp_path):
     from cxrray.data.ingest import prepare_image
     from cxrray.data.phantom import generate, image_name
-    from cxrray.pipelines.cf_judge import judge_phantoms, model_image
+    from cxrray.pipelines.diffchest.cf_judge import judge_phantoms, model_image
 
     generate(4, tmp_path, CFG.phantom)
     for i in range(4):
@@ -33,7 +33,7 @@ def test_the_judge_reads_ingests_pixels_and_its_phantoms_have_no_confounder_and_
 
 def test_a_trained_judge_saves_loads_and_reads_the_paired_render(tmp_path):
     from cxrray.data.phantom import with_label
-    from cxrray.pipelines.cf_judge import LABELS, load_judge, model_image, paired_renders, train_counterfactual_judge
+    from cxrray.pipelines.diffchest.cf_judge import LABELS, load_judge, model_image, paired_renders, train_counterfactual_judge
 
     cfg = CFG.cf_judge.model_copy(update={"images": 96, "val_images": 48, "epochs": 1})
     lines: list[str] = []
@@ -50,7 +50,7 @@ def test_a_trained_judge_saves_loads_and_reads_the_paired_render(tmp_path):
 
 
 def test_the_edit_mask_is_blurred_scaled_thresholded_and_dilated():
-    from cxrray.pipelines.counterfactual import edit_mask
+    from cxrray.pipelines.diffchest.counterfactual import edit_mask
     from cxrray.pipelines.settings import ExplainConfig
 
     change = torch.zeros(2, 1, 32, 32)
@@ -81,7 +81,7 @@ def test_inversion_levers_are_refused_where_they_cannot_work():
 
 
 def test_goals_are_checked_against_the_original_and_need_all_four():
-    from cxrray.pipelines.cf_eval import GOALS, goals_met
+    from cxrray.pipelines.diffchest.cf_eval import GOALS, goals_met
 
     def result(effect, tube, ratio, ssim, confounder="chest_tube"):
         return {"judged": {"effect_vs_original": {"mean": effect}, "confounder": confounder,
@@ -101,7 +101,7 @@ def test_blended_counterfactuals_keep_the_original_exactly_outside_the_models_ma
     """Deterministic inversion (trajectory retraced) and stochastic encoding (original pasted, as in
     inpainting): outside the mask the counterfactual is the original image, inside it the code's change."""
     from cxrray.families.diffae.network import DiffAE, DiffAEConfig
-    from cxrray.pipelines.counterfactual import decode_pair
+    from cxrray.pipelines.diffchest.counterfactual import decode_pair
     from cxrray.pipelines.settings import ExplainConfig
 
     torch.manual_seed(0)
@@ -129,7 +129,7 @@ def test_the_default_judge_reads_effusion_and_the_tube_apart_and_the_paired_rend
     (>= 0.3) with the tube moving < 0.1 (the goal's numbers, fixed before): a judge that fails this cannot
     score any counterfactual."""
     from cxrray.cli import DEMO_OVERRIDES
-    from cxrray.pipelines.cf_judge import LABELS, paired_renders, train_counterfactual_judge, model_image
+    from cxrray.pipelines.diffchest.cf_judge import LABELS, paired_renders, train_counterfactual_judge, model_image
 
     cfg = load_config("tiny", DEMO_OVERRIDES)
     judge = train_counterfactual_judge(cfg.phantom, cfg.ingest, cfg.cf_judge, progress=lambda line: None)

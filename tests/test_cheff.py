@@ -10,7 +10,7 @@ from conftest import write_checkpoint
 from cxrray.diffusion.ddim import walk
 from cxrray.errors import InputError
 from cxrray.families import get_family
-from cxrray.pipelines.cheff import Cheff
+from cxrray.pipelines.cheff.cascade import Cheff
 from test_families import tiny
 
 PROMPT = "Large pleural effusion in the right lower lung."

@@ -13,7 +13,7 @@ from scipy.special import expit, logit
 
 from cxrray.data.storage import Storage
 from cxrray.eval.confounding import ConfoundingSettings, _fit, confounding
-from cxrray.pipelines.audit import mean_ci, odds_ratios
+from cxrray.pipelines.diffchest.audit import mean_ci, odds_ratios
 
 VOCAB = ["effusion", "chest_tube", "hidden", "rare"]
 
@@ -157,7 +157,7 @@ def test_over_20_seeds_an_independent_label_is_flagged_at_most_once():
 def test_the_audit_reads_its_statistics_from_the_probes_encodings(tmp_path):
     """`audit --encodings`: the fit split's codes and labels, the finding's associations, one verdict per label."""
     from cxrray.config import load_config
-    from cxrray.pipelines.audit import statistics
+    from cxrray.pipelines.diffchest.audit import statistics
     from cxrray.pipelines.encodings import INDEX, part_table, write_part
 
     z, labels, patients = world(3)
@@ -182,7 +182,7 @@ def test_the_audit_reads_its_statistics_from_the_probes_encodings(tmp_path):
 def test_the_audit_page_takes_its_verdicts_from_the_statistics_when_it_has_them(tmp_path):
     """With statistics, the page's verdict sentence is theirs (underpowered included) and the per-image table
     is labelled descriptive; without, the per-image verdicts stand, unvalidated probes included."""
-    from cxrray.pipelines.audit import report_html
+    from cxrray.pipelines.diffchest.audit import report_html
 
     (tmp_path / "grid.png").write_bytes(b"\x89PNG\r\n")
     candidate = {"label": "rare", "effect": 0.2, "ci": [0.1, 0.3], "verdict": "unvalidated", "probe_auroc": None,

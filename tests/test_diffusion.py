@@ -206,7 +206,7 @@ def test_renoise_decode_is_seeded_keeps_the_image_at_low_noise_and_follows_the_c
 
 
 def test_z_sensitivity_is_zero_for_the_same_code_and_positive_for_another(mini):
-    from cxrray.pipelines.cf_eval import z_sensitivity
+    from cxrray.pipelines.diffchest.cf_eval import z_sensitivity
 
     x0 = _images(3)
     with torch.no_grad():

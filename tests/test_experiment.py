@@ -21,8 +21,8 @@ from cxrray.data.storage import Storage
 from cxrray.errors import InputError
 from cxrray.eval.stats import at_recall, compare_to_reference, paired_bootstrap
 from cxrray.pipelines.derived import png16
-from cxrray.pipelines.detector import EchoDetector, label_probabilities, nll
-from cxrray.pipelines.echo_sets import arm_index, load_echo_set
+from cxrray.pipelines.cohorts.detector import EchoDetector, label_probabilities, nll
+from cxrray.pipelines.cohorts.echo_sets import arm_index, load_echo_set
 
 SIZE = 32
 
@@ -83,7 +83,7 @@ def test_arms_have_the_same_size_and_draw_from_their_pool():
 
 
 def test_fits_at_once_are_what_the_cluster_holds():
-    from cxrray.pipelines.detector_fits import concurrent_fits
+    from cxrray.pipelines.cohorts.detector_fits import concurrent_fits
     from cxrray.pipelines.settings import ExperimentConfig
 
     assert concurrent_fits(ExperimentConfig(), {"CPU": 2.0}) == 2  # 20 fits on 2 CPUs: 2 at a time, not 20
@@ -165,7 +165,7 @@ def _cfg(tmp_path, *extra):
 
 def test_experiment_fits_the_grid_on_ray_tune_and_reports_paired_comparisons(experiment_data, ray_local, tmp_path):
     """~75 s on 2 cores: each fit is a Ray Train run (worker group start-up dominates the 3 s of training)."""
-    from cxrray.pipelines.experiment import run_experiment
+    from cxrray.pipelines.cohorts.experiment import run_experiment
 
     root, real, _, noise = experiment_data
     out = f"file://{tmp_path}/out"

@@ -15,7 +15,7 @@ import torch
 from cxrray.config import load_config
 from cxrray.families import FAMILIES, CapabilityError, get_family
 from cxrray.io.checkpoint import save_weights
-from cxrray.io.loading import load_model, model_identity
+from cxrray.models.loading import load_model, model_identity
 
 SMALL = {"image_size": 32, "base_channels": 16, "channel_mult": [1, 2], "layers_per_block": 1,
          "attention_resolutions": [16], "norm_groups": 8}
@@ -152,7 +152,7 @@ def test_family_loads_from_the_mlflow_registry_by_alias(name, tmp_path, monkeypa
     if family.capabilities & {"encode", "reconstruct", "upscale"}:  # the registered pyfunc answers images
         import mlflow
 
-        from cxrray.io.loading import mlflow_uris
+        from cxrray.models.loading import mlflow_uris
 
         images = batch(2)["image"]
         with mlflow_uris(uri):
@@ -170,7 +170,7 @@ def test_family_loads_from_the_mlflow_registry_by_alias(name, tmp_path, monkeypa
         import pandas as pd
 
         from cxrray.families import GenerateRequest
-        from cxrray.io.loading import mlflow_uris
+        from cxrray.models.loading import mlflow_uris
 
         request = generate_request(family, model)
         table = pd.DataFrame([request.conditions] * 2)

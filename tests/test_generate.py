@@ -18,7 +18,7 @@ from cxrray.data.storage import Storage
 from cxrray.errors import InputError
 from cxrray.families import get_family
 from cxrray.families.ddpm.config import DDPMConfig
-from cxrray.pipelines.cohort import CohortSpec, describe, draw, load_spec, resolve
+from cxrray.pipelines.cohorts.spec import CohortSpec, describe, draw, load_spec, resolve
 from conftest import kill_cli_when, write_checkpoint
 
 # training statistics as CheXchoNet reports them roughly (years, cm); IVSd and LVPWd correlate strongly

@@ -202,7 +202,7 @@ def test_latent_diffusion_trains_on_the_latent_shards_with_their_autoencoder_and
     from safetensors.torch import load_file
 
     from cxrray.families import GenerateRequest
-    from cxrray.io.loading import load_model
+    from cxrray.models.loading import load_model
 
     out, logs = ldm_run
     assert "ldm: deepspeed x2 workers" in logs
@@ -325,8 +325,8 @@ def test_evaluate_generation_writes_the_papers_measures_beside_ours(job, ldm_run
     from cxrray.data.imaging import model_input  # noqa: F401 (the phantoms go through ingest's own path)
     from cxrray.eval.reconstruction import reconstruction_metrics
     from cxrray.families.sr.network import resize
-    from cxrray.pipelines.cheff import Cheff
-    from cxrray.pipelines.generation_eval import RealSet, device_phantoms
+    from cxrray.pipelines.cheff.cascade import Cheff
+    from cxrray.pipelines.cheff.evaluate import RealSet, device_phantoms
     from cxrray.pipelines.settings import GenerationEvalConfig
 
     torch.manual_seed(0)

@@ -43,7 +43,7 @@ def test_the_judge_reads_every_image_at_its_own_size():
     import torch
 
     from cxrray.families.sr.network import resize
-    from cxrray.pipelines.generation_eval import FindingJudge
+    from cxrray.pipelines.judges import FindingJudge
 
     torch.manual_seed(0)
     image = torch.rand(3, 1, 64, 64) * 2 - 1

@@ -1,15 +1,19 @@
-"""Imports point down the layers only, and there is no import cycle between cxrray's modules.
+"""Imports point down the layers only, every package sits on one layer, methods stay apart, and there is no
+import cycle between cxrray's modules.
 
-Layers, bottom up (a module may import its own layer and those below):
-  0 data (sources, phantoms, shards, storage, de-identification, streams), runtime, the package root
-  1 eval (metrics and statistics on arrays), io.checkpoint (safetensors + JSON files)
-  2 families, diffusion (networks, objectives, samplers), the stages' torch-free config sections
-    (train.settings, pipelines.settings, serve.settings)
-  3 config (composes the sections that live beside their code), io (load_model, export, MLflow pyfunc)
+Layers, bottom up (a module may import its own layer and those below), given per package or root module:
+  0 data (sources, phantoms, shards, storage, de-identification, streams), runtime, errors, worker_setup,
+    the package root
+  1 eval (metrics and statistics on arrays), io (checkpoint files: safetensors + JSON, model cards)
+  2 families, diffusion (networks, objectives, samplers)
+  3 config (composes the sections that live beside their code), models (load_model, export, MLflow pyfunc)
   4 train, pipelines, tracking
   5 serve
-  6 cli, demo, reproduce
-Imports inside functions count too: a lazy import is still a dependency.
+  6 cli, demo
+A package's `settings` module (its torch-free config section, composed by `config`) sits at layer 2 if its
+package is higher: the one named exception. Inside `pipelines`, each method is a subpackage
+(`METHODS`); a method may import the shared modules beside it, never another method, and the shared
+modules import no method. Imports inside functions count too: a lazy import is still a dependency.
 """
 from __future__ import annotations
 
@@ -19,16 +23,17 @@ from pathlib import Path
 import cxrray
 
 ROOT = Path(cxrray.__file__).parent
-LAYERS = {  # module prefix -> layer; the longest matching prefix wins
-    "cxrray": 0, "cxrray.data": 0, "cxrray.runtime": 0,
-    "cxrray.eval": 1, "cxrray.io.checkpoint": 1,
+LAYERS = {  # package or root module -> layer; the longest matching prefix wins
+    "cxrray": 0, "cxrray.data": 0, "cxrray.runtime": 0, "cxrray.errors": 0, "cxrray.worker_setup": 0,
+    "cxrray.eval": 1, "cxrray.io": 1,
     "cxrray.families": 2, "cxrray.diffusion": 2,
-    "cxrray.train.settings": 2, "cxrray.pipelines.settings": 2, "cxrray.serve.settings": 2,
-    "cxrray.config": 3, "cxrray.io": 3,
+    "cxrray.config": 3, "cxrray.models": 3,
     "cxrray.train": 4, "cxrray.pipelines": 4, "cxrray.tracking": 4,
     "cxrray.serve": 5,
-    "cxrray.cli": 6, "cxrray.demo": 6, "cxrray.reproduce": 6,
+    "cxrray.cli": 6, "cxrray.demo": 6,
 }
+SETTINGS_LAYER = 2
+METHODS = ("diffchest", "cohorts", "cheff")  # subpackages of cxrray.pipelines, one per paper
 
 
 def module_name(path: Path) -> str:
@@ -38,7 +43,41 @@ def module_name(path: Path) -> str:
 
 def layer(module: str) -> int:
     best = max((p for p in LAYERS if module == p or module.startswith(p + ".")), key=len)
+    if module.endswith(".settings"):
+        return min(LAYERS[best], SETTINGS_LAYER)
     return LAYERS[best]
+
+
+def method(module: str) -> str | None:
+    """The pipelines method a module belongs to, "" for pipelines' shared modules, None outside pipelines."""
+    parts = module.split(".")
+    if parts[:2] != ["cxrray", "pipelines"]:
+        return None
+    return parts[2] if len(parts) > 2 and parts[2] in METHODS else ""
+
+
+def test_layers_are_given_per_package_and_every_root_module_is_placed():
+    """A layer belongs to a whole package: no submodule of a package gets its own (so a package cannot
+    straddle two layers), and no root module falls to layer 0 by omission."""
+    for name in LAYERS:
+        target = ROOT.parent.joinpath(*name.split("."))
+        assert target.is_dir() or (name.count(".") == 1 and target.with_suffix(".py").is_file()), \
+            f"{name}: a layer is given to a package or a root module, not to a module inside a package"
+    root_modules = {f"cxrray.{p.stem}" for p in ROOT.glob("*.py") if p.stem != "__init__"}
+    root_packages = {f"cxrray.{p.name}" for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    assert not (root_modules | root_packages) - set(LAYERS), "not placed on a layer"
+    methods = {p.name for p in (ROOT / "pipelines").iterdir() if (p / "__init__.py").is_file()}
+    assert methods == set(METHODS), "every pipelines subpackage is a method (and listed)"
+
+
+def test_methods_do_not_import_each_other_and_shared_modules_import_no_method():
+    crossing = []
+    for path in sorted((ROOT / "pipelines").rglob("*.py")):
+        mod = module_name(path)
+        for target in imports(path):
+            if method(target) and method(target) != method(mod):
+                crossing.append(f"{mod} imports {target}")
+    assert not crossing, "imports across methods (move what both need into cxrray/pipelines/):\n" + "\n".join(crossing)
 
 
 def imports(path: Path) -> set[str]:

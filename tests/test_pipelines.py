@@ -25,9 +25,9 @@ from cxrray.diffusion.ddim import ddim_invert
 from cxrray.errors import InputError
 from cxrray.families.diffae.network import DiffAE, DiffAEConfig
 from cxrray.pipelines.encodings import read_encodings, read_index, read_matrices, stack
-from cxrray.pipelines import explain as explain_module
-from cxrray.pipelines.explain import encodes_other, select, select_encoded, select_samples
-from cxrray.pipelines.head import LinearHead
+from cxrray.pipelines.diffchest import explain as explain_module
+from cxrray.pipelines.diffchest.explain import encodes_other, select, select_encoded, select_samples
+from cxrray.pipelines.diffchest.head import LinearHead
 from conftest import kill_cli_when, write_checkpoint
 
 MINI = DiffAEConfig(image_size=32, base_channels=32, channel_mult=(1, 2), layers_per_block=1,
@@ -133,7 +133,7 @@ def _png_text(data: bytes) -> dict:
 
 
 def test_explain_file_writes_provenance_and_is_idempotent(world, tmp_path):
-    from cxrray.pipelines.explain import explain
+    from cxrray.pipelines.diffchest.explain import explain
 
     dicom = sorted((world["root"] / "phantoms" / "images").glob("*.dcm"))[0]
     header = pydicom.dcmread(dicom)
@@ -189,7 +189,7 @@ def test_explain_shards_killed_then_rerun_writes_each_output_once(world, ray_loc
 
 
 def test_audit_ranks_the_label_the_direction_drags_along(world, ray_local, tmp_path, capfd):
-    from cxrray.pipelines.audit import audit
+    from cxrray.pipelines.diffchest.audit import audit
 
     cfg = load_config("tiny", ["explain.steps=3", "explain.invert_steps=3", "audit.images=6", "audit.split=train",
                                "audit.bootstrap=200", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
@@ -220,7 +220,7 @@ def test_audit_ranks_the_label_the_direction_drags_along(world, ray_local, tmp_p
     arts = {a.path for a in client.list_artifacts(result["mlflow_run_id"], "audit")}
     assert {"audit/audit.json", "audit/audit.html"} <= arts
     # the audit's own counterfactuals, measured against the phantoms' regions without decoding again
-    from cxrray.pipelines.cf_eval import measure_records
+    from cxrray.pipelines.diffchest.cf_eval import measure_records
 
     records = [json.loads((tmp_path / "audit" / "counterfactuals" / n).read_text()) for n in written if ".effusion." in n]
     ref_png = (tmp_path / "audit" / "counterfactuals" / records[0]["files"]["reference"]).read_bytes()
@@ -254,7 +254,7 @@ def test_audit_verdicts_confounder_entangled_unvalidated_and_not_moved(tmp_path)
     """Each kind planted: `device` moves and co-occurs with the target in the fit split's labels (confounder),
     `overlap` moves as much without co-occurring (entangled), `noise` moves but its probe is at chance and
     `unmeasured` has no test AUROC (both unvalidated, never flagged), `flat` does not move."""
-    from cxrray.pipelines.audit import candidates, odds_ratios, probe_aurocs
+    from cxrray.pipelines.diffchest.audit import candidates, odds_ratios, probe_aurocs
 
     rng = np.random.default_rng(0)
     labels = ["target", "device", "overlap", "noise", "unmeasured", "flat"]

@@ -8,7 +8,7 @@ import pytest
 from cxrray.data import shards
 from cxrray.data.storage import Storage
 from cxrray.errors import InputError
-from cxrray.pipelines.explain import select
+from cxrray.pipelines.diffchest.explain import select
 from test_experiment import write_echo_shards
 
 

@@ -158,7 +158,7 @@ def test_second_family_trains_registers_and_exports_through_the_same_machinery(s
     Cheff families', is the slow test below.)"""
     from diffusers import UNet2DModel
 
-    from cxrray.io.loading import load_model
+    from cxrray.models.loading import load_model
 
     out = f"file://{tmp_path / 'run'}"
     common = ["pretrain", "--data", shards, "--output", out, *_sets(DDPM32 + [f"tracking.uri={mlflow_server}"])]

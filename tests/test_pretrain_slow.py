@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_tiny_preset_reconstructs_held_out_phantoms_and_samples_look_like_chests(ray_local, tmp_path):
     from cxrray.data.stream import stream
     from cxrray.demo import held_out_report
-    from cxrray.io.loading import load_ema
+    from cxrray.models.loading import load_ema
     from cxrray.diffusion.ddim import sample
 
     generate(400, tmp_path / "in", PhantomConfig(size=128, seed=31))

@@ -14,8 +14,8 @@ from sklearn.linear_model import LogisticRegression
 from cxrray.cli import main
 from cxrray.data.storage import Storage
 from cxrray.pipelines.encodings import FORMAT, INDEX, part_table, read_encodings, stack, write_part
-from cxrray.pipelines.head import load_head
-from cxrray.pipelines.probe import evaluate, fit_head, patient_subset, predict
+from cxrray.pipelines.diffchest.head import load_head
+from cxrray.pipelines.diffchest.probe import evaluate, fit_head, patient_subset, predict
 
 # A: perfectly separable on z0; B: weak on z1; C: noise; masked: = A with 40% of positives unlabelled (NaN);
 # rare: 5 test positives (< min_positives); unfit: no positive in the fit split.
@@ -255,8 +255,8 @@ def test_counterfactual_codes_move_along_the_chosen_direction():
     import torch
 
     from cxrray.errors import InputError
-    from cxrray.pipelines.counterfactual import shift_codes
-    from cxrray.pipelines.head import LinearHead
+    from cxrray.pipelines.diffchest.counterfactual import shift_codes
+    from cxrray.pipelines.diffchest.head import LinearHead
     from cxrray.pipelines.settings import ExplainConfig
 
     rng = np.random.default_rng(0)
@@ -306,7 +306,7 @@ def test_effect_is_saved_and_loaded_and_its_absence_is_refused(tmp_path):
     import torch
 
     from cxrray.errors import InputError
-    from cxrray.pipelines.head import load_head
+    from cxrray.pipelines.diffchest.head import load_head
 
     rng = np.random.default_rng(2)
     y = (rng.random((200, 2)) < 0.4).astype(float)

@@ -10,7 +10,8 @@ import json
 import pytest
 
 from cxrray.config import load_config
-from cxrray.reproduce import CHEFF_PRESETS, PRESETS
+from cxrray.pipelines.cheff.reproduce import CHEFF_PRESETS
+from cxrray.pipelines.cohorts.reproduce import PRESETS
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -71,7 +71,7 @@ def make_artifacts(root) -> SimpleNamespace:
     """A tiny DiffAE checkpoint, a probe head on its codes and three uploads (DICOM with identifiers, PNG, JPEG)
     under `root`."""
     from cxrray.families.diffae.network import DiffAE, DiffAEConfig
-    from cxrray.pipelines.head import LinearHead
+    from cxrray.pipelines.diffchest.head import LinearHead
 
     mcfg = DiffAEConfig(image_size=32, base_channels=32, channel_mult=(1, 2), layers_per_block=1,
                         attention_resolutions=(16,), z_dim=64)
@@ -242,7 +242,7 @@ def test_a_dicom_without_its_preamble_still_has_its_identifiers_found_for_scrubb
 def test_explain_png_counterfactual_with_provenance(server, artifacts):
     from cxrray.config import ExplainConfig
     from cxrray.data.imaging import decode_png16
-    from cxrray.pipelines.counterfactual import counterfactuals
+    from cxrray.pipelines.diffchest.counterfactual import counterfactuals
 
     data = artifacts.images["dicom"]
     r = call(server, "POST", "/v1/explain", files=upload(data, "application/dicom"),

@@ -11,7 +11,7 @@ import torch
 from cxrray.config import load_config
 from cxrray.data import shards
 from cxrray.data.storage import Storage
-from cxrray.pipelines.synthetic_audit import memorisation, nearest
+from cxrray.pipelines.cohorts.synthetic_audit import memorisation, nearest
 from test_experiment import write_echo_shards
 
 SETTINGS = ["synthetic_audit.epochs=10", "synthetic_audit.width=8", "synthetic_audit.kid_subset=50",
@@ -54,7 +54,7 @@ def audit_sets(tmp_path_factory):
 
 
 def test_audit_reads_covariates_off_faithful_images_and_flags_copies(audit_sets, tmp_path):
-    from cxrray.pipelines.synthetic_audit import run_synthetic_audit
+    from cxrray.pipelines.cohorts.synthetic_audit import run_synthetic_audit
 
     real, good, leaky, noise = audit_sets
     cfg = load_config(None, [*SETTINGS, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])

@@ -1,7 +1,7 @@
 """Is a label moved by counterfactuals toward a finding beyond what chance and overfitting give? (audit statistics)
 
 The counterfactual of a code z toward finding F is the closed-form move along F's activation pattern
-d_F = Cov(zn) w_F to F's target probability (`cxrray.pipelines.counterfactual`); a label L's effect is the
+d_F = Cov(zn) w_F to F's target probability (`cxrray.pipelines.diffchest.counterfactual`); a label L's effect is the
 mean change of L's probe probability over images negative for F. Measured in-sample, with probes that nearly
 reproduce their labels (C = 10, 512 dimensions, hundreds of rows), that effect is a function of the labels'
 co-occurrence, so "moved" and "co-occurs" were one finding counted twice. Here:

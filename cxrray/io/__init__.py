@@ -1,3 +1,3 @@
-"""Checkpoint and model I/O, below families/train/pipelines/serve: safetensors + JSON checkpoints
-(`checkpoint`), `load_model(uri)` for every family and every kind of URI (`loading`), model cards
-(`card`), diffusers export (`export`) and the MLflow pyfunc (`mlflow_pyfunc`). Nothing here unpickles."""
+"""Checkpoint files, below the families: safetensors + JSON checkpoints (`checkpoint`) and model cards
+(`card`). Plain files in and out, no model built; nothing here unpickles. Loading a checkpoint as a model of
+its family lives one layer up, in `cxrray.models`."""

@@ -20,7 +20,7 @@ from cxrray.data.imaging import decode_png16, png16_to_model
 from cxrray.data.shards import read_manifest, read_tar
 from cxrray.data.storage import Storage
 from cxrray.diffusion.ddim import ddim_invert
-from cxrray.io.loading import load_ema, model_identity
+from cxrray.models.loading import load_ema, model_identity
 from cxrray.pipelines.encodings import FORMAT, INDEX, finished_parts, part_table, write_part
 from cxrray.pipelines.fanout import fan_out
 from cxrray.runtime import configure_data, ensure_ray

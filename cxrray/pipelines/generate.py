@@ -1,8 +1,8 @@
 """Generation job: rows of conditions -> synthetic images as shards in exactly the format ingest writes.
 
-Rows come from a cohort spec (`generate_cohort`: `cohort.draw`, a pure function of the spec and a
-covariate DDPM's statistics) or from report prompts (`generate_prompts`: each prompt K times for a
-report-conditioned latent diffusion model; an empty prompt is unconditional). The driver cuts them into
+Rows come from a method's front end (`cohorts.generate.generate_cohort`: a drawn cohort spec;
+`cheff.generate.generate_prompts`: report prompts) as {"index", "conditions", "given", "meta"}; any family
+that `generate`s takes them (`generate_rows`). The driver cuts them into
 shards of `generate.shard_samples`. Each shard is one work unit of the
 shared fan-out (`fanout.py`): an actor loads the model once, samples the shard's rows from a generator
 seeded by (spec seed, shard index), writes the tar and then its part record (`shards.write_shard`).
@@ -25,11 +25,8 @@ import numpy as np
 
 from cxrray import __version__
 from cxrray.data import shards
-from cxrray.data.sources.chexchonet import FINDINGS
 from cxrray.data.storage import Storage
-from cxrray.errors import InputError
-from cxrray.io.loading import PUBLIC, checkpoint_config, model_identity
-from cxrray.pipelines.cohort import ECHO, CohortSpec, describe, draw
+from cxrray.models.loading import PUBLIC, checkpoint_config, model_identity
 from cxrray.pipelines.fanout import fan_out
 from cxrray.pipelines.settings import GenerateConfig
 from cxrray.runtime import configure_data, ensure_ray
@@ -49,7 +46,7 @@ class ShardGenerator:
                  sr: str | None = None):
         import torch
 
-        from cxrray.io.loading import load_model
+        from cxrray.models.loading import load_model
 
         self.cfg = GenerateConfig(**cfg)
         self.device = torch.device("cuda" if self.cfg.use_gpu and torch.cuda.is_available() else "cpu")
@@ -114,94 +111,11 @@ class ShardGenerator:
         return key, png16(image, text), meta, {}
 
 
-def cohort_row(row: dict) -> dict:
-    """A drawn cohort row -> a generation row: the covariates as conditions, labels and covariates as metadata."""
-    conditions = {"sex": row["sex"], "age": row["age"], **row["covariates"]}
-    parts = [f"sex {row['sex']}"] if row["sex"] else []
-    parts += [f"age {row['age']:g}"] if row["age"] is not None else []
-    parts += [f"{k} {v:g} cm" for k, v in sorted(row["covariates"].items())]
-    return {"index": row["index"], "conditions": {k: v for k, v in conditions.items() if v is not None},
-            "given": ", ".join(parts) or "no covariates",
-            "meta": {k: row[k] for k in ("sex", "age", "labels", "covariates")}}
-
-
-def prompt_rows(prompts: list[str], per_prompt: int, sources: list[dict] | None = None) -> list[dict]:
-    """Each prompt `per_prompt` times, in order ("" = unconditional). With `sources` (one per prompt: the real
-    sample whose report it is, {"key", "labels"}), each row keeps that sample's key and labels."""
-    rows = []
-    for p, prompt in enumerate(prompts):
-        source = sources[p] if sources else {}
-        for _ in range(per_prompt):
-            rows.append({"index": len(rows), "conditions": {"prompt": prompt} if prompt else {},
-                         "given": f"the report prompt #{p} ({len(prompt)} characters)" if prompt else "no prompt",
-                         "meta": {"report": prompt or None, "prompt_index": p, "labels": source.get("labels", []),
-                                  **({"prompt_from": source["key"]} if source else {})}})
-    return rows
-
-
-def report_prompts(data_uri: str, split: str, limit: int | None = None) -> tuple[list[str], list[dict], list[str]]:
-    """The de-identified reports of a shard set's `split` as prompts, in sample-key order (first `limit`):
-    (prompts, sources [{"key", "labels"}], the set's findings). Samples without a report are skipped."""
-    from cxrray.data.shards import read_manifest, read_tar
-
-    store = Storage(data_uri)
-    manifest = read_manifest(store)
-    names = [s["name"] for s in manifest["shards"] if s.get("splits", {}).get(split)]
-    if not names:
-        raise InputError(f"{data_uri} has no {split!r} samples; its splits: {sorted(manifest.get('splits', {}))}")
-    found = sorted((meta["key"], " ".join(meta["report"].split()), meta.get("labels", []))
-                   for name in names for _, _, meta in read_tar(store.read_bytes(name), name)
-                   if meta.get("split") == split and (meta.get("report") or "").strip())
-    if not found:
-        raise InputError(f"{data_uri}: no {split!r} sample has a report")
-    found = found[:limit] if limit else found
-    return [p for _, p, _ in found], [{"key": k, "labels": labels} for k, _, labels in found], \
-        list(manifest.get("label_vocabulary", []))
-
-
 def plan(rows: list[dict], seed: int, fingerprint: str, per_shard: int) -> list[dict]:
     """One unit per shard: its name, seed and rows."""
     return [{"shard": f"synthetic-{fingerprint}-{i:05d}.tar", "seed": unit_seed(seed, i),
              "rows": rows[start:start + per_shard]}
             for i, start in enumerate(range(0, len(rows), per_shard))]
-
-
-def generate_cohort(checkpoint: str, spec: CohortSpec, output_uri: str, cfg: GenerateConfig,
-                    timing: dict | None = None) -> dict:
-    """Generate the cohort `spec` describes under `output_uri`; returns the manifest written there.
-    `timing`, if given, receives the fan-out's seconds and images (after the actors started)."""
-    model_cfg = checkpoint_config(checkpoint)
-    drawn = draw(spec, model_cfg)
-    return generate_rows(checkpoint, [cohort_row(r) for r in drawn], output_uri, cfg, seed=spec.seed,
-                         request={"spec": spec.model_dump(mode="json")}, findings=list(FINDINGS),
-                         covariates=[c for c in ECHO if c in model_cfg.covariates], timing=timing,
-                         described={"expected": describe(drawn, model_cfg), "labels_from":
-                                    "the requested covariates (CheXchoNet thresholds), not the image"})
-
-
-def generate_prompts(checkpoint: str, prompts: list[str], per_prompt: int, output_uri: str, cfg: GenerateConfig,
-                     seed: int = 0, sr: str | None = None, sources: list[dict] | None = None,
-                     findings: list[str] | None = None) -> dict:
-    """Generate `per_prompt` images for each report prompt ("" = unconditional) with a report-conditioned
-    model, upscaled by the SR model `sr` when given (the cascade); returns the manifest. Each sample's
-    `report` is its prompt; with `sources` (prompts from a real set, `report_prompts`), its labels are
-    those of the real sample whose report it is (`findings` names them)."""
-    model_cfg = checkpoint_config(checkpoint)
-    from cxrray.families import get_family
-
-    if any(prompts) and "prompt" not in get_family(model_cfg.family).conditions(model_cfg):
-        raise InputError(f"{checkpoint}: a {model_cfg.family} model does not take report prompts")
-    limit = get_family(model_cfg.family).conditions(model_cfg).get("prompt", {}).get("maxLength", 0)
-    long = [i for i, p in enumerate(prompts) if len(p) > limit]
-    if long:
-        raise InputError(f"prompts {long[:5]} are longer than {limit} characters")
-    request = {"prompts": prompts, "per_prompt": per_prompt, "seed": seed,
-               **({"prompts_from": [s["key"] for s in sources]} if sources else {})}
-    labels_from = ("the real sample whose de-identified report is the prompt (prompt_from)" if sources
-                   else "none: each sample's report is its prompt")
-    return generate_rows(checkpoint, prompt_rows(prompts, per_prompt, sources), output_uri, cfg, seed=seed,
-                         request=request, findings=list(findings or []) if sources else [], covariates=[],
-                         described={"labels_from": labels_from}, sr=sr)
 
 
 def generate_rows(checkpoint: str, rows: list[dict], output_uri: str, cfg: GenerateConfig, *, seed: int,

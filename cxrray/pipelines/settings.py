@@ -114,7 +114,7 @@ class ExplainConfig(ActorPoolConfig):
 
 
 class CounterfactualJudgeConfig(StrictModel):
-    """The counterfactuals' independent judge (`cxrray.pipelines.cf_judge`): a classifier of every drawn
+    """The counterfactuals' independent judge (`cxrray.pipelines.diffchest.cf_judge`): a classifier of every drawn
     phantom label, trained on other patients' phantoms drawn with no planted confounder."""
 
     images: int = Field(2400, ge=16)  # training phantoms

@@ -92,8 +92,8 @@ def run_server(checkpoint: str, probe: str | None, cfg: Config) -> int:
     import sys
 
     from cxrray.families import get_family
-    from cxrray.io.loading import model_identity
-    from cxrray.pipelines.head import load_head
+    from cxrray.models.loading import model_identity
+    from cxrray.pipelines.diffchest.head import load_head
     from cxrray.runtime import ensure_ray
 
     answers = ["classify", "explain"] if probe else ["generate"]  # an MLflow URI: its family is read by the replicas

@@ -28,9 +28,9 @@ from ray import serve
 
 from cxrray.pipelines.settings import ExplainConfig
 from cxrray.families import CapabilityError, GenerateRequest
-from cxrray.io.loading import PUBLIC
-from cxrray.io.loading import load_model as load_any
-from cxrray.pipelines.head import load_head
+from cxrray.models.loading import PUBLIC
+from cxrray.models.loading import load_model as load_any
+from cxrray.pipelines.diffchest.head import load_head
 from cxrray.pipelines import derived as outputs
 from cxrray.data.settings import DecodeConfig
 from cxrray.serve.uploads import ApiError, prepare_uploads
@@ -108,7 +108,7 @@ class ModelService:
                 for x in prepared]
 
     def explain(self, image: np.ndarray, finding: str, cfg: dict, toward: int, fmt: str) -> dict:
-        from cxrray.pipelines.counterfactual import counterfactuals
+        from cxrray.pipelines.diffchest.counterfactual import counterfactuals
 
         self._need("explain")
         ecfg = ExplainConfig(**cfg)

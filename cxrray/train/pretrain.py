@@ -82,7 +82,7 @@ def _refuse_another_model(checkpoint: str, model, output_uri: str) -> None:
     of another model be reported as this one's."""
     from pydantic import ValidationError
 
-    from cxrray.io.loading import checkpoint_config
+    from cxrray.models.loading import checkpoint_config
 
     try:
         saved = checkpoint_config(checkpoint)

@@ -8,9 +8,9 @@ from pathlib import Path
 from cxrray.config import Config
 from cxrray.data.storage import Storage
 from cxrray.families import get_family
-from cxrray.io.loading import mlflow_uris
+from cxrray.models.loading import mlflow_uris
 
-MODEL_CODE = Path(__file__).resolve().parents[1] / "io" / "mlflow_pyfunc.py"
+MODEL_CODE = Path(__file__).resolve().parents[1] / "models" / "mlflow_pyfunc.py"
 
 
 def _predict_signature(family: str):

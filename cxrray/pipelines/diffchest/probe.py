@@ -29,7 +29,7 @@ from cxrray.config import Config
 from cxrray.eval.stats import age_bins, binary_metrics, bootstrap_ci, paired_bootstrap, subgroup_table
 from cxrray.data.shards import jsonable
 from cxrray.pipelines.encodings import read_matrices
-from cxrray.pipelines.head import LinearHead
+from cxrray.pipelines.diffchest.head import LinearHead
 from cxrray.errors import InputError
 
 STD_FLOOR = 1e-6  # z dimensions constant on the fit subset are scaled by this instead of 0
@@ -61,7 +61,7 @@ def fit_head(z: np.ndarray, labels: np.ndarray, findings: list[str], C: float, i
     2 positives or 2 negatives is not fitted: weight 0, bias NaN, listed in info["not_fitted"].
     Each fitted row also gets its activation pattern Cov(zn) w over its rows, and its effect: its coefficient
     in a ridge regression of zn on all fitted labels over the rows where all of them are known (see
-    `cxrray.pipelines.head`; zero when fewer rows than labels + 2 are complete).
+    `cxrray.pipelines.diffchest.head`; zero when fewer rows than labels + 2 are complete).
     Findings are fitted in n_jobs threads (lbfgs spends its time in BLAS, outside the GIL)."""
     z, labels = np.asarray(z, np.float64), np.asarray(labels, np.float64)
     if len(z) == 0:

@@ -18,7 +18,7 @@ import torch
 from cxrray.diffusion.ddim import stage_generator
 from cxrray.errors import InputError
 from cxrray.families import GenerateRequest, Generated
-from cxrray.io.loading import LoadedModel, load_model
+from cxrray.models.loading import LoadedModel, load_model
 
 PAPER_STEPS = 150  # Cheff's DDIM steps for the latent model
 SR_STEPS = 100  # our default for the SR3 stage (DDIM, eta 0)

@@ -17,7 +17,7 @@ import torch
 class CxrrayModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from cxrray.io.checkpoint import load_weights
-        from cxrray.io.loading import model_config
+        from cxrray.models.loading import model_config
         from cxrray.families import get_family
 
         with open(context.artifacts["state"]) as f:

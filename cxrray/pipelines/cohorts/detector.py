@@ -14,20 +14,9 @@ import torch
 from torch import nn
 
 from cxrray.data.sources.chexchonet import LVIDD_THRESHOLD, WALL_THRESHOLD
+from cxrray.pipelines.judges import conv_trunk
 
 LOG_VAR_RANGE = (-9.0, 4.0)  # z-units: sigma from ~0.01 to ~7.4 training sd
-
-
-def conv_trunk(width: int, blocks: int = 3) -> tuple[nn.Sequential, int]:
-    """image [B, 1, S, S] -> features [B, width * 2**(blocks-1)] (conv-GN-SiLU pairs, max-pooled, then
-    global average); returns (module, feature size)."""
-    layers, channels = [], 1
-    for b in range(blocks):
-        out = width * 2 ** b
-        layers += [nn.Conv2d(channels, out, 3, padding=1), nn.GroupNorm(min(8, out), out), nn.SiLU(),
-                   nn.Conv2d(out, out, 3, padding=1), nn.GroupNorm(min(8, out), out), nn.SiLU(), nn.MaxPool2d(2)]
-        channels = out
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), channels
 
 
 class EchoDetector(nn.Module):

@@ -37,9 +37,9 @@ from cxrray.data.imaging import decode_png16, png16_to_model
 from cxrray.data.storage import Storage
 from cxrray.eval import html
 from cxrray.eval.grids import save_grid
-from cxrray.io.loading import model_identity
-from cxrray.pipelines.explain import explain_shards, select_samples, stem
-from cxrray.pipelines.head import load_head
+from cxrray.models.loading import model_identity
+from cxrray.pipelines.diffchest.explain import explain_shards, select_samples, stem
+from cxrray.pipelines.diffchest.head import load_head
 from cxrray.errors import InputError
 
 GRID_IMAGES = 8

@@ -6,7 +6,7 @@ explain settings given:
 
 - probe image effect: p_F(encode(counterfactual)) - p_F(encode(reconstruction)), mean with a 95% bootstrap
   CI (what the model's own encoder and probe read; not independent: the probe that built the direction);
-- judged (with a `cxrray.pipelines.cf_judge` judge): the independent judge's probability of F and of every
+- judged (with a `cxrray.pipelines.diffchest.cf_judge` judge): the independent judge's probability of F and of every
   other drawn label on the counterfactual minus on the original and minus on the reconstruction, beside the
   same judge on the true paired renders (the patient with F drawn in: the ideal effect);
 - where: mean |counterfactual - reconstruction| (and - original) per pixel inside the region F can occupy
@@ -33,11 +33,11 @@ from cxrray.data.shards import read_tar
 from cxrray.data.storage import Storage
 from cxrray.eval.grids import save_grid
 from cxrray.eval.localisation import dilate, energy_ratio, ssim_outside
-from cxrray.io.loading import load_model
-from cxrray.pipelines.audit import mean_ci as audit_mean_ci
-from cxrray.pipelines.counterfactual import shift_codes
-from cxrray.pipelines.explain import select_samples
-from cxrray.pipelines.head import load_head
+from cxrray.models.loading import load_model
+from cxrray.pipelines.diffchest.audit import mean_ci as audit_mean_ci
+from cxrray.pipelines.diffchest.counterfactual import shift_codes
+from cxrray.pipelines.diffchest.explain import select_samples
+from cxrray.pipelines.diffchest.head import load_head
 from cxrray.pipelines.settings import ExplainConfig
 from cxrray.errors import InputError
 
@@ -92,7 +92,7 @@ def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings:
     each result also has the judge's reading (`judged`) and the goals it meets (`goals`), and the known-answer
     check (`oracle_code`) decodes the paired render's own code plainly and under each of `oracle_settings`."""
     from cxrray.data.shards import read_manifest
-    from cxrray.pipelines.counterfactual import decode_pair, invert
+    from cxrray.pipelines.diffchest.counterfactual import decode_pair, invert
 
     salt = salt or os.environ.get("CXRRAY_SALT")
     if not salt:
@@ -118,7 +118,7 @@ def evaluate(checkpoint: str, probe: str, data_uri: str, finding: str, settings:
     regions = dilate(phantom_regions(cases, finding, phantom_cfg, pre["size"], pre["fit"]), dilate_px)
     ideal = None
     if judge is not None:
-        from cxrray.pipelines.cf_judge import model_image, paired_renders
+        from cxrray.pipelines.diffchest.cf_judge import model_image, paired_renders
 
         if ingest_cfg is None or not np.array_equal(model_image(cases[0], phantom_cfg, ingest_cfg), x0[0, 0].numpy()):
             raise InputError("the judge reads phantoms through `ingest_cfg`, which must be how these shards were "
@@ -186,7 +186,7 @@ def oracle_code(model, head, finding: str, x0: torch.Tensor, z: torch.Tensor, pa
     steps, plain decode), judged like any counterfactual; and the code change it implies, normalised: its mean's length in
     the effect axis's units and its cosine with each direction the probe offers. Each of `variants` decodes the
     same code under its own decoding levers (renoise, blend, guidance), judged and localised in `regions`."""
-    from cxrray.pipelines.counterfactual import decode_pair
+    from cxrray.pipelines.diffchest.counterfactual import decode_pair
 
     with torch.no_grad():
         z_pair = model.encode(paired).float()
@@ -226,7 +226,7 @@ def judge_effects(judge, finding: str, x0: torch.Tensor, cf: torch.Tensor, ref: 
     """The independent judge's probabilities of `cf` minus those of the original `x0` (and of the reconstruction
     `ref`, when given): the finding's with a CI, every label's mean, and the planted confounder's (the
     phantom set's device confounded with this finding; None when there is none)."""
-    from cxrray.pipelines.cf_judge import LABELS
+    from cxrray.pipelines.diffchest.cf_judge import LABELS
 
     conf = phantom_cfg.parsed_confounder
     confounder = conf.device if conf is not None and conf.finding == finding else None
@@ -300,7 +300,7 @@ def measure_records(records_uri: str, data_uri: str, finding: str, *, phantom_cf
     import json
 
     from cxrray.data.shards import read_manifest
-    from cxrray.pipelines.explain import stem
+    from cxrray.pipelines.diffchest.explain import stem
 
     store = Storage(records_uri)
     suffix = f"{stem('', finding)}.json"

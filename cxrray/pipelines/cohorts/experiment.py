@@ -36,7 +36,7 @@ from cxrray.data.storage import Storage
 from cxrray.errors import InputError
 from cxrray.eval import html
 from cxrray.eval.stats import age_bins, at_recall, binary_metrics, compare_to_reference
-from cxrray.pipelines.echo_sets import EchoSet, load_echo_set
+from cxrray.pipelines.cohorts.echo_sets import EchoSet, load_echo_set
 
 NAMES = {"slvh": "SLVH", "dlv": "DLV", "composite_slvh_dlv": "Composite"}
 # Streiffer et al., CheXchoNet test set (their table; no significance test reported)
@@ -68,7 +68,7 @@ def base_statistics(base: EchoSet) -> dict:
 
 def ensemble(out: Storage, arms: list[str], seeds: int) -> tuple[dict, dict]:
     """-> ({arm: mean test probabilities [N, 3]}, {(arm, seed): test probabilities})."""
-    from cxrray.pipelines.detector_fits import fit_folder
+    from cxrray.pipelines.cohorts.detector_fits import fit_folder
 
     each = {}
     for arm in arms:
@@ -187,7 +187,7 @@ def _report(metrics: dict, subgroups: list[dict], seeds_table: pd.DataFrame, fol
 def run_experiment(real_uri: str, synthetic_uri: str, output_uri: str, cfg: Config, progress=print) -> dict:
     """Fit every (arm, seed) on Ray, evaluate the ensembles on the real test split, write the report;
     returns metrics.json's content."""
-    from cxrray.pipelines.detector_fits import run_fits
+    from cxrray.pipelines.cohorts.detector_fits import run_fits
     from cxrray.runtime import ensure_ray
     from cxrray.tracking import RunLogger, start_run, tracking_uri
 

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from cxrray.data.imaging import decode_png16, png16_to_model
 from cxrray.data.shards import jsonable, read_manifest, read_tar
@@ -43,9 +42,9 @@ from cxrray.eval.laterality import side_targets
 from cxrray.eval.reconstruction import reconstruction_metrics
 from cxrray.families import Generated
 from cxrray.families.sr.network import resize
-from cxrray.pipelines.cheff import Cheff
+from cxrray.pipelines.cheff.cascade import Cheff
 from cxrray.pipelines.settings import GenerationEvalConfig
-from cxrray.pipelines.synthetic_audit import ScriptedFeatures, apply_batched, image_quality
+from cxrray.pipelines.judges import FindingJudge, ScriptedFeatures, apply_batched, image_quality, masked_bce, train_epochs
 
 #: the paper's Table 2 (256² test set; SR 256 -> 1024) and generation figures, quoted beside ours
 PAPER = {"autoencoder": {"mse": 0.0005, "psnr": 36.80, "ssim": 0.9926}, "sr_base": {"psnr": 24.59},
@@ -79,42 +78,9 @@ class RealSet:
         self.sides = side_targets(self.reports, laterality)
 
 
-class _Resized(nn.Module):
-    def __init__(self, size: int | None):
-        super().__init__()
-        self.size = size
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return image if self.size is None else resize(image, self.size)
-
-
-class FindingJudge(nn.Module):
-    """image [B, 1, S, S] in [-1, 1] -> logits [B, labels + sides]: one per label, then one per lateral label
-    (its side, 1 = right); `features(image)` [B, F] is the FID / KID space. Images are first resized to
-    `size` (None: read as given), as Inception reads every image at 299²."""
-
-    def __init__(self, labels: int, width: int, size: int | None = None):
-        from cxrray.pipelines.detector import conv_trunk
-
-        super().__init__()
-        trunk, channels = conv_trunk(width)
-        self.features = nn.Sequential(_Resized(size), *trunk)
-        self.head = nn.Linear(channels, labels)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(image))
-
-
-def _masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    known = ~torch.isnan(labels)
-    return nn.functional.binary_cross_entropy_with_logits(logits[known], labels[known])
-
-
 def train_judge(train: RealSet, val: RealSet, cfg: GenerationEvalConfig,
                 progress=lambda line: None) -> tuple[FindingJudge, dict]:
     """The judge at its best validation loss (early stopping), and its training record; a progress line per epoch."""
-    from cxrray.pipelines.detector_fits import train_epochs
-
     torch.manual_seed(cfg.seed)
     judge = FindingJudge(len(train.findings) + train.sides.shape[1], cfg.width, cfg.judge_size)
     targets = lambda s: torch.from_numpy(np.concatenate([s.labels, s.sides], axis=1))  # noqa: E731
@@ -123,7 +89,7 @@ def train_judge(train: RealSet, val: RealSet, cfg: GenerationEvalConfig,
 
     def validate(net) -> float:
         net.eval()
-        return float(_masked_bce(apply_batched(net, val.images), val_labels))
+        return float(masked_bce(apply_batched(net, val.images), val_labels))
 
     start = time.perf_counter()
 
@@ -133,7 +99,7 @@ def train_judge(train: RealSet, val: RealSet, cfg: GenerationEvalConfig,
                  f"{m['best_val_nll']:.4f} at {m['best_epoch']}), {per_epoch:.0f} s/epoch, "
                  f"at most {per_epoch * (cfg.epochs - m['epoch']):.0f} s left")
 
-    state, best, epoch, history = train_epochs(judge, judge, data, lambda m, b: _masked_bce(m(b["image"]), b["labels"]),
+    state, best, epoch, history = train_epochs(judge, judge, data, lambda m, b: masked_bce(m(b["image"]), b["labels"]),
                                                validate, cfg, cfg.seed, report=report)
     judge.load_state_dict(state)
     return judge.eval(), {"best_epoch": epoch, "best_val_bce": best, "epochs_run": len(history)}

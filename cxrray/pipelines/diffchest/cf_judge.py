@@ -59,7 +59,7 @@ class CounterfactualJudge:
     record: dict
 
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
-        from cxrray.pipelines.synthetic_audit import apply_batched
+        from cxrray.pipelines.judges import apply_batched
 
         self.net.eval()
         with torch.no_grad():
@@ -79,7 +79,7 @@ class CounterfactualJudge:
 def load_judge(path: str | Path) -> CounterfactualJudge:
     from safetensors.torch import load_file
 
-    from cxrray.pipelines.generation_eval import FindingJudge
+    from cxrray.pipelines.judges import FindingJudge
 
     meta = json.loads((Path(path) / META).read_text())
     if meta.get("labels") != list(LABELS):
@@ -95,8 +95,8 @@ def train_counterfactual_judge(phantom_cfg: PhantomConfig, ingest_cfg: IngestCon
     AUROC per label (NaN where the held-out images lack a class)."""
     from sklearn.metrics import roc_auc_score
 
-    from cxrray.pipelines.detector_fits import train_epochs
-    from cxrray.pipelines.generation_eval import FindingJudge
+    from cxrray.pipelines.judges import train_epochs
+    from cxrray.pipelines.judges import FindingJudge
 
     own = judge_phantoms(phantom_cfg, cfg)
     start = time.perf_counter()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cxrray.io.loading import load_model
+from cxrray.models.loading import load_model
 
 
 def export_diffusers(uri: str, output: str | Path) -> dict:

@@ -30,12 +30,12 @@ from cxrray.pipelines.settings import ExplainConfig
 from cxrray.data.imaging import encode_png16
 from cxrray.data.shards import read_manifest, read_tar
 from cxrray.data.storage import Storage
-from cxrray.io.loading import load_ema, model_identity
+from cxrray.models.loading import load_ema, model_identity
 from cxrray.pipelines import derived
-from cxrray.pipelines.counterfactual import counterfactuals, invert
+from cxrray.pipelines.diffchest.counterfactual import counterfactuals, invert
 from cxrray.pipelines.encode import load_images
 from cxrray.pipelines.fanout import fan_out
-from cxrray.pipelines.head import load_head
+from cxrray.pipelines.diffchest.head import load_head
 from cxrray.runtime import configure_data, ensure_ray
 from cxrray.errors import InputError
 

@@ -25,8 +25,9 @@ from ray.tune import Callback
 
 from cxrray.data.imaging import png16_to_model
 from cxrray.data.storage import Storage
-from cxrray.pipelines.echo_sets import arm_index
+from cxrray.pipelines.cohorts.echo_sets import arm_index
 from cxrray.pipelines.fanout import eta
+from cxrray.pipelines.judges import train_epochs
 from cxrray.pipelines.settings import ExperimentConfig
 
 DONE = "fit.json"
@@ -79,7 +80,7 @@ def _forward(model, batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def predict(model, data: dict, stats: dict, device, batch_size: int = 256) -> dict[str, np.ndarray]:
     """-> mean, log_var [N, 3] (z-units), prob [N, 3] (slvh, dlv, composite)."""
-    from cxrray.pipelines.detector import label_probabilities
+    from cxrray.pipelines.cohorts.detector import label_probabilities
 
     model.eval()
     means, log_vars = [], []
@@ -94,45 +95,12 @@ def predict(model, data: dict, stats: dict, device, batch_size: int = 256) -> di
     return {"mean": mean.numpy(), "log_var": log_var.numpy(), "prob": prob.numpy()}
 
 
-def train_epochs(model, net, train: dict, loss, validate, cfg, seed: int, rank: int = 0,
-                 world: int = 1, report=lambda metrics: None) -> tuple[dict, float, int, list[dict]]:
-    """Adam (cfg.lr; cfg also gives epochs, patience, batch_size) on `loss(model, batch)` over this rank's share of each epoch's shuffled `train` rows
-    (cfg.batch_size in all), `validate(net)` after each epoch, stopping after cfg.patience epochs without a
-    better value -> (best state dict, best value, its epoch, history). `model` may be `net` wrapped in DDP."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    order = torch.Generator().manual_seed(seed)
-    n = len(next(iter(train.values())))
-    best, best_epoch, best_state, history, waited = float("inf"), 0, None, [], 0
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        mine = torch.randperm(n, generator=order)[rank::world]
-        per_rank = max(1, cfg.batch_size // world)
-        losses = []
-        for start in range(0, len(mine) - per_rank + 1, per_rank):  # drop the ragged tail: ranks step together
-            value = loss(model, {k: v[mine[start:start + per_rank]] for k, v in train.items()})
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            optimizer.step()
-            losses.append(float(value.detach()))
-        score = validate(net)
-        if score < best - 1e-4:
-            best, best_epoch, waited = score, epoch, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-        else:
-            waited += 1
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None, "val": score})
-        report({"epoch": epoch, "val_nll": score, "best_val_nll": best, "best_epoch": best_epoch})
-        if waited >= cfg.patience:
-            break
-    return best_state, best, best_epoch, history
-
-
 def fit_detector(data: dict, stats: dict, cfg: ExperimentConfig, arm: str, seed: int, device, rank: int = 0,
                  world: int = 1, wrap=lambda net: net, report=lambda metrics: None) -> dict:
     """One (arm, seed) fit in the calling process (a Ray Train worker, or a plain loop): `wrap` makes the
     training module (DDP), `report` receives each epoch's metrics. -> the best net, its record and its
     val / test predictions."""
-    from cxrray.pipelines.detector import EchoDetector, nll
+    from cxrray.pipelines.cohorts.detector import EchoDetector, nll
 
     index_base, index_gen = arm_index(arm, len(data["base"]["key"]), data["gen"]["labels"], cfg.positive,
                                       cfg.size_factor, cfg.seed * 1000 + seed)

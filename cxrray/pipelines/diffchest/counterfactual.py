@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from cxrray.diffusion.ddim import ddim_invert, ddim_renoise_decode, ddim_sample
-from cxrray.pipelines.head import LinearHead, logit
+from cxrray.pipelines.diffchest.head import LinearHead, logit
 from cxrray.pipelines.settings import ExplainConfig
 
 MASK_TIMESTEPS = (0.25, 0.5, 0.75)  # fractions of T where the model's edit mask is read (DiffEdit: ~0.5)

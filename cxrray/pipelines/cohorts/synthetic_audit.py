@@ -33,7 +33,8 @@ from cxrray.data.shards import jsonable
 from cxrray.data.storage import Storage
 from cxrray.errors import InputError
 from cxrray.eval import html
-from cxrray.pipelines.echo_sets import ECHO, EchoSet, load_echo_set
+from cxrray.pipelines.cohorts.echo_sets import ECHO, EchoSet, load_echo_set
+from cxrray.pipelines.judges import ScriptedFeatures, apply_batched, image_quality
 from cxrray.pipelines.settings import SyntheticAuditConfig
 
 JUDGED = (*ECHO, "age")  # regression outputs, then the sex logit
@@ -57,19 +58,10 @@ def judge_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return mse + nn.functional.binary_cross_entropy_with_logits(out[:, 4], target[:, 4])
 
 
-@torch.no_grad()
-def apply_batched(fn, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """`fn` (a judge, its feature trunk, a scripted extractor) over `images` in batches, without gradients."""
-    if not len(images):
-        return torch.zeros(0)
-    with torch.no_grad():
-        return torch.cat([fn(images[i:i + batch]) for i in range(0, len(images), batch)])
-
-
 def train_judge(train: EchoSet, val: EchoSet, cfg: SyntheticAuditConfig) -> tuple[nn.Module, dict, dict]:
     """-> (judge at its best validation epoch, its z-statistics, its training record)."""
-    from cxrray.pipelines.detector import ImageJudge
-    from cxrray.pipelines.detector_fits import train_epochs
+    from cxrray.pipelines.cohorts.detector import ImageJudge
+    from cxrray.pipelines.judges import train_epochs
 
     values = np.concatenate([train.echo, train.age[:, None]], axis=1)
     stats = {"mean": np.nanmean(values, axis=0), "sd": np.maximum(np.nanstd(values, axis=0), 1e-3)}
@@ -127,64 +119,6 @@ def fidelity_rows(by_set: dict[str, dict]) -> list[dict]:
     """One row per set and echo covariate of `fidelity` outputs keyed by set name (FIDELITY_COLUMNS)."""
     return [{"set": name, "covariate": c, **f[c], "sex_auroc_requested": f["sex"]["auroc_requested"]}
             for name, f in by_set.items() for c in ("ivsd", "lvidd", "lvpwd")]
-
-
-class ScriptedFeatures(nn.Module):
-    """A user's TorchScript feature network (e.g. the FID Inception) as a second feature space:
-    [N, 1, S, S] in [-1, 1] -> uint8 RGB [N, 3, 299, 299] -> its features [N, D]. Loaded with torch.jit.load
-    from a local file the user trusts (TorchScript runs the file's code): never from shards or uploads."""
-
-    def __init__(self, path: str):
-        super().__init__()
-        if not Path(path).is_file():
-            raise InputError(f"--features-model {path}: no such file")
-        self.net = torch.jit.load(path, map_location="cpu").eval()
-        self.num_features = int(self._run(torch.zeros(1, 1, 8, 8)).shape[-1])
-
-    def _run(self, images: torch.Tensor) -> torch.Tensor:
-        rgb = nn.functional.interpolate(images.float(), size=(299, 299), mode="bilinear", align_corners=False)
-        rgb = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).repeat(1, 3, 1, 1)
-        try:
-            return self.net(rgb, return_features=True)
-        except RuntimeError:  # a plain feature network: forward(images) -> [N, D]
-            return self.net(rgb)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self._run(images).flatten(1).float()
-
-
-class _Precomputed(nn.Module):
-    """Hands torchmetrics features computed once per set (its FID and KID would each run the network)."""
-
-    def __init__(self, num_features: int):
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features
-
-
-def image_quality(features: dict[str, torch.Tensor], cfg: SyntheticAuditConfig) -> dict:
-    """FID and KID (mean, sd over subsets) for synthetic-vs-train, synthetic-vs-test and train-vs-test, from
-    each set's features [N, F] (computed once per set by the caller)."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
-
-    features = {name: f.double() for name, f in features.items()}
-    given = _Precomputed(next(iter(features.values())).shape[1])
-    out = {}
-    for a, b in (("synthetic", "train"), ("synthetic", "test"), ("train", "test")):
-        subset = min(cfg.kid_subset, len(features[a]), len(features[b]))
-        fid = FrechetInceptionDistance(feature=given, normalize=True)
-        kid = KernelInceptionDistance(feature=given, normalize=True, subset_size=subset, subsets=cfg.kid_subsets)
-        torch.manual_seed(cfg.seed)  # KID's subsets
-        for metric in (fid, kid):
-            metric.update(features[b], real=True)
-            metric.update(features[a], real=False)
-        kid_mean, kid_sd = kid.compute()
-        out[f"{a}_vs_{b}"] = {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_sd": float(kid_sd),
-                              "kid_subset": subset}
-    return out
 
 
 def nearest(reference: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -33,7 +33,7 @@ from cxrray.data.shards import (
     MANIFEST, dumps, load_part, read_manifest, read_tar, remove_stale, reusable_part, sha256, write_shard,
 )
 from cxrray.data.storage import Storage
-from cxrray.io.loading import load_ema, model_identity
+from cxrray.models.loading import load_ema, model_identity
 from cxrray.pipelines.fanout import fan_out
 from cxrray.pipelines.settings import LatentsConfig
 from cxrray.runtime import ensure_ray
