@@ -192,27 +192,35 @@ def test_masks_travel_into_the_shards_on_the_images_grid_and_bad_ones_reject_onl
     import pandas as pd
     from PIL import Image
 
-    from cxrray.data.imaging import fit_square
+    from cxrray.data.imaging import fit_square, png16_to_model
     from cxrray.data.stream import stream
+    from cxrray.eval.localisation import dilate
 
     root = tmp_path / "in"
-    table = generate(24, root, PhantomConfig(size=64, seed=4, masks=True))
+    cfg = PhantomConfig(size=64, seed=4, masks=True)
+    table = generate(24, root, cfg)
     with_effusion = [i for i, v in enumerate(table["effusion"]) if v]
     assert len(with_effusion) >= 3
     shrunk, missing = with_effusion[0], with_effusion[1]
     table.loc[shrunk, "mask:effusion"] = "masks/shrunk.png"  # 10x10: not on the image's grid
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(root / "masks" / "shrunk.png")
     table.loc[missing, "mask:effusion"] = "masks/nope.png"
+    unpaired, odd_pair = [i for i in range(24) if i not in with_effusion][:2]
+    table.loc[unpaired, "image:healthy"] = None  # a pair is ground truth: never guessed
+    table.loc[odd_pair, "image:healthy"] = table["path"][(odd_pair + 1) % 24]  # another image: its own grid
     table.to_csv(root / "labels.csv", index=False)
     out = tmp_path / "out"
     assert main(["ingest", "--input", str(root), "--labels", str(root / "labels.csv"), "--output", str(out),
                  "--size", "32"]) == 0
     manifest = read_manifest(str(out))
-    assert manifest["samples"] == 22 and manifest["rejects_by_reason"] == {"invalid_mask": 2}
+    same_grid = generate_shape_match(table, odd_pair, cfg)
+    assert manifest["samples"] == 21 - (not same_grid)
+    assert manifest["rejects_by_reason"] == {"invalid_mask": 2, "missing_pair": 1, **({} if same_grid else {"invalid_pair": 1})}
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
-    assert {r["path"] for r in rejects} == {table["path"][shrunk], table["path"][missing]}
+    assert {r["path"] for r in rejects} == {table["path"][i] for i in (shrunk, missing, unpaired)} | (
+        set() if same_grid else {table["path"][odd_pair]})
     assert any("10x10" in r["reason"] for r in rejects)
-    assert "mask_effusion.png" in manifest["members"]
+    assert {"mask_effusion.png", "mask_lungs.png", "healthy.png"} <= set(manifest["members"])
     expected = {sample_key(p, os.environ["CXRRAY_SALT"]): p for p in table["path"]}
     by_path = {p: row for p, row in zip(table["path"], table.to_dict("records"))}
     seen = 0
@@ -226,8 +234,28 @@ def test_masks_travel_into_the_shards_on_the_images_grid_and_bad_ones_reject_onl
                     assert np.array_equal(got, fit_square(source.astype(np.float32), 32, "pad") > 0.5), (key, name)
                 else:
                     assert not got.any()  # blank cell: an empty mask, so every sample has the same members
+            lungs = batch["mask_lungs"][i] > 0
+            assert 0.1 < lungs.mean() < 0.5, key  # the lung fields, less the heart
+            if expected[key] == table["path"][odd_pair]:
+                continue
+            # the healthy counterpart, decoded on the image's intensity scale: it differs from the image
+            # only where a drawn finding is (devices kept), and wherever a finding is drawn
+            image, well = batch["image"][i, 0], png16_to_model(batch["healthy"][i].astype(np.uint16))
+            found = np.zeros_like(lungs)
+            for name in ("effusion", "cardiomegaly", "nodule", "consolidation", "pneumothorax"):
+                found |= batch[f"mask_{name}"][i] > 0
+            change = np.abs(image - well) > 0.05
+            assert not (change & ~dilate(found[None], 1)[0]).any(), key
+            assert change.any() or not row["effusion"], key  # an effusion is never too small to see
             seen += 1
-    assert seen == 22 and not pd.isna(table["mask:effusion"][with_effusion[2]])
+    assert seen == 20 and not pd.isna(table["mask:effusion"][with_effusion[2]])
+
+
+def generate_shape_match(table, i: int, cfg) -> bool:
+    """Whether image i and image i+1 of a phantom set share a pixel grid (their aspect is drawn per case)."""
+    from cxrray.data.phantom import image_shape, sample_case
+
+    return image_shape(sample_case(i, cfg), cfg) == image_shape(sample_case((i + 1) % len(table), cfg), cfg)
 
 
 def test_crash_mid_ingest_then_resume_matches_a_clean_run(ray_local, tmp_path):

@@ -23,6 +23,8 @@ from cxrray.data.phantom import (
     decode,
     finding_masks,
     generate,
+    healthy,
+    lung_mask,
     parse_confounder,
     quantize,
     render,
@@ -241,6 +243,27 @@ def test_masks_are_exactly_where_removing_the_finding_changes_the_image(tmp_path
         for name in FINDINGS + DEVICES:
             path = row[f"mask:{name}"]
             assert (isinstance(path, str) and (tmp_path / path).is_file()) == bool(row[name]), (name, path)
+        assert (tmp_path / row["mask:lungs"]).is_file() and (tmp_path / row["image:healthy"]).is_file()
+
+
+def test_the_healthy_counterpart_removes_every_finding_and_only_the_findings():
+    cfg = PhantomConfig(size=64, seed=2, confounder="tube:effusion:0.9:0.05")
+    for i in range(60):
+        c = sample_case(i, cfg)
+        image, well = render(c, cfg), render(healthy(c), cfg)
+        masks = finding_masks(c, cfg, image)
+        findings = np.zeros(image.shape, bool)
+        for name in FINDINGS:
+            findings |= masks.get(name, findings)
+        assert not any(healthy(c).labels[f] for f in FINDINGS)
+        assert all(healthy(c).labels[d] == c.labels[d] for d in DEVICES)  # devices kept
+        assert np.abs(image - well)[~findings].max(initial=0) <= 0.004 or c.labels["cardiomegaly"], i
+        if not any(c.labels[f] for f in FINDINGS):
+            assert np.array_equal(image, well), i  # nothing to remove: the same pixels
+        without_devices = healthy(c, keep_devices=False)
+        assert not any(without_devices.labels[d] for d in DEVICES)
+        lungs = lung_mask(c, cfg)
+        assert 0.1 < lungs.mean() < 0.5 and np.array_equal(lungs, lung_mask(healthy(c), cfg)) or c.labels["cardiomegaly"]
 
 
 # ---- DICOM -----------------------------------------------------------------------------------------

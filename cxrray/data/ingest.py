@@ -53,6 +53,7 @@ def ingest(input_dir: str | os.PathLike, output_uri: str, cfg: IngestConfig, *, 
     findings = list(table.findings) if table is not None else []
     covariates = sorted({k for c in table.meta["covariates"] for k in c}) if table is not None else []
     masks = sorted({k for m in table.meta["masks"] for k in m}) if table is not None and "masks" in table.meta else []
+    pairs = sorted({k for m in table.meta["pairs"] for k in m}) if table is not None and "pairs" in table.meta else []
     dataset = table.name if table is not None and cfg.dataset == "custom" else cfg.dataset
     preprocessing = {"size": cfg.size, "fit": cfg.fit, "decode": cfg.decode.model_dump(mode="json"),
                      "png_bits": 16, "photometric": "MONOCHROME2", "model_range": [-1.0, 1.0]}
@@ -64,6 +65,7 @@ def ingest(input_dir: str | os.PathLike, output_uri: str, cfg: IngestConfig, *, 
     context = {"root": str(root), "out": store.uri, "salt": salt, "dataset": dataset, "findings": findings,
                "text": text_cfg.model_dump(),
                "size": cfg.size, "fit": cfg.fit, "decode": cfg.decode.model_dump(), "masks": masks,
+               "pairs": pairs,
                "split_seed": cfg.split_seed, "split_fractions": cfg.split_fractions}
     tasks = _plan(items, root, cfg.shard_samples, fingerprint_base={
         "format": shards.FORMAT, "preprocessing": preprocessing, "split_rule": split_rule, "dataset": dataset,
@@ -114,7 +116,8 @@ def _plan(items: list[dict], root: Path, shard_samples: int, fingerprint_base: d
         for n, start in enumerate(range(0, len(group), shard_samples)):
             chunk = group[start : start + shard_samples]
             stats = [(rel, *_stat(root / rel)) for it in chunk
-                     for rel in [it["rel"], *sorted(((it["row"] or {}).get("masks") or {}).values())]]
+                     for rel in [it["rel"], *sorted(((it["row"] or {}).get("masks") or {}).values()),
+                                 *sorted(p for p in ((it["row"] or {}).get("pairs") or {}).values() if p)]]
             fp = shards.sha256(json.dumps({"base": fingerprint_base, "stats": stats,
                                            "rows": [it["row"] for it in chunk]}, sort_keys=True, default=str).encode())
             # content-addressed name: an older manifest never points at a shard a later run rewrote
@@ -204,7 +207,33 @@ def _make_sample(item: dict, context: dict) -> tuple[str, bytes, dict, dict[str,
         "source": {"sha256": shards.sha256(data), "shape": header.get("source_shape"),
                    "photometric": header.get("photometric"), "transfer_syntax": header.get("transfer_syntax")},
     }
-    return meta["key"], encode_png16(pixels), meta, _masks(row.get("masks") or {}, decoded.pixels.shape, context)
+    extras = {**_masks(row.get("masks") or {}, decoded.pixels.shape, context),
+              **_pairs(row.get("pairs") or {}, decoded.pixels.shape, context, known_from_row(row))}
+    return meta["key"], encode_png16(pixels), meta, extras
+
+
+def _pairs(pairs: dict[str, str | None], shape: tuple[int, int], context: dict, known: list) -> dict[str, bytes]:
+    """Each paired image (`image:NAME`: same grid as the image) decoded and fitted exactly like the image ->
+    extra member `NAME.png` (16-bit). Only its pixels are read: no header value of it leaves ingest. A blank,
+    missing, undecodable or misaligned pair rejects the sample."""
+    out = {}
+    for name in context["pairs"]:
+        rel = pairs.get(name)
+        if not rel:
+            raise RejectError("missing_pair", f"no paired image {name!r} (blank image:{name} cell)")
+        try:
+            data = Path(context["root"], rel).read_bytes()
+            decoded = decode_file(data, DecodeConfig(**context["decode"]))
+        except (FileNotFoundError, IsADirectoryError):
+            raise RejectError("missing_pair", f"paired image {name!r} ({rel}) not found under --input") from None
+        except RejectError as err:
+            raise RejectError("invalid_pair", scrub_message(f"paired image {name!r}: {err.detail}",
+                                                            header_identifiers(data) + known)) from None
+        if decoded.pixels.shape != tuple(shape):
+            raise RejectError("invalid_pair", f"paired image {name!r} is {decoded.pixels.shape[0]}x"
+                                              f"{decoded.pixels.shape[1]}, the image {shape[0]}x{shape[1]}")
+        out[f"{name}.png"] = encode_png16(fit_square(decoded.pixels, context["size"], context["fit"]))
+    return out
 
 
 def _masks(masks: dict[str, str], shape: tuple[int, int], context: dict) -> dict[str, bytes]:

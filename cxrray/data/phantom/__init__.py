@@ -17,12 +17,13 @@ from .config import DEVICES, FINDINGS, LABELS, Confounder, PhantomConfig, parse_
 
 #: the rest loads on first use (numpy, pandas, pydicom): `cxrray.config` imports only the config
 _LAZY = {
-    "dataset": ("COLUMNS", "TRUTH", "generate", "image_name", "mask_column", "mask_name"),
+    "dataset": ("COLUMNS", "HEALTHY_COLUMN", "LUNGS", "TRUTH", "generate", "healthy_name", "image_name", "mask_column",
+                "mask_name"),
     "cases": ("DLV_CM", "SLVH_CM", "Patient", "PhantomCase", "Pose", "sample_case"),
     "dicom": ("BITS_STORED", "MAX_VALUE", "build_dataset", "decode", "dicom_bytes", "quantize", "stored_values", "write_dicom"),
     "drawing": ("image_shape", "render"),
     "report": ("PHI_CATEGORIES", "PhantomReport", "compose_report"),
-    "masks": ("DRAWN", "counterpart", "finding_masks", "region", "with_label"),
+    "masks": ("DRAWN", "counterpart", "finding_masks", "healthy", "lung_mask", "region", "with_label"),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 

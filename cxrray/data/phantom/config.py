@@ -91,8 +91,10 @@ class PhantomConfig(BaseModel):
     young_positive_keep: float = Field(1.0, ge=0.0, le=1.0, description="fraction of young patients with a latent "
                                        "heart disease kept as such (the rest get normal hearts): a Base set "
                                        "that under-represents the young with disease")
-    masks: bool = Field(False, description="also write each drawn finding's ground-truth mask (masks/*.png, "
-                                           "labels.csv columns mask:<label>)")
+    masks: bool = Field(False, description="also write the ground truth of where findings are: each drawn "
+                                           "label's mask and the lung fields (masks/*.png, labels.csv columns "
+                                           "mask:<label>, mask:lungs) and the healthy counterpart "
+                                           "(counterparts/*.dcm, column image:healthy)")
 
     @field_validator("confounder")
     @classmethod

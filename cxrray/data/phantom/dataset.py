@@ -1,5 +1,8 @@
 """A phantom data set on disk: DICOMs, labels.csv, the reports' planted truth and, with
-`PhantomConfig.masks`, each drawn finding's ground-truth mask (8-bit PNG, 255 inside)."""
+`PhantomConfig.masks`, the ground truth of where findings are: each drawn label's mask and the lung fields
+(8-bit PNG, 255 inside; columns `mask:NAME`) and the healthy counterpart (the case without its findings,
+devices kept, as a DICOM windowed like the image so both decode on one intensity scale; column
+`image:healthy`)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +16,7 @@ from .cases import sample_case
 from .config import LABELS, PhantomConfig
 from .dicom import write_dicom
 from .drawing import render
-from .masks import DRAWN, finding_masks
+from .masks import DRAWN, finding_masks, healthy, lung_mask
 from .report import compose_report
 
 #: labels.csv columns, in order
@@ -30,6 +33,15 @@ def image_name(index: int) -> str:
 def mask_name(index: int, label: str) -> str:
     """Relative path of image `index`'s mask of `label`."""
     return f"masks/phantom_{index:06d}.{label}.png"
+
+
+def healthy_name(index: int) -> str:
+    """Relative path of image `index`'s healthy counterpart (a DICOM)."""
+    return f"counterparts/phantom_{index:06d}.healthy.dcm"
+
+
+#: the masks written beside the drawn labels', and the paired-image column of the healthy counterpart
+LUNGS, HEALTHY_COLUMN = "lungs", "image:healthy"
 
 
 def mask_column(label: str) -> str:
@@ -71,14 +83,19 @@ def generate(
         report = compose_report(case, cfg.report_phi_fraction)
         row = {"path": rel, "report": report.text, **case.row()}
         if cfg.masks:
-            for label, mask in finding_masks(case, cfg, image).items():
+            masks = {**finding_masks(case, cfg, image), LUNGS: lung_mask(case, cfg)}
+            for label, mask in masks.items():
                 _write_mask(mask, out / mask_name(index, label))
                 row[mask_column(label)] = mask_name(index, label)
+            well = healthy(case)
+            write_dicom(well, render(well, cfg), out / healthy_name(index), cfg, window_of=image)
+            row[HEALTHY_COLUMN] = healthy_name(index)
         rows.append(row)
         truth.append(json.dumps({"path": rel, "phi": report.phi, "clinical": report.clinical}))
         if progress is not None:
             progress(k + 1, n)
-    table = pd.DataFrame(rows, columns=list(COLUMNS) + ([mask_column(k) for k in DRAWN] if cfg.masks else []))
+    ground_truth = [mask_column(k) for k in (*DRAWN, LUNGS)] + [HEALTHY_COLUMN]
+    table = pd.DataFrame(rows, columns=list(COLUMNS) + (ground_truth if cfg.masks else []))
     for col in LABELS + ("age",):
         table[col] = table[col].astype(int)
     table.to_csv(out / "labels.csv", index=False)

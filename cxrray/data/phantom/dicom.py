@@ -47,8 +47,9 @@ def _uid(case: PhantomCase, what: str) -> str:
     return generate_uid(entropy_srcs=["cxrray-phantom", str(case.seed), str(case.index), what])
 
 
-def build_dataset(case: PhantomCase, pixels: np.ndarray) -> Dataset:
-    """The full DICOM dataset (uncompressed pixel data) for one case."""
+def build_dataset(case: PhantomCase, pixels: np.ndarray, window_of: np.ndarray | None = None) -> Dataset:
+    """The full DICOM dataset (uncompressed pixel data) for one case; its VOI window from `pixels`, or from
+    `window_of` (another render of the case: a paired counterpart then decodes on the same intensity scale)."""
     stored = stored_values(case, pixels)
     rows, cols = stored.shape
     sop_uid = _uid(case, "sop")
@@ -120,7 +121,7 @@ def build_dataset(case: PhantomCase, pixels: np.ndarray) -> Dataset:
     ds.RescaleIntercept = "0"
     ds.RescaleSlope = "1"
     ds.RescaleType = "US"
-    lo, hi = np.percentile(stored, [0.5, 99.5])
+    lo, hi = np.percentile(stored if window_of is None else stored_values(case, window_of), [0.5, 99.5])
     ds.WindowCenter = f"{(lo + hi) / 2:.1f}"
     ds.WindowWidth = f"{max(hi - lo + 1, 2):.1f}"
     ds.VOILUTFunction = "LINEAR"
@@ -129,15 +130,16 @@ def build_dataset(case: PhantomCase, pixels: np.ndarray) -> Dataset:
     return ds
 
 
-def write_dicom(case: PhantomCase, pixels: np.ndarray, path: str | os.PathLike, cfg: PhantomConfig | None = None) -> None:
-    """Write one case as a DICOM Part 10 file, encoded with `case.transfer_syntax`."""
+def write_dicom(case: PhantomCase, pixels: np.ndarray, path: str | os.PathLike, cfg: PhantomConfig | None = None,
+                window_of: np.ndarray | None = None) -> None:
+    """Write one case as a DICOM Part 10 file, encoded with `case.transfer_syntax` (`window_of`: `build_dataset`)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(dicom_bytes(case, pixels))
+    Path(path).write_bytes(dicom_bytes(case, pixels, window_of))
 
 
-def dicom_bytes(case: PhantomCase, pixels: np.ndarray) -> bytes:
+def dicom_bytes(case: PhantomCase, pixels: np.ndarray, window_of: np.ndarray | None = None) -> bytes:
     """One case as DICOM Part 10 bytes, encoded with `case.transfer_syntax` (what `write_dicom` writes)."""
-    ds = build_dataset(case, pixels)
+    ds = build_dataset(case, pixels, window_of)
     ts = pydicom.uid.UID(case.transfer_syntax)
     if ts.is_compressed:
         ds.compress(ts, stored_values(case, pixels), generate_instance_uid=False)

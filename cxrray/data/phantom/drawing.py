@@ -69,15 +69,21 @@ def _body(an: Anatomy) -> np.ndarray:
     return cover * (1 - gap) * dens
 
 
+def anatomy(case: PhantomCase, cfg: PhantomConfig) -> Anatomy:
+    """The case's chest geometry on its pixel grid (what `render` draws on)."""
+    rows, cols = image_shape(case, cfg)
+    p, d = case.pose, case.details
+    fr = Frame(rows, cols, p.rotation_deg, p.shift_x, p.shift_y, p.scale)
+    return Anatomy(fr, case.ctr, d.get("habitus", 1.0), d.get("inspiration", 0.0), case.view)
+
+
 def render(case: PhantomCase, cfg: PhantomConfig) -> np.ndarray:
     """Float32 density image [rows, cols] in [0, 1] (bright = dense, MONOCHROME2 sense)."""
     rng = {part: render_rng(case, i) for i, part in enumerate(
         ("mottle", "vessels_r", "vessels_l", "consolidation", "bubble", "ribs", "devices", "exposure", "noise"))}
-    rows, cols = image_shape(case, cfg)
-    p = case.pose
-    fr = Frame(rows, cols, p.rotation_deg, p.shift_x, p.shift_y, p.scale)
-    d = case.details
-    an = Anatomy(fr, case.ctr, d.get("habitus", 1.0), d.get("inspiration", 0.0), case.view)
+    an = anatomy(case, cfg)
+    fr, d = an.fr, case.details
+    rows, cols = fr.rows, fr.cols
     x, y = fr.x, fr.y
 
     dens = _body(an)

@@ -4,7 +4,8 @@ Rendering draws each part's randomness from its own stream (`render_rng`), so re
 device from a case leaves every other pixel bit-identical (texture, noise, exposure, other devices).
 `counterpart(case, label)` is that case without `label`; `finding_masks` compares the two renders and
 returns, per drawn label, the pixels the label changed. These masks are the yardstick for where a
-counterfactual or an attribution map puts its change.
+counterfactual or an attribution map puts its change. `healthy(case)` is the case without any finding
+(its ideal healthy counterpart), `lung_mask` its lung fields (where a map "restricted to the lungs" looks).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from .cases import PhantomCase
 from .config import DEVICES, FINDINGS, PhantomConfig
-from .drawing import render
+from .drawing import anatomy, render
 
 #: labels drawn in the image (slvh and dlv are echo measurements: not drawn)
 DRAWN = FINDINGS + DEVICES
@@ -33,6 +34,24 @@ def counterpart(case: PhantomCase, label: str) -> PhantomCase:
         return dataclasses.replace(case, labels=labels, ctr=min(case.ctr, NORMAL_CTR))
     details = {k: v for k, v in case.details.items() if k != label}
     return dataclasses.replace(case, labels=labels, details=details)
+
+
+def healthy(case: PhantomCase, keep_devices: bool = True) -> PhantomCase:
+    """The same case without any finding it is positive for (devices kept unless `keep_devices` is false):
+    what an ideal "healthy counterpart" of this patient renders as."""
+    removed = [f for f in FINDINGS if case.labels.get(f)]
+    removed += [] if keep_devices else [d for d in DEVICES if case.labels.get(d)]
+    for label in removed:
+        case = counterpart(case, label)
+    return case
+
+
+def lung_mask(case: PhantomCase, cfg: PhantomConfig) -> np.ndarray:
+    """bool [rows, cols]: the lung fields (inside either lung's outline) less the heart's shadow, on the
+    case's own grid. Anatomy only: a finding does not change it."""
+    an = anatomy(case, cfg)
+    heart, _ = an.heart()
+    return ((an.lung_sdf(-1) < 0) | (an.lung_sdf(1) < 0)) & (heart < 0.5)
 
 
 def finding_masks(case: PhantomCase, cfg: PhantomConfig, image: np.ndarray | None = None) -> dict[str, np.ndarray]:

@@ -223,5 +223,7 @@ def make_table(name: str, findings: list[str], records: list[dict], labels, reje
     columns["covariates"] = pd.Series([r.get("covariates") or {} for r in records], dtype=object)
     if any(r.get("masks") for r in records):  # {name: path relative to the input folder} per image
         columns["masks"] = pd.Series([r.get("masks") or {} for r in records], dtype=object)
+    if any(r.get("pairs") for r in records):  # {name: path relative to the input folder, or None} per image
+        columns["pairs"] = pd.Series([r.get("pairs") or {} for r in records], dtype=object)
     labels = np.asarray(labels, dtype=np.float32).reshape(len(records), len(findings))
     return SourceTable(name, list(findings), pd.DataFrame(columns), labels, rejects)

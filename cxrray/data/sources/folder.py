@@ -5,7 +5,10 @@ Reads a CSV that lies in the image folder: `path` (relative to the CSV's folder;
 split when non-blank), `report`. Columns `ivsd`, `lvidd`, `lvpwd` are echo covariates (cm), `ctr` the
 cardiothoracic ratio. A column `mask:NAME`
 holds the relative path of the image's mask of NAME (a PNG on the image's pixel grid; blank: none), which
-ingest carries into the shards as the extra member `mask_NAME`. Every other column is a finding, in file order,
+ingest carries into the shards as the extra member `mask_NAME`. A column `image:NAME` holds the relative path
+of a paired image of the same grid (e.g. `image:healthy`, the phantom's healthy counterpart), decoded and
+fitted exactly like the image and carried as the 16-bit extra member `NAME`; a blank cell rejects the row's
+image at ingest (a pair is ground truth, never guessed). Every other column is a finding, in file order,
 with values 1 / 0 / blank (NaN). Rows with another label value, an absolute path, a path
 escaping the folder or a duplicate path are rejected.
 """
@@ -21,11 +24,13 @@ from cxrray.data.sources.common import (
     MEASUREMENTS, CsvRows, RowError, assign_splits, check_options, collect, make_table, norm_sex, norm_split,
     norm_view, parse_age, parse_label, parse_measure,
 )
+from cxrray.data.members import RESERVED
 from cxrray.data.splits import DEFAULT_FRACTIONS
 from cxrray.errors import InputError
 
 META = ("path", "patient", "study", "sex", "age", "view", "split", "report")
 MASK_PREFIX = "mask:"
+PAIR_PREFIX = "image:"
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _MASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,25}$")
 
@@ -60,7 +65,13 @@ def load_folder(
     if bad:
         raise InputError(f"{metadata}: mask column(s) {bad}: the name after 'mask:' must be lower-case letters, "
                          f"digits and _ (at most 26)")
-    findings = [c for c in rows.columns if c not in META and c not in MEASUREMENTS and c not in masks]
+    pairs = [c for c in rows.columns if c.startswith(PAIR_PREFIX)]
+    bad = [c for c in pairs if not _MASK_NAME.match(c[len(PAIR_PREFIX):]) or c[len(PAIR_PREFIX):] in RESERVED
+           or c[len(PAIR_PREFIX):].startswith("mask_")]
+    if bad:
+        raise InputError(f"{metadata}: paired image column(s) {bad}: the name after 'image:' must be lower-case "
+                         f"letters, digits and _ (at most 26), not start with mask_ nor be one of {sorted(RESERVED)}")
+    findings = [c for c in rows.columns if c not in META and c not in MEASUREMENTS and c not in masks + pairs]
     first_row: dict[str, int] = {}
 
     def parse(row: dict[str, str], n: int) -> tuple[dict, list[float]]:
@@ -73,6 +84,7 @@ def load_folder(
             "split": norm_split(row["split"]) if row.get("split") else None,
             "covariates": {c: parse_measure(row[c], c) for c in covariates},
             "masks": {c[len(MASK_PREFIX):]: relative_path(row[c], c) for c in masks if row.get(c)},
+            "pairs": {c[len(PAIR_PREFIX):]: relative_path(row[c], c) if row.get(c) else None for c in pairs},
         }
         if path in first_row:
             raise RowError(f"column 'path': duplicate path {path!r} (first at row {first_row[path]})")
