@@ -167,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", required=True, help="output URI: generation_eval.json, report.html, grids")
     e.add_argument("--features-model", default=None, help="local TorchScript feature network (FID Inception)")
     _add_config_args(e)
+    e = esub.add_parser("localisation", help="where each method puts a finding, against the ground-truth masks: "
+                                             "pixel AUROC, pointing game, energy inside, patient-clustered CIs")
+    e.add_argument("--data", required=True, help="shards URI with masks (phantoms made with phantom.masks=true)")
+    e.add_argument("--output", required=True, help="folder: localisation.json, table.md, report.html, maps.png")
+    _add_config_args(e)
 
     p = sub.add_parser("reproduce", help="a paper's headline experiment in miniature, one command")
     p.add_argument("paper", choices=["cxr_ddpm", "cheff"], help="cxr_ddpm: synthetic cohorts (Streiffer et al.); "
@@ -420,6 +425,13 @@ def cmd_audit_synthetic(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    if args.evaluate_command == "localisation":
+        from cxrray.benchmarks.localisation import run_localisation, table_rows
+
+        result = run_localisation(args.data, args.output, load_config(args.config, args.overrides))
+        print(json.dumps({"output": args.output, "pixel_auroc": {f"{r['finding']}/{r['method']}": r["pixel AUROC"]
+                                                                 for r in table_rows(result)}}))
+        return 0
     from cxrray.pipelines.cheff.evaluate import run_generation_eval
 
     result = run_generation_eval(args.ldm, args.data, args.output, load_config(args.config, args.overrides), sr=args.sr,

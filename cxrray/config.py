@@ -19,8 +19,9 @@ from cxrray.errors import ConfigError
 from cxrray.families import FAMILIES, get_family
 from cxrray.pipelines.settings import (  # noqa: F401 (re-exported)
     AuditConfig, CounterfactualJudgeConfig, EncodeConfig, ExperimentConfig, ExplainConfig, GenerateConfig, GenerationEvalConfig, LatentsConfig,
-    ProbeConfig, SyntheticAuditConfig,
+    ProbeConfig, SaliencyConfig, SyntheticAuditConfig,
 )
+from cxrray.benchmarks.settings import LocalisationConfig  # noqa: F401 (re-exported)
 from cxrray.serve.settings import ServeConfig  # noqa: F401 (re-exported)
 from cxrray.train.settings import TrainConfig  # noqa: F401 (re-exported)
 
@@ -56,6 +57,8 @@ class Config(StrictModel):
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
     synthetic_audit: SyntheticAuditConfig = Field(default_factory=SyntheticAuditConfig)
     generation_eval: GenerationEvalConfig = Field(default_factory=GenerationEvalConfig)
+    saliency: SaliencyConfig = Field(default_factory=SaliencyConfig)
+    localisation: LocalisationConfig = Field(default_factory=LocalisationConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="before")

@@ -259,3 +259,16 @@ class GenerationEvalConfig(StrictModel):
         "Large pleural effusion in the right lower lung. A pacemaker in the left upper chest.",
         "The heart is enlarged.", "No acute cardiopulmonary process.", ""])  # a grid row each ("": unconditional)
     seed: int = 0
+
+
+class SaliencyConfig(StrictModel):
+    """The classical saliency baselines (`pipelines.saliency`): the classifier they explain (a conv trunk + one
+    logit per finding, trained on the shards' train split with their labels) and integrated gradients' steps."""
+
+    width: int = Field(16, ge=4, le=256)
+    epochs: int = Field(20, ge=1)
+    patience: int = Field(4, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 0
+    ig_steps: int = Field(32, ge=2, le=512)  # integrated gradients: points on the path from the baseline

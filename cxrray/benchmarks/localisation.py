@@ -1,0 +1,168 @@
+"""`cxrray evaluate localisation`: where does each method say the finding is, against where it is?
+
+For each finding with masks in the shards (issue 29 §1), each method draws a map on the test split's images
+positive for it (mask not empty), and each map is scored per image against the finding's mask: pixel AUROC
+(`eval.localisation.pixel_auroc`), pointing game (maximum inside the mask grown by `tolerance_px`) and the
+share of the map's mass inside the mask. Means carry patient-clustered 95% CIs; each method is compared
+with every other on the same images by a paired patient bootstrap.
+
+Methods: `oracle` |image - its true healthy counterpart| (the known-answer check: the scoring must put it
+near 1), `random` (uniform noise: chance, pixel AUROC 0.5), `gradcam` and `integrated_gradients` of a
+classifier trained here on the train split (`pipelines.saliency`). Judges none of the methods trained on: the
+masks and the healthy renders come from the phantoms, not from any model.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cxrray.config import Config
+from cxrray.errors import ConfigError, InputError
+from cxrray.eval import html
+from cxrray.eval.localisation import clustered_mean, energy_inside, paired_clustered, pixel_auroc, pointing_game
+from cxrray.pipelines.truth import TruthSet, load_truth
+
+METRICS = {"pixel_auroc": "pixel AUROC", "pointing": "pointing game", "energy_inside": "energy inside"}
+CONTROLS = ("oracle", "random")  # the scoring's known answer and its chance level
+
+
+def method_maps(method: str, images: np.ndarray, finding: str, truth: TruthSet, rows: np.ndarray, cfg: Config,
+                classifier=None) -> np.ndarray:
+    """float32 [n, S, S] maps of `method` for `images` (rows `rows` of `truth`)."""
+    from cxrray.pipelines.saliency.maps import grad_cam, integrated_gradients
+
+    if method == "oracle":
+        if truth.healthy is None:
+            raise InputError("method oracle needs the healthy counterpart in the shards (phantom.masks=true)")
+        return np.abs(images[:, 0] - truth.healthy[rows])
+    if method == "random":
+        rng = np.random.default_rng(cfg.localisation.seed)
+        return rng.random(images[:, 0].shape).astype(np.float32)
+    index = classifier[1]["findings"].index(finding)
+    if method == "gradcam":
+        return grad_cam(classifier[0], images, index)
+    if method == "integrated_gradients":
+        return integrated_gradients(classifier[0], images, index, cfg.saliency.ig_steps)
+    raise ConfigError(f"localisation.methods: {method!r} needs a DiffChest checkpoint and probe (not built yet)")
+
+
+def score(maps: np.ndarray, masks: np.ndarray, tolerance_px: int) -> dict[str, np.ndarray]:
+    """Per-image scores [n] of each metric."""
+    return {"pixel_auroc": pixel_auroc(maps, masks), "pointing": pointing_game(maps, masks, tolerance_px),
+            "energy_inside": energy_inside(maps, masks)}
+
+
+def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, progress=print) -> dict:
+    """Run the benchmark (module doc); writes localisation.json, table.md, report.html and maps.png under
+    `output_dir` and returns the JSON's content."""
+    from cxrray.pipelines.saliency.classifier import save_classifier, train_classifier
+
+    lc = cfg.localisation
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(lc.seed)
+    start = time.perf_counter()
+    test = load_truth(data_uri, lc.test_split, lc.images)
+    missing = [f for f in lc.findings if f not in test.masks]
+    if missing:
+        raise InputError(f"{data_uri}: no masks for {missing}; masks present: {sorted(test.masks)}")
+    if lc.lungs_only and test.lungs is None:
+        raise InputError(f"{data_uri}: localisation.lungs_only needs mask_lungs in the shards")
+    progress(f"[localisation] {len(test.keys)} {lc.test_split} images, findings {lc.findings}, "
+             f"methods {lc.methods}")
+    classifier = None
+    if {"gradcam", "integrated_gradients"} & set(lc.methods):
+        train = load_truth(data_uri, lc.train_split, lc.train_images, need_masks=False)
+        val = load_truth(data_uri, lc.val_split, None, need_masks=False)
+        classifier = train_classifier(train, val, cfg.saliency, progress)
+        save_classifier(*classifier, out / "classifier")
+        progress(f"[localisation] classifier: val AUROC {classifier[1]['val_auroc']}")
+    results, grid_rows = {}, []
+    for finding in lc.findings:
+        rows = test.positives(finding)
+        if len(rows) < 2:
+            raise InputError(f"{lc.test_split}: only {len(rows)} images positive for {finding!r} with a mask")
+        images = test.images[rows]
+        masks = test.masks[finding][rows] & (test.lungs[rows] if lc.lungs_only else True)
+        patients = [test.patients[i] for i in rows]
+        per_method, maps_by_method = {}, {}
+        for method in lc.methods:
+            maps = method_maps(method, images, finding, test, rows, cfg, classifier)
+            if lc.lungs_only:
+                maps = np.where(test.lungs[rows], maps, 0.0)
+            maps_by_method[method] = maps
+            per_method[method] = score(maps, masks, lc.tolerance_px)
+        summary = {m: {k: clustered_mean(v, patients, lc.n_boot, lc.seed) for k, v in scores.items()}
+                   for m, scores in per_method.items()}
+        paired = [{"a": a, "b": b, **{k: paired_clustered(per_method[a][k], per_method[b][k], patients, lc.n_boot,
+                                                          lc.seed) for k in METRICS}}
+                  for i, a in enumerate(lc.methods) for b in lc.methods[i + 1:]]
+        results[finding] = {"images": int(len(rows)), "patients": len(set(patients)),
+                            "mask_area": float(masks.mean()), "methods": summary, "paired": paired}
+        grid_rows += _grid_rows(images, masks, maps_by_method, lc.grid_images)
+        progress(f"[localisation] {finding}: " + ", ".join(
+            f"{m} {summary[m]['pixel_auroc']['mean']:.3f}" for m in lc.methods) + " (pixel AUROC)")
+    result = {"data": data_uri, "split": lc.test_split, "config": lc.model_dump(mode="json"),
+              "classifier": classifier[1] if classifier else None, "findings": results,
+              "seconds": round(time.perf_counter() - start, 1)}
+    (out / "localisation.json").write_text(json.dumps(result, indent=1))
+    _report(result, out, grid_rows)
+    return result
+
+
+def _grid_rows(images: np.ndarray, masks: np.ndarray, maps: dict[str, np.ndarray], n: int) -> list[torch.Tensor]:
+    """One picture row each: the images, their masks, then each method's map scaled to [-1, 1] per image."""
+    take = slice(0, min(n, len(images)))
+
+    def scaled(m: np.ndarray) -> torch.Tensor:
+        lo, hi = m.min(axis=(1, 2), keepdims=True), m.max(axis=(1, 2), keepdims=True)
+        return torch.from_numpy((m - lo) / np.maximum(hi - lo, 1e-12) * 2 - 1)[:, None].float()
+
+    return [torch.from_numpy(images[take]).float(), torch.from_numpy(masks[take] * 2.0 - 1)[:, None].float(),
+            *(scaled(m[take]) for m in maps.values())]
+
+
+def table_rows(result: dict) -> list[dict]:
+    rows = []
+    for finding, r in result["findings"].items():
+        for method, metrics in r["methods"].items():
+            rows.append({"finding": finding, "method": method, "images": metrics["pixel_auroc"]["images"],
+                         **{name: metrics[k]["mean"] for k, name in METRICS.items()},
+                         **{f"{name} CI": metrics[k]["ci"] for k, name in METRICS.items()}})
+    return rows
+
+
+def _report(result: dict, out: Path, grid_rows: list[torch.Tensor]) -> None:
+    from cxrray.eval.grids import save_grid
+
+    rows = table_rows(result)
+    columns = ["finding", "method", "images", *METRICS.values(), *(f"{n} CI" for n in METRICS.values())]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_cell(r[c]) for c in columns) + " |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    if grid_rows:
+        save_grid(grid_rows, out / "maps.png", "localisation maps: images, masks, then each method's map")
+    paired = [{"finding": f, "a": p["a"], "b": p["b"], "diff (pixel AUROC)": p["pixel_auroc"]["diff"],
+               "CI": p["pixel_auroc"]["ci"], "p": p["pixel_auroc"]["p_value"]}
+              for f, r in result["findings"].items() for p in r["paired"]]
+    sections = [("Localisation against the ground-truth masks", html.table(rows, columns)),
+                ("Paired comparisons (patient bootstrap)", html.table(paired, list(paired[0]) if paired else []))]
+    if (out / "maps.png").exists():
+        sections.append(("Maps (per finding: images, masks, then " + ", ".join(result["config"]["methods"]) + ")",
+                         html.image(out / "maps.png")))
+    note = ("No paper here reports lesion-level localisation; the masks and healthy counterparts come from the "
+            "phantoms. oracle = |image - true healthy counterpart| (the scoring's known answer), random = chance.")
+    (out / "report.html").write_text(html.page("Where is the disease? Localisation benchmark", sections, note))
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, list) and value and all(isinstance(v, float) for v in value):
+        return "–".join(f"{v:.3f}" for v in value)
+    return "" if value is None else str(value)

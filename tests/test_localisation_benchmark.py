@@ -1,0 +1,97 @@
+"""The localisation benchmark (issue 29 §5): its per-image scores and patient-clustered CIs on known answers, and
+the benchmark run on
+ingested phantoms with masks and healthy counterparts, where `oracle` (|image - true healthy|) must score near 1
+and `random` at chance — the checks that the scoring itself can be trusted before any method is judged by it."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from cxrray.cli import main
+from cxrray.eval.localisation import clustered_mean, energy_inside, paired_clustered, pixel_auroc, pointing_game
+
+
+def _masks(n: int = 12, size: int = 16, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, size, size), bool)
+    for i in range(n):
+        r, c = rng.integers(0, size - 5, 2)
+        masks[i, r:r + 4, c:c + 5] = True
+    return masks
+
+
+def test_scores_give_the_known_answers():
+    masks = _masks()
+    perfect, inverted = masks * 1.0, ~masks * 1.0
+    np.testing.assert_allclose(pixel_auroc(perfect, masks), 1.0)
+    np.testing.assert_allclose(pixel_auroc(inverted, masks), 0.0)
+    np.testing.assert_allclose(pointing_game(perfect + 1e-3 * np.arange(256).reshape(16, 16), masks), 1.0)
+    np.testing.assert_allclose(energy_inside(perfect, masks), 1.0)
+    noise = np.random.default_rng(1).random(masks.shape)
+    for i in range(len(masks)):  # ties and all: the per-image AUROC is sklearn's
+        assert pixel_auroc(noise[i:i + 1], masks[i:i + 1])[0] == pytest.approx(roc_auc_score(masks[i].ravel(), noise[i].ravel()))
+    assert abs(np.nanmean(pixel_auroc(noise, masks)) - 0.5) < 0.1
+    np.testing.assert_allclose(energy_inside(np.ones(masks.shape), masks), masks.mean(axis=(1, 2)))  # area share
+    empty = np.zeros_like(masks)
+    assert np.isnan(pixel_auroc(noise, empty)).all() and np.isnan(pointing_game(noise, empty)).all()
+
+
+def test_clustered_ci_counts_patients_and_paired_comparison_is_exact_for_identical_methods():
+    values = np.r_[np.full(20, 1.0), np.full(20, 0.0)]
+    one_patient_each = clustered_mean(values, [str(i) for i in range(40)], n_boot=2000)
+    two_patients = clustered_mean(values, ["a"] * 20 + ["b"] * 20, n_boot=2000)
+    assert one_patient_each["mean"] == two_patients["mean"] == 0.5
+    # 40 independent images give a narrow CI; the same images from 2 patients cannot: the CI spans 0..1
+    assert one_patient_each["ci"][1] - one_patient_each["ci"][0] < 0.4
+    assert two_patients["ci"] == [0.0, 1.0] and two_patients["patients"] == 2
+    same = paired_clustered(values, values, [str(i) for i in range(40)])
+    assert same["diff"] == 0.0 and same["p_value"] == 1.0
+    better = paired_clustered(values + 0.1, values, [str(i) for i in range(40)])
+    assert better["diff"] == pytest.approx(0.1) and better["p_value"] < 0.01
+
+
+@pytest.fixture(scope="module")
+def phantom_shards(ray_local, tmp_path_factory):
+    """160 phantoms with masks and healthy counterparts, ingested at 48² (the salt set for the module)."""
+    root = tmp_path_factory.mktemp("localisation")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CXRRAY_SALT", "localisation-test")
+        assert main(["phantoms", "--n", "160", "--out", str(root / "ph"), "--set", "phantom.masks=true",
+                     "--set", "phantom.size=96"]) == 0
+        assert main(["ingest", "--input", str(root / "ph"), "--labels", str(root / "ph" / "labels.csv"), "--output",
+                     f"file://{root}/shards", "--set", "ingest.size=48",
+                     "--set", 'ingest.split_fractions={"train": 0.5, "val": 0.15, "test": 0.35}']) == 0
+        yield root
+
+
+def test_benchmark_scores_the_oracle_near_one_and_random_at_chance(phantom_shards, capsys):
+    out = phantom_shards / "out"
+    assert main(["evaluate", "localisation", "--data", f"file://{phantom_shards}/shards", "--output", str(out),
+                 "--set", "saliency.epochs=2", "--set", "localisation.n_boot=200"]) == 0
+    result = json.loads((out / "localisation.json").read_text())
+    for finding in ("effusion", "cardiomegaly"):
+        r = result["findings"][finding]
+        assert r["images"] >= 4, finding
+        oracle, random = r["methods"]["oracle"], r["methods"]["random"]
+        assert oracle["pixel_auroc"]["mean"] > 0.95 and oracle["pointing"]["mean"] >= 0.75, (finding, oracle)
+        assert 0.4 < random["pixel_auroc"]["mean"] < 0.6, (finding, random)
+        vs = next(p for p in r["paired"] if (p["a"], p["b"]) == ("oracle", "random"))
+        assert vs["pixel_auroc"]["diff"] > 0.3 and vs["pixel_auroc"]["p_value"] < 0.05
+        for method in ("gradcam", "integrated_gradients"):  # measured, not judged here (a 2-epoch classifier)
+            assert 0.0 <= r["methods"][method]["pixel_auroc"]["mean"] <= 1.0
+    assert (out / "maps.png").stat().st_size > 0 and "oracle" in (out / "report.html").read_text()
+    assert (out / "classifier" / "classifier.safetensors").is_file()
+    assert "| effusion | oracle |" in (out / "table.md").read_text()
+
+
+def test_shards_without_masks_are_refused_with_a_reason(phantom_shards, tmp_path, capsys):
+    assert main(["phantoms", "--n", "12", "--out", str(tmp_path / "plain"), "--set", "phantom.size=64"]) == 0
+    assert main(["ingest", "--input", str(tmp_path / "plain"), "--labels", str(tmp_path / "plain" / "labels.csv"),
+                 "--output", f"file://{tmp_path}/plain-shards", "--set", "ingest.size=32"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "localisation", "--data", f"file://{tmp_path}/plain-shards", "--output",
+                 str(tmp_path / "out")]) == 2
+    assert "carries no masks" in capsys.readouterr().err
