@@ -7,7 +7,9 @@ synthetic encodings (z of 64 floats).
 Each stage runs in a fresh process, so its peak RSS (ru_maxrss) is its own; reported as the rise above the
 process's RSS after imports. Stages: `manifest` (read it), `select` (explain/audit's planner: 64 test samples,
 from the shards), `select_encoded` (the same 64, from the encodings' key/split/labels columns),
-`covariate_stats` (the covariate DDPM's training statistics), `probe_load` (the probe's encodings: scalar columns, z and labels as float32 matrices).
+`covariate_stats` (the covariate DDPM's training statistics), `probe_load` (every row of the encodings: scalar
+columns, z and labels as float32 matrices), `probe_load_capped` (what the probe reads with probe.max_images =
+20,000: its fit and test splits only, each sampled by patient part by part).
 The goal (issue 28): driver memory flat in N, planning time linear or better. Prints a table, writes a log-log
 plot under bench/results/, and one JSON line last.
 """
@@ -27,7 +29,8 @@ import _common  # noqa: E402,F401  (repo on sys.path, OMP_NUM_THREADS=1)
 PER_SHARD = 1000
 FINDINGS = ["effusion", "cardiomegaly"]
 COVARIATES = ["ivsd", "lvidd", "lvpwd"]
-STAGES = ("manifest", "select", "select_encoded", "covariate_stats", "probe_load")
+STAGES = ("manifest", "select", "select_encoded", "covariate_stats", "probe_load", "probe_load_capped")
+CAP = 20_000  # probe.max_images of the probe_load_capped stage
 
 
 def build(root: Path, n: int) -> tuple[str, str]:
@@ -74,6 +77,7 @@ def run_stage(stage: str, shards_uri: str, encodings_uri: str) -> dict:
     from cxrray.pipelines.encodings import read_matrices
     from cxrray.pipelines.diffchest.explain import select, select_encoded
     from cxrray.pipelines.diffchest.probe import COLUMNS
+    from cxrray.pipelines.diffchest.probe import _load as load_probe_rows
 
     cfg = load_config("tiny", ["model.family=ddpm", "model.covariates=[age,sex,ivsd,lvidd,lvpwd]"]).model
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -88,18 +92,21 @@ def run_stage(stage: str, shards_uri: str, encodings_uri: str) -> dict:
         prepare(cfg, shards_uri)
     elif stage == "probe_load":
         read_matrices(encodings_uri, COLUMNS, ["labels", "z"])
+    elif stage == "probe_load_capped":
+        probe_cfg = load_config("tiny", ["probe.fit_splits=[train]", f"probe.max_images={CAP}"])
+        load_probe_rows(encodings_uri, probe_cfg)
     seconds = time.perf_counter() - started
     return {"seconds": round(seconds, 3), "peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, 1)}
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], stages: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for stage in STAGES:
+    for stage in stages:
         ns = [r["n"] for r in rows]
         axes[0].loglog(ns, [max(r[stage]["seconds"], 1e-3) for r in rows], "o-", label=stage)
         axes[1].loglog(ns, [max(r[stage]["peak_mb"], 0.1) for r in rows], "o-", label=stage)
@@ -114,29 +121,35 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="10000,30000,100000")
     parser.add_argument("--root", default="/tmp/cxrray-scale")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of the stages")
     parser.add_argument("--stage", help=argparse.SUPPRESS)  # internal: run one stage in this process
     parser.add_argument("--uris", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:
         print(json.dumps(run_stage(args.stage, *args.uris)))
         return
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        parser.error(f"--stages: unknown {unknown}; stages: {', '.join(STAGES)}")
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         started = time.perf_counter()
         uris = build(Path(args.root), n)
         row = {"n": n, "build_s": round(time.perf_counter() - started, 1)}
-        for stage in STAGES:
+        for stage in stages:
             out = subprocess.run([sys.executable, __file__, "--stage", stage, "--uris", *uris], capture_output=True,
                                  text=True, check=True)
             row[stage] = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
-        print(f"N={n:>9,}  " + "  ".join(f"{s}: {row[s]['seconds']:.2f} s {row[s]['peak_mb']:.0f} MB" for s in STAGES),
+        print(f"N={n:>9,}  " + "  ".join(f"{s}: {row[s]['seconds']:.2f} s {row[s]['peak_mb']:.0f} MB" for s in stages),
               flush=True)
     results = Path(__file__).resolve().parent / "results"
     results.mkdir(exist_ok=True)
-    plot(rows, results / f"scale_{time.strftime('%Y-%m-%d')}.png")
+    tag = "" if stages == list(STAGES) else "-" + "-".join(stages)  # a subset never overwrites the full plot
+    plot(rows, stages, results / f"scale_{time.strftime('%Y-%m-%d')}{tag}.png")
     growth = {s: {"time_x": round(rows[-1][s]["seconds"] / max(rows[0][s]["seconds"], 1e-3), 1),
-                  "memory_mb": [r[s]["peak_mb"] for r in rows]} for s in STAGES}
+                  "memory_mb": [r[s]["peak_mb"] for r in rows]} for s in stages}
     print(json.dumps({"bench": "scale", "sizes": [r["n"] for r in rows], "rows": rows, "growth": growth}))
 
 

@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "pixel AUROC, pointing game, energy inside, patient-clustered CIs")
     e.add_argument("--data", required=True, help="shards URI with masks (phantoms made with phantom.masks=true)")
     e.add_argument("--output", required=True, help="folder: localisation.json, table.md, report.html, maps.png")
+    e.add_argument("--checkpoint", default=None, help="DiffChest checkpoint: the counterfactual and reconstruction "
+                                                       "methods (add them with --set localisation.methods=[...])")
+    e.add_argument("--probe", default=None, help="its linear probe (`cxrray probe` output): the counterfactual method")
     _add_config_args(e)
 
     p = sub.add_parser("reproduce", help="a paper's headline experiment in miniature, one command")
@@ -428,7 +431,8 @@ def cmd_evaluate(args) -> int:
     if args.evaluate_command == "localisation":
         from cxrray.benchmarks.localisation import run_localisation, table_rows
 
-        result = run_localisation(args.data, args.output, load_config(args.config, args.overrides))
+        result = run_localisation(args.data, args.output, load_config(args.config, args.overrides),
+                                  checkpoint=args.checkpoint, probe=args.probe)
         print(json.dumps({"output": args.output, "pixel_auroc": {f"{r['finding']}/{r['method']}": r["pixel AUROC"]
                                                                  for r in table_rows(result)}}))
         return 0

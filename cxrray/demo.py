@@ -1,6 +1,6 @@
 """The main job on the embedded default: phantoms (with a planted confounder) -> ingest -> pretrain (tiny)
 -> held-out report -> encode -> linear probe -> counterfactual grid -> confounder audit, its counterfactuals
-measured against the phantoms' ground truth, ending in one HTML page (demo_out/report.html). Everything lands
+measured against the phantoms' ground truth -> the localisation benchmark, ending in one HTML page (demo_out/report.html). Everything lands
 in local files and the local MLflow."""
 from __future__ import annotations
 
@@ -21,32 +21,36 @@ def run_demo(cfg: Config, n: int, workdir: Path, shards: str, run: str) -> dict:
     from cxrray.train.pretrain import pretrain
 
     phantoms = workdir / "phantoms"
-    print(f"[demo] 1/9 phantoms: {n} DICOMs (confounder {cfg.phantom.confounder}) -> {phantoms}", flush=True)
+    print(f"[demo] 1/10 phantoms: {n} DICOMs (confounder {cfg.phantom.confounder}) -> {phantoms}", flush=True)
     step = max(1, n // 5)
     generate(n, phantoms, cfg.phantom,
              progress=lambda d, t: (d % step == 0 or d == t) and print(f"[phantoms] {d}/{t}", flush=True))
-    print(f"[demo] 2/9 ingest -> {shards}", flush=True)
+    print(f"[demo] 2/10 ingest -> {shards}", flush=True)
     manifest = ingest(phantoms, shards, cfg.ingest, source="folder", metadata=phantoms / "labels.csv")
-    print(f"[demo] 3/9 pretrain {cfg.preset} to {cfg.train.images:,} images -> {run}", flush=True)
+    print(f"[demo] 3/10 pretrain {cfg.preset} to {cfg.train.images:,} images -> {run}", flush=True)
     status = pretrain(cfg, shards, run)
     checkpoint = status["latest_checkpoint"]
-    print("[demo] 4/9 held-out reconstruction and samples", flush=True)
+    print("[demo] 4/10 held-out reconstruction and samples", flush=True)
     report = held_out_report(cfg, shards, checkpoint, workdir, status["mlflow_run_id"])
-    print("[demo] 5/9 encode z for every image", flush=True)
+    print("[demo] 5/10 encode z for every image", flush=True)
     encodings = run.rstrip("/") + "-encodings"
     index = encode(checkpoint, shards, encodings, cfg.encode)
-    print("[demo] 6/9 linear probe", flush=True)
+    print("[demo] 6/10 linear probe", flush=True)
     probe = run_probe(encodings, workdir / "probe", cfg)
-    print(f"[demo] 7/9 counterfactuals toward {', '.join(AUDITED)}", flush=True)
+    print(f"[demo] 7/10 counterfactuals toward {', '.join(AUDITED)}", flush=True)
     grid = counterfactual_grid(cfg, shards, checkpoint, workdir / "probe", workdir)
-    print(f"[demo] 8/9 confounder audit of {', '.join(AUDITED)}", flush=True)
+    print(f"[demo] 8/10 confounder audit of {', '.join(AUDITED)}", flush=True)
     audited = audit(checkpoint, str(workdir / "probe"), shards, AUDITED, workdir / "audit", cfg, encodings=encodings)
-    print("[demo] 9/9 the audit's counterfactuals against the phantoms' ground truth", flush=True)
+    print("[demo] 9/10 the audit's counterfactuals against the phantoms' ground truth", flush=True)
     measured = ground_truth(cfg, shards, workdir / "audit" / "counterfactuals", n)
+    print(f"[demo] 10/10 localisation of {', '.join(AUDITED)}: each method's map against the phantoms' masks",
+          flush=True)
+    located = localisation(cfg, shards, checkpoint, workdir)
     summary = {"shards": {"uri": shards, "samples": manifest["samples"], "rejected": manifest["rejected"],
                           "splits": manifest["splits"]},
                "pretrain": status, "held_out": report, "encodings": {"uri": encodings, "rows": index["rows"]},
                "probe": probe, "counterfactual_grid": grid, "counterfactual_measured": measured,
+               "localisation": located,
                "audit": {f: {"top": r["candidates"][0]["label"] if r["candidates"] else None,
                              **{k: r[k] for k in ("flagged", "confounders", "entangled", "underpowered", "unvalidated")}}
                          for f, r in audited["findings"].items()}}
@@ -139,6 +143,20 @@ def measured_rows(measured: dict) -> list[dict]:
     return rows
 
 
+LOCALISED = ["oracle", "random", "gradcam", "integrated_gradients", "counterfactual", "reconstruction"]
+
+
+def localisation(cfg: Config, shards: str, checkpoint: str, workdir: Path) -> dict:
+    """`cxrray evaluate localisation` on the demo's test split with every method (the DiffChest ones from this
+    run's checkpoint and probe): {finding: {method: mean pixel AUROC}}; the report under workdir/localisation."""
+    from cxrray.benchmarks.localisation import run_localisation
+
+    settings = cfg.localisation.model_copy(update={"findings": AUDITED, "methods": LOCALISED})
+    result = run_localisation(shards, workdir / "localisation", cfg.model_copy(update={"localisation": settings}),
+                              checkpoint=checkpoint, probe=str(workdir / "probe"))
+    return {f: {m: v["pixel_auroc"]["mean"] for m, v in r["methods"].items()} for f, r in result["findings"].items()}
+
+
 def write_report(workdir: Path, summary: dict, audited: dict) -> Path:
     """One self-contained HTML page: held-out grids, probe AUROC table + ROC, counterfactuals, audit."""
     from cxrray.eval import html
@@ -161,10 +179,24 @@ def write_report(workdir: Path, summary: dict, audited: dict) -> Path:
          + html.image(summary["counterfactual_grid"], "counterfactuals")
          + html.table(measured_rows(summary["counterfactual_measured"]), MEASURED_COLUMNS)),
         ("Confounder audit", audit_body),
+        ("Where is the disease? Localisation against the phantoms' masks", _localisation_html(workdir)),
     ]
     page = workdir / "report.html"
     page.write_text(html.page("cxrray demo report", sections, "Phantom data; every generated image is synthetic."))
     return page
+
+
+def _localisation_html(workdir: Path) -> str:
+    from cxrray.benchmarks.localisation import METRICS, table_rows
+    from cxrray.eval import html
+
+    result = json.loads((workdir / "localisation" / "localisation.json").read_text())
+    columns = ["finding", "method", "images", *METRICS.values(), *(f"{n} CI" for n in METRICS.values())]
+    return ("<p>oracle = |image - its true healthy counterpart| (the scoring's known answer), random = chance; "
+            "Grad-CAM and integrated gradients explain a classifier trained on the train split; counterfactual = "
+            "|DiffChest counterfactual away from the finding - image|; reconstruction = |image - stochastic decode of "
+            "its own z|. CIs resample patients.</p>" + html.table(table_rows(result), columns)
+            + html.image(workdir / "localisation" / "maps.png", "images, masks, then each method's map"))
 
 
 def held_out_report(cfg: Config, shards: str, checkpoint: str, workdir: Path, run_id: str, n: int = 8,

@@ -57,6 +57,19 @@ def test_demo_probe_auroc_and_audit_find_the_planted_confounder(demo):
     assert result["identifiers"] > 1000 and result["removed"] == 1.0, result["leak_examples"]
 
 
+def test_demo_localisation_scores_its_known_answers_and_every_method(demo):
+    """The benchmark's own checks on the demo's test split: oracle near 1, random at chance, every method
+    scored (their figures go to the README; issue 29's 0.8 threshold is for the generative methods)."""
+    from cxrray.demo import LOCALISED
+
+    tmp_path, summary = demo
+    for finding in ("effusion", "cardiomegaly"):
+        scores = summary["localisation"][finding]
+        assert set(scores) == set(LOCALISED), scores
+        assert scores["oracle"] > 0.95 and 0.4 < scores["random"] < 0.6, (finding, scores)
+    assert "Where is the disease?" in (tmp_path / "out" / "report.html").read_text()
+
+
 @pytest.mark.xfail(strict=True, reason="issue 12 goals not met on the tiny demo: image effect -0.002 at eps 1 "
                    "(+0.142 at eps 2, SSIM outside 0.752), energy ratio 1.36 (bench/counterfactual.py)")
 def test_counterfactual_images_carry_the_finding(demo):

@@ -95,3 +95,37 @@ def test_shards_without_masks_are_refused_with_a_reason(phantom_shards, tmp_path
     assert main(["evaluate", "localisation", "--data", f"file://{tmp_path}/plain-shards", "--output",
                  str(tmp_path / "out")]) == 2
     assert "carries no masks" in capsys.readouterr().err
+
+
+def test_diffchest_methods_run_from_a_checkpoint_and_probe_and_are_refused_without_them(phantom_shards, capsys):
+    """The counterfactual and reconstruction maps through the CLI on a random-init DiffChest at the shards'
+    size (plumbing and contracts only: an untrained model localises nothing), and clear refusals."""
+    import torch
+
+    from cxrray.data.shards import read_manifest
+    from cxrray.families.diffae.config import DiffAEConfig
+    from cxrray.families.diffae.network import DiffAE
+    from cxrray.pipelines.diffchest.head import LinearHead
+    from conftest import write_checkpoint
+
+    torch.manual_seed(0)
+    model = DiffAE(DiffAEConfig(image_size=48, base_channels=32, channel_mult=(1, 2), layers_per_block=1,
+                                attention_resolutions=(), z_dim=16)).eval()
+    ckpt = write_checkpoint(model, phantom_shards / "ckpt", 1)
+    vocab = read_manifest(f"file://{phantom_shards}/shards")["label_vocabulary"]
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(len(vocab), 16)).astype(np.float32)
+    LinearHead(vocab, weight, np.zeros(len(vocab), np.float32), np.zeros(16, np.float32), np.ones(16, np.float32),
+               {"fit_split": "train"}, pattern=weight).save(phantom_shards / "probe")
+    common = ["evaluate", "localisation", "--data", f"file://{phantom_shards}/shards", "--checkpoint", f"file://{ckpt}",
+              "--set", "localisation.findings=[effusion]", "--set", "localisation.n_boot=100",
+              "--set", "explain.steps=3", "--set", "explain.invert_steps=3"]
+    out = phantom_shards / "out-diffchest"
+    assert main([*common, "--probe", str(phantom_shards / "probe"), "--output", str(out),
+                 "--set", "localisation.methods=[oracle,counterfactual,reconstruction]"]) == 0
+    methods = json.loads((out / "localisation.json").read_text())["findings"]["effusion"]["methods"]
+    for method in ("counterfactual", "reconstruction"):
+        assert 0.0 <= methods[method]["pixel_auroc"]["mean"] <= 1.0 and methods[method]["pixel_auroc"]["images"] >= 4
+    capsys.readouterr()
+    assert main([*common, "--output", str(out), "--set", "localisation.methods=[counterfactual]"]) == 2
+    assert "needs --probe" in capsys.readouterr().err

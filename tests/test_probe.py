@@ -15,7 +15,7 @@ from cxrray.cli import main
 from cxrray.data.storage import Storage
 from cxrray.pipelines.encodings import FORMAT, INDEX, part_table, read_encodings, stack, write_part
 from cxrray.pipelines.diffchest.head import load_head
-from cxrray.pipelines.diffchest.probe import evaluate, fit_head, patient_subset, predict
+from cxrray.pipelines.diffchest.probe import evaluate, fit_head, patient_subset, predict, sampled_patients
 
 # A: perfectly separable on z0; B: weak on z1; C: noise; masked: = A with 40% of positives unlabelled (NaN);
 # rare: 5 test positives (< min_positives); unfit: no positive in the fit split.
@@ -160,6 +160,39 @@ def test_patient_subsampling_never_splits_a_patient():
         assert not set(patients[m]) & set(patients[~m])
     assert not (masks[0.03] & ~masks[0.1]).any() and not (masks[0.1] & ~masks[0.5]).any()  # nested
     assert set(patients[patient_subset(patients, 0.1, seed=1)]) != set(patients[masks[0.1]])
+
+
+def test_hashed_patient_sample_is_part_independent_whole_patient_and_seeded():
+    patients = np.repeat([f"p{i:04d}" for i in range(2000)], 3).astype(object)
+    keys = np.array([f"k{i}" for i in range(len(patients))], dtype=object)
+    patients[::7] = None  # no patient id: the image is its own patient
+    whole = sampled_patients(patients, keys, 0.25, seed=0)
+    parts = np.concatenate([sampled_patients(patients[i:i + 500], keys[i:i + 500], 0.25, seed=0)
+                            for i in range(0, len(patients), 500)])
+    assert np.array_equal(whole, parts)  # chosen part by part exactly as at once
+    assert 0.2 < whole.mean() < 0.3
+    named = patients != None  # noqa: E711 (object array)
+    chosen = set(patients[whole & named])
+    assert not chosen & set(patients[~whole & named])  # a patient is all in or all out
+    assert not np.array_equal(whole, sampled_patients(patients, keys, 0.25, seed=1))
+    assert sampled_patients(patients, keys, 1.0, seed=0).all()
+
+
+def test_max_images_bounds_what_the_probe_reads_and_never_reads_other_splits(probe_run, tmp_path):
+    out = tmp_path / "capped"
+    with contextlib.redirect_stdout(io.StringIO()), pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        assert main(["probe", "--encodings", probe_run["uri"], "--output", str(out), *OPTIONS,
+                     "--set", "probe.max_images=300", "--set", f"tracking.uri=sqlite:///{tmp_path}/m.db"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    full = probe_run["metrics"]
+    assert set(metrics["read"]) == {"finetune", "test"}  # val is never materialised
+    assert metrics["read"]["finetune"]["rows"] == 3 * FIT_PATIENTS and metrics["read"]["finetune"]["fraction"] == 300 / 900
+    fit_images = metrics["fractions"]["1.0"]["fit_images"]
+    assert 200 <= fit_images <= 400 and fit_images % 3 == 0, fit_images  # whole patients of 3 images, ~300
+    assert 200 <= metrics["test_images"] < full["test_images"] == 399
+    assert metrics["findings"]["A"]["auroc"] > 0.95  # separable stays separable on the sample
+    assert full["read"]["finetune"]["fraction"] == 1.0
 
 
 def test_fractions_heads_and_normalisation(probe_run):

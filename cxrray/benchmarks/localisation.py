@@ -8,7 +8,9 @@ with every other on the same images by a paired patient bootstrap.
 
 Methods: `oracle` |image - its true healthy counterpart| (the known-answer check: the scoring must put it
 near 1), `random` (uniform noise: chance, pixel AUROC 0.5), `gradcam` and `integrated_gradients` of a
-classifier trained here on the train split (`pipelines.saliency`). Judges none of the methods trained on: the
+classifier trained here on the train split (`pipelines.saliency`), and with a DiffChest checkpoint and probe
+`counterfactual` (|the counterfactual away from the finding - the image|) and `reconstruction` (|image - a
+stochastic decode of its own code|). Judges none of the methods trained on: the
 masks and the healthy renders come from the phantoms, not from any model.
 """
 from __future__ import annotations
@@ -31,8 +33,9 @@ CONTROLS = ("oracle", "random")  # the scoring's known answer and its chance lev
 
 
 def method_maps(method: str, images: np.ndarray, finding: str, truth: TruthSet, rows: np.ndarray, cfg: Config,
-                classifier=None) -> np.ndarray:
-    """float32 [n, S, S] maps of `method` for `images` (rows `rows` of `truth`)."""
+                classifier=None, diffchest=None) -> np.ndarray:
+    """float32 [n, S, S] maps of `method` for `images` (rows `rows` of `truth`); `classifier`: (net, record)
+    for the saliency methods, `diffchest`: (model, head or None) for counterfactual / reconstruction."""
     from cxrray.pipelines.saliency.maps import grad_cam, integrated_gradients
 
     if method == "oracle":
@@ -42,12 +45,53 @@ def method_maps(method: str, images: np.ndarray, finding: str, truth: TruthSet, 
     if method == "random":
         rng = np.random.default_rng(cfg.localisation.seed)
         return rng.random(images[:, 0].shape).astype(np.float32)
+    if method in ("counterfactual", "reconstruction"):
+        if diffchest is None:
+            raise ConfigError(f"localisation.methods: {method!r} needs --checkpoint (a DiffChest model)"
+                              + (" and --probe" if method == "counterfactual" else ""))
+        return _diffchest_maps(method, images, finding, diffchest, cfg)
     index = classifier[1]["findings"].index(finding)
     if method == "gradcam":
         return grad_cam(classifier[0], images, index)
     if method == "integrated_gradients":
         return integrated_gradients(classifier[0], images, index, cfg.saliency.ig_steps)
-    raise ConfigError(f"localisation.methods: {method!r} needs a DiffChest checkpoint and probe (not built yet)")
+    raise ConfigError(f"localisation.methods: unknown method {method!r}")
+
+
+def load_diffchest(checkpoint: str, probe: str | None, image_size: int):
+    """(model, head or None) of a DiffChest checkpoint, refused unless it reads images of `image_size`."""
+    from cxrray.models.loading import load_model
+    from cxrray.pipelines.diffchest.head import load_head
+
+    loaded = load_model(checkpoint)
+    loaded.family.require("counterfactual")
+    if loaded.model.cfg.image_size != image_size:
+        raise InputError(f"{checkpoint} reads {loaded.model.cfg.image_size}² images, the shards hold {image_size}²")
+    return loaded.model.eval(), load_head(probe) if probe else None
+
+
+def _diffchest_maps(method: str, images: np.ndarray, finding: str, diffchest, cfg: Config) -> np.ndarray:
+    """counterfactual: |counterfactual away from `finding` - image| (DiffChest: z moved along the probe's
+    direction, decoded with the image's own inverted x_T; `explain` settings); reconstruction: |image - the
+    decode of its own z from seeded random noise| (what the semantic code does not carry)."""
+    from cxrray.diffusion.ddim import ddim_sample
+    from cxrray.pipelines.diffchest.counterfactual import counterfactuals
+
+    model, head = diffchest
+    if method == "counterfactual" and head is None:
+        raise ConfigError("localisation.methods: 'counterfactual' needs --probe")
+    ec, out = cfg.explain, []
+    generator = torch.Generator().manual_seed(cfg.localisation.seed)
+    for start in range(0, len(images), ec.batch_size):
+        x0 = torch.from_numpy(images[start:start + ec.batch_size]).float()
+        if method == "counterfactual":
+            change = counterfactuals(model, head, x0, finding, ec, toward=-1)["difference"]
+        else:
+            with torch.no_grad():
+                z = model.encode(x0).float()
+                change = ddim_sample(model, z, torch.randn(x0.shape, generator=generator), ec.steps, clip=True) - x0
+        out.append(change.abs()[:, 0].cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
 
 
 def score(maps: np.ndarray, masks: np.ndarray, tolerance_px: int) -> dict[str, np.ndarray]:
@@ -56,9 +100,11 @@ def score(maps: np.ndarray, masks: np.ndarray, tolerance_px: int) -> dict[str, n
             "energy_inside": energy_inside(maps, masks)}
 
 
-def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, progress=print) -> dict:
+def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, checkpoint: str | None = None,
+                     probe: str | None = None, progress=print) -> dict:
     """Run the benchmark (module doc); writes localisation.json, table.md, report.html and maps.png under
-    `output_dir` and returns the JSON's content."""
+    `output_dir` and returns the JSON's content. `checkpoint` (+ `probe`): the DiffChest model (and linear
+    probe) the counterfactual and reconstruction methods use."""
     from cxrray.pipelines.saliency.classifier import save_classifier, train_classifier
 
     lc = cfg.localisation
@@ -81,6 +127,7 @@ def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, progres
         classifier = train_classifier(train, val, cfg.saliency, progress)
         save_classifier(*classifier, out / "classifier")
         progress(f"[localisation] classifier: val AUROC {classifier[1]['val_auroc']}")
+    diffchest = load_diffchest(checkpoint, probe, test.images.shape[-1]) if checkpoint else None
     results, grid_rows = {}, []
     for finding in lc.findings:
         rows = test.positives(finding)
@@ -91,7 +138,7 @@ def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, progres
         patients = [test.patients[i] for i in rows]
         per_method, maps_by_method = {}, {}
         for method in lc.methods:
-            maps = method_maps(method, images, finding, test, rows, cfg, classifier)
+            maps = method_maps(method, images, finding, test, rows, cfg, classifier, diffchest)
             if lc.lungs_only:
                 maps = np.where(test.lungs[rows], maps, 0.0)
             maps_by_method[method] = maps
@@ -106,7 +153,7 @@ def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, progres
         grid_rows += _grid_rows(images, masks, maps_by_method, lc.grid_images)
         progress(f"[localisation] {finding}: " + ", ".join(
             f"{m} {summary[m]['pixel_auroc']['mean']:.3f}" for m in lc.methods) + " (pixel AUROC)")
-    result = {"data": data_uri, "split": lc.test_split, "config": lc.model_dump(mode="json"),
+    result = {"data": data_uri, "checkpoint": checkpoint, "probe": probe, "split": lc.test_split, "config": lc.model_dump(mode="json"),
               "classifier": classifier[1] if classifier else None, "findings": results,
               "seconds": round(time.perf_counter() - start, 1)}
     (out / "localisation.json").write_text(json.dumps(result, indent=1))

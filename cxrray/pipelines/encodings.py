@@ -84,17 +84,36 @@ def read_encodings(uri: str | Storage, columns: list[str] | None = None) -> tupl
     return frame.reset_index(drop=True), index
 
 
-def read_matrices(uri: str | Storage, columns: list[str], matrices: list[str]
-                  ) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict]:
+def split_counts(uri: str | Storage) -> dict[str, int]:
+    """{split: rows} over every part, reading only the split column (memory: one part's column)."""
+    import pyarrow.compute as pc
+
+    store = uri if isinstance(uri, Storage) else Storage(uri)
+    counts: dict[str, int] = {}
+    for name in read_index(store)["parts"]:
+        column = pq.read_table(io.BytesIO(store.read_bytes(f"{PARTS}/{name}")), columns=["split"]).column("split")
+        for entry in pc.value_counts(column).to_pylist():
+            if entry["values"] is not None:
+                counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
+    return counts
+
+
+def read_matrices(uri: str | Storage, columns: list[str], matrices: list[str], filters: list | None = None,
+                  keep=None) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict]:
     """The parts listed in the index as a DataFrame of the scalar `columns`, float32 [N, L] matrices of the
     list columns `matrices` (row-aligned with the frame), and the index. The matrices come from Arrow's flat
     value buffers, never a Python object per row: memory per sample is 4 bytes per matrix value plus the
-    scalar columns (about twice the matrices' size at the peak, while the parts are joined)."""
+    scalar columns (about twice the matrices' size at the peak, while the parts are joined). `filters`: a
+    Parquet predicate (rows it rejects are never materialised); `keep(table) -> bool mask`: a further row
+    choice made part by part, so only the rows kept are ever held together."""
     store = uri if isinstance(uri, Storage) else Storage(uri)
     index = read_index(store)
     frames, parts = [], {m: [] for m in matrices}
     for name in index["parts"]:
-        table = pq.read_table(io.BytesIO(store.read_bytes(f"{PARTS}/{name}")), columns=columns + matrices)
+        table = pq.read_table(io.BytesIO(store.read_bytes(f"{PARTS}/{name}")), columns=columns + matrices,
+                              filters=filters)
+        if keep is not None:
+            table = table.filter(pa.array(keep(table), pa.bool_()))
         frames.append(table.select(columns).to_pandas())
         for m in matrices:
             parts[m].append(_matrix(table.column(m), f"{store.uri} {name} column {m}"))

@@ -61,6 +61,9 @@ class ProbeConfig(StrictModel):
     paired_bootstrap: int = Field(10_000, ge=10)  # redraws for the paired model comparison
     age_bins: list[float] = Field(default_factory=lambda: [0, 40, 60, 80, 200])  # years, right-open
     seed: int = 0
+    # per split read (fit and test): above it, a seeded patient-level sample of about this many images, chosen
+    # part by part by hashing the patient id, so the driver's memory is bounded whatever the archive's size
+    max_images: int | None = Field(None, ge=10)
 
 
 class ExplainConfig(ActorPoolConfig):

@@ -28,7 +28,7 @@ from sklearn.metrics import roc_curve
 from cxrray.config import Config
 from cxrray.eval.stats import age_bins, binary_metrics, bootstrap_ci, paired_bootstrap, subgroup_table
 from cxrray.data.shards import jsonable
-from cxrray.pipelines.encodings import read_matrices
+from cxrray.pipelines.encodings import read_matrices, split_counts
 from cxrray.pipelines.diffchest.head import LinearHead
 from cxrray.errors import InputError
 
@@ -144,10 +144,23 @@ def evaluate(head: LinearHead, z: np.ndarray, labels: np.ndarray, min_positives:
     return {"findings": findings, "mean_auroc": float(np.mean(aurocs)) if aurocs else None, "evaluated": len(aurocs)}
 
 
+def sampled_patients(patients, keys, fraction: float, seed: int) -> np.ndarray:
+    """Bool mask: the rows whose patient (its key when it has none) hashes, under `seed`, below `fraction` of
+    the hash range. A pure function of each row's id: the same patients are chosen part by part as at once,
+    and a patient's images are all in or all out."""
+    ids = pd.Series(patients, dtype=object).fillna(pd.Series(keys, dtype=object)).astype(str).to_numpy()
+    hashed = pd.util.hash_array(ids, hash_key=f"probe{seed % 10 ** 11:011d}", categorize=False)
+    if fraction >= 1.0:
+        return np.ones(len(ids), bool)
+    return hashed < np.uint64(int(fraction * 2 ** 64))
+
+
 def _load(encodings_uri: str, cfg: Config) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict, str]:
-    """(scalar columns, {"labels", "z"} float32 matrices row-aligned with them, index, the fit split)."""
-    frame, matrices, index = read_matrices(encodings_uri, COLUMNS, ["labels", "z"])
-    present = sorted(str(s) for s in frame["split"].dropna().unique())
+    """(scalar columns, {"labels", "z"} float32 matrices row-aligned with them, index, the fit split). Only the
+    fit and test splits' rows are read (Parquet predicate); with probe.max_images, a split holding more is
+    sampled by patient (`sampled_patients`) part by part, so at most ~max_images rows of each are ever held."""
+    counts = split_counts(encodings_uri)
+    present = sorted(counts)
     fit_split = next((s for s in cfg.probe.fit_splits if s in present), None)
     if fit_split is None:
         raise InputError(f"{encodings_uri}: no fit split: none of probe.fit_splits {cfg.probe.fit_splits} is in "
@@ -157,6 +170,23 @@ def _load(encodings_uri: str, cfg: Config) -> tuple[pd.DataFrame, dict[str, np.n
                          f"(splits present: {', '.join(present)})")
     if fit_split == cfg.probe.test_split:
         raise InputError(f"fit split and test split are both {fit_split!r}")
+    cap = cfg.probe.max_images
+    fractions = {s: (1.0 if cap is None else min(1.0, cap / counts[s])) for s in (fit_split, cfg.probe.test_split)}
+
+    def keep(table) -> np.ndarray:
+        split = table.column("split").to_numpy(zero_copy_only=False)
+        mask = np.ones(len(split), bool)
+        for s, fraction in fractions.items():
+            if fraction < 1.0:
+                rows = split == s
+                mask[rows] = sampled_patients(table.column("patient").to_numpy(zero_copy_only=False)[rows],
+                                              table.column("key").to_numpy(zero_copy_only=False)[rows],
+                                              fraction, cfg.probe.seed)
+        return mask
+
+    frame, matrices, index = read_matrices(encodings_uri, COLUMNS, ["labels", "z"],
+                                           filters=[("split", "in", sorted(fractions))], keep=keep)
+    index = {**index, "read": {s: {"rows": counts[s], "fraction": f} for s, f in fractions.items()}}
     frame["patient"] = frame["patient"].fillna(frame["key"])  # no patient id: each image its own patient
     return frame, matrices, index, fit_split
 
@@ -316,6 +346,7 @@ def run_probe(encodings_uri: str, output_dir: Path, cfg: Config, fractions: list
                    "not_fitted": heads[largest].info["not_fitted"],
                    "fit_split": fit_split, "test_split": pc.test_split, "test_images": len(test),
                    "matrix_bytes_per_sample": 4 * (z_fit.shape[1] + y_fit.shape[1]),  # z and labels, float32
+                   "read": index["read"],  # per split: rows in the encodings, fraction of patients read
                    "encodings": encodings_uri, "checkpoint": index.get("checkpoint"),
                    "largest_fraction": largest, "mlflow_run_id": run_id}
         (out / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1))
