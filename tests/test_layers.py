@@ -95,6 +95,10 @@ def imports(path: Path) -> set[str]:
                 base = ".".join(anchor + ([base] if base else []))
             if base.startswith("cxrray"):
                 found.add(base)
+                # `from cxrray.pipelines import diffchest`: the imported name may itself be a module
+                found |= {f"{base}.{a.name}" for a in node.names
+                          if (ROOT.parent.joinpath(*f"{base}.{a.name}".split(".")).with_suffix(".py")).is_file()
+                          or (ROOT.parent.joinpath(*f"{base}.{a.name}".split(".")) / "__init__.py").is_file()}
     return found
 
 

@@ -37,6 +37,18 @@ def test_scores_give_the_known_answers():
     np.testing.assert_allclose(energy_inside(np.ones(masks.shape), masks), masks.mean(axis=(1, 2)))  # area share
     empty = np.zeros_like(masks)
     assert np.isnan(pixel_auroc(noise, empty)).all() and np.isnan(pointing_game(noise, empty)).all()
+    # scored within a region (the lung fields): pixels outside it neither count as negatives nor win the
+    # pointing game, so noise stays at chance whatever the map does outside
+    within = np.zeros_like(masks)
+    within[:, :, :10] = True
+    outside_zero = np.where(within, noise, 0.0)
+    assert abs(np.nanmean(pixel_auroc(outside_zero, masks, within)) - 0.5) < 0.12
+    np.testing.assert_array_equal(pixel_auroc(outside_zero, masks, within), pixel_auroc(noise, masks, within))
+    loud_outside = np.where(within, perfect, 10.0)
+    inner = (masks & within).any(axis=(1, 2)) & (within & ~masks).any(axis=(1, 2))
+    np.testing.assert_allclose(pointing_game(loud_outside + 1e-3 * np.arange(256).reshape(16, 16), masks,
+                                             within=within)[inner], 1.0)
+    np.testing.assert_allclose(energy_inside(loud_outside, masks, within)[inner], 1.0)
 
 
 def test_clustered_ci_counts_patients_and_paired_comparison_is_exact_for_identical_methods():

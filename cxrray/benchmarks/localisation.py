@@ -94,10 +94,12 @@ def _diffchest_maps(method: str, images: np.ndarray, finding: str, diffchest, cf
     return np.concatenate(out).astype(np.float32)
 
 
-def score(maps: np.ndarray, masks: np.ndarray, tolerance_px: int) -> dict[str, np.ndarray]:
-    """Per-image scores [n] of each metric."""
-    return {"pixel_auroc": pixel_auroc(maps, masks), "pointing": pointing_game(maps, masks, tolerance_px),
-            "energy_inside": energy_inside(maps, masks)}
+def score(maps: np.ndarray, masks: np.ndarray, tolerance_px: int, within: np.ndarray | None = None
+          ) -> dict[str, np.ndarray]:
+    """Per-image scores [n] of each metric, over the pixels `within` (all by default)."""
+    return {"pixel_auroc": pixel_auroc(maps, masks, within),
+            "pointing": pointing_game(maps, masks, tolerance_px, within),
+            "energy_inside": energy_inside(maps, masks, within)}
 
 
 def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, checkpoint: str | None = None,
@@ -134,15 +136,14 @@ def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, checkpo
         if len(rows) < 2:
             raise InputError(f"{lc.test_split}: only {len(rows)} images positive for {finding!r} with a mask")
         images = test.images[rows]
-        masks = test.masks[finding][rows] & (test.lungs[rows] if lc.lungs_only else True)
+        masks = test.masks[finding][rows]
+        within = test.lungs[rows] if lc.lungs_only else None  # scored inside the lung fields only
         patients = [test.patients[i] for i in rows]
         per_method, maps_by_method = {}, {}
         for method in lc.methods:
             maps = method_maps(method, images, finding, test, rows, cfg, classifier, diffchest)
-            if lc.lungs_only:
-                maps = np.where(test.lungs[rows], maps, 0.0)
             maps_by_method[method] = maps
-            per_method[method] = score(maps, masks, lc.tolerance_px)
+            per_method[method] = score(maps, masks, lc.tolerance_px, within)
         summary = {m: {k: clustered_mean(v, patients, lc.n_boot, lc.seed) for k, v in scores.items()}
                    for m, scores in per_method.items()}
         paired = [{"a": a, "b": b, **{k: paired_clustered(per_method[a][k], per_method[b][k], patients, lc.n_boot,
@@ -152,7 +153,7 @@ def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, checkpo
                             "mask_area": float(masks.mean()), "methods": summary, "paired": paired}
         grid_rows += _grid_rows(images, masks, maps_by_method, lc.grid_images)
         progress(f"[localisation] {finding}: " + ", ".join(
-            f"{m} {summary[m]['pixel_auroc']['mean']:.3f}" for m in lc.methods) + " (pixel AUROC)")
+            f"{m} {_cell(summary[m]['pixel_auroc']['mean']) or 'n/a'}" for m in lc.methods) + " (pixel AUROC)")
     result = {"data": data_uri, "checkpoint": checkpoint, "probe": probe, "split": lc.test_split, "config": lc.model_dump(mode="json"),
               "classifier": classifier[1] if classifier else None, "findings": results,
               "seconds": round(time.perf_counter() - start, 1)}

@@ -22,7 +22,9 @@ class LocalisationConfig(StrictModel):
     test_split: str = "test"
     train_images: int | None = Field(None, ge=2)  # cap on the classifier's training images (None: the split)
     images: int | None = Field(None, ge=2)  # cap on test images read (None: the split)
-    lungs_only: bool = False  # score maps inside the lung fields only (the paper's figure), when shards carry them
+    # score only the pixels inside the lung fields (the paper's figure): for lung findings; the heart lies
+    # outside them, so a cardiomegaly mask keeps only its crescent over the lungs
+    lungs_only: bool = False
     tolerance_px: int = Field(1, ge=0)  # pointing game: the mask grown by this many pixels
     n_boot: int = Field(1000, ge=100)
     seed: int = 0

@@ -69,7 +69,7 @@ def ingest(input_dir: str | os.PathLike, output_uri: str, cfg: IngestConfig, *, 
                "split_seed": cfg.split_seed, "split_fractions": cfg.split_fractions}
     tasks = _plan(items, root, cfg.shard_samples, fingerprint_base={
         "format": shards.FORMAT, "preprocessing": preprocessing, "split_rule": split_rule, "dataset": dataset,
-        "findings": findings, "salt_tag": salted_hash("fingerprint", salt, "salt"),
+        "findings": findings, "masks": masks, "pairs": pairs, "salt_tag": salted_hash("fingerprint", salt, "salt"),
         "text_deid": salted_hash(json.dumps(text_cfg.model_dump(), sort_keys=True), salt, "text")})
     progress(f"[ingest] {len(items)} inputs -> {len(tasks)} shards at {store.uri}")
     parts = _run_tasks(tasks, context, progress)
@@ -229,11 +229,22 @@ def _pairs(pairs: dict[str, str | None], shape: tuple[int, int], context: dict, 
         except RejectError as err:
             raise RejectError("invalid_pair", scrub_message(f"paired image {name!r}: {err.detail}",
                                                             header_identifiers(data) + known)) from None
+        except Exception as exc:  # a decoder's or the OS's message may quote the pair's header or path
+            detail = f"paired image {name!r}: {type(exc).__name__}: {str(exc)[:200]}"
+            raise RejectError("invalid_pair", scrub_message(detail, _pair_identifiers(rel, context) + known)) from None
         if decoded.pixels.shape != tuple(shape):
             raise RejectError("invalid_pair", f"paired image {name!r} is {decoded.pixels.shape[0]}x"
                                               f"{decoded.pixels.shape[1]}, the image {shape[0]}x{shape[1]}")
         out[f"{name}.png"] = encode_png16(fit_square(decoded.pixels, context["size"], context["fit"]))
     return out
+
+
+def _pair_identifiers(rel: str, context: dict) -> list:
+    """The identifiers in a paired file's header, if it can be read at all (for scrubbing messages)."""
+    try:
+        return header_identifiers(Path(context["root"], rel).read_bytes())
+    except Exception:  # unreadable: its message carries no header value
+        return []
 
 
 def _masks(masks: dict[str, str], shape: tuple[int, int], context: dict) -> dict[str, bytes]:

@@ -59,44 +59,56 @@ def ssim_outside(a: np.ndarray, b: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 # ---- attribution maps against masks (issue 29 §5): one value per image, then patient-clustered CIs ----------
 
-def _usable(masks: np.ndarray) -> np.ndarray:
-    """Images whose mask is neither empty nor the whole image (a localisation score needs both)."""
-    return masks.any(axis=(1, 2)) & (~masks).any(axis=(1, 2))
+def _scored(masks: np.ndarray, within: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(masks restricted to `within`, the pixels scored [N, H, W]): every pixel when `within` is None."""
+    masks = np.asarray(masks, bool)
+    within = np.ones_like(masks) if within is None else np.asarray(within, bool)
+    return masks & within, within
 
 
-def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+def _usable(masks: np.ndarray, within: np.ndarray) -> np.ndarray:
+    """Images whose scored pixels hold both mask and non-mask (a localisation score needs both)."""
+    return masks.any(axis=(1, 2)) & (within & ~masks).any(axis=(1, 2))
+
+
+def pixel_auroc(maps: np.ndarray, masks: np.ndarray, within: np.ndarray | None = None) -> np.ndarray:
     """Per image, the AUROC of the map's values as a pixel classifier of the mask [N] (Mann-Whitney, ties
-    1/2): 1 = every masked pixel scores above every other, 0.5 = chance. NaN where the mask is empty or full."""
+    1/2) over the pixels `within` (all by default): 1 = every masked pixel scores above every other, 0.5 =
+    chance. NaN where the scored mask is empty or covers every scored pixel."""
     from scipy.stats import rankdata
 
-    maps, masks = np.asarray(maps, np.float64), np.asarray(masks, bool)
+    maps = np.asarray(maps, np.float64)
+    masks, within = _scored(masks, within)
     out = np.full(len(maps), np.nan)
-    for i in np.flatnonzero(_usable(masks)):
-        ranks = rankdata(maps[i].ravel())
-        inside = masks[i].ravel()
+    for i in np.flatnonzero(_usable(masks, within)):
+        ranks = rankdata(maps[i][within[i]])
+        inside = masks[i][within[i]]
         n1, n0 = inside.sum(), (~inside).sum()
         out[i] = (ranks[inside].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
     return out
 
 
-def pointing_game(maps: np.ndarray, masks: np.ndarray, tolerance_px: int = 0) -> np.ndarray:
-    """Per image, 1.0 when the map's maximum lies in the mask grown by `tolerance_px` (ties: the first in
-    row-major order), else 0.0 [N]; NaN where the mask is empty or full."""
-    maps, masks = np.asarray(maps, np.float64), np.asarray(masks, bool)
+def pointing_game(maps: np.ndarray, masks: np.ndarray, tolerance_px: int = 0,
+                  within: np.ndarray | None = None) -> np.ndarray:
+    """Per image, 1.0 when the map's maximum over the pixels `within` lies in the mask grown by
+    `tolerance_px` (ties: the first in row-major order), else 0.0 [N]; NaN as `pixel_auroc`."""
+    maps = np.asarray(maps, np.float64)
+    masks, within = _scored(masks, within)
     grown = dilate(masks, tolerance_px)
     out = np.full(len(maps), np.nan)
-    for i in np.flatnonzero(_usable(masks)):
-        out[i] = float(grown[i].ravel()[int(np.argmax(maps[i]))])
+    for i in np.flatnonzero(_usable(masks, within)):
+        out[i] = float(grown[i].ravel()[int(np.argmax(np.where(within[i], maps[i], -np.inf)))])
     return out
 
 
-def energy_inside(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """Per image, the share of the map's absolute mass inside the mask [N] (a uniform map scores the mask's
-    area share); NaN where the mask is empty or full, or the map is all zero."""
-    maps, masks = np.abs(np.asarray(maps, np.float64)), np.asarray(masks, bool)
-    total = maps.sum(axis=(1, 2))
+def energy_inside(maps: np.ndarray, masks: np.ndarray, within: np.ndarray | None = None) -> np.ndarray:
+    """Per image, the share of the map's absolute mass over the pixels `within` that lies in the mask [N] (a
+    uniform map scores the mask's share of them); NaN as `pixel_auroc`, or where that mass is zero."""
+    maps = np.abs(np.asarray(maps, np.float64))
+    masks, within = _scored(masks, within)
+    total = (maps * within).sum(axis=(1, 2))
     out = np.full(len(maps), np.nan)
-    ok = _usable(masks) & (total > 0)
+    ok = _usable(masks, within) & (total > 0)
     out[ok] = (maps * masks).sum(axis=(1, 2))[ok] / total[ok]
     return out
 

@@ -91,7 +91,7 @@ def split_counts(uri: str | Storage) -> dict[str, int]:
     store = uri if isinstance(uri, Storage) else Storage(uri)
     counts: dict[str, int] = {}
     for name in read_index(store)["parts"]:
-        column = pq.read_table(io.BytesIO(store.read_bytes(f"{PARTS}/{name}")), columns=["split"]).column("split")
+        column = pq.read_table(store.path(f"{PARTS}/{name}"), filesystem=store.fs, columns=["split"]).column("split")
         for entry in pc.value_counts(column).to_pylist():
             if entry["values"] is not None:
                 counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]

@@ -49,10 +49,12 @@ def _uid(case: PhantomCase, what: str) -> str:
 
 def build_dataset(case: PhantomCase, pixels: np.ndarray, window_of: np.ndarray | None = None) -> Dataset:
     """The full DICOM dataset (uncompressed pixel data) for one case; its VOI window from `pixels`, or from
-    `window_of` (another render of the case: a paired counterpart then decodes on the same intensity scale)."""
+    `window_of` (another render of the case: a paired counterpart then decodes on the same intensity scale,
+    and is written as a DERIVED image of its own series and SOP instance)."""
     stored = stored_values(case, pixels)
     rows, cols = stored.shape
-    sop_uid = _uid(case, "sop")
+    derived = window_of is not None  # a paired counterpart: its own series and instance, DERIVED
+    sop_uid = _uid(case, "sop-counterpart" if derived else "sop")
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
     meta.MediaStorageSOPInstanceUID = sop_uid
@@ -63,7 +65,7 @@ def build_dataset(case: PhantomCase, pixels: np.ndarray, window_of: np.ndarray |
     ds = Dataset()
     ds.file_meta = meta
     ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.ImageType = ["DERIVED", "SECONDARY"] if derived else ["ORIGINAL", "PRIMARY"]
     ds.SOPClassUID = DigitalXRayImageStorageForPresentation
     ds.SOPInstanceUID = sop_uid
     date = case.study_date.strftime("%Y%m%d")
@@ -100,7 +102,7 @@ def build_dataset(case: PhantomCase, pixels: np.ndarray, window_of: np.ndarray |
     ds.ViewPosition = case.view
     ds.PatientOrientation = ["L", "F"]
     ds.StudyInstanceUID = _uid(case, "study")
-    ds.SeriesInstanceUID = _uid(case, "series")
+    ds.SeriesInstanceUID = _uid(case, "series-counterpart" if derived else "series")
     ds.StudyID = case.study_id
     ds.SeriesNumber = 1
     ds.InstanceNumber = 1

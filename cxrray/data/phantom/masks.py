@@ -48,7 +48,8 @@ def healthy(case: PhantomCase, keep_devices: bool = True) -> PhantomCase:
 
 def lung_mask(case: PhantomCase, cfg: PhantomConfig) -> np.ndarray:
     """bool [rows, cols]: the lung fields (inside either lung's outline) less the heart's shadow, on the
-    case's own grid. Anatomy only: a finding does not change it."""
+    case's own grid. The heart's outline is this case's own (its CTR): cardiomegaly shrinks the lung fields;
+    no other finding changes them."""
     an = anatomy(case, cfg)
     heart, _ = an.heart()
     return ((an.lung_sdf(-1) < 0) | (an.lung_sdf(1) < 0)) & (heart < 0.5)

@@ -148,11 +148,14 @@ def sampled_patients(patients, keys, fraction: float, seed: int) -> np.ndarray:
     """Bool mask: the rows whose patient (its key when it has none) hashes, under `seed`, below `fraction` of
     the hash range. A pure function of each row's id: the same patients are chosen part by part as at once,
     and a patient's images are all in or all out."""
-    ids = pd.Series(patients, dtype=object).fillna(pd.Series(keys, dtype=object)).astype(str).to_numpy()
-    hashed = pd.util.hash_array(ids, hash_key=f"probe{seed % 10 ** 11:011d}", categorize=False)
+    import hashlib
+
+    ids = [p if isinstance(p, str) and p else str(k) for p, k in zip(patients, keys)]
     if fraction >= 1.0:
         return np.ones(len(ids), bool)
-    return hashed < np.uint64(int(fraction * 2 ** 64))
+    limit = int(fraction * 2 ** 64)
+    return np.array([int.from_bytes(hashlib.blake2b(f"{seed}\0{i}".encode(), digest_size=8).digest(), "big") < limit
+                     for i in ids], bool)
 
 
 def _load(encodings_uri: str, cfg: Config) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict, str]:
