@@ -199,6 +199,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "(default: the probe's, when they encode exactly the input)")
     _add_config_args(p)
 
+    p = sub.add_parser("attribute", help="where is the finding: attribution maps for a file or the images of a "
+                                         "shards URI (PNG, overlay PNG, overlay DICOM, JSON each)")
+    p.add_argument("--method", required=True, help="gradcam | integrated-gradients (--checkpoint: a classifier folder "
+                   "from `cxrray classifier`) | counterfactual (--checkpoint: DiffChest, --probe) | reconstruction")
+    p.add_argument("--checkpoint", required=True, help="the method's model (see --method)")
+    p.add_argument("--probe", default=None, help="probe directory (`cxrray probe`): the counterfactual method")
+    p.add_argument("--data", required=True, help="a DICOM/PNG file, or a shards URI (batch fan-out)")
+    p.add_argument("--finding", action="append", required=True, help="finding to localise (repeatable)")
+    p.add_argument("--output", required=True, help="output folder or URI")
+    p.add_argument("--split", default=None, help="shards input: only this split")
+    p.add_argument("--limit", type=int, default=None, help="shards input: at most this many images (seeded)")
+    p.add_argument("--encodings", default=None, help="shards input: plan from these encodings (no shard read)")
+    _add_config_args(p)
+
+    p = sub.add_parser("classifier", help="train the finding classifier that Grad-CAM / integrated gradients explain")
+    p.add_argument("--data", required=True, help="shards URI (its train and val splits; saliency.* settings)")
+    p.add_argument("--output", required=True, help="folder: classifier.safetensors + classifier.json")
+    _add_config_args(p)
+
     p = sub.add_parser("audit", help="confounder audit: what counterfactuals toward a finding drag along")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--probe", required=True)
@@ -491,6 +510,32 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_attribute(args) -> int:
+    from cxrray.attribute.job import attribute
+    from cxrray.attribute.methods import method_name
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(attribute(method_name(args.method), args.checkpoint, args.probe, args.data, args.finding,
+                               args.output, cfg, split=args.split, limit=args.limit, encodings=args.encodings),
+                     indent=1))
+    return 0
+
+
+def cmd_classifier(args) -> int:
+    from cxrray.pipelines.saliency.classifier import save_classifier, train_classifier
+    from cxrray.pipelines.truth import load_truth
+
+    cfg = load_config(args.config, args.overrides)
+    train = load_truth(args.data, cfg.localisation.train_split, cfg.localisation.train_images, need_masks=False)
+    val = load_truth(args.data, cfg.localisation.val_split, None, need_masks=False)
+    net, record = train_classifier(train, val, cfg.saliency)
+    save_classifier(net, record, args.output)
+    print(json.dumps({"output": args.output, "val_auroc": record["val_auroc"], "best_epoch": record["best_epoch"]}))
+    return 0
+
+
 def cmd_audit(args) -> int:
     from cxrray.pipelines.diffchest.audit import audit
 
@@ -537,6 +582,7 @@ def cmd_serve(args) -> int:
 COMMANDS = {"config": cmd_config, "phantoms": cmd_phantoms, "ingest": cmd_ingest, "sources": cmd_sources, "deid": cmd_deid, "export": cmd_export,
             "pretrain": cmd_pretrain, "status": cmd_status, "demo": cmd_demo,
             "probe": cmd_probe, "encode": cmd_encode, "latents": cmd_latents, "explain": cmd_explain, "audit": cmd_audit,
+            "attribute": cmd_attribute, "classifier": cmd_classifier,
             "cohort": cmd_cohort, "generate": cmd_generate, "experiment": cmd_experiment, "audit-synthetic": cmd_audit_synthetic, "evaluate": cmd_evaluate,
             "reproduce": cmd_reproduce,
             "serve": cmd_serve}

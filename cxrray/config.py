@@ -21,6 +21,7 @@ from cxrray.pipelines.settings import (  # noqa: F401 (re-exported)
     AuditConfig, CounterfactualJudgeConfig, EncodeConfig, ExperimentConfig, ExplainConfig, GenerateConfig, GenerationEvalConfig, LatentsConfig,
     ProbeConfig, SaliencyConfig, SyntheticAuditConfig,
 )
+from cxrray.attribute.settings import AttributeConfig  # noqa: F401 (re-exported)
 from cxrray.benchmarks.settings import LocalisationConfig  # noqa: F401 (re-exported)
 from cxrray.serve.settings import ServeConfig  # noqa: F401 (re-exported)
 from cxrray.train.settings import TrainConfig  # noqa: F401 (re-exported)
@@ -59,6 +60,7 @@ class Config(StrictModel):
     generation_eval: GenerationEvalConfig = Field(default_factory=GenerationEvalConfig)
     saliency: SaliencyConfig = Field(default_factory=SaliencyConfig)
     localisation: LocalisationConfig = Field(default_factory=LocalisationConfig)
+    attribute: AttributeConfig = Field(default_factory=AttributeConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="before")

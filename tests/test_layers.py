@@ -8,7 +8,7 @@ Layers, bottom up (a module may import its own layer and those below), given per
   2 families, diffusion (networks, objectives, samplers)
   3 config (composes the sections that live beside their code), models (load_model, export, MLflow pyfunc)
   4 train, pipelines, tracking
-  5 serve, benchmarks (several methods side by side)
+  5 serve, benchmarks and attribute (several methods side by side)
   6 cli, demo
 A package's `settings` module (its torch-free config section, composed by `config`) sits at layer 2 if its
 package is higher: the one named exception. Inside `pipelines`, each method is a subpackage
@@ -29,7 +29,7 @@ LAYERS = {  # package or root module -> layer; the longest matching prefix wins
     "cxrray.families": 2, "cxrray.diffusion": 2,
     "cxrray.config": 3, "cxrray.models": 3,
     "cxrray.train": 4, "cxrray.pipelines": 4, "cxrray.tracking": 4,
-    "cxrray.serve": 5, "cxrray.benchmarks": 5,
+    "cxrray.serve": 5, "cxrray.benchmarks": 5, "cxrray.attribute": 5,
     "cxrray.cli": 6, "cxrray.demo": 6,
 }
 SETTINGS_LAYER = 2

@@ -26,6 +26,7 @@ from cxrray.config import Config
 from cxrray.errors import ConfigError, InputError
 from cxrray.eval import html
 from cxrray.eval.localisation import clustered_mean, energy_inside, paired_clustered, pixel_auroc, pointing_game
+from cxrray.attribute.methods import DIFFCHEST, SALIENCY, Mapper, load_diffchest
 from cxrray.pipelines.truth import TruthSet, load_truth
 
 METRICS = {"pixel_auroc": "pixel AUROC", "pointing": "pointing game", "energy_inside": "energy inside"}
@@ -33,11 +34,9 @@ CONTROLS = ("oracle", "random")  # the scoring's known answer and its chance lev
 
 
 def method_maps(method: str, images: np.ndarray, finding: str, truth: TruthSet, rows: np.ndarray, cfg: Config,
-                classifier=None, diffchest=None) -> np.ndarray:
-    """float32 [n, S, S] maps of `method` for `images` (rows `rows` of `truth`); `classifier`: (net, record)
-    for the saliency methods, `diffchest`: (model, head or None) for counterfactual / reconstruction."""
-    from cxrray.pipelines.saliency.maps import grad_cam, integrated_gradients
-
+                mappers: dict[str, Mapper]) -> np.ndarray:
+    """float32 [n, S, S] maps of `method` for `images` (rows `rows` of `truth`): the controls here, every
+    other method through its `Mapper`."""
     if method == "oracle":
         if truth.healthy is None:
             raise InputError("method oracle needs the healthy counterpart in the shards (phantom.masks=true)")
@@ -45,53 +44,7 @@ def method_maps(method: str, images: np.ndarray, finding: str, truth: TruthSet, 
     if method == "random":
         rng = np.random.default_rng(cfg.localisation.seed)
         return rng.random(images[:, 0].shape).astype(np.float32)
-    if method in ("counterfactual", "reconstruction"):
-        if diffchest is None:
-            raise ConfigError(f"localisation.methods: {method!r} needs --checkpoint (a DiffChest model)"
-                              + (" and --probe" if method == "counterfactual" else ""))
-        return _diffchest_maps(method, images, finding, diffchest, cfg)
-    index = classifier[1]["findings"].index(finding)
-    if method == "gradcam":
-        return grad_cam(classifier[0], images, index)
-    if method == "integrated_gradients":
-        return integrated_gradients(classifier[0], images, index, cfg.saliency.ig_steps)
-    raise ConfigError(f"localisation.methods: unknown method {method!r}")
-
-
-def load_diffchest(checkpoint: str, probe: str | None, image_size: int):
-    """(model, head or None) of a DiffChest checkpoint, refused unless it reads images of `image_size`."""
-    from cxrray.models.loading import load_model
-    from cxrray.pipelines.diffchest.head import load_head
-
-    loaded = load_model(checkpoint)
-    loaded.family.require("counterfactual")
-    if loaded.model.cfg.image_size != image_size:
-        raise InputError(f"{checkpoint} reads {loaded.model.cfg.image_size}² images, the shards hold {image_size}²")
-    return loaded.model.eval(), load_head(probe) if probe else None
-
-
-def _diffchest_maps(method: str, images: np.ndarray, finding: str, diffchest, cfg: Config) -> np.ndarray:
-    """counterfactual: |counterfactual away from `finding` - image| (DiffChest: z moved along the probe's
-    direction, decoded with the image's own inverted x_T; `explain` settings); reconstruction: |image - the
-    decode of its own z from seeded random noise| (what the semantic code does not carry)."""
-    from cxrray.diffusion.ddim import ddim_sample
-    from cxrray.pipelines.diffchest.counterfactual import counterfactuals
-
-    model, head = diffchest
-    if method == "counterfactual" and head is None:
-        raise ConfigError("localisation.methods: 'counterfactual' needs --probe")
-    ec, out = cfg.explain, []
-    generator = torch.Generator().manual_seed(cfg.localisation.seed)
-    for start in range(0, len(images), ec.batch_size):
-        x0 = torch.from_numpy(images[start:start + ec.batch_size]).float()
-        if method == "counterfactual":
-            change = counterfactuals(model, head, x0, finding, ec, toward=-1)["difference"]
-        else:
-            with torch.no_grad():
-                z = model.encode(x0).float()
-                change = ddim_sample(model, z, torch.randn(x0.shape, generator=generator), ec.steps, clip=True) - x0
-        out.append(change.abs()[:, 0].cpu().numpy())
-    return np.concatenate(out).astype(np.float32)
+    return mappers[method].maps(images, finding)
 
 
 def score(maps: np.ndarray, masks: np.ndarray, tolerance_px: int, within: np.ndarray | None = None
@@ -129,7 +82,15 @@ def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, checkpo
         classifier = train_classifier(train, val, cfg.saliency, progress)
         save_classifier(*classifier, out / "classifier")
         progress(f"[localisation] classifier: val AUROC {classifier[1]['val_auroc']}")
-    diffchest = load_diffchest(checkpoint, probe, test.images.shape[-1]) if checkpoint else None
+    mappers = {m: Mapper(m, cfg, classifier=classifier) for m in SALIENCY if m in lc.methods}
+    if set(DIFFCHEST) & set(lc.methods):
+        if not checkpoint:
+            raise ConfigError(f"localisation.methods {sorted(set(DIFFCHEST) & set(lc.methods))} need --checkpoint "
+                              "(a DiffChest model)")
+        if "counterfactual" in lc.methods and not probe:
+            raise ConfigError("localisation.methods: 'counterfactual' needs --probe")
+        diffchest = load_diffchest(checkpoint, probe, test.images.shape[-1])
+        mappers.update({m: Mapper(m, cfg, diffchest=diffchest) for m in DIFFCHEST if m in lc.methods})
     results, grid_rows = {}, []
     for finding in lc.findings:
         rows = test.positives(finding)
@@ -141,7 +102,7 @@ def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, checkpo
         patients = [test.patients[i] for i in rows]
         per_method, maps_by_method = {}, {}
         for method in lc.methods:
-            maps = method_maps(method, images, finding, test, rows, cfg, classifier, diffchest)
+            maps = method_maps(method, images, finding, test, rows, cfg, mappers)
             maps_by_method[method] = maps
             per_method[method] = score(maps, masks, lc.tolerance_px, within)
         summary = {m: {k: clustered_mean(v, patients, lc.n_boot, lc.seed) for k, v in scores.items()}

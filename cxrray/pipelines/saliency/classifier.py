@@ -50,7 +50,7 @@ def train_classifier(train: TruthSet, val: TruthSet, cfg: SaliencyConfig, progre
         if len(set(y[known])) == 2:
             auroc[name] = float(roc_auc_score(y[known], probs[known, j]))
     return net, {"findings": train.findings, "best_epoch": epoch, "val_bce": best, "val_auroc": auroc,
-                 "train_images": len(train.keys), "width": cfg.width}
+                 "train_images": len(train.keys), "width": cfg.width, "image_size": int(train.images.shape[-1])}
 
 
 def save_classifier(net: FindingJudge, record: dict, folder: str | Path) -> Path:

@@ -1,7 +1,8 @@
-"""The localisation benchmark (issue 29 §5): its per-image scores and patient-clustered CIs on known answers, and
-the benchmark run on
-ingested phantoms with masks and healthy counterparts, where `oracle` (|image - true healthy|) must score near 1
-and `random` at chance — the checks that the scoring itself can be trusted before any method is judged by it."""
+"""Where is the disease (issue 29): `cxrray attribute` on a file and on shards (each output exactly once, with
+provenance, no identifiers), and the localisation benchmark (§5): its per-image scores and patient-clustered
+CIs on known answers, and the benchmark run on ingested phantoms with masks and healthy counterparts, where
+`oracle` (|image - true healthy|) must score near 1 and `random` at chance — the checks that the scoring itself
+can be trusted before any method is judged by it."""
 from __future__ import annotations
 
 import json
@@ -141,3 +142,71 @@ def test_diffchest_methods_run_from_a_checkpoint_and_probe_and_are_refused_witho
     capsys.readouterr()
     assert main([*common, "--output", str(out), "--set", "localisation.methods=[counterfactual]"]) == 2
     assert "needs --probe" in capsys.readouterr().err
+
+
+# ---- `cxrray attribute` (issue 29 §4): a file or shards in, maps with provenance out, each exactly once ----
+
+@pytest.fixture(scope="module")
+def classifier(phantom_shards):
+    """The saliency classifier `cxrray classifier` trains on the shards (2 epochs: plumbing, not accuracy)."""
+    folder = phantom_shards / "classifier"
+    assert main(["classifier", "--data", f"file://{phantom_shards}/shards", "--output", str(folder),
+                 "--set", "saliency.epochs=2"]) == 0
+    return folder
+
+
+def test_attribute_a_dicom_file_writes_derived_outputs_without_identifiers_and_reruns_nothing(phantom_shards, classifier):
+    import pydicom
+    from PIL import Image
+
+    dicom = sorted((phantom_shards / "ph" / "images").glob("*.dcm"))[0]
+    header = pydicom.dcmread(dicom)
+    out = phantom_shards / "attr-file"
+    args = ["attribute", "--method", "gradcam", "--checkpoint", str(classifier), "--data", str(dicom),
+            "--finding", "effusion", "--finding", "cardiomegaly", "--output", f"file://{out}"]
+    assert main(args) == 0
+    records = sorted(out.glob("*.json"))
+    assert len(records) == 2
+    rec = json.loads(records[0].read_text())
+    assert rec["method"] == "gradcam" and 0 <= rec["probability"] <= 1 and rec["map_scale"] > 0
+    with Image.open(out / rec["files"]["map"]) as img:
+        assert img.mode.startswith("I") and "SYNTHETIC" in img.text["cxrray:provenance"]  # raw map, 16-bit
+        raw = np.asarray(img, np.float64) / 65535 * float(img.text["cxrray:scale"])
+    assert raw.max() == pytest.approx(rec["map_scale"], rel=1e-3) and raw.shape == (48, 48)
+    with Image.open(out / rec["files"]["overlay"]) as img:
+        assert img.mode == "RGB" and "SYNTHETIC" in img.text["cxrray:provenance"]
+    ds = pydicom.dcmread(out / rec["files"]["dicom"])
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY"] and ds.ConversionType == "SYN"
+    assert ds.PhotometricInterpretation == "RGB" and "SYNTHETIC" in ds.DerivationDescription
+    everything = b"".join(p.read_bytes() for p in out.iterdir())
+    for value in (str(header.PatientName), str(header.PatientID), str(header.AccessionNumber), dicom.name,
+                  str(header.StudyInstanceUID), str(header.SOPInstanceUID)):
+        assert value.encode() not in everything, f"identifier {value!r} leaked into the outputs"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(args) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+
+def test_attribute_shards_killed_then_rerun_writes_each_output_once(phantom_shards, classifier, ray_local, tmp_path):
+    import os
+
+    from conftest import kill_cli_when
+
+    out, limit = tmp_path / "attr", 12
+    common = ["--method", "integrated-gradients", "--checkpoint", str(classifier), "--data",
+              f"file://{phantom_shards}/shards", "--split", "test", "--limit", str(limit), "--finding", "effusion",
+              "--output", f"file://{out}", "--set", "attribute.batch_size=2", "--set", "saliency.ig_steps=64"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "CXRRAY_SALT": "localisation-test"}
+    kill_cli_when(["attribute", *common], env, lambda: out.exists() and len(list(out.glob("*.json"))) >= 1, 120,
+                  "attribute made no output")
+    killed = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    assert 1 <= len(killed) < limit, "the kill must land mid-job"
+    assert main(["attribute", *common]) == 0
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    assert len(records) == len({r["key"] for r in records}) == limit
+    for name, mtime in killed.items():
+        assert (out / name).stat().st_mtime_ns == mtime, "a finished output was rewritten"
+    kinds = [p.name.split(".", 3)[-1] for p in out.iterdir() if not p.name.endswith(".json")]
+    assert {k: kinds.count(k) for k in set(kinds)} == {"map.png": limit, "overlay.png": limit, "overlay.dcm": limit}
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    assert {r["split"] for r in records} == {"test"}

@@ -1,0 +1,134 @@
+"""The attribution methods behind one call: `Mapper.maps(images, finding) -> float32 [n, S, S]`, non-negative,
+larger = more of the finding there, on the input grid. Each loads its model once:
+
+- `gradcam`, `integrated_gradients`: a saliency classifier folder (`pipelines.saliency.classifier`);
+- `counterfactual`: a DiffChest checkpoint + probe, |counterfactual away from the finding - image| (the
+  `explain` settings); `reconstruction`: the checkpoint alone, |image - a seeded stochastic decode of its z|.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cxrray.config import Config
+from cxrray.errors import ConfigError, InputError
+
+SALIENCY = ("gradcam", "integrated_gradients")
+DIFFCHEST = ("counterfactual", "reconstruction")
+METHODS = SALIENCY + DIFFCHEST
+
+
+def method_name(text: str) -> str:
+    """CLI spelling (integrated-gradients) -> the method's name; ConfigError for an unknown one."""
+    name = text.replace("-", "_")
+    if name not in METHODS:
+        raise ConfigError(f"--method {text!r}: one of {', '.join(m.replace('_', '-') for m in METHODS)} "
+                          "(the generative methods of issue 29 are not built yet)")
+    return name
+
+
+@dataclass
+class Mapper:
+    """One method with its model(s) loaded: `classifier` (net, record) for saliency, `diffchest` (model,
+    head or None) for the DiffChest methods; `identity` names the model for provenance."""
+
+    method: str
+    cfg: Config
+    classifier: tuple | None = None
+    diffchest: tuple | None = None
+    identity: dict = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int | None:
+        if self.classifier is not None:
+            return self.classifier[1].get("image_size")
+        return self.diffchest[0].cfg.image_size if self.diffchest else None
+
+    def findings(self) -> list[str]:
+        if self.classifier is not None:
+            return list(self.classifier[1]["findings"])
+        head = self.diffchest[1] if self.diffchest else None
+        return list(head.findings) if head is not None else []
+
+    def check(self, finding: str) -> None:
+        """Refuse a finding the method cannot attribute, before any work."""
+        known = self.findings()
+        if self.method != "reconstruction" and finding not in known:
+            raise InputError(f"--finding {finding!r}: the {self.method} model knows {', '.join(known)}")
+
+    def maps(self, images: np.ndarray, finding: str) -> np.ndarray:
+        """images float32 [n, 1, S, S] in [-1, 1] -> maps float32 [n, S, S]."""
+        from cxrray.pipelines.saliency.maps import grad_cam, integrated_gradients
+
+        if self.method in SALIENCY:
+            net, record = self.classifier
+            index = record["findings"].index(finding)
+            if self.method == "gradcam":
+                return grad_cam(net, images, index)
+            return integrated_gradients(net, images, index, self.cfg.saliency.ig_steps)
+        return _diffchest_maps(self.method, images, finding, self.diffchest, self.cfg)
+
+    def probabilities(self, images: np.ndarray, finding: str) -> np.ndarray | None:
+        """The explained model's P(finding) per image [n] (saliency: the classifier; counterfactual: the probe
+        on z), or None."""
+        with torch.no_grad():
+            x = torch.from_numpy(images).float()
+            if self.classifier is not None:
+                net, record = self.classifier
+                return torch.sigmoid(net(x)[:, record["findings"].index(finding)]).numpy()
+            model, head = self.diffchest
+            if head is None:
+                return None
+            return head.probabilities(model.encode(x).float())[:, head.index(finding)].numpy()
+
+
+def load_mapper(method: str, checkpoint: str, probe: str | None, cfg: Config) -> Mapper:
+    """The method's models from `checkpoint` (a saliency classifier folder, or a DiffChest checkpoint) and,
+    for `counterfactual`, `probe`."""
+    from cxrray.models.loading import model_identity
+
+    if method in SALIENCY:
+        from cxrray.pipelines.saliency.classifier import load_classifier
+
+        net, record = load_classifier(checkpoint)
+        return Mapper(method, cfg, classifier=(net, record), identity={
+            "name": "cxrray-saliency-classifier", "version": record.get("format", "1"), "checkpoint": str(checkpoint)})
+    if method == "counterfactual" and not probe:
+        raise ConfigError("--method counterfactual needs --probe (the linear probe the counterfactual moves along)")
+    return Mapper(method, cfg, diffchest=load_diffchest(checkpoint, probe if method == "counterfactual" else None),
+                  identity=model_identity(checkpoint))
+
+
+def load_diffchest(checkpoint: str, probe: str | None, image_size: int | None = None):
+    """(model, head or None) of a DiffChest checkpoint; with `image_size`, refused unless it reads that size."""
+    from cxrray.models.loading import load_model
+    from cxrray.pipelines.diffchest.head import load_head
+
+    loaded = load_model(checkpoint)
+    loaded.family.require("counterfactual")
+    if image_size is not None and loaded.model.cfg.image_size != image_size:
+        raise InputError(f"{checkpoint} reads {loaded.model.cfg.image_size}² images, the shards hold {image_size}²")
+    return loaded.model.eval(), load_head(probe) if probe else None
+
+
+def _diffchest_maps(method: str, images: np.ndarray, finding: str, diffchest, cfg: Config) -> np.ndarray:
+    from cxrray.diffusion.ddim import ddim_sample
+    from cxrray.pipelines.diffchest.counterfactual import counterfactuals
+
+    model, head = diffchest
+    if method == "counterfactual" and head is None:
+        raise ConfigError("the counterfactual method needs --probe")
+    ec, out = cfg.explain, []
+    generator = torch.Generator().manual_seed(cfg.attribute.seed)
+    for start in range(0, len(images), ec.batch_size):
+        x0 = torch.from_numpy(images[start:start + ec.batch_size]).float()
+        if method == "counterfactual":
+            change = counterfactuals(model, head, x0, finding, ec, toward=-1)["difference"]
+        else:
+            with torch.no_grad():
+                z = model.encode(x0).float()
+                change = ddim_sample(model, z, torch.randn(x0.shape, generator=generator), ec.steps, clip=True) - x0
+        out.append(change.abs()[:, 0].cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
