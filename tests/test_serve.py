@@ -270,6 +270,59 @@ def test_explain_png_counterfactual_with_provenance(server, artifacts):
     assert set(body["probabilities"]["after"]) == set(before)
 
 
+def test_attribute_counterfactual_map_equals_the_attribute_job_and_carries_provenance(server, artifacts):
+    """/v1/attribute answers the same map as `cxrray attribute`'s Mapper on the same preprocessed image."""
+    from cxrray.attribute.methods import Mapper
+    from cxrray.config import Config, ExplainConfig, load_config
+
+    data = artifacts.images["dicom"]
+    r = call(server, "POST", "/v1/attribute", files=upload(data, "application/dicom"),
+             data={"method": "counterfactual", "finding": "effusion", "steps": "3", "invert_steps": "2"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["method"], body["finding"], body["steps"], body["invert_steps"], body["format"]) == (
+        "counterfactual", "effusion", 3, 2, "png")
+    raw = base64.b64decode(body["map"]["data"])
+    assert_synthetic(png_provenance(raw)) and assert_synthetic(png_provenance(base64.b64decode(body["overlay"]["data"])))
+    with Image.open(io.BytesIO(raw)) as img:
+        got = np.asarray(img, np.float64) / 65535 * body["map"]["scale"]
+    cfg = Config(explain=ExplainConfig(**{**load_config("tiny").explain.model_dump(), "steps": 3, "invert_steps": 2}))
+    ref = Mapper("counterfactual", cfg, diffchest=(artifacts.model, artifacts.head)).maps(
+        preprocess(data)[None, None], "effusion")[0]
+    assert np.abs(got - ref).max() < 1e-3 * max(ref.max(), 1e-6) + 1e-6
+    assert 0 <= body["probability"] <= 1 and len(body["peak"]) == 2
+
+
+@pytest.mark.parametrize("fields,code", [
+    ({"method": "gradcam", "finding": "effusion"}, "invalid_field"),  # not this model's: refused, named
+    ({"finding": "rare"}, "unknown_finding"),
+    ({"method": "reconstruction"}, "missing_field"),
+    ({"finding": "effusion", "strength": "0.5"}, "unsupported_field"),
+    ({"finding": "effusion", "steps": "999"}, "out_of_range"),
+])
+def test_attribute_refuses_bad_requests_with_a_reason(server, artifacts, fields, code):
+    r = call(server, "POST", "/v1/attribute", files=upload(artifacts.images["png"], "image/png"), data=fields)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == code, r.json()
+
+
+def test_attribute_dicom_overlay_is_derived_rgb_without_the_uploads_identifiers(server, artifacts):
+    import pydicom
+
+    data = artifacts.images["dicom"]
+    r = call(server, "POST", "/v1/attribute", files=upload(data, "application/dicom"),
+             data={"method": "reconstruction", "finding": "effusion", "steps": "2", "format": "dicom"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["overlay"]["media_type"] == "application/dicom" and body["probability"] is not None
+    blob = base64.b64decode(body["overlay"]["data"])
+    ds = pydicom.dcmread(io.BytesIO(blob))
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY"] and ds.PhotometricInterpretation == "RGB"
+    source = pydicom.dcmread(io.BytesIO(data))
+    for value in (str(source.PatientName), str(source.PatientID), str(source.StudyInstanceUID)):
+        assert value.encode() not in blob and value not in r.text
+
+
 def test_explain_dicom_is_a_derived_synthetic_secondary_capture(server, artifacts):
     from cxrray.config import DecodeConfig
     from cxrray.data.dicom import decode_file

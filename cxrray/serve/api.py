@@ -35,6 +35,8 @@ JSON_LIMIT = 64 * 1024
 INFO_TTL_S = 30.0
 MAX_SEED = 2**63 - 1
 EXPLAIN_FIELDS = {"finding", "eps", "steps", "invert_steps", "format", "direction"}
+ATTRIBUTE_FIELDS = {"method", "finding", "steps", "invert_steps", "format", "strength", "guidance"}
+ATTRIBUTE_METHODS = ("counterfactual", "reconstruction")  # the served model's own; generative ones: issue 29
 PAINT_FIELDS = {"seed", "steps", "guidance", "prompt"}
 REQUIRED_FIELDS = ("finding", "mask", "seed")  # of the multipart forms that have them
 MAX_GUIDANCE = 20.0
@@ -68,6 +70,15 @@ EXPLAIN_FORM = _form_schema({
     "invert_steps": {"type": "integer", "minimum": 1, "description": "DDIM inversion steps"},
     "direction": {"type": "string", "enum": ["toward", "away"]},
     "format": {"type": "string", "enum": ["png", "dicom"], "description": "counterfactual as PNG-16 or DICOM SC"}})
+ATTRIBUTE_FORM = _form_schema({
+    "method": {"type": "string", "enum": ["counterfactual", "reconstruction"], "default": "counterfactual",
+               "description": "counterfactual: |counterfactual away from the finding - image|; reconstruction: "
+                              "|image - a seeded stochastic decode of its own code|"},
+    "finding": {"type": "string", "description": "a fitted finding of /v1/models `findings`"},
+    "steps": {"type": "integer", "minimum": 1, "description": "DDIM decode steps (at most serve.max_steps)"},
+    "invert_steps": {"type": "integer", "minimum": 1, "description": "DDIM inversion steps (counterfactual)"},
+    "format": {"type": "string", "enum": ["png", "dicom"], "description": "the overlay's format"},
+})
 
 
 def _paint_form(mask: str) -> dict:
@@ -104,6 +115,9 @@ class HandleBackend:
     async def explain(self, image, finding, cfg, toward, fmt) -> dict:
         return await self.explainer.explain.remote(image, finding, cfg, toward, fmt)
 
+    async def attribute(self, image, method, finding, cfg, fmt) -> dict:
+        return await self.explainer.attribute.remote(image, method, finding, cfg, fmt)
+
     async def generate(self, seed, n, steps, conditions, guidance) -> dict:
         return await self.explainer.generate.remote(seed, n, steps, conditions, guidance)
 
@@ -130,6 +144,9 @@ class LocalBackend:
 
     async def explain(self, image, finding, cfg, toward, fmt):
         return await asyncio.to_thread(self.service.explain, image, finding, cfg, toward, fmt)
+
+    async def attribute(self, image, method, finding, cfg, fmt):
+        return await asyncio.to_thread(self.service.attribute, image, method, finding, cfg, fmt)
 
     async def generate(self, seed, n, steps, conditions, guidance):
         return await asyncio.to_thread(self.service.generate, seed, n, steps, conditions, guidance)
@@ -349,6 +366,32 @@ def create_api(settings: dict, backend) -> FastAPI:
                                           1 if direction == "toward" else -1, fmt))
         return {"finding": finding, "direction": direction, "eps": eps, "steps": steps, "invert_steps": invert,
                 "format": fmt, **out}
+
+    @app.post("/v1/attribute", openapi_extra=ATTRIBUTE_FORM,
+              summary="Where a finding is in one radiograph: an attribution map, its overlay, P(finding)")
+    async def attribute(request: Request):
+        i = await info()
+        supported(i, "attribute")
+        fields, (data,) = await upload(request, ATTRIBUTE_FIELDS)
+        method = _choice(fields.get("method", "counterfactual"), "method", ATTRIBUTE_METHODS)
+        for name in ("strength", "guidance"):  # the img2img methods' settings: refused, never ignored
+            if name in fields:
+                raise ApiError(422, "unsupported_field", f"{name} is a setting of the generative attribution methods, "
+                                                         f"not of {method}")
+        finding = fields.get("finding", "").strip()
+        if not finding:
+            raise ApiError(422, "missing_field", "form field `finding` is required")
+        if finding not in i["findings"]:
+            why = "has no fitted probe" if finding in i["unfitted"] else "is unknown"
+            raise ApiError(422, "unknown_finding", f"finding {finding[:60]!r} {why}; choose from {i['findings']}")
+        steps = _int(fields.get("steps", default_steps), "steps", 1, settings["max_steps"])
+        invert = _int(fields.get("invert_steps", min(explain_defaults["invert_steps"], settings["max_invert_steps"])),
+                      "invert_steps", 1, settings["max_invert_steps"])
+        fmt = _choice(fields.get("format", "png"), "format", ("png", "dicom"))
+        cfg = ExplainConfig(**{**explain_defaults, "steps": steps, "invert_steps": invert})
+        image = await image_of(data, i)
+        out = await _call(lambda: backend.attribute(image, method, finding, cfg.model_dump(mode="json"), fmt))
+        return {"method": method, "finding": finding, "steps": steps, "invert_steps": invert, "format": fmt, **out}
 
     @app.post("/v1/generate", openapi_extra=GENERATE_BODY,
               summary="Seeded synthetic images, under the model's conditions (covariates) where it has them")

@@ -36,7 +36,8 @@ from cxrray.data.settings import DecodeConfig
 from cxrray.serve.uploads import ApiError, prepare_uploads
 
 #: endpoint -> (capability it needs, whether it needs a probe)
-ENDPOINTS = {"classify": ("encode", True), "explain": ("counterfactual", True), "generate": ("sample", False),
+ENDPOINTS = {"classify": ("encode", True), "explain": ("counterfactual", True), "attribute": ("counterfactual", True),
+             "generate": ("sample", False),
              "inpaint": ("inpaint", False), "outpaint": ("inpaint", False), "upscale": ("upscale", False),
              "reconstruct": ("reconstruct", False)}
 
@@ -133,6 +134,32 @@ class ModelService:
                                   "after": self._probs(out["probs_after"][0])},
                 "provenance": text, "model": self.model_ref}
 
+    def attribute(self, image: np.ndarray, method: str, finding: str, cfg: dict, fmt: str) -> dict:
+        """Where `finding` is in one model-range image [S, S]: `method` (counterfactual or reconstruction, this
+        model's own: `cxrray.attribute.methods`) -> the raw map (16-bit PNG + its scale), the overlay (PNG or a
+        derived RGB Secondary Capture), P(finding) from the probe and the map's peak. `cfg`: the explain
+        settings the counterfactual decodes with."""
+        from cxrray.attribute.methods import Mapper
+        from cxrray.attribute.outputs import map_png, overlay_dicom, overlay_png, overlay_rgb
+        from cxrray.config import Config
+
+        self._need("attribute")
+        mapper = Mapper(method, Config(explain=ExplainConfig(**cfg)), diffchest=(self.model, self.head))
+        x0 = np.array(image, dtype=np.float32)[None, None]  # a copy: Ray's arrays are read-only
+        attribution = mapper.maps(x0, finding)[0]
+        text = outputs.provenance(f"{method} attribution map of {finding!r} for an uploaded image", self.identity)
+        raw, scale = map_png(attribution, text)
+        rgb = overlay_rgb(x0[0, 0], attribution, mapper.cfg.attribute.alpha)
+        overlay = ({"media_type": "application/dicom", "data": outputs.b64(overlay_dicom(rgb, text, f"{method} {finding}"))}
+                   if fmt == "dicom" else {"media_type": "image/png", "data": outputs.b64(overlay_png(rgb, text))})
+        peak = np.unravel_index(int(np.argmax(attribution)), attribution.shape)
+        probability = mapper.probabilities(x0, finding)
+        return {"map": {"media_type": "image/png", "data": outputs.b64(raw), "scale": scale,
+                        "meaning": "value = png / 65535 x scale; larger = more of the finding's change there"},
+                "overlay": overlay, "peak": [int(peak[0]), int(peak[1])],
+                "probability": None if probability is None else float(probability[0]),
+                "provenance": text, "model": self.model_ref}
+
     def generate(self, seed: int, n: int, steps: int, conditions: dict | None = None, guidance: float = 1.0) -> dict:
         """n images from one CPU generator seeded with `seed` (same seed, n, steps, conditions and guidance:
         same images), under the family's conditions (validated by the ingress against `info()`)."""
@@ -224,6 +251,10 @@ class Explainer:
     async def explain(self, image: np.ndarray, finding: str, cfg: dict, toward: int, fmt: str) -> dict:
         async with self.lock:
             return await asyncio.to_thread(self.service.explain, image, finding, cfg, toward, fmt)
+
+    async def attribute(self, image: np.ndarray, method: str, finding: str, cfg: dict, fmt: str) -> dict:
+        async with self.lock:
+            return await asyncio.to_thread(self.service.attribute, image, method, finding, cfg, fmt)
 
     async def generate(self, seed: int, n: int, steps: int, conditions: dict, guidance: float) -> dict:
         async with self.lock:
