@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default=None, help="DiffChest checkpoint: the counterfactual and reconstruction "
                                                        "methods (add them with --set localisation.methods=[...])")
     e.add_argument("--probe", default=None, help="its linear probe (`cxrray probe` output): the counterfactual method")
+    e.add_argument("--ldm", default=None, help="report-conditioned latent diffusion checkpoint: the img2img methods "
+                                               "(attribution, empty_prompt)")
     _add_config_args(e)
 
     p = sub.add_parser("reproduce", help="a paper's headline experiment in miniature, one command")
@@ -202,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attribute", help="where is the finding: attribution maps for a file or the images of a "
                                          "shards URI (PNG, overlay PNG, overlay DICOM, JSON each)")
     p.add_argument("--method", required=True, help="gradcam | integrated-gradients (--checkpoint: a classifier folder "
-                   "from `cxrray classifier`) | counterfactual (--checkpoint: DiffChest, --probe) | reconstruction")
+                   "from `cxrray classifier`) | counterfactual (--checkpoint: DiffChest, --probe) | reconstruction | "
+                   "attribution | empty-prompt (--checkpoint: a report-conditioned latent diffusion model)")
     p.add_argument("--checkpoint", required=True, help="the method's model (see --method)")
     p.add_argument("--probe", default=None, help="probe directory (`cxrray probe`): the counterfactual method")
     p.add_argument("--data", required=True, help="a DICOM/PNG file, or a shards URI (batch fan-out)")
@@ -451,7 +454,7 @@ def cmd_evaluate(args) -> int:
         from cxrray.benchmarks.localisation import run_localisation, table_rows
 
         result = run_localisation(args.data, args.output, load_config(args.config, args.overrides),
-                                  checkpoint=args.checkpoint, probe=args.probe)
+                                  checkpoint=args.checkpoint, probe=args.probe, ldm=args.ldm)
         print(json.dumps({"output": args.output, "pixel_auroc": {f"{r['finding']}/{r['method']}": r["pixel AUROC"]
                                                                  for r in table_rows(result)}}))
         return 0

@@ -26,7 +26,7 @@ from cxrray.pipelines.encode import load_images
 from cxrray.pipelines.fanout import fan_out
 
 
-SECTIONS = ("saliency", "explain", "attribute")  # what the actors' methods read of the config
+SECTIONS = ("saliency", "explain", "attribute", "attribution")  # what the actors' methods read of the config
 
 
 class Attributor:

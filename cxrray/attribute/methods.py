@@ -3,7 +3,10 @@ larger = more of the finding there, on the input grid. Each loads its model once
 
 - `gradcam`, `integrated_gradients`: a saliency classifier folder (`pipelines.saliency.classifier`);
 - `counterfactual`: a DiffChest checkpoint + probe, |counterfactual away from the finding - image| (the
-  `explain` settings); `reconstruction`: the checkpoint alone, |image - a seeded stochastic decode of its z|.
+  `explain` settings); `reconstruction`: the checkpoint alone, |image - a seeded stochastic decode of its z|;
+- `attribution`: a report-conditioned latent diffusion checkpoint (Cheff's `ldm`), |image - its img2img
+  counterpart toward `attribution.prompt`| (`pipelines.attribution`); `empty_prompt`: the same toward the
+  empty report (the baseline that shows what the prompt adds). Not finding-specific: the prompt is healthy.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from cxrray.errors import ConfigError, InputError
 
 SALIENCY = ("gradcam", "integrated_gradients")
 DIFFCHEST = ("counterfactual", "reconstruction")
-METHODS = SALIENCY + DIFFCHEST
+GENERATIVE = ("attribution", "empty_prompt")  # img2img toward `attribution.prompt`, and toward no prompt
+METHODS = SALIENCY + DIFFCHEST + GENERATIVE
 
 
 def method_name(text: str) -> str:
@@ -25,7 +29,7 @@ def method_name(text: str) -> str:
     name = text.replace("-", "_")
     if name not in METHODS:
         raise ConfigError(f"--method {text!r}: one of {', '.join(m.replace('_', '-') for m in METHODS)} "
-                          "(the generative methods of issue 29 are not built yet)")
+                          "(DAug's guided translation is not built yet)")
     return name
 
 
@@ -38,12 +42,15 @@ class Mapper:
     cfg: Config
     classifier: tuple | None = None
     diffchest: tuple | None = None
+    ldm: object | None = None
     identity: dict = field(default_factory=dict)
 
     @property
     def image_size(self) -> int | None:
         if self.classifier is not None:
             return self.classifier[1].get("image_size")
+        if self.ldm is not None:
+            return self.ldm.cfg.image_size
         return self.diffchest[0].cfg.image_size if self.diffchest else None
 
     def findings(self) -> list[str]:
@@ -55,7 +62,7 @@ class Mapper:
     def check(self, finding: str) -> None:
         """Refuse a finding the method cannot attribute, before any work."""
         known = self.findings()
-        if self.method != "reconstruction" and finding not in known:
+        if self.method not in ("reconstruction",) + GENERATIVE and finding not in known:
             raise InputError(f"--finding {finding!r}: the {self.method} model knows {', '.join(known)}")
 
     def maps(self, images: np.ndarray, finding: str) -> np.ndarray:
@@ -68,6 +75,11 @@ class Mapper:
             if self.method == "gradcam":
                 return grad_cam(net, images, index)
             return integrated_gradients(net, images, index, self.cfg.saliency.ig_steps)
+        if self.method in GENERATIVE:
+            from cxrray.pipelines.attribution.img2img import attribution_maps
+
+            prompt = self.cfg.attribution.prompt if self.method == "attribution" else ""
+            return np.abs(attribution_maps(self.ldm, images, prompt, self.cfg.attribution, self.cfg.attribution.seed)[0])
         return _diffchest_maps(self.method, images, finding, self.diffchest, self.cfg)
 
     def probabilities(self, images: np.ndarray, finding: str) -> np.ndarray | None:
@@ -78,6 +90,8 @@ class Mapper:
             if self.classifier is not None:
                 net, record = self.classifier
                 return torch.sigmoid(net(x)[:, record["findings"].index(finding)]).numpy()
+            if self.diffchest is None:
+                return None
             model, head = self.diffchest
             if head is None:
                 return None
@@ -95,6 +109,14 @@ def load_mapper(method: str, checkpoint: str, probe: str | None, cfg: Config) ->
         net, record = load_classifier(checkpoint)
         return Mapper(method, cfg, classifier=(net, record), identity={
             "name": "cxrray-saliency-classifier", "version": record.get("format", "1"), "checkpoint": str(checkpoint)})
+    if method in GENERATIVE:
+        from cxrray.models.loading import load_model
+
+        loaded = load_model(checkpoint)
+        if loaded.family.name != "ldm":
+            raise InputError(f"--method {method} needs a latent diffusion (ldm) checkpoint, {checkpoint} is "
+                             f"{loaded.family.name}")
+        return Mapper(method, cfg, ldm=loaded.model.eval(), identity=model_identity(checkpoint))
     if method == "counterfactual" and not probe:
         raise ConfigError("--method counterfactual needs --probe (the linear probe the counterfactual moves along)")
     return Mapper(method, cfg, diffchest=load_diffchest(checkpoint, probe if method == "counterfactual" else None),

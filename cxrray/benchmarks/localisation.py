@@ -26,7 +26,7 @@ from cxrray.config import Config
 from cxrray.errors import ConfigError, InputError
 from cxrray.eval import html
 from cxrray.eval.localisation import clustered_mean, energy_inside, paired_clustered, pixel_auroc, pointing_game
-from cxrray.attribute.methods import DIFFCHEST, SALIENCY, Mapper, load_diffchest
+from cxrray.attribute.methods import DIFFCHEST, GENERATIVE, SALIENCY, Mapper, load_diffchest, load_mapper
 from cxrray.pipelines.truth import TruthSet, load_truth
 
 METRICS = {"pixel_auroc": "pixel AUROC", "pointing": "pointing game", "energy_inside": "energy inside"}
@@ -56,10 +56,11 @@ def score(maps: np.ndarray, masks: np.ndarray, tolerance_px: int, within: np.nda
 
 
 def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, checkpoint: str | None = None,
-                     probe: str | None = None, progress=print) -> dict:
+                     probe: str | None = None, ldm: str | None = None, progress=print) -> dict:
     """Run the benchmark (module doc); writes localisation.json, table.md, report.html and maps.png under
     `output_dir` and returns the JSON's content. `checkpoint` (+ `probe`): the DiffChest model (and linear
-    probe) the counterfactual and reconstruction methods use."""
+    probe) the counterfactual and reconstruction methods use; `ldm`: the latent diffusion model of the
+    img2img methods (attribution, empty_prompt)."""
     from cxrray.pipelines.saliency.classifier import save_classifier, train_classifier
 
     lc = cfg.localisation
@@ -91,6 +92,10 @@ def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, checkpo
             raise ConfigError("localisation.methods: 'counterfactual' needs --probe")
         diffchest = load_diffchest(checkpoint, probe, test.images.shape[-1])
         mappers.update({m: Mapper(m, cfg, diffchest=diffchest) for m in DIFFCHEST if m in lc.methods})
+    for method in [m for m in GENERATIVE if m in lc.methods]:
+        if not ldm:
+            raise ConfigError(f"localisation.methods: {method!r} needs --ldm (a latent diffusion checkpoint)")
+        mappers[method] = load_mapper(method, ldm, None, cfg)
     results, grid_rows = {}, []
     for finding in lc.findings:
         rows = test.positives(finding)
@@ -115,7 +120,7 @@ def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, checkpo
         grid_rows += _grid_rows(images, masks, maps_by_method, lc.grid_images)
         progress(f"[localisation] {finding}: " + ", ".join(
             f"{m} {_cell(summary[m]['pixel_auroc']['mean']) or 'n/a'}" for m in lc.methods) + " (pixel AUROC)")
-    result = {"data": data_uri, "checkpoint": checkpoint, "probe": probe, "split": lc.test_split, "config": lc.model_dump(mode="json"),
+    result = {"data": data_uri, "checkpoint": checkpoint, "probe": probe, "ldm": ldm, "split": lc.test_split, "config": lc.model_dump(mode="json"),
               "classifier": classifier[1] if classifier else None, "findings": results,
               "seconds": round(time.perf_counter() - start, 1)}
     (out / "localisation.json").write_text(json.dumps(result, indent=1))

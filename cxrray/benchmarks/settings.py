@@ -7,7 +7,8 @@ from pydantic import Field
 
 from cxrray.data.settings import StrictModel
 
-METHOD = Literal["oracle", "random", "gradcam", "integrated_gradients", "counterfactual", "reconstruction"]
+METHOD = Literal["oracle", "random", "gradcam", "integrated_gradients", "counterfactual", "reconstruction",
+                 "attribution", "empty_prompt"]
 
 
 class LocalisationConfig(StrictModel):

@@ -63,7 +63,7 @@ def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, 
           span: float = 1.0, record: list | None = None,
           blend: tuple[list[torch.Tensor], torch.Tensor] | None = None, **step_kwargs) -> torch.Tensor:
     """Run one sampler over `steps` steps ("ddim": x_T -> x0, "ddim_inverse": x0 -> x_T, "ddpm":
-    ancestral x_T -> x0) under the model's own schedule (`model.schedule`; default linear T = 1000, eps prediction).
+    ancestral x_T -> x0, "pndm": PLMS x_T -> x0) under the model's own schedule (`model.schedule`; default linear T = 1000, eps prediction).
     `start` < 1 (ddim only): `x` is a clean image, noised to the first timestep <= start * T with noise
     from `generator`, and only the remaining steps run (SDEdit / Diff-AE's stochastic encoding).
     `known` = (x0 of the same shape as x, keep mask broadcastable to it, 1 = known): before the first step and
@@ -90,6 +90,8 @@ def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, 
                          f"({len(timesteps) + 1} states), got {len(blend[0])}")
     if start < 1.0:
         timesteps = timesteps[timesteps <= start * (sched.config.num_train_timesteps - 1)]
+        if kind == "pndm" and len(timesteps) > 1 and timesteps[0] != timesteps[1]:
+            timesteps = torch.cat([timesteps[:1], timesteps])  # PLMS warms up by evaluating its first step twice
         noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
         x = sched.add_noise(x, noise.to(x.device), timesteps[:1].expand(x.shape[0]))
     if kind == "ddpm":

@@ -14,11 +14,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler
+from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, PNDMScheduler
 
 T = 1000
 
-SchedulerKind = Literal["ddpm", "ddim", "ddim_inverse"]
+SchedulerKind = Literal["ddpm", "ddim", "ddim_inverse", "pndm"]
 
 
 def make_scheduler(kind: SchedulerKind = "ddpm", beta_schedule: str = "linear", beta_start: float = 1e-4,
@@ -38,7 +38,12 @@ def make_scheduler(kind: SchedulerKind = "ddpm", beta_schedule: str = "linear", 
         return DDIMScheduler(**ddim)
     if kind == "ddim_inverse":
         return DDIMInverseScheduler(**ddim)
-    raise ValueError(f"scheduler kind must be 'ddpm', 'ddim' or 'ddim_inverse', got {kind!r}")
+    if kind == "pndm":  # PLMS as Stable Diffusion runs it (no Runge-Kutta warm-up); it never clips
+        if rescale_betas_zero_snr:
+            raise ValueError("the PNDM scheduler has no zero-terminal-SNR rescaling; sample this model with ddim")
+        return PNDMScheduler(**{k: v for k, v in common.items() if k not in ("clip_sample", "rescale_betas_zero_snr")},
+                             skip_prk_steps=True, set_alpha_to_one=False, steps_offset=0, timestep_spacing="leading")
+    raise ValueError(f"scheduler kind must be 'ddpm', 'ddim', 'ddim_inverse' or 'pndm', got {kind!r}")
 
 
 def training_loss(model, x0: torch.Tensor, generator: torch.Generator | None = None,

@@ -10,7 +10,8 @@ shards), `judges` (the independent classifiers and image-quality features every 
 Methods: `diffchest/` (linear probe on the latent, counterfactuals, the confounder audit and its
 evaluation), `cohorts/` (cxr_ddpm: cohort specs, the detector experiment, the synthetic-set audit, its
 reproduce recipe), `cheff/` (the cascade, latent shards, generation evaluation, its reproduce recipe), `saliency/` (Grad-CAM and
-integrated gradients of a classifier trained here: the localisation benchmark's baselines). Benchmarks that
+integrated gradients of a classifier trained here: the localisation benchmark's baselines), `attribution/`
+(latent-diffusion visual attribution: img2img healthy counterparts). Benchmarks that
 run several methods side by side live one layer up, in `cxrray.benchmarks`.
 A method package may import this folder's modules; methods do not import each other.
 """

@@ -275,3 +275,15 @@ class SaliencyConfig(StrictModel):
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
     ig_steps: int = Field(32, ge=2, le=512)  # integrated gradients: points on the path from the baseline
+
+
+class AttributionConfig(StrictModel):
+    """Latent-diffusion visual attribution (`pipelines.attribution`): img2img toward a healthy prompt. The
+    paper states both strength 0.55 / guidance 4 ("most effective") and 0.85 / 7.5 with 75 steps (a figure)."""
+
+    prompt: str = "Normal chest radiograph."  # the healthy class prompt, in the reports' own words (phantoms: an impression)
+    strength: float = Field(0.55, ge=0.0, le=1.0)  # how far into the schedule the image's latent is noised
+    guidance: float = Field(4.0, ge=1.0, le=20.0)  # classifier-free guidance toward the prompt
+    steps: int = Field(50, ge=1, le=1000)  # sampler steps over the whole schedule (strength x steps run)
+    scheduler: Literal["ddim", "pndm"] = "ddim"
+    seed: int = 0
