@@ -167,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", required=True, help="output URI: generation_eval.json, report.html, grids")
     e.add_argument("--features-model", default=None, help="local TorchScript feature network (FID Inception)")
     _add_config_args(e)
+    e = esub.add_parser("noisy-classifier", help="DAug's noise-aware classifier over super-classes: trained on x_t "
+                                                 "at random t, AP per super-class at several t (Table 1 analogue)")
+    e.add_argument("--data", required=True, help="shards URI (train / val / test splits)")
+    e.add_argument("--output", required=True, help="folder: noisy_classifier.json, table.md, weights")
+    _add_config_args(e)
     e = esub.add_parser("localisation", help="where each method puts a finding, against the ground-truth masks: "
                                              "pixel AUROC, pointing game, energy inside, patient-clustered CIs")
     e.add_argument("--data", required=True, help="shards URI with masks (phantoms made with phantom.masks=true)")
@@ -450,6 +455,12 @@ def cmd_audit_synthetic(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    if args.evaluate_command == "noisy-classifier":
+        from cxrray.pipelines.daug.noisy_classifier import run_noisy_classifier
+
+        result = run_noisy_classifier(args.data, args.output, load_config(args.config, args.overrides))
+        print(json.dumps({"output": args.output, "average_precision": result["average_precision"]}))
+        return 0
     if args.evaluate_command == "localisation":
         from cxrray.benchmarks.localisation import run_localisation, table_rows
 

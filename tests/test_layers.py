@@ -33,7 +33,7 @@ LAYERS = {  # package or root module -> layer; the longest matching prefix wins
     "cxrray.cli": 6, "cxrray.demo": 6,
 }
 SETTINGS_LAYER = 2
-METHODS = ("diffchest", "cohorts", "cheff", "saliency", "attribution")  # subpackages of cxrray.pipelines, one per paper
+METHODS = ("diffchest", "cohorts", "cheff", "saliency", "attribution", "daug")  # subpackages of cxrray.pipelines, one per paper
 
 
 def module_name(path: Path) -> str:

@@ -11,7 +11,8 @@ Methods: `diffchest/` (linear probe on the latent, counterfactuals, the confound
 evaluation), `cohorts/` (cxr_ddpm: cohort specs, the detector experiment, the synthetic-set audit, its
 reproduce recipe), `cheff/` (the cascade, latent shards, generation evaluation, its reproduce recipe), `saliency/` (Grad-CAM and
 integrated gradients of a classifier trained here: the localisation benchmark's baselines), `attribution/`
-(latent-diffusion visual attribution: img2img healthy counterparts). Benchmarks that
+(latent-diffusion visual attribution: img2img healthy counterparts), `daug/` (DAug: super-classes and the
+noise-aware classifier). Benchmarks that
 run several methods side by side live one layer up, in `cxrray.benchmarks`.
 A method package may import this folder's modules; methods do not import each other.
 """

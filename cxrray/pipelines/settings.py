@@ -287,3 +287,16 @@ class AttributionConfig(StrictModel):
     steps: int = Field(50, ge=1, le=1000)  # sampler steps over the whole schedule (strength x steps run)
     scheduler: Literal["ddim", "pndm"] = "ddim"
     seed: int = 0
+
+
+class NoisyClassifierConfig(StrictModel):
+    """DAug's noise-aware classifier (`pipelines.daug.noisy_classifier`): trained on x_t at random t."""
+
+    width: int = Field(16, ge=4, le=256)
+    epochs: int = Field(20, ge=1)
+    patience: int = Field(4, ge=1)
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 0
+    train_images: int | None = Field(None, ge=2)  # cap on the training split read (None: all of it)
+    timesteps: list[Annotated[int, Field(ge=0, le=999)]] = Field(default_factory=lambda: [0, 250, 500, 750])
