@@ -61,7 +61,7 @@ def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, 
           clip: bool = False, guidance: float = 1.0, null: torch.Tensor | None = None, start: float = 1.0,
           generator: torch.Generator | None = None, known: tuple[torch.Tensor, torch.Tensor] | None = None,
           span: float = 1.0, record: list | None = None,
-          blend: tuple[list[torch.Tensor], torch.Tensor] | None = None, **step_kwargs) -> torch.Tensor:
+          blend: tuple[list[torch.Tensor], torch.Tensor] | None = None, guide=None, **step_kwargs) -> torch.Tensor:
     """Run one sampler over `steps` steps ("ddim": x_T -> x0, "ddim_inverse": x0 -> x_T, "ddpm":
     ancestral x_T -> x0, "pndm": PLMS x_T -> x0) under the model's own schedule (`model.schedule`; default linear T = 1000, eps prediction).
     `start` < 1 (ddim only): `x` is a clean image, noised to the first timestep <= start * T with noise
@@ -74,7 +74,9 @@ def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, 
     `record` (a list): x before the first step and after each one are appended (an inversion's trajectory,
     record[0] = the clean image). `blend` = (such a trajectory, mask broadcastable to x, 1 = edit): after decode
     step i (1-based), where mask is 0 the sample is replaced by the trajectory's state at the same timestep
-    (trajectory[-1 - i]), so outside the mask the decode retraces the inversion back to the original."""
+    (trajectory[-1 - i]), so outside the mask the decode retraces the inversion back to the original.
+    `guide(x_t, t) -> grad` (classifier guidance, Dhariwal & Nichol's DDIM form): each step uses
+    eps - sqrt(1 - ab_t) grad, grad = s * d log p(y | x_t, t) / d x_t; only for models stepped in eps."""
     # the forward samplers step on the model's own output (a v model at zero terminal SNR has no eps-form step
     # at the top); the inverse one steps in eps, which `_output` converts at the timestep it queried
     schedule = getattr(model, "schedule", {})
@@ -104,6 +106,12 @@ def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, 
     with _eval(model):
         for i, t in enumerate(timesteps):
             out = _output(model, sched, x, t, z, guidance, null)
+            if guide is not None:
+                if sched.config.prediction_type != "epsilon":
+                    raise ValueError("classifier guidance steps in eps; this model's sampler steps in v")
+                with torch.enable_grad():
+                    grad = guide(x, t).detach()
+                out = out - (1 - sched.alphas_cumprod[int(t)]).sqrt().to(x.device) * grad
             x = sched.step(out, int(t), x, return_dict=False, **step_kwargs)[0]
             if record is not None:
                 record.append(x)
