@@ -221,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encodings", default=None, help="shards input: plan from these encodings (no shard read)")
     _add_config_args(p)
 
+    p = sub.add_parser("augment", help="DAug: the shards again with heatmap channels (classifier-guided translation)")
+    p.add_argument("--ddpm", required=True, help="pixel DDPM checkpoint (the shards' image size)")
+    p.add_argument("--classifier", required=True, help="`cxrray evaluate noisy-classifier` output folder")
+    p.add_argument("--data", required=True, help="shards URI")
+    p.add_argument("--output", required=True, help="output shards URI")
+    _add_config_args(p)
+
     p = sub.add_parser("classifier", help="train the finding classifier that Grad-CAM / integrated gradients explain")
     p.add_argument("--data", required=True, help="shards URI (its train and val splits; saliency.* settings)")
     p.add_argument("--output", required=True, help="folder: classifier.safetensors + classifier.json")
@@ -537,6 +544,14 @@ def cmd_attribute(args) -> int:
     return 0
 
 
+def cmd_augment(args) -> int:
+    from cxrray.pipelines.daug.augment import augment
+
+    manifest = augment(args.ddpm, args.classifier, args.data, args.output, load_config(args.config, args.overrides).augment)
+    print(json.dumps({"output": args.output, "samples": manifest["samples"], "members": manifest["members"]}))
+    return 0
+
+
 def cmd_classifier(args) -> int:
     from cxrray.pipelines.saliency.classifier import save_classifier, train_classifier
     from cxrray.pipelines.truth import load_truth
@@ -596,7 +611,7 @@ def cmd_serve(args) -> int:
 COMMANDS = {"config": cmd_config, "phantoms": cmd_phantoms, "ingest": cmd_ingest, "sources": cmd_sources, "deid": cmd_deid, "export": cmd_export,
             "pretrain": cmd_pretrain, "status": cmd_status, "demo": cmd_demo,
             "probe": cmd_probe, "encode": cmd_encode, "latents": cmd_latents, "explain": cmd_explain, "audit": cmd_audit,
-            "attribute": cmd_attribute, "classifier": cmd_classifier,
+            "attribute": cmd_attribute, "classifier": cmd_classifier, "augment": cmd_augment,
             "cohort": cmd_cohort, "generate": cmd_generate, "experiment": cmd_experiment, "audit-synthetic": cmd_audit_synthetic, "evaluate": cmd_evaluate,
             "reproduce": cmd_reproduce,
             "serve": cmd_serve}

@@ -83,3 +83,47 @@ def test_classifier_guidance_moves_the_translation_toward_the_class_and_the_heat
     assert maps.shape == (16, 16, 16) and np.isclose(maps.max(axis=(1, 2)), 1.0).all()
     inside = maps[:, 2:8, 2:8].mean()
     assert inside > maps.mean(), (inside, maps.mean())  # the guided change gathers where the class is drawn
+
+
+def test_augment_writes_each_images_heatmaps_beside_it_once_and_reruns_nothing(ray_local, tmp_path, monkeypatch):
+    """`cxrray augment` on phantom shards with a random-init pixel DDPM and a 1-epoch noise-aware classifier
+    (plumbing, not quality): every sample gains one heatmap per class in [0, 1] with its peak at 1, the rest of
+    the sample is kept byte for byte, and a rerun writes nothing."""
+    import torch
+
+    from conftest import write_checkpoint
+    from cxrray.cli import main
+    from cxrray.data.imaging import decode_png16
+    from cxrray.data.shards import read_manifest, read_tar
+    from cxrray.families import get_family
+    from cxrray.families.ddpm.config import DDPMConfig
+
+    monkeypatch.setenv("CXRRAY_SALT", "daug-test")
+    assert main(["phantoms", "--n", "40", "--out", str(tmp_path / "ph"), "--set", "phantom.size=48"]) == 0
+    assert main(["ingest", "--input", str(tmp_path / "ph"), "--labels", str(tmp_path / "ph" / "labels.csv"),
+                 "--output", f"file://{tmp_path}/shards", "--size", "16", "--set", "ingest.shard_samples=10"]) == 0
+    assert main(["evaluate", "noisy-classifier", "--data", f"file://{tmp_path}/shards", "--output",
+                 str(tmp_path / "nc"), "--set", "noisy_classifier.epochs=1", "--set", "noisy_classifier.width=8"]) == 0
+    torch.manual_seed(0)
+    ddpm = get_family("ddpm").build(DDPMConfig(image_size=16, base_channels=16, channel_mult=(1, 2),
+                                               layers_per_block=1, attention_resolutions=(), norm_groups=8))
+    ckpt = write_checkpoint(ddpm, tmp_path / "ddpm", 1)
+    args = ["augment", "--ddpm", f"file://{ckpt}", "--classifier", str(tmp_path / "nc"), "--data",
+            f"file://{tmp_path}/shards", "--output", f"file://{tmp_path}/aug", "--set", "augment.steps=4",
+            "--set", "augment.start_alpha_bar=0.3"]
+    assert main(args) == 0
+    source, out = read_manifest(f"file://{tmp_path}/shards"), read_manifest(f"file://{tmp_path}/aug")
+    assert out["samples"] == source["samples"] == 40 and {"heatmap_cardiac.png", "heatmap_pleural.png"} <= set(out["members"])
+    before = {k: (png, meta) for s in source["shards"] for k, png, meta in read_tar((tmp_path / "shards" / s["name"]).read_bytes())}
+    for s in out["shards"]:
+        for key, png, meta, extra in read_tar((tmp_path / "aug" / s["name"]).read_bytes(), extras=True):
+            assert (png, meta) == before[key]  # the sample itself is kept
+            for name in ("heatmap_cardiac.png", "heatmap_pleural.png"):
+                heat = decode_png16(extra[name]) / 65535
+                assert heat.shape == (16, 16) and abs(heat.max() - 1.0) < 1e-4 and heat.min() >= 0
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "aug").iterdir()}
+    assert main(args) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "aug").iterdir() if p.name != "manifest.json"} == {
+        k: v for k, v in mtimes.items() if k != "manifest.json"}
+    bad = [*args[:-4], "--set", "augment.classes=[nonsense]"]
+    assert main(bad) == 2

@@ -293,10 +293,25 @@ class NoisyClassifierConfig(StrictModel):
     """DAug's noise-aware classifier (`pipelines.daug.noisy_classifier`): trained on x_t at random t."""
 
     width: int = Field(16, ge=4, le=256)
-    epochs: int = Field(20, ge=1)
-    patience: int = Field(4, ge=1)
+    # 40 / 8: at 20 / 4 the first run stopped at epoch 6 on a plateau; at 40 the validation BCE was still falling
+    epochs: int = Field(40, ge=1)
+    patience: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=2)
     lr: float = Field(1e-3, gt=0)
     seed: int = 0
     train_images: int | None = Field(None, ge=2)  # cap on the training split read (None: all of it)
     timesteps: list[Annotated[int, Field(ge=0, le=999)]] = Field(default_factory=lambda: [0, 250, 500, 750])
+
+
+class AugmentConfig(ActorPoolConfig):
+    """DAug's heatmap channels (`pipelines.daug.augment`): one classifier-guided translation per image and
+    super-class, its heatmap written beside the image. DAug starts near t = 500 of 1000 (alpha_bar ~ 0.08)."""
+
+    classes: list[str] = Field(default_factory=lambda: ["cardiac", "pleural"])  # the heatmaps (super-classes)
+    direction: Literal["toward", "away"] = "toward"  # healthy -> diseased, or diseased -> healthy
+    scale: float = Field(10.0, gt=0, le=1000.0)  # classifier guidance scale
+    start_alpha_bar: float = Field(0.08, gt=0.0, lt=1.0)  # the noise level the translation starts from
+    steps: int = Field(25, ge=1, le=1000)  # DDIM steps over the whole schedule (those below the start run)
+    sigma: float = Field(1.0, ge=0.0)  # the heatmap's Gaussian smoothing, pixels
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0

@@ -122,6 +122,22 @@ def average_precision_by_t(net: NoisyClassifier, images: np.ndarray, y: np.ndarr
     return rows
 
 
+def load_noisy_classifier(folder: str) -> tuple[NoisyClassifier, list[str]]:
+    """(classifier in eval mode, its super-class names) from a `run_noisy_classifier` output folder."""
+    from safetensors.torch import load
+
+    from cxrray.data.storage import Storage
+    from cxrray.errors import InputError
+
+    store = Storage(str(folder))
+    if not store.exists("noisy_classifier.json"):
+        raise InputError(f"{store.uri}: no noisy_classifier.json (not a `cxrray evaluate noisy-classifier` output)")
+    record = json.loads(store.read_bytes("noisy_classifier.json"))
+    net = NoisyClassifier(len(record["super_classes"]), record["config"]["width"])
+    net.load_state_dict(load(store.read_bytes("noisy_classifier.safetensors")))
+    return net.eval(), list(record["super_classes"])
+
+
 def run_noisy_classifier(data_uri: str, output_dir: str | Path, cfg, progress=print) -> dict:
     """`cxrray evaluate noisy-classifier`: train on the train split (early-stopped on val), AP per super-class at
     each of `noisy_classifier.timesteps` on the test split; writes noisy_classifier.json, table.md and the

@@ -1,0 +1,112 @@
+"""`cxrray augment`: image shards -> the same shards with DAug's heatmaps beside each image.
+
+Each output sample is its input sample (image, metadata, extra members) plus `heatmap_<class>.png` per
+super-class of `augment.classes`: the smoothed |guided - unguided| change of a classifier-guided translation
+(`translate`), 16-bit, scaled to [0, 1] per image — the channels the downstream model stacks with the image.
+The noise of every translation is seeded by (augment.seed, the sample's key), so a sample's heatmaps do not
+depend on the shard it sits in or the batch it runs in. One input shard is one unit of the fan-out; its output
+shard and part record are written atomically, a rerun skips finished shards (a killed job, rerun, writes each
+shard exactly once) and the manifest, naming the models, is written last.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import torch
+
+from cxrray.data.imaging import decode_png16, encode_png16, png16_to_model
+from cxrray.data.shards import MANIFEST, dumps, load_part, read_manifest, read_tar, remove_stale, reusable_part, write_shard
+from cxrray.data.storage import Storage
+from cxrray.errors import InputError
+from cxrray.models.loading import load_ema, model_identity
+from cxrray.pipelines.daug.noisy_classifier import load_noisy_classifier
+from cxrray.pipelines.daug.translate import heatmaps, translate
+from cxrray.pipelines.fanout import fan_out
+from cxrray.pipelines.settings import AugmentConfig
+from cxrray.runtime import ensure_ray
+
+
+def key_seed(seed: int, key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=6).digest(), "big")
+
+
+class ShardHeatmaps:
+    """Actor: loads the pixel DDPM and the noise-aware classifier once; one input shard -> one output shard."""
+
+    def __init__(self, ddpm: str, classifier: str, data_uri: str, output_uri: str, cfg: dict, findings: list[str]):
+        self.cfg = AugmentConfig(**cfg)
+        torch.set_num_threads(1)
+        self.ddpm = load_ema(ddpm).eval()
+        self.classifier, names = load_noisy_classifier(classifier)
+        self.classes = [names.index(c) for c in self.cfg.classes]
+        self.conditions = _unobserved(self.ddpm)
+        self.data, self.out, self.findings = Storage(data_uri), Storage(output_uri), findings
+
+    def maps(self, key: str, image: np.ndarray) -> dict[str, bytes]:
+        x = torch.from_numpy(png16_to_model(image))[None, None]
+        sign = 1.0 if self.cfg.direction == "toward" else -1.0
+        out = {}
+        for name, k in zip(self.cfg.classes, self.classes):
+            guided, plain = translate(self.ddpm, self.classifier, x, k, sign * self.cfg.scale, self.cfg.start_alpha_bar,
+                                      self.cfg.steps, key_seed(self.cfg.seed, key),
+                                      None if self.conditions is None else self.conditions[:1])
+            out[f"heatmap_{name}.png"] = encode_png16(heatmaps(guided, plain, self.cfg.sigma)[0])
+        return out
+
+    def __call__(self, batch: dict) -> dict:
+        rows = []
+        for shard, fingerprint in zip(batch["shard"], batch["fingerprint"]):
+            samples = read_tar(self.data.read_bytes(shard), source=shard, extras=True)
+            out = [(key, png, meta, {**extras, **self.maps(key, decode_png16(png))}) for key, png, meta, extras in samples]
+            write_shard(self.out, shard, fingerprint, out, [], self.findings)
+            rows.append(len(out))
+        return {"rows": np.asarray(rows)}
+
+
+def _unobserved(ddpm) -> torch.Tensor | None:
+    """The conditioning of a covariate DDPM with every covariate unobserved (None: an unconditional model)."""
+    names = getattr(ddpm.cfg, "covariates", ()) or ()
+    return ddpm.condition({n: torch.full((1,), float("nan")) for n in names}) if names else None
+
+
+def augment(ddpm: str, classifier: str, data_uri: str, output_uri: str, cfg: AugmentConfig) -> dict:
+    """Write the heatmap-augmented copy of `data_uri` under `output_uri`; returns its manifest."""
+    identity = model_identity(ddpm, "sample")
+    _, names = load_noisy_classifier(classifier)
+    unknown = sorted(set(cfg.classes) - set(names))
+    if unknown:
+        raise InputError(f"augment.classes {unknown}: the noise-aware classifier knows {names}")
+    manifest = read_manifest(data_uri)
+    size = manifest["preprocessing"]["size"]
+    if load_ema(ddpm).cfg.image_size != size:
+        raise InputError(f"{ddpm} generates {load_ema(ddpm).cfg.image_size}² images, the shards hold {size}²")
+    ensure_ray()
+    out = Storage(output_uri)
+    out.remove_partial()
+    settings = {"ddpm": identity["checkpoint"], "classifier": Storage(classifier).uri,
+                "classifier_sha256": hashlib.sha256(Storage(classifier).read_bytes("noisy_classifier.safetensors")).hexdigest(),
+                "augment": cfg.model_dump(mode="json", exclude={"actors", "min_actors", "use_gpu", "actor_resources",
+                                                                "batch_size"}),
+                "data": {s["name"]: s["sha256"] for s in manifest["shards"]}}
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    shard_names = [s["name"] for s in manifest["shards"]]
+    todo = [{"shard": n, "fingerprint": fingerprint} for n in shard_names if not reusable_part(out, n, fingerprint)]
+    print(f"[augment] {len(shard_names) - len(todo)}/{len(shard_names)} shards already written; heatmaps of "
+          f"{cfg.classes} for {len(todo)}", flush=True)
+    fan_out("augment", todo, ShardHeatmaps, {"ddpm": ddpm, "classifier": classifier, "data_uri": data_uri,
+                                             "output_uri": out.uri, "cfg": cfg.model_dump(),
+                                             "findings": manifest["label_vocabulary"]}, cfg, out, count="rows",
+            what="images")
+    parts = [load_part(out, n) for n in shard_names]
+    shards = [{k: p[k] for k in ("name", "samples", "sha256", "bytes", "splits")} for p in parts]
+    result = {**manifest, "shards": shards, "members": sorted({m for p in parts for m in p.get("members", ())}),
+              "augment": {"ddpm": {k: identity[k] for k in ("name", "family", "version", "images_shown", "checkpoint")},
+                          "classifier": settings["classifier"], "settings": settings["augment"],
+                          "source": Storage(data_uri).uri, "fingerprint": fingerprint}}
+    out.write_bytes(MANIFEST, dumps(result))
+    removed = remove_stale(out, set(shard_names))
+    print(f"[augment] wrote {sum(s['samples'] for s in shards):,} images with heatmaps {cfg.classes} in {len(shards)} "
+          f"shards -> {out.uri}{f' ({removed} stale objects removed)' if removed else ''}", flush=True)
+    return result
