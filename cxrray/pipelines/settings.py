@@ -301,6 +301,8 @@ class NoisyClassifierConfig(StrictModel):
     seed: int = 0
     train_images: int | None = Field(None, ge=2)  # cap on the training split read (None: all of it)
     timesteps: list[Annotated[int, Field(ge=0, le=999)]] = Field(default_factory=lambda: [0, 250, 500, 750])
+    # training t ~ U{0..train_t_max}: the guidance only ever queries t at or below the translation's start
+    train_t_max: int = Field(999, ge=0, le=999)
 
 
 class AugmentConfig(ActorPoolConfig):

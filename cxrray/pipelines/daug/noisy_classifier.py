@@ -85,7 +85,7 @@ def train_noisy_classifier(train_images: np.ndarray, train_y: np.ndarray, val_im
     val_x, val_t = torch.from_numpy(val_images), torch.from_numpy(val_y)
 
     def loss(model, batch: dict) -> torch.Tensor:
-        t = torch.randint(0, T, (len(batch["image"]),), generator=generator)
+        t = torch.randint(0, cfg.train_t_max + 1, (len(batch["image"]),), generator=generator)
         return masked_bce(model(noised(batch["image"], t, generator), t), batch["labels"])
 
     def validate(model) -> float:
