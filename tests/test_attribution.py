@@ -12,6 +12,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cxrray.cli import main
+from cxrray.config import load_config
 from cxrray.eval.localisation import clustered_mean, energy_inside, paired_clustered, pixel_auroc, pointing_game
 
 
@@ -199,14 +200,19 @@ def test_attribute_shards_killed_then_rerun_writes_each_output_once(phantom_shar
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "CXRRAY_SALT": "localisation-test"}
     kill_cli_when(["attribute", *common], env, lambda: out.exists() and len(list(out.glob("*.json"))) >= 1, 120,
                   "attribute made no output")
-    killed = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
-    assert 1 <= len(killed) < limit, "the kill must land mid-job"
+    done = [p.name[:-len(".json")] for p in out.glob("*.json") if not p.name.startswith("attribute-")]
+    killed = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if any(p.name.startswith(d) for d in done)}
+    assert 1 <= len(done) < limit, "the kill must land mid-job"
     assert main(["attribute", *common]) == 0
-    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if not p.name.startswith("attribute-")]
     assert len(records) == len({r["key"] for r in records}) == limit
     for name, mtime in killed.items():
         assert (out / name).stat().st_mtime_ns == mtime, "a finished output was rewritten"
-    kinds = [p.name.split(".", 3)[-1] for p in out.iterdir() if not p.name.endswith(".json")]
+    # a rerun with other settings into the same folder is refused, never mixed in
+    assert main(["attribute", *common[:-2], "--set", "saliency.ig_steps=32"]) == 2
+    kinds = [p.name.split(".", 3)[-1] for p in out.iterdir() if not p.name.endswith((".json", ".settings"))]
+    assert json.loads((out / "attribute-integrated_gradients.settings").read_text())["settings"] == {
+        "saliency": load_config("tiny", ["saliency.ig_steps=64"]).saliency.model_dump(mode="json")}
     assert {k: kinds.count(k) for k in set(kinds)} == {"map.png": limit, "overlay.png": limit, "overlay.dcm": limit}
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
     assert {r["split"] for r in records} == {"test"}

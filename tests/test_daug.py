@@ -17,15 +17,18 @@ def test_super_labels_follow_dAugs_grouping_and_keep_unknowns_unknown():
     labels = np.array([[1, 0, 0, 0, 0, 1],      # cardiac
                        [0, 0, 0, 0, 1, 0],      # a device only: still no finding
                        [0, NAN, 0, 0, 0, 0],    # effusion unknown: pleural and no-finding unknown
-                       [0, 0, 1, 1, 0, 0]])     # lesion (pneumothorax has no super-class)
+                       [0, 0, 1, 1, 0, 0],      # lesion (pneumothorax has no super-class)
+                       [0, 0, 0, 1, 0, 0]])     # pneumothorax alone: in no super-class, yet not "no finding"
     y, names = super_labels(labels, vocab)
     assert names == [NO_FINDING, "cardiac", "lung_lesion", "pleural", "devices"]
     col = {n: y[:, i] for i, n in enumerate(names)}
-    np.testing.assert_array_equal(col["cardiac"], [1, 0, 0, 0])
-    np.testing.assert_array_equal(col["devices"], [0, 1, 0, 0])
-    np.testing.assert_array_equal(col[NO_FINDING][[0, 1, 3]], [0, 1, 0])
+    np.testing.assert_array_equal(col["cardiac"], [1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(col["devices"], [0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(col[NO_FINDING][[0, 1, 3, 4]], [0, 1, 0, 0])
     assert np.isnan(col[NO_FINDING][2]) and np.isnan(col["pleural"][2])
-    np.testing.assert_array_equal(col["lung_lesion"], [0, 0, 0, 1])
+    np.testing.assert_array_equal(col["lung_lesion"], [0, 0, 0, 1, 0])
+    own, _ = super_labels(np.array([[0, 1, 1.0]]), ["effusion", "pacemaker", "No Finding"])  # the source's own column
+    assert own[0, 0] == 1.0
 
 
 def _squares(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

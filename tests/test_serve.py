@@ -299,6 +299,7 @@ def test_attribute_counterfactual_map_equals_the_attribute_job_and_carries_prove
     ({"method": "reconstruction"}, "missing_field"),
     ({"finding": "effusion", "strength": "0.5"}, "unsupported_field"),
     ({"finding": "effusion", "steps": "999"}, "out_of_range"),
+    ({"method": "reconstruction", "finding": "effusion", "invert_steps": "2"}, "unsupported_field"),
 ])
 def test_attribute_refuses_bad_requests_with_a_reason(server, artifacts, fields, code):
     r = call(server, "POST", "/v1/attribute", files=upload(artifacts.images["png"], "image/png"), data=fields)

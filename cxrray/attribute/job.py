@@ -27,6 +27,33 @@ from cxrray.pipelines.fanout import fan_out
 
 
 SECTIONS = ("saliency", "explain", "attribute", "attribution")  # what the actors' methods read of the config
+#: what each method's maps depend on, beside its model: the sections a rerun into the same output must match
+DEPENDS = {"gradcam": (), "integrated_gradients": ("saliency",), "counterfactual": ("explain",),
+           "reconstruction": ("explain", "attribute"), "attribution": ("attribution", "attribute"),
+           "empty_prompt": ("attribution", "attribute")}
+
+
+def settings_record(method: str, mapper: Mapper, probe: str | None, cfg: Config) -> dict:
+    """What the maps of `method` in one output folder were made with (model, probe, settings, overlay)."""
+    sections = {name: getattr(cfg, name).model_dump(mode="json") for name in DEPENDS[method]}
+    if "attribute" in sections:  # the pool does not change a map
+        sections["attribute"] = {"seed": cfg.attribute.seed}
+    return {"method": method, "model": mapper.identity.get("checkpoint"), "probe": probe, "settings": sections,
+            "alpha": cfg.attribute.alpha}
+
+
+def claim_output(out: Storage, record: dict) -> None:
+    """Refuse to mix maps made otherwise into `out`; record how this run makes them (the first run's record
+    stays: a rerun with the same settings resumes)."""
+    name = f"attribute-{record['method']}.settings"  # JSON; not .json: records are the only .json files
+    if out.exists(name):
+        before = json.loads(out.read_bytes(name))
+        if before != record:
+            changed = sorted(k for k in record if before.get(k) != record[k])
+            raise InputError(f"{out.uri} holds {record['method']} maps made with other {', '.join(changed)}; "
+                             "write to another --output (or remove it)")
+        return
+    out.write_bytes(name, json.dumps(record, indent=1, sort_keys=True).encode())
 
 
 class Attributor:
@@ -47,7 +74,7 @@ class Attributor:
             todo = [i for i, k in enumerate(keys) if not self.out.exists(f"{stem(k, finding, self.mapper.method)}.json")]
             if not todo:
                 continue
-            maps = self.mapper.maps(images[todo], finding)
+            maps = self.mapper.maps(images[todo], finding, [keys[i] for i in todo])
             probs = self.mapper.probabilities(images[todo], finding)
             for j, i in enumerate(todo):
                 p = None if probs is None else float(probs[j])
@@ -81,8 +108,11 @@ class ShardAttributor(Attributor):
 
         from cxrray.config import Config
 
-        torch.set_num_threads(1)
-        super().__init__(load_mapper(method, checkpoint, probe, Config(**cfg)), output_uri, findings)
+        config = Config(**cfg)
+        device = torch.device("cuda" if config.attribute.use_gpu and torch.cuda.is_available() else "cpu")
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+        super().__init__(load_mapper(method, checkpoint, probe, config).to(device), output_uri, findings)
         self.data = Storage(data_uri)
 
     def __call__(self, batch: dict) -> dict:
@@ -104,6 +134,7 @@ def attribute(method: str, checkpoint: str, probe: str | None, input: str, findi
     mapper = load_mapper(method, checkpoint, probe, cfg)  # refuses a bad model or finding before any work
     attributor = Attributor(mapper, output_uri, findings)
     out = Storage(output_uri)
+    claim_output(out, settings_record(method, mapper, probe, cfg))
     if Path(input).is_file():
         from cxrray.data.dicom import RejectError
         from cxrray.data.ingest import prepare_image
@@ -115,7 +146,7 @@ def attribute(method: str, checkpoint: str, probe: str | None, input: str, findi
         try:
             image = prepare_image(data, cfg.ingest.model_copy(update={"size": size}))
         except RejectError as err:  # its detail may quote the file's header: the code only
-            raise InputError(f"--data {input}: not an image cxrray reads ({err.code})") from None
+            raise InputError(f"the --data file is not an image cxrray reads ({err.code})") from None
         key = "file-" + hashlib.sha256(data).hexdigest()[:16]  # the file name may identify the patient
         attributor.run([key], image[None, None].astype(np.float32))
         records = [json.loads(out.read_bytes(f"{stem(key, f, method)}.json")) for f in findings]
@@ -144,6 +175,7 @@ def attribute(method: str, checkpoint: str, probe: str | None, input: str, findi
                  "cfg": {k: getattr(cfg, k).model_dump(mode="json") for k in SECTIONS},
                  "data_uri": input, "output_uri": out.uri, "findings": findings},
                 ac, out, count="written", what="images")
-    total = sum(1 for n in out.list() if n.endswith(f".{method}.json"))
+    wanted = {f"{stem(s['key'], f, method)}.json" for s in samples for f in findings}
+    total = len(wanted & set(out.list()))
     return {"input": "shards", "images": len(samples), "method": method, "findings": findings, "records": total,
             "output": out.uri}

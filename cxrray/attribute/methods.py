@@ -29,7 +29,7 @@ def method_name(text: str) -> str:
     name = text.replace("-", "_")
     if name not in METHODS:
         raise ConfigError(f"--method {text!r}: one of {', '.join(m.replace('_', '-') for m in METHODS)} "
-                          "(DAug's guided translation is not built yet)")
+                          "(DAug's heatmaps come from `cxrray augment`)")
     return name
 
 
@@ -65,8 +65,12 @@ class Mapper:
         if self.method not in ("reconstruction",) + GENERATIVE and finding not in known:
             raise InputError(f"--finding {finding!r}: the {self.method} model knows {', '.join(known)}")
 
-    def maps(self, images: np.ndarray, finding: str) -> np.ndarray:
-        """images float32 [n, 1, S, S] in [-1, 1] -> maps float32 [n, S, S]."""
+    def maps(self, images: np.ndarray, finding: str, keys: list[str] | None = None) -> np.ndarray:
+        """images float32 [n, 1, S, S] in [-1, 1] -> maps float32 [n, S, S]; the stochastic methods draw each
+        image's noise from (attribute.seed, its key) (`pipelines.seeds`), so batching never changes a map."""
+        from cxrray.pipelines.seeds import item_seeds
+
+        seeds = item_seeds(self.cfg.attribute.seed, keys, len(images))
         from cxrray.pipelines.saliency.maps import grad_cam, integrated_gradients
 
         if self.method in SALIENCY:
@@ -79,23 +83,30 @@ class Mapper:
             from cxrray.pipelines.attribution.img2img import attribution_maps
 
             prompt = self.cfg.attribution.prompt if self.method == "attribution" else ""
-            return np.abs(attribution_maps(self.ldm, images, prompt, self.cfg.attribution, self.cfg.attribution.seed)[0])
-        return _diffchest_maps(self.method, images, finding, self.diffchest, self.cfg)
+            return np.abs(attribution_maps(self.ldm, images, prompt, self.cfg.attribution, seeds)[0])
+        return _diffchest_maps(self.method, images, finding, self.diffchest, self.cfg, seeds)
 
     def probabilities(self, images: np.ndarray, finding: str) -> np.ndarray | None:
         """The explained model's P(finding) per image [n] (saliency: the classifier; counterfactual: the probe
         on z), or None."""
         with torch.no_grad():
-            x = torch.from_numpy(images).float()
             if self.classifier is not None:
                 net, record = self.classifier
-                return torch.sigmoid(net(x)[:, record["findings"].index(finding)]).numpy()
-            if self.diffchest is None:
+                x = torch.from_numpy(images).float().to(_device(net))
+                return torch.sigmoid(net(x)[:, record["findings"].index(finding)]).cpu().numpy()
+            if self.diffchest is None or self.diffchest[1] is None:
                 return None
             model, head = self.diffchest
-            if head is None:
-                return None
-            return head.probabilities(model.encode(x).float())[:, head.index(finding)].numpy()
+            z = model.encode(torch.from_numpy(images).float().to(_device(model))).float().cpu()
+            return head.probabilities(z)[:, head.index(finding)].numpy()
+
+    def to(self, device: torch.device) -> "Mapper":
+        """The method's models on `device` (inputs follow the models)."""
+        for model in (self.classifier[0] if self.classifier else None, self.diffchest[0] if self.diffchest else None,
+                      self.ldm):
+            if model is not None:
+                model.to(device)
+        return self
 
 
 def load_mapper(method: str, checkpoint: str, probe: str | None, cfg: Config) -> Mapper:
@@ -135,22 +146,27 @@ def load_diffchest(checkpoint: str, probe: str | None, image_size: int | None = 
     return loaded.model.eval(), load_head(probe) if probe else None
 
 
-def _diffchest_maps(method: str, images: np.ndarray, finding: str, diffchest, cfg: Config) -> np.ndarray:
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _diffchest_maps(method: str, images: np.ndarray, finding: str, diffchest, cfg: Config, seeds: list[int]
+                    ) -> np.ndarray:
     from cxrray.diffusion.ddim import ddim_sample
     from cxrray.pipelines.diffchest.counterfactual import counterfactuals
 
     model, head = diffchest
     if method == "counterfactual" and head is None:
         raise ConfigError("the counterfactual method needs --probe")
-    ec, out = cfg.explain, []
-    generator = torch.Generator().manual_seed(cfg.attribute.seed)
+    ec, out, device = cfg.explain, [], _device(model)
     for start in range(0, len(images), ec.batch_size):
-        x0 = torch.from_numpy(images[start:start + ec.batch_size]).float()
+        x0 = torch.from_numpy(images[start:start + ec.batch_size]).float().to(device)
         if method == "counterfactual":
             change = counterfactuals(model, head, x0, finding, ec, toward=-1)["difference"]
         else:
+            noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(s))
+                                 for s in seeds[start:start + ec.batch_size]]).to(device)
             with torch.no_grad():
-                z = model.encode(x0).float()
-                change = ddim_sample(model, z, torch.randn(x0.shape, generator=generator), ec.steps, clip=True) - x0
+                change = ddim_sample(model, model.encode(x0).float(), noise, ec.steps, clip=True) - x0
         out.append(change.abs()[:, 0].cpu().numpy())
     return np.concatenate(out).astype(np.float32)

@@ -44,7 +44,7 @@ def method_maps(method: str, images: np.ndarray, finding: str, truth: TruthSet, 
     if method == "random":
         rng = np.random.default_rng(cfg.localisation.seed)
         return rng.random(images[:, 0].shape).astype(np.float32)
-    return mappers[method].maps(images, finding)
+    return mappers[method].maps(images, finding, [truth.keys[i] for i in rows])
 
 
 def score(maps: np.ndarray, masks: np.ndarray, tolerance_px: int, within: np.ndarray | None = None
@@ -120,7 +120,9 @@ def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, checkpo
         grid_rows += _grid_rows(images, masks, maps_by_method, lc.grid_images)
         progress(f"[localisation] {finding}: " + ", ".join(
             f"{m} {_cell(summary[m]['pixel_auroc']['mean']) or 'n/a'}" for m in lc.methods) + " (pixel AUROC)")
-    result = {"data": data_uri, "checkpoint": checkpoint, "probe": probe, "ldm": ldm, "split": lc.test_split, "config": lc.model_dump(mode="json"),
+    settings = {k: getattr(cfg, k).model_dump(mode="json") for k in ("saliency", "explain", "attribution")}
+    result = {"data": data_uri, "checkpoint": checkpoint, "probe": probe, "ldm": ldm, "split": lc.test_split,
+              "settings": {**settings, "attribute_seed": cfg.attribute.seed}, "config": lc.model_dump(mode="json"),
               "classifier": classifier[1] if classifier else None, "findings": results,
               "seconds": round(time.perf_counter() - start, 1)}
     (out / "localisation.json").write_text(json.dumps(result, indent=1))

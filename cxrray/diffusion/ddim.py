@@ -64,8 +64,9 @@ def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, 
           blend: tuple[list[torch.Tensor], torch.Tensor] | None = None, guide=None, **step_kwargs) -> torch.Tensor:
     """Run one sampler over `steps` steps ("ddim": x_T -> x0, "ddim_inverse": x0 -> x_T, "ddpm":
     ancestral x_T -> x0, "pndm": PLMS x_T -> x0) under the model's own schedule (`model.schedule`; default linear T = 1000, eps prediction).
-    `start` < 1 (ddim only): `x` is a clean image, noised to the first timestep <= start * T with noise
-    from `generator`, and only the remaining steps run (SDEdit / Diff-AE's stochastic encoding).
+    `start` < 1 (ddim, pndm): `x` is a clean image, noised to the first timestep <= start * T with noise
+    from `generator`, and only the remaining steps run (SDEdit / Diff-AE's stochastic encoding); at 1, `x` is
+    taken as x_T itself.
     `known` = (x0 of the same shape as x, keep mask broadcastable to it, 1 = known): before the first step and
     after each one, where keep is 1 the sample is replaced by x0 forward-noised (fresh noise from `generator`)
     to the timestep the sample is now at, and by x0 itself at the end (inpainting as in LDM / Cheff).
@@ -92,8 +93,9 @@ def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, 
                          f"({len(timesteps) + 1} states), got {len(blend[0])}")
     if start < 1.0:
         timesteps = timesteps[timesteps <= start * (sched.config.num_train_timesteps - 1)]
-        if kind == "pndm" and len(timesteps) > 1 and timesteps[0] != timesteps[1]:
-            timesteps = torch.cat([timesteps[:1], timesteps])  # PLMS warms up by evaluating its first step twice
+        if kind == "pndm":  # PLMS warms up on its second timestep twice ([t0, t1, t1, t2, ...], as set_timesteps
+            kept = torch.unique_consecutive(timesteps)  # lays it out); rebuild that layout for the kept part
+            timesteps = torch.cat([kept[:1], kept[1:2], kept[1:]]) if len(kept) > 1 else kept
         noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
         x = sched.add_noise(x, noise.to(x.device), timesteps[:1].expand(x.shape[0]))
     if kind == "ddpm":

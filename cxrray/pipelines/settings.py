@@ -285,8 +285,7 @@ class AttributionConfig(StrictModel):
     strength: float = Field(0.55, ge=0.0, le=1.0)  # how far into the schedule the image's latent is noised
     guidance: float = Field(4.0, ge=1.0, le=20.0)  # classifier-free guidance toward the prompt
     steps: int = Field(50, ge=1, le=1000)  # sampler steps over the whole schedule (strength x steps run)
-    scheduler: Literal["ddim", "pndm"] = "ddim"
-    seed: int = 0
+    scheduler: Literal["ddim", "pndm"] = "ddim"  # each image's noise: attribute.seed and its key
 
 
 class NoisyClassifierConfig(StrictModel):
@@ -315,5 +314,4 @@ class AugmentConfig(ActorPoolConfig):
     start_alpha_bar: float = Field(0.08, gt=0.0, lt=1.0)  # the noise level the translation starts from
     steps: int = Field(25, ge=1, le=1000)  # DDIM steps over the whole schedule (those below the start run)
     sigma: float = Field(1.0, ge=0.0)  # the heatmap's Gaussian smoothing, pixels
-    batch_size: int = Field(8, ge=1)
     seed: int = 0

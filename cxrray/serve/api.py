@@ -378,6 +378,9 @@ def create_api(settings: dict, backend) -> FastAPI:
             if name in fields:
                 raise ApiError(422, "unsupported_field", f"{name} is a setting of the generative attribution methods, "
                                                          f"not of {method}")
+        if method == "reconstruction" and "invert_steps" in fields:
+            raise ApiError(422, "unsupported_field", "invert_steps is the counterfactual's; reconstruction decodes "
+                                                     "from noise")
         finding = fields.get("finding", "").strip()
         if not finding:
             raise ApiError(422, "missing_field", "form field `finding` is required")

@@ -26,6 +26,8 @@ def healthy_counterparts(model, images: torch.Tensor, prompt: str, cfg: Attribut
         raise InputError("this latent diffusion model is unconditional: it cannot be guided by a prompt")
     device = next(model.unet.parameters()).device
     z = model.latents(images.to(device).float())
+    if cfg.strength >= 1.0:  # all the way: a sample from noise under the prompt (walk takes x as x_T at 1)
+        z = torch.randn(z.shape, generator=generator, device=generator.device).to(device)
     if cfg.strength > 0.0:
         n = len(images)
         ids = prompt_ids(model, [prompt] * n, device) if prompt else None
@@ -39,13 +41,13 @@ def healthy_counterparts(model, images: torch.Tensor, prompt: str, cfg: Attribut
     return out
 
 
-def attribution_maps(model, images: np.ndarray, prompt: str, cfg: AttributionConfig, seed: int = 0,
-                     batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """(signed maps image - counterpart, counterparts) [n, S, S], seeded per call (same seed: same maps)."""
-    generator = torch.Generator().manual_seed(seed)
+def attribution_maps(model, images: np.ndarray, prompt: str, cfg: AttributionConfig, seeds: list[int]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(signed maps image - counterpart, counterparts) [n, S, S]; image i's noise from `seeds[i]` alone (one
+    image per call: a map never depends on its batch)."""
     healthy = []
-    for start in range(0, len(images), batch):
-        x = torch.from_numpy(np.asarray(images[start:start + batch], np.float32))
-        healthy.append(healthy_counterparts(model, x, prompt, cfg, generator)[:, 0].cpu().numpy())
+    for image, seed in zip(np.asarray(images, np.float32), seeds):
+        x = torch.from_numpy(image[None])
+        healthy.append(healthy_counterparts(model, x, prompt, cfg, torch.Generator().manual_seed(seed))[:, 0].cpu().numpy())
     well = np.concatenate(healthy).astype(np.float32)
     return np.asarray(images, np.float32)[:, 0] - well, well

@@ -17,19 +17,18 @@ import numpy as np
 import torch
 
 from cxrray.data.imaging import decode_png16, encode_png16, png16_to_model
-from cxrray.data.shards import MANIFEST, dumps, load_part, read_manifest, read_tar, remove_stale, reusable_part, write_shard
+from cxrray.data.shards import (
+    MANIFEST, dumps, load_part, read_manifest, read_tar, remove_stale, reusable_part, write_if_changed, write_shard,
+)
 from cxrray.data.storage import Storage
 from cxrray.errors import InputError
 from cxrray.models.loading import load_ema, model_identity
 from cxrray.pipelines.daug.noisy_classifier import load_noisy_classifier
 from cxrray.pipelines.daug.translate import heatmaps, translate
 from cxrray.pipelines.fanout import fan_out
+from cxrray.pipelines.seeds import key_seed
 from cxrray.pipelines.settings import AugmentConfig
 from cxrray.runtime import ensure_ray
-
-
-def key_seed(seed: int, key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=6).digest(), "big")
 
 
 class ShardHeatmaps:
@@ -37,15 +36,18 @@ class ShardHeatmaps:
 
     def __init__(self, ddpm: str, classifier: str, data_uri: str, output_uri: str, cfg: dict, findings: list[str]):
         self.cfg = AugmentConfig(**cfg)
-        torch.set_num_threads(1)
-        self.ddpm = load_ema(ddpm).eval()
+        device = torch.device("cuda" if self.cfg.use_gpu and torch.cuda.is_available() else "cpu")
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+        self.ddpm = load_ema(ddpm).eval().to(device)
         self.classifier, names = load_noisy_classifier(classifier)
+        self.classifier.to(device)
         self.classes = [names.index(c) for c in self.cfg.classes]
         self.conditions = _unobserved(self.ddpm)
         self.data, self.out, self.findings = Storage(data_uri), Storage(output_uri), findings
 
     def maps(self, key: str, image: np.ndarray) -> dict[str, bytes]:
-        x = torch.from_numpy(png16_to_model(image))[None, None]
+        x = torch.from_numpy(png16_to_model(image))[None, None].to(next(self.ddpm.parameters()).device)
         sign = 1.0 if self.cfg.direction == "toward" else -1.0
         out = {}
         for name, k in zip(self.cfg.classes, self.classes):
@@ -74,21 +76,23 @@ def _unobserved(ddpm) -> torch.Tensor | None:
 def augment(ddpm: str, classifier: str, data_uri: str, output_uri: str, cfg: AugmentConfig) -> dict:
     """Write the heatmap-augmented copy of `data_uri` under `output_uri`; returns its manifest."""
     identity = model_identity(ddpm, "sample")
+    if identity["family"] != "ddpm":
+        raise InputError(f"--ddpm {ddpm}: a pixel DDPM (family ddpm) guides DAug's translation, not {identity['family']}")
+    ddpm = identity["checkpoint"]  # resolved once: the actors load exactly what the fingerprint names
     _, names = load_noisy_classifier(classifier)
     unknown = sorted(set(cfg.classes) - set(names))
     if unknown:
         raise InputError(f"augment.classes {unknown}: the noise-aware classifier knows {names}")
     manifest = read_manifest(data_uri)
     size = manifest["preprocessing"]["size"]
-    if load_ema(ddpm).cfg.image_size != size:
-        raise InputError(f"{ddpm} generates {load_ema(ddpm).cfg.image_size}² images, the shards hold {size}²")
+    if identity["image_size"] != size:
+        raise InputError(f"{ddpm} generates {identity['image_size']}² images, the shards hold {size}²")
     ensure_ray()
     out = Storage(output_uri)
     out.remove_partial()
     settings = {"ddpm": identity["checkpoint"], "classifier": Storage(classifier).uri,
                 "classifier_sha256": hashlib.sha256(Storage(classifier).read_bytes("noisy_classifier.safetensors")).hexdigest(),
-                "augment": cfg.model_dump(mode="json", exclude={"actors", "min_actors", "use_gpu", "actor_resources",
-                                                                "batch_size"}),
+                "augment": cfg.model_dump(mode="json", exclude={"actors", "min_actors", "use_gpu", "actor_resources"}),
                 "data": {s["name"]: s["sha256"] for s in manifest["shards"]}}
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     shard_names = [s["name"] for s in manifest["shards"]]
@@ -105,7 +109,7 @@ def augment(ddpm: str, classifier: str, data_uri: str, output_uri: str, cfg: Aug
               "augment": {"ddpm": {k: identity[k] for k in ("name", "family", "version", "images_shown", "checkpoint")},
                           "classifier": settings["classifier"], "settings": settings["augment"],
                           "source": Storage(data_uri).uri, "fingerprint": fingerprint}}
-    out.write_bytes(MANIFEST, dumps(result))
+    write_if_changed(out, MANIFEST, dumps(result))
     removed = remove_stale(out, set(shard_names))
     print(f"[augment] wrote {sum(s['samples'] for s in shards):,} images with heatmaps {cfg.classes} in {len(shards)} "
           f"shards -> {out.uri}{f' ({removed} stale objects removed)' if removed else ''}", flush=True)

@@ -25,11 +25,15 @@ PAPER_AP = {"no_finding": 0.631, "cardiac": 0.885, "lung_lesion": 0.407, "opacit
 def super_labels(labels: np.ndarray, vocabulary: list[str]) -> tuple[np.ndarray, list[str]]:
     """labels [N, F] in {0, 1, NaN} named by `vocabulary` -> (super-labels [N, K] in {0, 1, NaN}, their names).
     A super-class is 1 when any member is 1, 0 when every member is known 0, else NaN; super-classes with no
-    member in the vocabulary are left out. No Finding is 1 when every pathology label (members of the
-    non-device super-classes) is 0, 0 when any is 1, else NaN; devices do not count against it."""
+    member in the vocabulary are left out. No Finding is the source's own "No Finding" column when it has one,
+    else 1 when every label but the devices is 0 (pathologies outside the super-classes, e.g. pneumothorax,
+    count against it as in CheXpert), 0 when any is 1, else NaN; devices never count against it."""
     labels = np.asarray(labels, np.float64)
     index = {name.lower(): j for j, name in enumerate(vocabulary)}
-    names, columns, pathology = [], [], []
+    names, columns = [], []
+    devices = {index[m] for m in SUPER_CLASSES["devices"] if m in index}
+    own = next((index[n] for n in ("no_finding", "no finding") if n in index), None)
+    pathology = [j for j in range(labels.shape[1]) if j not in devices and j != own]
     for name, members in SUPER_CLASSES.items():
         cols = [index[m] for m in members if m in index]
         if not cols:
@@ -38,11 +42,10 @@ def super_labels(labels: np.ndarray, vocabulary: list[str]) -> tuple[np.ndarray,
         column = np.where((block == 1).any(axis=1), 1.0, np.where((block == 0).all(axis=1), 0.0, np.nan))
         names.append(name)
         columns.append(column)
-        if name != "devices":
-            pathology += cols
-    if pathology:
+    if own is not None or pathology:
         block = labels[:, pathology]
-        none = np.where((block == 1).any(axis=1), 0.0, np.where((block == 0).all(axis=1), 1.0, np.nan))
+        none = labels[:, own] if own is not None else np.where(
+            (block == 1).any(axis=1), 0.0, np.where((block == 0).all(axis=1), 1.0, np.nan))
         names.insert(0, NO_FINDING)
         columns.insert(0, none)
     return np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((len(labels), 0), np.float32), names

@@ -30,7 +30,7 @@ def translate(ddpm, classifier, images: torch.Tensor, k: int, scale: float, star
 
     device = next(ddpm.parameters()).device
     x0 = images.to(device).float()
-    start = start_fraction(start_alpha_bar, getattr(ddpm, "schedule", {}))
+    start = min(start_fraction(start_alpha_bar, getattr(ddpm, "schedule", {})), 0.999)  # < 1: walk noises x0
 
     def guide(x_t: torch.Tensor, t) -> torch.Tensor:
         x_t = x_t.detach().requires_grad_(True)
