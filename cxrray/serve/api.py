@@ -334,25 +334,35 @@ def create_api(settings: dict, backend) -> FastAPI:
             raise ApiError.from_answer(out)
         return {"findings": list(out["probabilities"]), **out}
 
-    @app.post("/v1/explain", openapi_extra=EXPLAIN_FORM,
-              summary="Counterfactual of one radiograph toward/away from a finding, with a difference map")
-    async def explain(request: Request):
-        i = await info()
-        supported(i, "explain")
-        fields, (data,) = await upload(request, EXPLAIN_FIELDS)
+    def fitted_finding(fields: dict, i: dict) -> str:
+        """The form's `finding`: required, and one the probe has fitted (422 otherwise)."""
         finding = fields.get("finding", "").strip()
         if not finding:
             raise ApiError(422, "missing_field", "form field `finding` is required")
         if finding not in i["findings"]:
             why = "has no fitted probe" if finding in i["unfitted"] else "is unknown"
             raise ApiError(422, "unknown_finding", f"finding {finding[:60]!r} {why}; choose from {i['findings']}")
+        return finding
+
+    def decode_steps(fields: dict) -> tuple[int, int]:
+        """(steps, invert_steps) of the form, within the service's limits."""
+        steps = _int(fields.get("steps", default_steps), "steps", 1, settings["max_steps"])
+        invert = _int(fields.get("invert_steps", min(explain_defaults["invert_steps"], settings["max_invert_steps"])),
+                      "invert_steps", 1, settings["max_invert_steps"])
+        return steps, invert
+
+    @app.post("/v1/explain", openapi_extra=EXPLAIN_FORM,
+              summary="Counterfactual of one radiograph toward/away from a finding, with a difference map")
+    async def explain(request: Request):
+        i = await info()
+        supported(i, "explain")
+        fields, (data,) = await upload(request, EXPLAIN_FIELDS)
+        finding = fitted_finding(fields, i)
         try:
             eps = float(fields.get("eps", explain_defaults["eps"]))
         except ValueError:
             raise ApiError(422, "invalid_field", "eps must be a number") from None
-        steps = _int(fields.get("steps", default_steps), "steps", 1, settings["max_steps"])
-        invert = _int(fields.get("invert_steps", min(explain_defaults["invert_steps"], settings["max_invert_steps"])),
-                      "invert_steps", 1, settings["max_invert_steps"])
+        steps, invert = decode_steps(fields)
         direction = _choice(fields.get("direction", "toward"), "direction", ("toward", "away"))
         fmt = _choice(fields.get("format", "png"), "format", ("png", "dicom"))
         try:
@@ -381,15 +391,8 @@ def create_api(settings: dict, backend) -> FastAPI:
         if method == "reconstruction" and "invert_steps" in fields:
             raise ApiError(422, "unsupported_field", "invert_steps is the counterfactual's; reconstruction decodes "
                                                      "from noise")
-        finding = fields.get("finding", "").strip()
-        if not finding:
-            raise ApiError(422, "missing_field", "form field `finding` is required")
-        if finding not in i["findings"]:
-            why = "has no fitted probe" if finding in i["unfitted"] else "is unknown"
-            raise ApiError(422, "unknown_finding", f"finding {finding[:60]!r} {why}; choose from {i['findings']}")
-        steps = _int(fields.get("steps", default_steps), "steps", 1, settings["max_steps"])
-        invert = _int(fields.get("invert_steps", min(explain_defaults["invert_steps"], settings["max_invert_steps"])),
-                      "invert_steps", 1, settings["max_invert_steps"])
+        finding = fitted_finding(fields, i)
+        steps, invert = decode_steps(fields)
         fmt = _choice(fields.get("format", "png"), "format", ("png", "dicom"))
         cfg = ExplainConfig(**{**explain_defaults, "steps": steps, "invert_steps": invert})
         image = await image_of(data, i)
