@@ -19,7 +19,7 @@ from cxrray.errors import ConfigError
 from cxrray.families import FAMILIES, get_family
 from cxrray.pipelines.settings import (  # noqa: F401 (re-exported)
     AuditConfig, CounterfactualJudgeConfig, EncodeConfig, ExperimentConfig, ExplainConfig, GenerateConfig, GenerationEvalConfig, LatentsConfig,
-    AttributionConfig, AugmentConfig, NoisyClassifierConfig, ProbeConfig, SaliencyConfig, SyntheticAuditConfig,
+    AttributionConfig, AugmentConfig, DownstreamConfig, NoisyClassifierConfig, ProbeConfig, SaliencyConfig, SyntheticAuditConfig,
 )
 from cxrray.attribute.settings import AttributeConfig  # noqa: F401 (re-exported)
 from cxrray.benchmarks.settings import LocalisationConfig  # noqa: F401 (re-exported)
@@ -62,6 +62,7 @@ class Config(StrictModel):
     attribution: AttributionConfig = Field(default_factory=AttributionConfig)
     noisy_classifier: NoisyClassifierConfig = Field(default_factory=NoisyClassifierConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
     localisation: LocalisationConfig = Field(default_factory=LocalisationConfig)
     attribute: AttributeConfig = Field(default_factory=AttributeConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)

@@ -7,7 +7,7 @@ import numpy as np
 
 from cxrray.config import load_config
 from cxrray.pipelines.daug.noisy_classifier import average_precision_by_t, train_noisy_classifier
-from cxrray.pipelines.daug.superclasses import NO_FINDING, super_labels
+from cxrray.families.daug.superclasses import NO_FINDING, super_labels
 
 NAN = np.nan
 
@@ -130,3 +130,71 @@ def test_augment_writes_each_images_heatmaps_beside_it_once_and_reruns_nothing(r
         k: v for k, v in mtimes.items() if k != "manifest.json"}
     bad = [*args[:-4], "--set", "augment.classes=[nonsense]"]
     assert main(bad) == 2
+
+
+def _masks_as_heatmaps(source: str, target: str) -> None:
+    """The phantoms' own finding masks as DAug's heatmap members (a perfect heatmap: the known answer)."""
+    from cxrray.data.imaging import decode_png16, encode_png16
+    from cxrray.data.shards import MANIFEST, dumps, read_manifest, read_tar, write_shard
+    from cxrray.data.storage import Storage
+
+    def heatmap(mask_png: bytes) -> bytes:  # masks are stored 0/1 or 0/255: heatmaps span the 16 bits
+        return encode_png16((decode_png16(mask_png) > 0).astype(np.float32))
+
+    src, out = Storage(source), Storage(target)
+    manifest = read_manifest(src)
+    as_heatmap = {"mask_cardiomegaly.png": "heatmap_cardiac.png", "mask_effusion.png": "heatmap_pleural.png"}
+    for shard in manifest["shards"]:
+        samples = [(key, png, meta, {**extra, **{as_heatmap[m]: heatmap(v) for m, v in extra.items() if m in as_heatmap}})
+                   for key, png, meta, extra in read_tar(src.read_bytes(shard["name"]), extras=True)]
+        write_shard(out, shard["name"], "test", samples, [], manifest["label_vocabulary"])
+    out.write_bytes(MANIFEST, dumps({**manifest, "members": sorted({*manifest["members"], *as_heatmap.values()})}))
+
+
+def test_downstream_arms_on_ray_train_use_true_heatmaps_and_not_shuffled_ones(ray_local, tmp_path, monkeypatch, capsys):
+    """`cxrray evaluate daug` with the masks as heatmaps: the `heatmaps` arm (trained on Ray Train like every
+    arm) classifies pleural and cardiac from them near perfectly, the `shuffled` control cannot use them, the
+    paired bootstrap says so, retrieval is scored in [0, 1]; a 50% subset keeps whole patients and the other
+    splits; a rerun trains nothing."""
+    import json
+
+    from cxrray.cli import main
+    from cxrray.data.shards import read_manifest, read_tar
+    from cxrray.pipelines.daug.downstream import train_subset
+
+    monkeypatch.setenv("CXRRAY_SALT", "daug-downstream")
+    assert main(["phantoms", "--n", "240", "--out", str(tmp_path / "ph"), "--set", "phantom.masks=true",
+                 "--set", "phantom.size=64"]) == 0
+    assert main(["ingest", "--input", str(tmp_path / "ph"), "--labels", str(tmp_path / "ph" / "labels.csv"),
+                 "--output", f"file://{tmp_path}/shards", "--set", "ingest.size=32", "--set", "ingest.shard_samples=60",
+                 "--set", 'ingest.split_fractions={"train": 0.6, "val": 0.1, "test": 0.3}']) == 0
+    _masks_as_heatmaps(f"file://{tmp_path}/shards", f"file://{tmp_path}/aug")
+    # the subset: whole patients of the train split, every other split untouched
+    half = train_subset(f"file://{tmp_path}/aug", f"file://{tmp_path}/half", 0.5, seed=0)
+    full, sub = read_manifest(f"file://{tmp_path}/aug"), read_manifest(half)
+    assert 0.3 < sub["splits"]["train"]["images"] / full["splits"]["train"]["images"] < 0.7
+    assert sub["splits"]["test"] == full["splits"]["test"] and sub["splits"]["val"] == full["splits"]["val"]
+    kept = {m["patient"] for s in sub["shards"] for _, _, m in read_tar((tmp_path / "half" / s["name"]).read_bytes())
+            if m["split"] == "train"}
+    every = [m for s in full["shards"] for _, _, m in read_tar((tmp_path / "aug" / s["name"]).read_bytes())]
+    assert sum(m["patient"] in kept for m in every if m["split"] == "train") == sub["splits"]["train"]["images"]
+
+    args = ["evaluate", "daug", "--data", f"file://{tmp_path}/aug", "--output", str(tmp_path / "ds"),
+            "--set", "downstream.arms=[heatmaps,shuffled]", "--set", "downstream.fractions=[1.0]",
+            "--set", "downstream.images=3200", "--set", "downstream.n_boot=500", "--set", "train.num_workers=1",
+            "--set", "train.strategy=ddp", "--set", 'downstream.model={"width": 8, "embed_dim": 32}']
+    assert main(args) == 0
+    result = json.loads((tmp_path / "ds" / "downstream.json").read_text())
+    arms = result["fractions"]["f1"]["arms"]
+    for name in ("pleural", "cardiac"):
+        assert arms["heatmaps"]["classes"][name]["auroc"] > 0.95, (name, arms["heatmaps"]["classes"][name])
+        test = next(c for c in result["fractions"]["f1"]["comparisons"]
+                    if c["against"] == "shuffled" and c["metric"] == f"AUROC {name}")
+        assert test["diff"] > 0 and test["p_value"] < 0.05, test
+    for arm in arms.values():
+        assert all(0 <= arm["retrieval"][m] <= 1 for m in ("ap@10", "hit@1", "hit@5", "hit@10"))
+        assert arm["retrieval"]["hit@1"] <= arm["retrieval"]["hit@5"] <= arm["retrieval"]["hit@10"]
+    assert "| f1 | heatmaps |" in (tmp_path / "ds" / "table.md").read_text()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("nothing to do") == 2  # every arm finished: nothing retrained

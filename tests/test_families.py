@@ -45,10 +45,19 @@ def ldm_extra() -> dict:
             "vae": vae.model_dump()}
 
 
+def daug_extra() -> dict:
+    """DAug's downstream model at the test size: the [x, x, x] arm (the contract batch has no heatmaps), the
+    batch's three labels and the reports' tokenizer."""
+    text = {k: v for k, v in ldm_extra().items() if k in ("text_layers", "text_heads", "max_tokens", "tokenizer",
+                                                          "vocab_size")}
+    return {"channels": "image", "width": 8, "blocks": 2, "embed_dim": 16, "text_width": 32, **text,
+            "label_vocabulary": ["cardiomegaly", "effusion", "chest_tube"]}
+
+
 def tiny(name: str):
     """The family's config at the test size (SMALL's fields it has, then its EXTRA)."""
     config = get_family(name).config
-    extra = ldm_extra() if name == "ldm" else EXTRA.get(name, {})
+    extra = ldm_extra() if name == "ldm" else daug_extra() if name == "daug" else EXTRA.get(name, {})
     return config(**{**{k: v for k, v in SMALL.items() if k in config.model_fields}, **extra, "family": name})
 
 
@@ -149,12 +158,12 @@ def test_family_loads_from_the_mlflow_registry_by_alias(name, tmp_path, monkeypa
     assert loaded.family is family and loaded.identity["images_shown"] == 96
     assert loaded.identity["name"] == f"cxrray-{name}" and loaded.identity["version"] == "1"
     assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in model.state_dict().items())
-    if family.capabilities & {"encode", "reconstruct", "upscale"}:  # the registered pyfunc answers images
+    if family.capabilities & {"encode", "reconstruct", "upscale", "embed"}:  # the registered pyfunc answers images
         import mlflow
 
         from cxrray.models.loading import mlflow_uris
 
-        images = batch(2)["image"]
+        images = batch(2)["image"].repeat(1, model.cfg.in_channels if name == "daug" else 1, 1, 1)
         with mlflow_uris(uri):
             out = mlflow.pyfunc.load_model(f"models:/cxrray-{name}@latest").predict(images.numpy())
         with torch.no_grad():
@@ -162,6 +171,9 @@ def test_family_loads_from_the_mlflow_registry_by_alias(name, tmp_path, monkeypa
                 from cxrray.families.sr.task import upscale
 
                 expected = upscale(model.eval(), images, 50, torch.Generator().manual_seed(0))
+            elif "embed" in family.capabilities:
+                embeddings = model.eval().embed(images)
+                expected = torch.cat([embeddings, model.class_logits(embeddings)], 1)
             else:
                 expected = model.eval().encode(images) if "encode" in family.capabilities else model.eval()(images)
         np.testing.assert_allclose(out, expected.numpy(), atol=1e-5)
@@ -188,7 +200,7 @@ def test_diffusers_export_loads_with_diffusers_and_matches(name, tmp_path):
     torch.manual_seed(0)
     model = family.build(tiny(name)).eval()
     notes = family.export(model, tmp_path)
-    exported = {"vae": _exported_vae, "ldm": _exported_ldm, "sr": _exported_sr}.get(name, _exported_unet)
+    exported = {"vae": _exported_vae, "ldm": _exported_ldm, "sr": _exported_sr, "daug": _exported_daug}.get(name, _exported_unet)
     ours, theirs = exported(name, model, tmp_path)
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert notes and all(isinstance(n, str) for n in notes)  # what diffusers cannot express is named
@@ -237,6 +249,23 @@ def _exported_ldm(name: str, model, folder: Path) -> tuple[torch.Tensor, torch.T
         hidden = text(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
         theirs = unet(z, t, encoder_hidden_states=hidden, encoder_attention_mask=ids["attention_mask"].bool()).sample
     return ours, theirs
+
+
+def _exported_daug(name: str, model, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Report embeddings of ours and of transformers' BertModel + fast tokenizer loaded from the export (the
+    image encoder has no library class: its safetensors hold exactly our image-side weights)."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, BertModel
+
+    text = BertModel.from_pretrained(folder / "text_encoder").eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    image = load_file(str(folder / "image_encoder.safetensors"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in image.items()) and "prototypes" in image
+    ids = tokenizer(REPORTS[:2], padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = model.embed_reports(ids["input_ids"])
+        hidden = text(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state[:, 0]
+        return ours, torch.nn.functional.normalize(model.text_proj(hidden), dim=1)
 
 
 def _exported_sr(name: str, model, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:

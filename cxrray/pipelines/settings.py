@@ -2,7 +2,7 @@
 the jobs. Torch-free; `cxrray.config` composes them."""
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -302,6 +302,24 @@ class NoisyClassifierConfig(StrictModel):
     timesteps: list[Annotated[int, Field(ge=0, le=999)]] = Field(default_factory=lambda: [0, 250, 500, 750])
     # training t ~ U{0..train_t_max}: the guidance only ever queries t at or below the translation's start
     train_t_max: int = Field(999, ge=0, le=999)
+
+
+class DownstreamConfig(StrictModel):
+    """DAug's downstream experiment (`pipelines.daug.downstream`): one `daug` model per arm and training fraction,
+    each trained on Ray Train (`train` section's strategy and workers) for `images` images shown, then scored on
+    `split`: per-class AUROC / AP, retrieval mAP@10 and Recall@1/5/10, paired patient-clustered bootstraps."""
+
+    arms: list[Literal["image", "heatmaps", "shuffled", "no_text"]] = Field(
+        default_factory=lambda: ["image", "heatmaps", "shuffled", "no_text"], min_length=2)
+    fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=lambda: [1.0, 0.1], min_length=1)
+    model: dict[str, Any] = Field(default_factory=dict)  # overrides of the `daug` preset (width, heatmaps, ...)
+    images: int = Field(20_000, ge=1)  # images shown per arm, the same at every fraction
+    global_batch: int = Field(32, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    ema_decay: float = Field(0.9, ge=0, lt=1)  # short runs: an EMA of 0.995 over 150 steps keeps half the init
+    split: str = "test"
+    n_boot: int = Field(2000, ge=100)
+    seed: int = 0
 
 
 class AugmentConfig(ActorPoolConfig):

@@ -4,7 +4,7 @@ this process for evaluation. Only the members named here are decoded; nothing is
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,7 +21,7 @@ class TruthSet:
     """N images of one split in shard order. images float32 [N, 1, S, S] in [-1, 1]; labels float32 [N, F]
     (NaN: unknown) named by `findings`; masks {finding: bool [N, S, S]} for the findings the shards carry
     masks of; lungs bool [N, S, S] or None; healthy float32 [N, S, S] in [-1, 1] or None; keys and
-    patients (salted ids) [N]."""
+    patients (salted ids) [N]; extra {member: raw decoded PNG [N, S, S]} for the members asked for by `also`."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -31,6 +31,7 @@ class TruthSet:
     healthy: np.ndarray | None
     keys: list[str]
     patients: list[str]
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def positives(self, finding: str) -> np.ndarray:
         """Indices of images labelled positive for `finding` whose mask is not empty."""
@@ -39,7 +40,8 @@ class TruthSet:
         return np.flatnonzero((self.labels[:, j] == 1) & has)
 
 
-def load_truth(data_uri: str, split: str, limit: int | None = None, need_masks: bool = True) -> TruthSet:
+def load_truth(data_uri: str, split: str, limit: int | None = None, need_masks: bool = True,
+               also: tuple[str, ...] = ()) -> TruthSet:
     """The first `limit` images of `split` (all with None) with their labels and ground-truth members.
     With `need_masks`, shards without any `mask_*` member are an InputError (ingest them from a folder CSV
     with `mask:NAME` columns, e.g. phantoms made with phantom.masks=true)."""
@@ -51,6 +53,9 @@ def load_truth(data_uri: str, split: str, limit: int | None = None, need_masks: 
         raise InputError(f"{store.uri} carries no masks (members: {sorted(members) or 'none'}); ingest "
                          f"phantoms made with phantom.masks=true, or a folder CSV with mask:NAME columns")
     findings = list(manifest["label_vocabulary"])
+    absent = sorted(set(also) - members)
+    if absent:
+        raise InputError(f"{store.uri} has no {absent} members (members: {sorted(members) or 'none'})")
     rows: list[tuple] = []
     for shard in manifest["shards"]:
         if not shard["splits"].get(split):
@@ -75,4 +80,5 @@ def load_truth(data_uri: str, split: str, limit: int | None = None, need_masks: 
         masks={name: stack(f"mask_{name}.png") > 0 for name in mask_names},
         lungs=stack(LUNGS) > 0 if LUNGS in members else None,
         healthy=png16_to_model(stack(HEALTHY)) if HEALTHY in members else None,
-        keys=[key for key, *_ in rows], patients=[meta["patient"] for _, _, meta, _ in rows])
+        keys=[key for key, *_ in rows], patients=[meta["patient"] for _, _, meta, _ in rows],
+        extra={member: stack(member) for member in also})

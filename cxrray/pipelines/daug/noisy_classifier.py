@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from cxrray.pipelines.daug.superclasses import PAPER_AP, super_labels
+from cxrray.families.daug.superclasses import PAPER_AP, super_labels
 from cxrray.pipelines.judges import masked_bce, train_epochs
 from cxrray.pipelines.settings import NoisyClassifierConfig
 

@@ -22,6 +22,11 @@ PAPER_AP = {"no_finding": 0.631, "cardiac": 0.885, "lung_lesion": 0.407, "opacit
             "pleural": 0.746, "devices": 0.633}
 
 
+def super_class_names(vocabulary: list[str]) -> list[str]:
+    """The super-classes `super_labels` gives for labels named by `vocabulary`, in its order."""
+    return super_labels(np.zeros((0, len(vocabulary)), np.float32), vocabulary)[1]
+
+
 def super_labels(labels: np.ndarray, vocabulary: list[str]) -> tuple[np.ndarray, list[str]]:
     """labels [N, F] in {0, 1, NaN} named by `vocabulary` -> (super-labels [N, K] in {0, 1, NaN}, their names).
     A super-class is 1 when any member is 1, 0 when every member is known 0, else NaN; super-classes with no
