@@ -217,9 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
                                          "shards URI (PNG, overlay PNG, overlay DICOM, JSON each)")
     p.add_argument("--method", required=True, help="gradcam | integrated-gradients (--checkpoint: a classifier folder "
                    "from `cxrray classifier`) | counterfactual (--checkpoint: DiffChest, --probe) | reconstruction | "
-                   "attribution | empty-prompt (--checkpoint: a report-conditioned latent diffusion model)")
+                   "attribution | empty-prompt (--checkpoint: a report-conditioned latent diffusion model) | guided "
+                   "(DAug: --checkpoint a pixel DDPM, --classifier)")
     p.add_argument("--checkpoint", required=True, help="the method's model (see --method)")
     p.add_argument("--probe", default=None, help="probe directory (`cxrray probe`): the counterfactual method")
+    p.add_argument("--classifier", default=None, help="`cxrray evaluate noisy-classifier` folder: the guided method")
     p.add_argument("--data", required=True, help="a DICOM/PNG file, or a shards URI (batch fan-out)")
     p.add_argument("--finding", action="append", required=True, help="finding to localise (repeatable)")
     p.add_argument("--output", required=True, help="output folder or URI")
@@ -261,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint or pretraining-output URI, or models:/NAME/VERSION")
     p.add_argument("--probe", default=None, help="probe head directory written by `cxrray probe` (path, file://, "
                    "s3://); needed for classify/explain, omit for a generative family (ddpm)")
+    p.add_argument("--classifier", default=None, help="a noise-aware classifier folder (`cxrray evaluate noisy-"
+                   "classifier`): a pixel DDPM then answers /v1/attribute with DAug's guided method")
     p.add_argument("--host", default=None, help="HTTP address (serve.host; default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (serve.port; default 8000)")
     _add_config_args(p)
@@ -566,7 +570,9 @@ def cmd_attribute(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     cfg = load_config(args.config, args.overrides)
-    print(json.dumps(attribute(method_name(args.method), args.checkpoint, args.probe, args.data, args.finding,
+    method = method_name(args.method)
+    companion = args.classifier if method == "guided" else args.probe  # the second model the method needs
+    print(json.dumps(attribute(method, args.checkpoint, companion, args.data, args.finding,
                                args.output, cfg, split=args.split, limit=args.limit, encodings=args.encodings),
                      indent=1))
     return 0
@@ -633,7 +639,7 @@ def cmd_serve(args) -> int:
 
     overrides = list(args.overrides) + ([f"serve.host={args.host}"] if args.host else []) + (
         [f"serve.port={args.port}"] if args.port else [])
-    return run_server(args.checkpoint, args.probe, load_config(args.config, overrides))
+    return run_server(args.checkpoint, args.probe, load_config(args.config, overrides), args.classifier)
 
 
 COMMANDS = {"config": cmd_config, "phantoms": cmd_phantoms, "ingest": cmd_ingest, "sources": cmd_sources, "deid": cmd_deid, "export": cmd_export,

@@ -130,6 +130,23 @@ def test_augment_writes_each_images_heatmaps_beside_it_once_and_reruns_nothing(r
         k: v for k, v in mtimes.items() if k != "manifest.json"}
     bad = [*args[:-4], "--set", "augment.classes=[nonsense]"]
     assert main(bad) == 2
+    # `cxrray attribute --method guided`: the same translation from the same per-key seed, so an image's map is
+    # its augment heatmap of the finding's super-class (effusion -> pleural), as 16-bit PNGs
+    guided = ["attribute", "--method", "guided", "--checkpoint", f"file://{ckpt}", "--classifier", str(tmp_path / "nc"),
+              "--data", f"file://{tmp_path}/shards", "--finding", "effusion", "--output", str(tmp_path / "maps"),
+              "--limit", "3", "--set", "augment.steps=4", "--set", "augment.start_alpha_bar=0.3"]
+    assert main(guided) == 0
+    heat = {key: extra["heatmap_pleural.png"] for s in out["shards"]
+            for key, _, _, extra in read_tar((tmp_path / "aug" / s["name"]).read_bytes(), extras=True)}
+    written = sorted((tmp_path / "maps").glob("*.effusion.guided.map.png"))
+    assert len(written) == 3 and len(list((tmp_path / "maps").glob("*.guided.json"))) == 3
+    for path in written:
+        key = path.name.split(".")[0]
+        np.testing.assert_allclose(decode_png16(path.read_bytes()) / 65535, decode_png16(heat[key]) / 65535, atol=2e-3)
+    assert main([*guided[:7], "--data", f"file://{tmp_path}/shards", "--finding", "pneumothorax", "--output",
+                 str(tmp_path / "maps2")]) == 2  # in no super-class
+    assert main([*guided[:3], "--checkpoint", f"file://{ckpt}", "--data", f"file://{tmp_path}/shards", "--finding",
+                 "effusion", "--output", str(tmp_path / "maps3")]) == 2  # no --classifier
 
 
 def _masks_as_heatmaps(source: str, target: str) -> None:

@@ -375,20 +375,37 @@ def ddpm_server(server, artifacts):
                      attention_resolutions=(16,), covariates=("age", "sex", "ivsd"),
                      covariate_stats={"age": (60.0, 15.0), "ivsd": (1.0, 0.2)})
     torch.manual_seed(0)
-    ckpt = write_checkpoint(CovariateDDPM(cfg).eval(), artifacts.root / "ddpm-ckpt", 321)
-    yield deploy_beside(server, ckpt, "ddpm")
+    model = CovariateDDPM(cfg).eval()
+    ckpt = write_checkpoint(model, artifacts.root / "ddpm-ckpt", 321)
+    guide = noisy_classifier(artifacts.root / "noisy-classifier", ["no_finding", "cardiac", "pleural"])
+    yield deploy_beside(server, ckpt, "ddpm", guide=guide, model=model)
     serve.delete("cxrray-ddpm")
 
 
-def deploy_beside(server, ckpt, name: str, **extra) -> SimpleNamespace:
-    """The application for `ckpt`, without a probe, on the same Serve instance at /<name>, once healthy."""
+def noisy_classifier(folder, names: list[str]) -> str:
+    """A random-init noise-aware classifier saved as `cxrray evaluate noisy-classifier` saves one."""
+    from safetensors.torch import save_file
+
+    from cxrray.pipelines.daug.noisy_classifier import NoisyClassifier
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(1)
+    net = NoisyClassifier(len(names), width=8)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "noisy_classifier.safetensors"))
+    (folder / "noisy_classifier.json").write_text(json.dumps({"super_classes": names, "config": {"width": 8}}))
+    return str(folder)
+
+
+def deploy_beside(server, ckpt, name: str, guide: str | None = None, **extra) -> SimpleNamespace:
+    """The application for `ckpt`, without a probe (with a noise-aware classifier to guide a DDPM, if given), on
+    the same Serve instance at /<name>, once healthy."""
     from ray import serve
 
     from cxrray.config import load_config
     from cxrray.serve.app import make_app
 
-    serve.run(make_app(str(ckpt), None, load_config("tiny", SETS)), name=f"cxrray-{name}", route_prefix=f"/{name}")
-    srv = SimpleNamespace(base=f"{server.base}/{name}", **extra)
+    serve.run(make_app(str(ckpt), None, load_config("tiny", SETS), guide), name=f"cxrray-{name}", route_prefix=f"/{name}")
+    srv = SimpleNamespace(base=f"{server.base}/{name}", guide=guide, **extra)
     deadline = time.monotonic() + 60
     while call(srv, "GET", "/healthz", auth=False).status_code != 200:
         assert time.monotonic() < deadline, f"the {name} app did not become healthy within 60 s"
@@ -398,7 +415,8 @@ def deploy_beside(server, ckpt, name: str, **extra) -> SimpleNamespace:
 
 def test_ddpm_generates_under_validated_covariates(ddpm_server):
     models = call(ddpm_server, "GET", "/v1/models").json()
-    assert models["models"][0]["family"] == "ddpm" and models["endpoints"] == ["generate"]
+    assert models["models"][0]["family"] == "ddpm" and models["endpoints"] == ["attribute", "generate"]
+    assert models["attribute_methods"] == ["guided"] and {"effusion", "pleural", "cardiomegaly"} <= set(models["findings"])
     assert models["conditions"]["age"] == {"type": "number", "minimum": 0.0, "maximum": 120.0, "unit": "years"}
     assert models["conditions"]["sex"]["enum"] == ["M", "F"]
     body = {"seed": 3, "n": 2, "steps": 3, "conditions": {"age": 71, "sex": "F", "ivsd": 1.4}, "guidance": 2.0}
@@ -434,6 +452,37 @@ def test_ddpm_service_refuses_what_its_family_cannot_do(ddpm_server, artifacts):
         r = call(ddpm_server, "POST", path, files=upload(artifacts.images["png"], "image/png"), data={"finding": "effusion"})
         assert r.status_code == 422 and r.json()["error"] == "not_supported", r.text
         assert "family ddpm" in r.json()["detail"] and "generate, sample" in r.json()["detail"]
+
+
+def test_a_guided_ddpm_attributes_with_dAugs_translation_as_the_attribute_job_does(ddpm_server, artifacts):
+    """/v1/attribute on a DDPM served with a noise-aware classifier: DAug's guided map, the same as the Mapper of
+    `cxrray attribute --method guided` on the same preprocessed image and seed, marked derived; what the method
+    does not take is refused with a reason."""
+    from cxrray.attribute.methods import Mapper
+    from cxrray.config import AugmentConfig, Config, load_config
+    from cxrray.pipelines.daug.noisy_classifier import load_noisy_classifier
+
+    data = artifacts.images["dicom"]
+    r = call(ddpm_server, "POST", "/v1/attribute", files=upload(data, "application/dicom"),
+             data={"finding": "effusion", "steps": "4"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["method"], body["finding"], body["steps"], body["invert_steps"]) == ("guided", "effusion", 4, None)
+    raw = base64.b64decode(body["map"]["data"])
+    text = png_provenance(raw)
+    assert text.startswith("SYNTHETIC") and "guided attribution map of 'effusion'" in text and "cxrray-ddpm" in text
+    with Image.open(io.BytesIO(raw)) as img:
+        got = np.asarray(img, np.float64) / 65535 * body["map"]["scale"]
+    cfg = Config(augment=AugmentConfig(**{**load_config("tiny").augment.model_dump(), "steps": 4}))
+    ref = Mapper("guided", cfg, guided=(ddpm_server.model, *load_noisy_classifier(ddpm_server.guide))).maps(
+        preprocess(data)[None, None], "effusion")[0]
+    assert np.abs(got - ref).max() < 2e-3 and abs(ref.max() - 1) < 1e-6
+    for fields, code in [({"finding": "effusion", "method": "counterfactual"}, "not_supported"),
+                         ({"finding": "pneumothorax"}, "unknown_finding"),
+                         ({"finding": "effusion", "invert_steps": "2"}, "unsupported_field"),
+                         ({"finding": "effusion", "guidance": "4"}, "unsupported_field")]:
+        bad = call(ddpm_server, "POST", "/v1/attribute", files=upload(artifacts.images["png"], "image/png"), data=fields)
+        assert bad.status_code == 422 and bad.json()["error"] == code, (fields, bad.text)
 
 
 # ---------------------------------------------------------------- a report-conditioned latent diffusion model (Cheff)

@@ -26,11 +26,11 @@ from cxrray.pipelines.encode import load_images
 from cxrray.pipelines.fanout import fan_out
 
 
-SECTIONS = ("saliency", "explain", "attribute", "attribution")  # what the actors' methods read of the config
+SECTIONS = ("saliency", "explain", "attribute", "attribution", "augment")  # what the actors' methods read of the config
 #: what each method's maps depend on, beside its model: the sections a rerun into the same output must match
 DEPENDS = {"gradcam": (), "integrated_gradients": ("saliency",), "counterfactual": ("explain",),
            "reconstruction": ("explain", "attribute"), "attribution": ("attribution", "attribute"),
-           "empty_prompt": ("attribution", "attribute")}
+           "empty_prompt": ("attribution", "attribute"), "guided": ("augment", "attribute")}
 
 
 def settings_record(method: str, mapper: Mapper, probe: str | None, cfg: Config) -> dict:
@@ -38,6 +38,9 @@ def settings_record(method: str, mapper: Mapper, probe: str | None, cfg: Config)
     sections = {name: getattr(cfg, name).model_dump(mode="json") for name in DEPENDS[method]}
     if "attribute" in sections:  # the pool does not change a map
         sections["attribute"] = {"seed": cfg.attribute.seed}
+    if "augment" in sections:  # guided: the translation's settings, not augment's pool or classes
+        sections["augment"] = {k: v for k, v in sections["augment"].items()
+                               if k in ("direction", "scale", "start_alpha_bar", "steps", "sigma")}
     return {"method": method, "model": mapper.identity.get("checkpoint"), "probe": probe, "settings": sections,
             "alpha": cfg.attribute.alpha}
 

@@ -7,6 +7,9 @@ larger = more of the finding there, on the input grid. Each loads its model once
 - `attribution`: a report-conditioned latent diffusion checkpoint (Cheff's `ldm`), |image - its img2img
   counterpart toward `attribution.prompt`| (`pipelines.attribution`); `empty_prompt`: the same toward the
   empty report (the baseline that shows what the prompt adds). Not finding-specific: the prompt is healthy.
+- `guided`: DAug — a pixel DDPM checkpoint + a noise-aware classifier folder; the smoothed |guided - unguided|
+  change of a classifier-guided translation for the finding's super-class (`pipelines.daug.translate`, with
+  the `augment` section's scale, start, steps, direction and smoothing), scaled to [0, 1] per image.
 """
 from __future__ import annotations
 
@@ -21,15 +24,15 @@ from cxrray.errors import ConfigError, InputError
 SALIENCY = ("gradcam", "integrated_gradients")
 DIFFCHEST = ("counterfactual", "reconstruction")
 GENERATIVE = ("attribution", "empty_prompt")  # img2img toward `attribution.prompt`, and toward no prompt
-METHODS = SALIENCY + DIFFCHEST + GENERATIVE
+GUIDED = ("guided",)
+METHODS = SALIENCY + DIFFCHEST + GENERATIVE + GUIDED
 
 
 def method_name(text: str) -> str:
     """CLI spelling (integrated-gradients) -> the method's name; ConfigError for an unknown one."""
     name = text.replace("-", "_")
     if name not in METHODS:
-        raise ConfigError(f"--method {text!r}: one of {', '.join(m.replace('_', '-') for m in METHODS)} "
-                          "(DAug's heatmaps come from `cxrray augment`)")
+        raise ConfigError(f"--method {text!r}: one of {', '.join(m.replace('_', '-') for m in METHODS)}")
     return name
 
 
@@ -43,6 +46,7 @@ class Mapper:
     classifier: tuple | None = None
     diffchest: tuple | None = None
     ldm: object | None = None
+    guided: tuple | None = None  # (pixel DDPM, noise-aware classifier, its super-class names)
     identity: dict = field(default_factory=dict)
 
     @property
@@ -51,9 +55,13 @@ class Mapper:
             return self.classifier[1].get("image_size")
         if self.ldm is not None:
             return self.ldm.cfg.image_size
+        if self.guided is not None:
+            return self.guided[0].cfg.image_size
         return self.diffchest[0].cfg.image_size if self.diffchest else None
 
     def findings(self) -> list[str]:
+        if self.guided is not None:
+            return list(self.guided[2])
         if self.classifier is not None:
             return list(self.classifier[1]["findings"])
         head = self.diffchest[1] if self.diffchest else None
@@ -62,6 +70,13 @@ class Mapper:
     def check(self, finding: str) -> None:
         """Refuse a finding the method cannot attribute, before any work."""
         known = self.findings()
+        if self.guided is not None:
+            from cxrray.families.daug.superclasses import super_class_of
+
+            if super_class_of(finding) not in known:
+                raise InputError(f"--finding {finding!r} is in none of the noise-aware classifier's super-classes "
+                                 f"{', '.join(known)}")
+            return
         if self.method not in ("reconstruction",) + GENERATIVE and finding not in known:
             raise InputError(f"--finding {finding!r}: the {self.method} model knows {', '.join(known)}")
 
@@ -84,6 +99,8 @@ class Mapper:
 
             prompt = self.cfg.attribution.prompt if self.method == "attribution" else ""
             return np.abs(attribution_maps(self.ldm, images, prompt, self.cfg.attribution, seeds)[0])
+        if self.method in GUIDED:
+            return _guided_maps(images, finding, self.guided, self.cfg, seeds)
         return _diffchest_maps(self.method, images, finding, self.diffchest, self.cfg, seeds)
 
     def probabilities(self, images: np.ndarray, finding: str) -> np.ndarray | None:
@@ -103,7 +120,7 @@ class Mapper:
     def to(self, device: torch.device) -> "Mapper":
         """The method's models on `device` (inputs follow the models)."""
         for model in (self.classifier[0] if self.classifier else None, self.diffchest[0] if self.diffchest else None,
-                      self.ldm):
+                      self.ldm, *(self.guided[:2] if self.guided else ())):
             if model is not None:
                 model.to(device)
         return self
@@ -128,10 +145,27 @@ def load_mapper(method: str, checkpoint: str, probe: str | None, cfg: Config) ->
             raise InputError(f"--method {method} needs a latent diffusion (ldm) checkpoint, {checkpoint} is "
                              f"{loaded.family.name}")
         return Mapper(method, cfg, ldm=loaded.model.eval(), identity=model_identity(checkpoint))
+    if method in GUIDED:
+        return load_guided(checkpoint, probe, cfg)
     if method == "counterfactual" and not probe:
         raise ConfigError("--method counterfactual needs --probe (the linear probe the counterfactual moves along)")
     return Mapper(method, cfg, diffchest=load_diffchest(checkpoint, probe if method == "counterfactual" else None),
                   identity=model_identity(checkpoint))
+
+
+def load_guided(ddpm: str, classifier: str | None, cfg: Config) -> Mapper:
+    """DAug's pair: a pixel DDPM checkpoint and a `cxrray evaluate noisy-classifier` folder."""
+    from cxrray.models.loading import load_ema, model_identity
+    from cxrray.pipelines.daug.noisy_classifier import load_noisy_classifier
+
+    if not classifier:
+        raise ConfigError("--method guided needs --classifier (a `cxrray evaluate noisy-classifier` output folder)")
+    identity = model_identity(ddpm, "sample")
+    if identity["family"] != "ddpm":
+        raise InputError(f"--method guided translates with a pixel DDPM (family ddpm), {ddpm} is {identity['family']}")
+    net, names = load_noisy_classifier(classifier)
+    return Mapper("guided", cfg, guided=(load_ema(identity["checkpoint"]).eval(), net, names),
+                  identity={**identity, "classifier": str(classifier)})
 
 
 def load_diffchest(checkpoint: str, probe: str | None, image_size: int | None = None):
@@ -148,6 +182,24 @@ def load_diffchest(checkpoint: str, probe: str | None, image_size: int | None = 
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _guided_maps(images: np.ndarray, finding: str, guided: tuple, cfg: Config, seeds: list[int]) -> np.ndarray:
+    """One translation per image from its own seed, as `cxrray augment` makes a heatmap."""
+    from cxrray.families.daug.superclasses import super_class_of
+    from cxrray.pipelines.daug.augment import unobserved
+    from cxrray.pipelines.daug.translate import heatmaps, translate
+
+    ddpm, classifier, names = guided
+    ac, k = cfg.augment, names.index(super_class_of(finding))
+    conditions, sign = unobserved(ddpm), 1.0 if cfg.augment.direction == "toward" else -1.0
+    out = []
+    for image, seed in zip(images, seeds):
+        x = torch.from_numpy(image[None]).float().to(_device(ddpm))
+        guided_x, plain = translate(ddpm, classifier, x, k, sign * ac.scale, ac.start_alpha_bar, ac.steps, seed,
+                                    None if conditions is None else conditions[:1].to(x.device))
+        out.append(heatmaps(guided_x, plain, ac.sigma)[0])
+    return np.stack(out).astype(np.float32)
 
 
 def _diffchest_maps(method: str, images: np.ndarray, finding: str, diffchest, cfg: Config, seeds: list[int]

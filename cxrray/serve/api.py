@@ -36,7 +36,7 @@ INFO_TTL_S = 30.0
 MAX_SEED = 2**63 - 1
 EXPLAIN_FIELDS = {"finding", "eps", "steps", "invert_steps", "format", "direction"}
 ATTRIBUTE_FIELDS = {"method", "finding", "steps", "invert_steps", "format", "strength", "guidance"}
-ATTRIBUTE_METHODS = ("counterfactual", "reconstruction")  # the served model's own; generative ones: issue 29
+ATTRIBUTE_METHODS = ("counterfactual", "reconstruction", "guided")  # a DiffChest model's own, or DAug's (a guided DDPM)
 PAINT_FIELDS = {"seed", "steps", "guidance", "prompt"}
 REQUIRED_FIELDS = ("finding", "mask", "seed")  # of the multipart forms that have them
 MAX_GUIDANCE = 20.0
@@ -71,9 +71,11 @@ EXPLAIN_FORM = _form_schema({
     "direction": {"type": "string", "enum": ["toward", "away"]},
     "format": {"type": "string", "enum": ["png", "dicom"], "description": "counterfactual as PNG-16 or DICOM SC"}})
 ATTRIBUTE_FORM = _form_schema({
-    "method": {"type": "string", "enum": ["counterfactual", "reconstruction"], "default": "counterfactual",
-               "description": "counterfactual: |counterfactual away from the finding - image|; reconstruction: "
-                              "|image - a seeded stochastic decode of its own code|"},
+    "method": {"type": "string", "enum": list(ATTRIBUTE_METHODS),
+               "description": "the model's first of /v1/models `attribute_methods` by default. counterfactual: "
+                              "|counterfactual away from the finding - image|; reconstruction: |image - a seeded "
+                              "stochastic decode of its own code|; guided (a pixel DDPM served with a noise-aware "
+                              "classifier): DAug's smoothed |guided - unguided| translation of the finding's super-class"},
     "finding": {"type": "string", "description": "a fitted finding of /v1/models `findings`"},
     "steps": {"type": "integer", "minimum": 1, "description": "DDIM decode steps (at most serve.max_steps)"},
     "invert_steps": {"type": "integer", "minimum": 1, "description": "DDIM inversion steps (counterfactual)"},
@@ -315,7 +317,8 @@ def create_api(settings: dict, backend) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         i = await info()
-        return {"models": [i["model"]], "endpoints": i["endpoints"], "conditions": i["conditions"],
+        return {"models": [i["model"]], "endpoints": i["endpoints"], "attribute_methods": i.get("attribute_methods", []),
+                "conditions": i["conditions"],
                 "findings": i["findings"], "unfitted": i["unfitted"],
                 "limits": {k: settings[k] for k in ("max_upload_bytes", "max_pixels", "max_steps",
                                                      "max_invert_steps", "max_generate")},
@@ -383,20 +386,26 @@ def create_api(settings: dict, backend) -> FastAPI:
         i = await info()
         supported(i, "attribute")
         fields, (data,) = await upload(request, ATTRIBUTE_FIELDS)
-        method = _choice(fields.get("method", "counterfactual"), "method", ATTRIBUTE_METHODS)
+        served = i.get("attribute_methods") or ["counterfactual"]
+        method = _choice(fields.get("method", served[0]), "method", ATTRIBUTE_METHODS)
+        if method not in served:
+            raise ApiError(422, "not_supported", f"attribution method {method!r}: this model serves {served}")
         for name in ("strength", "guidance"):  # the img2img methods' settings: refused, never ignored
             if name in fields:
                 raise ApiError(422, "unsupported_field", f"{name} is a setting of the generative attribution methods, "
                                                          f"not of {method}")
-        if method == "reconstruction" and "invert_steps" in fields:
-            raise ApiError(422, "unsupported_field", "invert_steps is the counterfactual's; reconstruction decodes "
-                                                     "from noise")
+        if method != "counterfactual" and "invert_steps" in fields:
+            raise ApiError(422, "unsupported_field", f"invert_steps is the counterfactual's; {method} does not invert")
         finding = fitted_finding(fields, i)
         steps, invert = decode_steps(fields)
         fmt = _choice(fields.get("format", "png"), "format", ("png", "dicom"))
-        cfg = ExplainConfig(**{**explain_defaults, "steps": steps, "invert_steps": invert})
+        if method == "guided":
+            cfg = {**settings["augment"], "steps": steps}
+            invert = None
+        else:
+            cfg = ExplainConfig(**{**explain_defaults, "steps": steps, "invert_steps": invert}).model_dump(mode="json")
         image = await image_of(data, i)
-        out = await _call(lambda: backend.attribute(image, method, finding, cfg.model_dump(mode="json"), fmt))
+        out = await _call(lambda: backend.attribute(image, method, finding, cfg, fmt))
         return {"method": method, "finding": finding, "steps": steps, "invert_steps": invert, "format": fmt, **out}
 
     @app.post("/v1/generate", openapi_extra=GENERATE_BODY,

@@ -15,6 +15,7 @@ import time
 from pydantic import BaseModel
 from ray import serve
 
+from cxrray.errors import InputError
 from cxrray.config import Config, load_config
 from cxrray.serve.api import HandleBackend, create_api
 from cxrray.serve.models import Classifier, Explainer, endpoints_for
@@ -31,6 +32,8 @@ def settings_from(cfg: Config) -> dict:
     return {"api_key_env": s.api_key_env, "max_upload_bytes": s.max_upload_bytes, "max_pixels": s.max_pixels,
             "fit": cfg.ingest.fit, "decode": cfg.ingest.decode.model_dump(mode="json"),
             "explain": cfg.explain.model_dump(mode="json"), "max_steps": s.max_steps,
+            "augment": cfg.augment.model_dump(mode="json", include={"direction", "scale", "start_alpha_bar", "steps",
+                                                                     "sigma", "seed"}),
             "max_invert_steps": s.max_invert_steps, "max_generate": s.max_generate,
             "max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s,
             "tracking_uri": mlflow_uri}
@@ -58,9 +61,10 @@ def _options(d: DeploymentSettings) -> dict:
                                   **({"resources": dict(d.resources)} if d.resources else {})}}
 
 
-def make_app(checkpoint: str, probe: str | None, cfg: Config):
-    """The Serve application (ingress bound to the model deployments), sized from `cfg.serve.deployments`."""
-    s, settings = cfg.serve, settings_from(cfg)
+def make_app(checkpoint: str, probe: str | None, cfg: Config, guide: str | None = None):
+    """The Serve application (ingress bound to the model deployments), sized from `cfg.serve.deployments`;
+    `guide`: a noise-aware classifier folder that lets a pixel DDPM answer /v1/attribute (DAug)."""
+    s, settings = cfg.serve, {**settings_from(cfg), "guide": guide}
     d = s.deployments
     common = {"graceful_shutdown_wait_loop_s": 0.5,  # drained replicas stop within ~0.5 s, not 2 s
               # only when off: a serve-config file's application logging_config still decides otherwise
@@ -76,6 +80,7 @@ def make_app(checkpoint: str, probe: str | None, cfg: Config):
 class AppArgs(BaseModel):
     checkpoint: str  # checkpoint URI or models:/NAME/VERSION, runs:/RUN_ID/model
     probe: str | None = None  # probe head directory (path, file:// or s3://); none: generation only
+    guide: str | None = None  # noise-aware classifier folder: a pixel DDPM then answers /v1/attribute (DAug)
     config: str | None = None  # preset or YAML, as --config
     overrides: list[str] = []  # as --set, e.g. ["serve.max_batch_size=16"]
 
@@ -83,10 +88,10 @@ class AppArgs(BaseModel):
 def build_app(args: dict):
     """Serve application builder (`import_path: cxrray.serve.app:build_app`)."""
     a = AppArgs.model_validate(args if isinstance(args, dict) else dict(args))
-    return make_app(a.checkpoint, a.probe, load_config(a.config, a.overrides))
+    return make_app(a.checkpoint, a.probe, load_config(a.config, a.overrides), a.guide)
 
 
-def run_server(checkpoint: str, probe: str | None, cfg: Config) -> int:
+def run_server(checkpoint: str, probe: str | None, cfg: Config, guide: str | None = None) -> int:
     """`cxrray serve`: local Ray (or RAY_ADDRESS), Serve's proxy on serve.host:serve.port, until Ctrl-C."""
     import signal
     import sys
@@ -104,12 +109,19 @@ def run_server(checkpoint: str, probe: str | None, cfg: Config) -> int:
         answers = endpoints_for(family, bool(probe))
     if probe:
         load_head(probe)
+    if guide:  # fail here, clearly: a pixel DDPM and a readable noise-aware classifier
+        from cxrray.pipelines.daug.noisy_classifier import load_noisy_classifier
+
+        load_noisy_classifier(guide)
+        if not checkpoint.startswith(("models:/", "runs:/")) and model_identity(checkpoint)["family"] != "ddpm":
+            raise InputError(f"--classifier guides a pixel DDPM (family ddpm); {checkpoint} is not one")
+        answers = sorted({*answers, "attribute"})
     s = cfg.serve
     if s.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(s.api_key_env):
         print(f"cxrray serve: warning: listening on {s.host} without an API key; set {s.api_key_env}", file=sys.stderr)
     ensure_ray()
     serve.start(http_options={"host": s.host, "port": s.port}, proxy_location=s.proxy_location)
-    serve.run(make_app(checkpoint, probe, cfg), name="cxrray", route_prefix="/")
+    serve.run(make_app(checkpoint, probe, cfg, guide), name="cxrray", route_prefix="/")
     url = f"http://{s.host}:{s.port}"
     print(json.dumps({"url": url, "auth": bool(os.environ.get(s.api_key_env)), "endpoints": [
         "GET /healthz", "GET /docs", "GET /v1/openapi.json", "GET /v1/models"] + [f"POST /v1/{a}" for a in answers]}),

@@ -55,7 +55,7 @@ class ModelService:
     every method takes preprocessed model-range images."""
 
     def __init__(self, checkpoint: str, probe: str | None = None, tracking_uri: str | None = None,
-                 device: str | None = None):
+                 device: str | None = None, guide: str | None = None):
         loaded = load_any(checkpoint, tracking_uri=tracking_uri)
         self.family, self.cfg = loaded.family, loaded.model.cfg
         self.identity = {**{k: loaded.identity[k] for k in PUBLIC}, "capabilities": sorted(loaded.family.capabilities)}
@@ -68,13 +68,29 @@ class ModelService:
             if self.head.z_mean.shape[0] != self.identity["z_dim"]:
                 raise ValueError(f"probe {probe} is for z_dim {self.head.z_mean.shape[0]}, "
                                  f"the model's z_dim is {self.identity['z_dim']}")
+        self.guide = None  # DAug: (noise-aware classifier, its super-classes) guiding this pixel DDPM
+        if guide:
+            from cxrray.pipelines.daug.noisy_classifier import load_noisy_classifier
+
+            if self.family.name != "ddpm":
+                raise ValueError(f"a noise-aware classifier guides a pixel DDPM (family ddpm), not {self.family.name}")
+            net, names = load_noisy_classifier(guide)
+            self.guide = (net.to(self.device), names)
         self.fitted = [i for i, ok in enumerate(self.head.fitted) if ok] if self.head is not None else []
         self.model_ref = {"name": self.identity["name"], "version": self.identity["version"]}
         self.input_size = self.cfg.low_size if "upscale" in self.family.capabilities else self.cfg.image_size
 
     def endpoints(self) -> list[str]:
-        """The /v1 operations this model can answer (by capability, and the probe where one is needed)."""
-        return endpoints_for(self.family, self.head is not None)
+        """The /v1 operations this model can answer (by capability, and the probe where one is needed; a
+        guided DDPM attributes too)."""
+        names = endpoints_for(self.family, self.head is not None)
+        return sorted({*names, "attribute"}, key=list(ENDPOINTS).index) if self.guide else names
+
+    def attribute_methods(self) -> list[str]:
+        """The `/v1/attribute` methods of this model: its own counterfactual / reconstruction, or DAug's."""
+        if self.guide:
+            return ["guided"]
+        return ["counterfactual", "reconstruction"] if "attribute" in self.endpoints() else []
 
     def _need(self, endpoint: str) -> None:
         if endpoint not in self.endpoints():
@@ -84,10 +100,16 @@ class ModelService:
 
     def info(self) -> dict:
         findings = self.head.findings if self.head is not None else []
-        return {"model": dict(self.identity), "findings": [findings[i] for i in self.fitted],
-                "unfitted": [f for i, f in enumerate(findings) if i not in self.fitted],
-                "endpoints": self.endpoints(), "conditions": self.family.conditions(self.cfg),
-                "input_size": self.input_size}
+        fitted, unfitted = [findings[i] for i in self.fitted], [f for i, f in enumerate(findings) if i not in self.fitted]
+        if self.guide:  # the labels with a super-class the classifier knows, and those super-classes
+            from cxrray.families.daug.superclasses import SUPER_CLASSES
+
+            known = self.guide[1]
+            fitted = sorted({*known, *(m for sc, members in SUPER_CLASSES.items() if sc in known for m in members
+                                       if " " not in m)})
+        return {"model": dict(self.identity), "findings": fitted, "unfitted": unfitted,
+                "endpoints": self.endpoints(), "attribute_methods": self.attribute_methods(),
+                "conditions": self.family.conditions(self.cfg), "input_size": self.input_size}
 
     def _probs(self, p: torch.Tensor) -> dict[str, float]:
         return {self.head.findings[i]: float(p[i]) for i in self.fitted}
@@ -136,15 +158,20 @@ class ModelService:
 
     def attribute(self, image: np.ndarray, method: str, finding: str, cfg: dict, fmt: str) -> dict:
         """Where `finding` is in one model-range image [S, S]: `method` (counterfactual or reconstruction, this
-        model's own: `cxrray.attribute.methods`) -> the raw map (16-bit PNG + its scale), the overlay (PNG or a
-        derived RGB Secondary Capture), P(finding) from the probe and the map's peak. `cfg`: the explain
-        settings the counterfactual decodes with."""
+        model's own, or guided: DAug's, `cxrray.attribute.methods`) -> the raw map (16-bit PNG + its scale), the
+        overlay (PNG or a derived RGB Secondary Capture), P(finding) from the probe and the map's peak. `cfg`:
+        the explain settings the counterfactual decodes with, or the augment settings of the guided translation."""
         from cxrray.attribute.methods import Mapper
         from cxrray.attribute.outputs import map_png, overlay_dicom, overlay_png, overlay_rgb
-        from cxrray.config import Config
+        from cxrray.config import AugmentConfig, Config
 
         self._need("attribute")
-        mapper = Mapper(method, Config(explain=ExplainConfig(**cfg)), diffchest=(self.model, self.head))
+        if method not in self.attribute_methods():
+            raise CapabilityError(f"attribution method {method!r}: this model serves {self.attribute_methods()}")
+        if method == "guided":
+            mapper = Mapper(method, Config(augment=AugmentConfig(**cfg)), guided=(self.model, *self.guide))
+        else:
+            mapper = Mapper(method, Config(explain=ExplainConfig(**cfg)), diffchest=(self.model, self.head))
         x0 = np.array(image, dtype=np.float32)[None, None]  # a copy: Ray's arrays are read-only
         attribution = mapper.maps(x0, finding)[0]
         text = outputs.provenance(f"{method} attribution map of {finding!r} for an uploaded image", self.identity)
@@ -242,7 +269,7 @@ class Classifier:
 @serve.deployment(name="Explainer")
 class Explainer:
     def __init__(self, checkpoint: str, probe: str | None, settings: dict):
-        self.service = ModelService(checkpoint, probe, settings.get("tracking_uri"))
+        self.service = ModelService(checkpoint, probe, settings.get("tracking_uri"), guide=settings.get("guide"))
         self.lock = asyncio.Lock()  # one diffusion run at a time per replica; the rest wait their turn
 
     def info(self) -> dict:

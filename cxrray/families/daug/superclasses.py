@@ -22,6 +22,14 @@ PAPER_AP = {"no_finding": 0.631, "cardiac": 0.885, "lung_lesion": 0.407, "opacit
             "pleural": 0.746, "devices": 0.633}
 
 
+def super_class_of(name: str) -> str | None:
+    """The super-class a label belongs to (a super-class's own name is itself); None for a label in none."""
+    name = name.lower()
+    if name in SUPER_CLASSES or name == NO_FINDING:
+        return name
+    return next((sc for sc, members in SUPER_CLASSES.items() if name in members), None)
+
+
 def super_class_names(vocabulary: list[str]) -> list[str]:
     """The super-classes `super_labels` gives for labels named by `vocabulary`, in its order."""
     return super_labels(np.zeros((0, len(vocabulary)), np.float32), vocabulary)[1]

@@ -43,7 +43,7 @@ class ShardHeatmaps:
         self.classifier, names = load_noisy_classifier(classifier)
         self.classifier.to(device)
         self.classes = [names.index(c) for c in self.cfg.classes]
-        self.conditions = _unobserved(self.ddpm)
+        self.conditions = unobserved(self.ddpm)
         self.data, self.out, self.findings = Storage(data_uri), Storage(output_uri), findings
 
     def maps(self, key: str, image: np.ndarray) -> dict[str, bytes]:
@@ -67,7 +67,7 @@ class ShardHeatmaps:
         return {"rows": np.asarray(rows)}
 
 
-def _unobserved(ddpm) -> torch.Tensor | None:
+def unobserved(ddpm) -> torch.Tensor | None:
     """The conditioning of a covariate DDPM with every covariate unobserved (None: an unconditional model)."""
     names = getattr(ddpm.cfg, "covariates", ()) or ()
     return ddpm.condition({n: torch.full((1,), float("nan")) for n in names}) if names else None
