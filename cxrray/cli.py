@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "at random t, AP per super-class at several t (Table 1 analogue)")
     e.add_argument("--data", required=True, help="shards URI (train / val / test splits)")
     e.add_argument("--output", required=True, help="folder: noisy_classifier.json, table.md, weights")
+    e.add_argument("--checkpoint", default=None, help="a guided-family checkpoint trained on Ray Train (`cxrray "
+                   "pretrain --set model.family=guided`): evaluated, not trained here")
     _add_config_args(e)
     e = esub.add_parser("daug", help="DAug's downstream experiment: one retrieval + classification model per arm "
                                      "([x,x,x], [x,heatmaps], shuffled heatmaps, no text loss) and data fraction, on Ray "
@@ -476,7 +478,8 @@ def cmd_evaluate(args) -> int:
     if args.evaluate_command == "noisy-classifier":
         from cxrray.pipelines.daug.noisy_classifier import run_noisy_classifier
 
-        result = run_noisy_classifier(args.data, args.output, load_config(args.config, args.overrides))
+        result = run_noisy_classifier(args.data, args.output, load_config(args.config, args.overrides),
+                                      checkpoint=args.checkpoint)
         print(json.dumps({"output": args.output, "average_precision": result["average_precision"]}))
         return 0
     if args.evaluate_command == "daug":

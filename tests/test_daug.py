@@ -3,6 +3,8 @@ classifier's known answer — a class drawn plainly in the image is learnt (AP n
 fades toward chance as t approaches T, the curve the paper's Table 1 summarises."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from cxrray.config import load_config
@@ -136,6 +138,23 @@ def test_augment_writes_each_images_heatmaps_beside_it_once_and_reruns_nothing(r
               "--data", f"file://{tmp_path}/shards", "--finding", "effusion", "--output", str(tmp_path / "maps"),
               "--limit", "3", "--set", "augment.steps=4", "--set", "augment.start_alpha_bar=0.3"]
     assert main(guided) == 0
+    # the classifier as the guided family, trained on Ray Train: `evaluate noisy-classifier --checkpoint` scores it
+    # and writes the folder augment reads; augment takes the checkpoint itself too, with the same heatmaps
+    assert main(["pretrain", "--data", f"file://{tmp_path}/shards", "--output", f"file://{tmp_path}/guided",
+                 "--set", "model.family=guided", "--set", "model.image_size=16", "--set", "train.images=96",
+                 "--set", "train.global_batch=16", "--set", "train.num_workers=1", "--set", "train.strategy=ddp",
+                 "--set", "train.eval_every=96", "--set", "train.checkpoint_every=96", "--set", "train.lr=0.001"]) == 0
+    assert main(["evaluate", "noisy-classifier", "--data", f"file://{tmp_path}/shards", "--output",
+                 str(tmp_path / "nc-ray"), "--checkpoint", f"file://{tmp_path}/guided"]) == 0
+    record = json.loads((tmp_path / "nc-ray" / "noisy_classifier.json").read_text())
+    assert record["training"]["checkpoint"]["uri"].startswith(f"file://{tmp_path}/guided")
+    assert [r["super_class"] for r in record["average_precision"]] == record["super_classes"] and record["config"]["blocks"] == 3
+    for source, target in ((str(tmp_path / "nc-ray"), "aug-folder"), (f"file://{tmp_path}/guided", "aug-ckpt")):
+        assert main([*args[:4], source, *args[5:8], f"file://{tmp_path}/{target}", *args[9:]]) == 0
+    folder_maps, ckpt_maps = ({k: e["heatmap_cardiac.png"] for s in read_manifest(f"file://{tmp_path}/{t}")["shards"]
+                               for k, _, _, e in read_tar((tmp_path / t / s["name"]).read_bytes(), extras=True)}
+                              for t in ("aug-folder", "aug-ckpt"))
+    assert folder_maps == ckpt_maps and len(folder_maps) == 40
     heat = {key: extra["heatmap_pleural.png"] for s in out["shards"]
             for key, _, _, extra in read_tar((tmp_path / "aug" / s["name"]).read_bytes(), extras=True)}
     written = sorted((tmp_path / "maps").glob("*.effusion.guided.map.png"))

@@ -23,7 +23,8 @@ EXTRA = {"diffae": {"z_dim": 32}, "ddpm": {"covariates": ["age", "sex", "ivsd", 
                                            "covariate_stats": {"age": [60.0, 15.0], "ivsd": [1.0, 0.2],
                                                                "lvidd": [5.0, 0.5], "lvpwd": [0.95, 0.2]}},
          "vae": {"disc_start": 0, "disc_channels": 8},  # the adversarial terms from the first step
-         "sr": {"low_size": 16}}
+         "sr": {"low_size": 16},
+         "guided": {"width": 8, "blocks": 2, "label_vocabulary": ["cardiomegaly", "effusion", "chest_tube"]}}
 
 
 REPORTS = ["Small left pleural effusion.", "Pacemaker in the left upper chest.", "Heart size is enlarged.",
@@ -158,7 +159,7 @@ def test_family_loads_from_the_mlflow_registry_by_alias(name, tmp_path, monkeypa
     assert loaded.family is family and loaded.identity["images_shown"] == 96
     assert loaded.identity["name"] == f"cxrray-{name}" and loaded.identity["version"] == "1"
     assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in model.state_dict().items())
-    if family.capabilities & {"encode", "reconstruct", "upscale", "embed"}:  # the registered pyfunc answers images
+    if family.capabilities & {"encode", "reconstruct", "upscale", "embed", "guide"}:  # the pyfunc answers images
         import mlflow
 
         from cxrray.models.loading import mlflow_uris
@@ -171,6 +172,8 @@ def test_family_loads_from_the_mlflow_registry_by_alias(name, tmp_path, monkeypa
                 from cxrray.families.sr.task import upscale
 
                 expected = upscale(model.eval(), images, 50, torch.Generator().manual_seed(0))
+            elif "guide" in family.capabilities:  # logits at t = 0 (the pyfunc's default)
+                expected = model.eval()(images, torch.zeros(len(images), dtype=torch.long))
             elif "embed" in family.capabilities:
                 embeddings = model.eval().embed(images)
                 expected = torch.cat([embeddings, model.class_logits(embeddings)], 1)
@@ -200,7 +203,8 @@ def test_diffusers_export_loads_with_diffusers_and_matches(name, tmp_path):
     torch.manual_seed(0)
     model = family.build(tiny(name)).eval()
     notes = family.export(model, tmp_path)
-    exported = {"vae": _exported_vae, "ldm": _exported_ldm, "sr": _exported_sr, "daug": _exported_daug}.get(name, _exported_unet)
+    exported = {"vae": _exported_vae, "ldm": _exported_ldm, "sr": _exported_sr, "daug": _exported_daug,
+                "guided": _exported_guided}.get(name, _exported_unet)
     ours, theirs = exported(name, model, tmp_path)
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert notes and all(isinstance(n, str) for n in notes)  # what diffusers cannot express is named
@@ -249,6 +253,17 @@ def _exported_ldm(name: str, model, folder: Path) -> tuple[torch.Tensor, torch.T
         hidden = text(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).last_hidden_state
         theirs = unet(z, t, encoder_hidden_states=hidden, encoder_attention_mask=ids["attention_mask"].bool()).sample
     return ours, theirs
+
+
+def _exported_guided(name: str, model, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of ours and of the exported folder as `cxrray augment --classifier` loads it, at t = 10 and 500."""
+    from cxrray.pipelines.daug.noisy_classifier import load_noisy_classifier
+
+    loaded, names = load_noisy_classifier(str(folder))
+    assert names == model.cfg.super_classes
+    x, t = batch(2)["image"], torch.tensor([10, 500])
+    with torch.no_grad():
+        return model(x, t), loaded(x, t)
 
 
 def _exported_daug(name: str, model, folder: Path) -> tuple[torch.Tensor, torch.Tensor]:

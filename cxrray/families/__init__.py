@@ -17,6 +17,7 @@ FAMILIES: dict[str, str] = {
     "vae": "cxrray.families.vae",  # Cheff stage 1: KL autoencoder, factor 4
     "ldm": "cxrray.families.ldm",  # Cheff stage 2: report-conditioned latent diffusion
     "sr": "cxrray.families.sr",  # Cheff stage 3: SR3 super-resolution
+    "guided": "cxrray.families.guided",  # DAug: the noise-aware classifier that guides a pixel DDPM
     "daug": "cxrray.families.daug",  # DAug downstream: retrieval + classification over heatmap channels
 }
 

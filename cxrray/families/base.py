@@ -29,6 +29,7 @@ calls only these fields, so it never branches on a family's class:
 - `inpaint(model, images, mask, GenerateRequest) -> Generated` (the "inpaint" capability): images [n, C, S, S]
   with the region where mask [n, C, S, S] is 1 generated anew under the request's conditions, the rest kept;
 - `upscale(model, low, steps, generator) -> images` (the "upscale" capability): super-resolution;
+- the "guide" capability: forward(x_t, t) gives logits whose gradient guides a pixel DDPM's sampling (DAug);
 - the "embed" capability: `embed(images)` gives unit retrieval embeddings and forward(images) class logits;
 - the "reconstruct" capability: the network's forward(images) is its reconstruction D(E(x)) (pyfunc, Serve).
 """
@@ -41,7 +42,7 @@ from typing import Any, Callable
 from cxrray.errors import InputError
 
 CAPABILITIES = ("encode", "sample", "invert", "counterfactual", "generate", "reconstruct", "latents", "upscale",
-                "inpaint", "embed")
+                "inpaint", "embed", "guide")
 
 
 @dataclass

@@ -4,7 +4,9 @@ model contains no pickled Python object.
 predict: for a family that can `encode` (diffae), images [B, 1, S, S] in [-1, 1] -> z [B, z_dim]; for
 an autoencoder (`reconstruct`: vae), images -> reconstructions [B, 1, S, S] in [-1, 1]; for super-resolution
 (`upscale`: sr), low-resolution images -> [B, 1, S, S] (DDIM 50 steps, seed 0); for an embedder (`embed`: daug), the stacked
-channels [B, 1 + H, S, S] in [-1, 1] -> [unit embedding [B, D] | super-class logits [B, K]]; for a generator, a
+channels [B, 1 + H, S, S] in [-1, 1] -> [unit embedding [B, D] | super-class logits [B, K]]; for a noise-aware
+classifier (`guide`: guided), x_t [B, 1, S, S] -> super-class logits [B, K] at timestep param `t` (default 0);
+for a generator, a
 table with one row per image and a column per condition of the family (ddpm: age, sex (M/F), ivsd, lvidd,
 lvpwd; ldm: prompt; blanks = missing / unconditional) -> images [B, 1, S, S] in [-1, 1], DDIM
 (params `steps`, default 50, and `seed`, default 0)."""
@@ -33,6 +35,10 @@ class CxrrayModel(mlflow.pyfunc.PythonModel):
                 return self.model.encode(torch.as_tensor(np.asarray(model_input), dtype=torch.float32)).numpy()
             if "reconstruct" in self.family.capabilities:
                 return self.model(torch.as_tensor(np.asarray(model_input), dtype=torch.float32)).numpy()
+            if "guide" in self.family.capabilities:
+                x = torch.as_tensor(np.asarray(model_input), dtype=torch.float32)
+                t = torch.full((len(x),), int((params or {}).get("t", 0)), dtype=torch.long)
+                return self.model(x, t).numpy()
             if "embed" in self.family.capabilities:
                 embeddings = self.model.embed(torch.as_tensor(np.asarray(model_input), dtype=torch.float32))
                 return torch.cat([embeddings, self.model.class_logits(embeddings)], 1).numpy()

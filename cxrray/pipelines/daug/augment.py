@@ -23,7 +23,7 @@ from cxrray.data.shards import (
 from cxrray.data.storage import Storage
 from cxrray.errors import InputError
 from cxrray.models.loading import load_ema, model_identity
-from cxrray.pipelines.daug.noisy_classifier import load_noisy_classifier
+from cxrray.pipelines.daug.noisy_classifier import classifier_fingerprint, load_noisy_classifier
 from cxrray.pipelines.daug.translate import heatmaps, translate
 from cxrray.pipelines.fanout import fan_out
 from cxrray.pipelines.seeds import key_seed
@@ -49,13 +49,11 @@ class ShardHeatmaps:
     def maps(self, key: str, image: np.ndarray) -> dict[str, bytes]:
         x = torch.from_numpy(png16_to_model(image))[None, None].to(next(self.ddpm.parameters()).device)
         sign = 1.0 if self.cfg.direction == "toward" else -1.0
-        out = {}
-        for name, k in zip(self.cfg.classes, self.classes):
-            guided, plain = translate(self.ddpm, self.classifier, x, k, sign * self.cfg.scale, self.cfg.start_alpha_bar,
-                                      self.cfg.steps, key_seed(self.cfg.seed, key),
-                                      None if self.conditions is None else self.conditions[:1])
-            out[f"heatmap_{name}.png"] = encode_png16(heatmaps(guided, plain, self.cfg.sigma)[0])
-        return out
+        guided, plain = translate(self.ddpm, self.classifier, x, self.classes, sign * self.cfg.scale,
+                                  self.cfg.start_alpha_bar, self.cfg.steps, key_seed(self.cfg.seed, key),
+                                  None if self.conditions is None else self.conditions[:1])  # unguided walked once
+        return {f"heatmap_{name}.png": encode_png16(heatmaps(g, plain, self.cfg.sigma)[0])
+                for name, g in zip(self.cfg.classes, guided)}
 
     def __call__(self, batch: dict) -> dict:
         rows = []
@@ -90,8 +88,8 @@ def augment(ddpm: str, classifier: str, data_uri: str, output_uri: str, cfg: Aug
     ensure_ray()
     out = Storage(output_uri)
     out.remove_partial()
-    settings = {"ddpm": identity["checkpoint"], "classifier": Storage(classifier).uri,
-                "classifier_sha256": hashlib.sha256(Storage(classifier).read_bytes("noisy_classifier.safetensors")).hexdigest(),
+    named = classifier_fingerprint(classifier)
+    settings = {"ddpm": identity["checkpoint"], "classifier": named["uri"], "classifier_sha256": named["sha256"],
                 "augment": cfg.model_dump(mode="json", exclude={"actors", "min_actors", "use_gpu", "actor_resources"}),
                 "data": {s["name"]: s["sha256"] for s in manifest["shards"]}}
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]

@@ -14,53 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from torch import nn
 
 from cxrray.families.daug.superclasses import PAPER_AP, super_labels
+from cxrray.families.guided.network import NoisyClassifier, noised
+from cxrray.errors import InputError
 from cxrray.pipelines.judges import masked_bce, train_epochs
 from cxrray.pipelines.settings import NoisyClassifierConfig
-
-T = 1000
-
-
-class NoisyClassifier(nn.Module):
-    """Conv blocks (conv-GN-SiLU, conv-GN, then a FiLM of the timestep's embedding, SiLU, max-pool), global
-    average, one logit per class. The t embedding is diffusers' sinusoidal one through a small MLP."""
-
-    def __init__(self, classes: int, width: int = 16, blocks: int = 3, t_dim: int = 64):
-        super().__init__()
-        self.t_dim = t_dim
-        self.t_mlp = nn.Sequential(nn.Linear(t_dim, 4 * t_dim), nn.SiLU(), nn.Linear(4 * t_dim, 4 * t_dim))
-        self.blocks = nn.ModuleList()
-        channels = 1
-        for b in range(blocks):
-            out = width * 2 ** b
-            self.blocks.append(nn.ModuleDict({
-                "conv1": nn.Conv2d(channels, out, 3, padding=1), "norm1": nn.GroupNorm(min(8, out), out),
-                "conv2": nn.Conv2d(out, out, 3, padding=1), "norm2": nn.GroupNorm(min(8, out), out),
-                "film": nn.Linear(4 * t_dim, 2 * out)}))
-            channels = out
-        self.head = nn.Linear(channels, classes)
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        from diffusers.models.embeddings import get_timestep_embedding
-
-        emb = self.t_mlp(get_timestep_embedding(t.reshape(-1).float(), self.t_dim))
-        h = x_t
-        for block in self.blocks:
-            h = nn.functional.silu(block["norm1"](block["conv1"](h)))
-            h = block["norm2"](block["conv2"](h))
-            scale, shift = block["film"](emb).chunk(2, dim=1)
-            h = nn.functional.max_pool2d(nn.functional.silu(h * (1 + scale[..., None, None]) + shift[..., None, None]), 2)
-        return self.head(h.mean(dim=(2, 3)))
-
-
-def noised(x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps on the pixel DDPM's default schedule."""
-    from cxrray.diffusion.schedule import make_scheduler
-
-    sched = make_scheduler("ddpm")
-    return sched.add_noise(x0, torch.randn(x0.shape, generator=generator), t)
 
 
 def _at(images: torch.Tensor, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,43 +81,79 @@ def average_precision_by_t(net: NoisyClassifier, images: np.ndarray, y: np.ndarr
     return rows
 
 
-def load_noisy_classifier(folder: str) -> tuple[NoisyClassifier, list[str]]:
-    """(classifier in eval mode, its super-class names) from a `run_noisy_classifier` output folder."""
+def load_noisy_classifier(source: str) -> tuple[NoisyClassifier, list[str]]:
+    """(classifier in eval mode, its super-class names) from a `cxrray evaluate noisy-classifier` output folder
+    (or a `guided` export, the same files), or from a checkpoint of the `guided` family (its EMA weights)."""
     from safetensors.torch import load
 
     from cxrray.data.storage import Storage
     from cxrray.errors import InputError
 
-    store = Storage(str(folder))
+    store = Storage(str(source))
     if not store.exists("noisy_classifier.json"):
-        raise InputError(f"{store.uri}: no noisy_classifier.json (not a `cxrray evaluate noisy-classifier` output)")
+        from cxrray.models.loading import load_ema, model_identity
+
+        try:
+            identity = model_identity(str(source))
+        except (InputError, FileNotFoundError, OSError, ValueError):
+            identity = None
+        if identity is None or identity["family"] != "guided":
+            raise InputError(f"{store.uri}: neither a `cxrray evaluate noisy-classifier` folder (noisy_classifier.json)"
+                             " nor a checkpoint of the guided family")
+        net = load_ema(identity["checkpoint"]).eval()
+        return net, net.cfg.super_classes
     record = json.loads(store.read_bytes("noisy_classifier.json"))
-    net = NoisyClassifier(len(record["super_classes"]), record["config"]["width"])
+    c = record["config"]
+    net = NoisyClassifier(len(record["super_classes"]), c["width"], c.get("blocks", 3), c.get("t_dim", 64))
     net.load_state_dict(load(store.read_bytes("noisy_classifier.safetensors")))
     return net.eval(), list(record["super_classes"])
 
 
-def run_noisy_classifier(data_uri: str, output_dir: str | Path, cfg, progress=print) -> dict:
-    """`cxrray evaluate noisy-classifier`: train on the train split (early-stopped on val), AP per super-class at
-    each of `noisy_classifier.timesteps` on the test split; writes noisy_classifier.json, table.md and the
-    weights (safetensors) under `output_dir`."""
+def classifier_fingerprint(source: str) -> dict:
+    """What names a noise-aware classifier's weights for provenance and rerun checks: its URI and a sha256."""
+    import hashlib
+
+    from cxrray.data.storage import Storage
+
+    store = Storage(str(source))
+    if store.exists("noisy_classifier.safetensors"):
+        return {"uri": store.uri, "sha256": hashlib.sha256(store.read_bytes("noisy_classifier.safetensors")).hexdigest()}
+    from cxrray.models.loading import model_identity
+
+    checkpoint = Storage(model_identity(str(source))["checkpoint"])
+    return {"uri": checkpoint.uri, "sha256": hashlib.sha256(checkpoint.read_bytes("ema.safetensors")).hexdigest()}
+
+
+def run_noisy_classifier(data_uri: str, output_dir: str | Path, cfg, progress=print, checkpoint: str | None = None) -> dict:
+    """`cxrray evaluate noisy-classifier`: train on the train split (early-stopped on val) — or take `checkpoint`,
+    a `guided` family model trained on Ray Train (`cxrray pretrain --set model.family=guided`) — then AP per
+    super-class at each of `noisy_classifier.timesteps` on the test split; writes noisy_classifier.json, table.md
+    and the weights (safetensors) under `output_dir`: the folder `augment`, `attribute` and Serve read."""
     from cxrray.pipelines.truth import load_truth
 
     nc = cfg.noisy_classifier
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    splits = {s: load_truth(data_uri, s, nc.train_images if s == "train" else None, need_masks=False)
-              for s in ("train", "val", "test")}
+    wanted = ("test",) if checkpoint else ("train", "val", "test")
+    splits = {s: load_truth(data_uri, s, nc.train_images if s == "train" else None, need_masks=False) for s in wanted}
     labels = {s: super_labels(v.labels, v.findings) for s, v in splits.items()}
-    names = labels["train"][1]
+    names = labels["test"][1]
     progress(f"[noisy classifier] super-classes {names}; images " +
              ", ".join(f"{s} {len(v.keys)}" for s, v in splits.items()))
-    net, record = train_noisy_classifier(splits["train"].images, labels["train"][0], splits["val"].images,
-                                         labels["val"][0], nc, progress)
+    if checkpoint:
+        net, trained = load_noisy_classifier(checkpoint)
+        if trained != names:
+            raise InputError(f"{checkpoint} classifies {trained}; the labels of {data_uri} give {names}")
+        record = {"checkpoint": classifier_fingerprint(checkpoint)}
+        architecture = net.cfg.model_dump(mode="json")
+    else:
+        net, record = train_noisy_classifier(splits["train"].images, labels["train"][0], splits["val"].images,
+                                             labels["val"][0], nc, progress)
+        architecture = {"width": nc.width}
     rows = average_precision_by_t(net, splits["test"].images, labels["test"][0], names, nc.timesteps, nc.seed)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "noisy_classifier.safetensors"))
-    result = {"data": data_uri, "super_classes": names, "config": nc.model_dump(mode="json"), "training": record,
-              "test_images": len(splits["test"].keys), "average_precision": rows}
+    result = {"data": data_uri, "super_classes": names, "config": {**nc.model_dump(mode="json"), **architecture},
+              "training": record, "test_images": len(splits["test"].keys), "average_precision": rows}
     (out / "noisy_classifier.json").write_text(json.dumps(result, indent=1))
     columns = ["super_class", "positives", "prevalence", *(f"ap_t{t}" for t in nc.timesteps), "paper_ap"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

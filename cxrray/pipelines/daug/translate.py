@@ -22,29 +22,34 @@ def start_fraction(start_alpha_bar: float, schedule: dict | None = None) -> floa
     return t / (len(alphas) - 1)
 
 
-def translate(ddpm, classifier, images: torch.Tensor, k: int, scale: float, start_alpha_bar: float, steps: int,
-              seed: int, conditions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def translate(ddpm, classifier, images: torch.Tensor, k: int | list[int], scale: float, start_alpha_bar: float,
+              steps: int, seed: int, conditions: torch.Tensor | None = None):
     """(guided, unguided) translations of `images` (same noise, seed `seed`); `classifier` is a
-    `NoisyClassifier`, `k` its super-class, `scale` the guidance scale (negative: away from k)."""
+    `NoisyClassifier`, `k` its super-class, `scale` the guidance scale (negative: away from k). With a list of
+    classes `k`, guided is a list (one translation per class) and the unguided one is walked once for all."""
     from cxrray.diffusion.ddim import walk
 
     device = next(ddpm.parameters()).device
     x0 = images.to(device).float()
     start = min(start_fraction(start_alpha_bar, getattr(ddpm, "schedule", {})), 0.999)  # < 1: walk noises x0
 
-    def guide(x_t: torch.Tensor, t) -> torch.Tensor:
-        x_t = x_t.detach().requires_grad_(True)
-        tt = torch.full((len(x_t),), int(t), dtype=torch.long, device=x_t.device)
-        logit = classifier(x_t, tt)[:, k]
-        log_p = torch.nn.functional.logsigmoid(logit if scale > 0 else -logit).sum()  # log p(k) or log p(not k)
-        return abs(scale) * torch.autograd.grad(log_p, x_t)[0]
+    def guide_toward(k: int):
+        def guide(x_t: torch.Tensor, t) -> torch.Tensor:
+            x_t = x_t.detach().requires_grad_(True)
+            tt = torch.full((len(x_t),), int(t), dtype=torch.long, device=x_t.device)
+            logit = classifier(x_t, tt)[:, k]
+            log_p = torch.nn.functional.logsigmoid(logit if scale > 0 else -logit).sum()  # log p(k) or log p(not k)
+            return abs(scale) * torch.autograd.grad(log_p, x_t)[0]
+        return guide
 
-    out = []
-    for g in (guide, None):
+    def run(guide) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
-        out.append(walk(ddpm, "ddim", x0, conditions, steps, None, clip=True, start=start, generator=generator,
-                        guide=g, eta=0.0).clamp(-1, 1))
-    return out[0], out[1]
+        return walk(ddpm, "ddim", x0, conditions, steps, None, clip=True, start=start, generator=generator,
+                    guide=guide, eta=0.0).clamp(-1, 1)
+
+    classes = k if isinstance(k, list) else [k]
+    guided = [run(guide_toward(c)) for c in classes]
+    return (guided if isinstance(k, list) else guided[0]), run(None)
 
 
 def heatmaps(guided: torch.Tensor, unguided: torch.Tensor, sigma: float = 1.0) -> np.ndarray:
