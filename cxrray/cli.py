@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--probe", default=None, help="its linear probe (`cxrray probe` output): the counterfactual method")
     e.add_argument("--ldm", default=None, help="report-conditioned latent diffusion checkpoint: the img2img methods "
                                                "(attribution, empty_prompt)")
+    e.add_argument("--ddpm", default=None, help="pixel DDPM checkpoint: DAug's guided method (with --classifier)")
+    e.add_argument("--classifier", default=None, help="noise-aware classifier (folder or guided checkpoint): guided")
     _add_config_args(e)
 
     p = sub.add_parser("reproduce", help="a paper's headline experiment in miniature, one command")
@@ -493,7 +495,8 @@ def cmd_evaluate(args) -> int:
         from cxrray.benchmarks.localisation import run_localisation, table_rows
 
         result = run_localisation(args.data, args.output, load_config(args.config, args.overrides),
-                                  checkpoint=args.checkpoint, probe=args.probe, ldm=args.ldm)
+                                  checkpoint=args.checkpoint, probe=args.probe, ldm=args.ldm, ddpm=args.ddpm,
+                                  classifier=args.classifier)
         print(json.dumps({"output": args.output, "pixel_auroc": {f"{r['finding']}/{r['method']}": r["pixel AUROC"]
                                                                  for r in table_rows(result)}}))
         return 0

@@ -145,6 +145,38 @@ def test_diffchest_methods_run_from_a_checkpoint_and_probe_and_are_refused_witho
     assert "needs --probe" in capsys.readouterr().err
 
 
+def test_dAugs_guided_maps_join_the_benchmark_with_a_ddpm_and_a_noise_aware_classifier(phantom_shards, capsys):
+    """`--ddpm` + `--classifier` add the guided method (random-init models: plumbing, not quality), paired with
+    the oracle on the same images; without the pair it is refused."""
+    import torch
+    from safetensors.torch import save_file
+
+    from conftest import write_checkpoint
+    from cxrray.families.ddpm.config import DDPMConfig
+    from cxrray.families.ddpm.network import CovariateDDPM
+    from cxrray.pipelines.daug.noisy_classifier import NoisyClassifier
+
+    torch.manual_seed(0)
+    ddpm = write_checkpoint(CovariateDDPM(DDPMConfig(image_size=48, base_channels=16, channel_mult=(1, 2),
+                                                     layers_per_block=1, attention_resolutions=(), norm_groups=8)),
+                            phantom_shards / "ddpm", 1)
+    folder = phantom_shards / "noisy"
+    folder.mkdir(exist_ok=True)
+    save_file(NoisyClassifier(2, width=8).state_dict(), str(folder / "noisy_classifier.safetensors"))
+    (folder / "noisy_classifier.json").write_text(json.dumps({"super_classes": ["cardiac", "pleural"], "config": {"width": 8}}))
+    common = ["evaluate", "localisation", "--data", f"file://{phantom_shards}/shards", "--output",
+              str(phantom_shards / "out-guided"), "--set", "localisation.methods=[oracle,guided]",
+              "--set", "localisation.n_boot=100", "--set", "augment.steps=4", "--set", "localisation.images=40"]
+    assert main([*common, "--ddpm", f"file://{ddpm}", "--classifier", str(folder)]) == 0
+    result = json.loads((phantom_shards / "out-guided" / "localisation.json").read_text())
+    for finding in ("effusion", "cardiomegaly"):
+        r = result["findings"][finding]
+        assert 0.0 <= r["methods"]["guided"]["pixel_auroc"]["mean"] <= 1.0
+        assert any({p["a"], p["b"]} == {"oracle", "guided"} for p in r["paired"])
+    capsys.readouterr()
+    assert main(common) == 2 and "needs --ddpm and --classifier" in capsys.readouterr().err
+
+
 # ---- `cxrray attribute` (issue 29 §4): a file or shards in, maps with provenance out, each exactly once ----
 
 @pytest.fixture(scope="module")

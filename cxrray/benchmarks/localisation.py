@@ -56,11 +56,13 @@ def score(maps: np.ndarray, masks: np.ndarray, tolerance_px: int, within: np.nda
 
 
 def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, checkpoint: str | None = None,
-                     probe: str | None = None, ldm: str | None = None, progress=print) -> dict:
+                     probe: str | None = None, ldm: str | None = None, ddpm: str | None = None,
+                     classifier: str | None = None, progress=print) -> dict:
     """Run the benchmark (module doc); writes localisation.json, table.md, report.html and maps.png under
     `output_dir` and returns the JSON's content. `checkpoint` (+ `probe`): the DiffChest model (and linear
     probe) the counterfactual and reconstruction methods use; `ldm`: the latent diffusion model of the
-    img2img methods (attribution, empty_prompt)."""
+    img2img methods (attribution, empty_prompt); `ddpm` + `classifier`: DAug's guided method (a pixel DDPM and
+    a noise-aware classifier)."""
     from cxrray.pipelines.saliency.classifier import save_classifier, train_classifier
 
     lc = cfg.localisation
@@ -76,14 +78,14 @@ def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, checkpo
         raise InputError(f"{data_uri}: localisation.lungs_only needs mask_lungs in the shards")
     progress(f"[localisation] {len(test.keys)} {lc.test_split} images, findings {lc.findings}, "
              f"methods {lc.methods}")
-    classifier = None
+    saliency = None
     if {"gradcam", "integrated_gradients"} & set(lc.methods):
         train = load_truth(data_uri, lc.train_split, lc.train_images, need_masks=False)
         val = load_truth(data_uri, lc.val_split, None, need_masks=False)
-        classifier = train_classifier(train, val, cfg.saliency, progress)
-        save_classifier(*classifier, out / "classifier")
-        progress(f"[localisation] classifier: val AUROC {classifier[1]['val_auroc']}")
-    mappers = {m: Mapper(m, cfg, classifier=classifier) for m in SALIENCY if m in lc.methods}
+        saliency = train_classifier(train, val, cfg.saliency, progress)
+        save_classifier(*saliency, out / "classifier")
+        progress(f"[localisation] classifier: val AUROC {saliency[1]['val_auroc']}")
+    mappers = {m: Mapper(m, cfg, classifier=saliency) for m in SALIENCY if m in lc.methods}
     if set(DIFFCHEST) & set(lc.methods):
         if not checkpoint:
             raise ConfigError(f"localisation.methods {sorted(set(DIFFCHEST) & set(lc.methods))} need --checkpoint "
@@ -96,6 +98,10 @@ def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, checkpo
         if not ldm:
             raise ConfigError(f"localisation.methods: {method!r} needs --ldm (a latent diffusion checkpoint)")
         mappers[method] = load_mapper(method, ldm, None, cfg)
+    if "guided" in lc.methods:
+        if not (ddpm and classifier):
+            raise ConfigError("localisation.methods: 'guided' needs --ddpm and --classifier (DAug's pair)")
+        mappers["guided"] = load_mapper("guided", ddpm, classifier, cfg)
     results, grid_rows = {}, []
     for finding in lc.findings:
         rows = test.positives(finding)
@@ -120,10 +126,11 @@ def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, checkpo
         grid_rows += _grid_rows(images, masks, maps_by_method, lc.grid_images)
         progress(f"[localisation] {finding}: " + ", ".join(
             f"{m} {_cell(summary[m]['pixel_auroc']['mean']) or 'n/a'}" for m in lc.methods) + " (pixel AUROC)")
-    settings = {k: getattr(cfg, k).model_dump(mode="json") for k in ("saliency", "explain", "attribution")}
-    result = {"data": data_uri, "checkpoint": checkpoint, "probe": probe, "ldm": ldm, "split": lc.test_split,
+    settings = {k: getattr(cfg, k).model_dump(mode="json") for k in ("saliency", "explain", "attribution", "augment")}
+    result = {"data": data_uri, "checkpoint": checkpoint, "probe": probe, "ldm": ldm, "ddpm": ddpm,
+              "noise_aware_classifier": classifier, "split": lc.test_split,
               "settings": {**settings, "attribute_seed": cfg.attribute.seed}, "config": lc.model_dump(mode="json"),
-              "classifier": classifier[1] if classifier else None, "findings": results,
+              "classifier": saliency[1] if saliency else None, "findings": results,
               "seconds": round(time.perf_counter() - start, 1)}
     (out / "localisation.json").write_text(json.dumps(result, indent=1))
     _report(result, out, grid_rows)

@@ -8,7 +8,7 @@ from pydantic import Field
 from cxrray.data.settings import StrictModel
 
 METHOD = Literal["oracle", "random", "gradcam", "integrated_gradients", "counterfactual", "reconstruction",
-                 "attribution", "empty_prompt"]
+                 "attribution", "empty_prompt", "guided"]
 
 
 class LocalisationConfig(StrictModel):
