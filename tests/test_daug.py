@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from cxrray.config import load_config
 from cxrray.pipelines.daug.noisy_classifier import average_precision_by_t, train_noisy_classifier
@@ -234,3 +235,29 @@ def test_downstream_arms_on_ray_train_use_true_heatmaps_and_not_shuffled_ones(ra
     capsys.readouterr()
     assert main(args) == 0
     assert capsys.readouterr().out.count("nothing to do") == 2  # every arm finished: nothing retrained
+
+
+def test_retrieval_metrics_equal_a_brute_force_ranking_and_leave_out_the_querys_patient():
+    """faiss neighbours + pattern counts against a plain sort over every pair: AP@10 and hit@1 per query, with and
+    without the query's patient's other images in its gallery; a query without positives is NaN."""
+    from cxrray.eval.retrieval import per_query
+
+    rng = np.random.default_rng(0)
+    n = 60
+    positives = rng.random((n, 3)) < 0.3
+    emb = rng.normal(size=(n, 8))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    patients = [str(i // 3) for i in range(n)]
+    for groups in (None, patients):
+        g = np.arange(n).astype(str) if groups is None else np.array(groups)
+        got = per_query(emb, positives, (1, 5, 10), 10, groups=groups)
+        for i in range(n):
+            order = [j for j in np.argsort(-(emb @ emb[i])) if g[j] != g[i]]
+            rel = np.array([(positives[i] & positives[j]).any() for j in order])
+            if not positives[i].any() or not rel.any():
+                assert np.isnan(got["ap@10"][i]) and np.isnan(got["hit@1"][i])
+                continue
+            hits = rel[:10]
+            ap = (np.cumsum(hits) / np.arange(1, 11) * hits).sum() / min(10, rel.sum())
+            assert got["ap@10"][i] == pytest.approx(ap) and got["hit@1"][i] == float(rel[0])
+            assert got["hit@5"][i] == float(rel[:5].any())

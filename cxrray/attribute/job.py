@@ -41,6 +41,10 @@ def settings_record(method: str, mapper: Mapper, probe: str | None, cfg: Config)
     if "augment" in sections:  # guided: the translation's settings, not augment's pool or classes
         sections["augment"] = {k: v for k, v in sections["augment"].items()
                                if k in ("direction", "scale", "start_alpha_bar", "steps", "sigma")}
+    if method == "guided":  # the noise-aware classifier named by its weights, not only its path
+        from cxrray.pipelines.daug.noisy_classifier import classifier_fingerprint
+
+        probe = classifier_fingerprint(probe)
     return {"method": method, "model": mapper.identity.get("checkpoint"), "probe": probe, "settings": sections,
             "alpha": cfg.attribute.alpha}
 

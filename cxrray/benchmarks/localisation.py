@@ -102,6 +102,11 @@ def run_localisation(data_uri: str, output_dir: str | Path, cfg: Config, checkpo
         if not (ddpm and classifier):
             raise ConfigError("localisation.methods: 'guided' needs --ddpm and --classifier (DAug's pair)")
         mappers["guided"] = load_mapper("guided", ddpm, classifier, cfg)
+        for finding in lc.findings:
+            mappers["guided"].check(finding)
+        if mappers["guided"].image_size != test.images.shape[-1]:
+            raise InputError(f"{ddpm} generates {mappers['guided'].image_size}² images, the shards hold "
+                             f"{test.images.shape[-1]}²")
     results, grid_rows = {}, []
     for finding in lc.findings:
         rows = test.positives(finding)

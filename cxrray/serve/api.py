@@ -397,6 +397,8 @@ def create_api(settings: dict, backend) -> FastAPI:
         if method != "counterfactual" and "invert_steps" in fields:
             raise ApiError(422, "unsupported_field", f"invert_steps is the counterfactual's; {method} does not invert")
         finding = fitted_finding(fields, i)
+        if method == "guided":  # the translation's steps default to augment's, as `cxrray attribute` makes them
+            fields = {"steps": min(settings["augment"]["steps"], settings["max_steps"]), **fields}
         steps, invert = decode_steps(fields)
         fmt = _choice(fields.get("format", "png"), "format", ("png", "dicom"))
         if method == "guided":

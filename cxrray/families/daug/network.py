@@ -42,9 +42,9 @@ class HybridEncoder(nn.Module):
         self.prototypes = nn.Parameter(torch.randn(k, cfg.embed_dim) / math.sqrt(cfg.embed_dim))
         self.class_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)))  # log of the scale
         self.class_bias = nn.Parameter(torch.zeros(k))
-        self.text_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)))
         self.text = None
         if cfg.tokenizer:
+            self.text_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)))
             from transformers import BertConfig, BertModel
 
             self.text = BertModel(BertConfig(

@@ -35,7 +35,9 @@ def stack(model: HybridEncoder, batch: dict, generator: torch.Generator | None =
     if missing:
         raise ValueError(f"the batch has no {missing}: train the {cfg.channels!r} arm on `cxrray augment` shards")
     maps = torch.stack([batch[heatmap_member(c)].to(x.device).float() for c in cfg.heatmaps], 1) / 65535 * 2 - 1
-    if cfg.channels == "shuffled" and len(x) > 1:
+    if cfg.channels == "shuffled":
+        if len(x) < 2:
+            raise ValueError("the shuffled arm needs batches of at least 2 images (a batch of 1 keeps its own heatmaps)")
         order = torch.randperm(len(x), generator=generator).to(x.device)
         maps[order] = maps[order.roll(1)].clone()  # image order[i] gets the heatmaps of order[i - 1], never its own
     return torch.cat([x, maps], 1)
@@ -94,6 +96,9 @@ def loss(model: HybridEncoder, batch: dict, generator: torch.Generator | None = 
     total = model.cfg.class_weight * parts["class"]
     if "report" in parts and model.cfg.text_weight:
         total = total + model.cfg.text_weight * parts["report"]
+    elif model.text is not None:  # a batch without 2 reports: every parameter still in the graph (DDP's reducer)
+        text = [*model.text.parameters(), *model.text_proj.parameters(), model.text_scale]
+        total = total + 0.0 * sum(p.sum() for p in text)
     return total
 
 
@@ -136,7 +141,7 @@ def prepare(cfg: DAugConfig, data_uri: str) -> DAugConfig:
             tokenizer = train_tokenizer(reports, vocab_size=cfg.tokenizer_vocab, min_patients=cfg.min_patients,
                                         max_tokens=cfg.max_tokens)
             update.update(tokenizer=tokenizer.to_str(), vocab_size=tokenizer.get_vocab_size())
-    prepared = cfg.model_copy(update=update)
+    prepared = DAugConfig.model_validate({**cfg.model_dump(), **update})
     if not prepared.super_classes:
         raise InputError(f"{data_uri}: labels {manifest['label_vocabulary']} fall in none of DAug's super-classes")
     return prepared

@@ -52,7 +52,7 @@ def prepare(cfg: GuidedConfig, data_uri: str) -> GuidedConfig:
     from cxrray.errors import InputError
 
     vocabulary = read_manifest(data_uri)["label_vocabulary"]
-    prepared = cfg.model_copy(update={"label_vocabulary": tuple(vocabulary)})
+    prepared = GuidedConfig.model_validate({**cfg.model_dump(), "label_vocabulary": tuple(vocabulary)})
     if not prepared.super_classes:
         raise InputError(f"{data_uri}: labels {vocabulary} fall in none of DAug's super-classes")
     return prepared

@@ -97,7 +97,7 @@ def augment(ddpm: str, classifier: str, data_uri: str, output_uri: str, cfg: Aug
     todo = [{"shard": n, "fingerprint": fingerprint} for n in shard_names if not reusable_part(out, n, fingerprint)]
     print(f"[augment] {len(shard_names) - len(todo)}/{len(shard_names)} shards already written; heatmaps of "
           f"{cfg.classes} for {len(todo)}", flush=True)
-    fan_out("augment", todo, ShardHeatmaps, {"ddpm": ddpm, "classifier": classifier, "data_uri": data_uri,
+    fan_out("augment", todo, ShardHeatmaps, {"ddpm": ddpm, "classifier": named["uri"], "data_uri": data_uri,
                                              "output_uri": out.uri, "cfg": cfg.model_dump(),
                                              "findings": manifest["label_vocabulary"]}, cfg, out, count="rows",
             what="images")

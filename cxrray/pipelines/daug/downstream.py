@@ -29,7 +29,7 @@ from cxrray.data.storage import Storage
 from cxrray.errors import InputError
 
 ARMS = {"image": {"channels": "image"}, "heatmaps": {"channels": "heatmaps"}, "shuffled": {"channels": "shuffled"},
-        "no_text": {"channels": "heatmaps", "text_weight": 0.0}}
+        "no_text": {"channels": "heatmaps", "text_weight": 0.0, "tokenizer": None, "vocab_size": None}}  # no encoder
 REFERENCE = "heatmaps"
 KS = (1, 5, 10)
 
@@ -73,11 +73,12 @@ def arm_config(cfg: Config, arm: str, model_cfg):
     """The run config of one arm: the `daug` model with the arm's channels / text weight, the downstream
     schedule in the `train` section."""
     dc = cfg.downstream
-    train = cfg.train.model_copy(update={
+    train = type(cfg.train).model_validate({**cfg.train.model_dump(), **{
         "images": dc.images, "global_batch": dc.global_batch, "lr": dc.lr, "ema_decay": dc.ema_decay,
         "checkpoint_every": dc.images, "eval_every": dc.images, "log_every": max(dc.images // 5, 1),
-        "split": "train", "eval_split": "val"})
-    return cfg.model_copy(update={"model": model_cfg.model_copy(update=ARMS[arm]), "train": train})
+        "split": "train", "eval_split": "val"}})
+    model = type(model_cfg).model_validate({**model_cfg.model_dump(), **ARMS[arm]})
+    return cfg.model_copy(update={"model": model, "train": train})
 
 
 def base_model(cfg: Config, data_uri: str, output: Storage):
@@ -91,7 +92,7 @@ def base_model(cfg: Config, data_uri: str, output: Storage):
                           **{"image_size": size, **cfg.downstream.model})
     if output.exists("tokenizer.json"):
         saved = json.loads(output.read_bytes("tokenizer.json"))
-        model = model.model_copy(update=saved)
+        model = type(model).model_validate({**model.model_dump(), **saved})
     prepared = family.prepare(model, data_uri)
     output.write_bytes("tokenizer.json", dumps({"tokenizer": prepared.tokenizer, "vocab_size": prepared.vocab_size}))
     return prepared
@@ -115,8 +116,9 @@ def score(checkpoint: str, truth, seed: int, batch: int = 256) -> tuple[np.ndarr
     return embeddings.numpy(), probs.numpy()
 
 
-def arm_metrics(embeddings: np.ndarray, probs: np.ndarray, y: np.ndarray, names: list[str]) -> dict:
-    """Per-class AUROC / AP, their macro means over classes with both outcomes, and per-query retrieval."""
+def arm_metrics(embeddings: np.ndarray, probs: np.ndarray, y: np.ndarray, names: list[str], patients: list[str]) -> dict:
+    """Per-class AUROC / AP, their macro means over classes with both outcomes, and per-query retrieval (a
+    query's own patient's other images left out of its gallery)."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     from cxrray.eval.retrieval import per_query
@@ -128,7 +130,7 @@ def arm_metrics(embeddings: np.ndarray, probs: np.ndarray, y: np.ndarray, names:
             classes[name] = {"auroc": float(roc_auc_score(y[known, k], probs[known, k])),
                              "ap": float(average_precision_score(y[known, k], probs[known, k])),
                              "positives": int(np.nansum(y[:, k])), "prevalence": float(np.nanmean(y[:, k]))}
-    queries = per_query(embeddings, np.nan_to_num(y) == 1, KS, 10)
+    queries = per_query(embeddings, np.nan_to_num(y) == 1, KS, 10, groups=patients)
     return {"classes": classes, "macro_auroc": float(np.mean([c["auroc"] for c in classes.values()])),
             "macro_ap": float(np.mean([c["ap"] for c in classes.values()])),
             "retrieval": {name: float(np.nanmean(v)) for name, v in queries.items()}, "queries": queries}
@@ -182,13 +184,16 @@ def run_downstream(data_uri: str, output_dir: str | Path, cfg: Config, progress=
     for fraction in dc.fractions:
         tag = f"f{fraction:g}"
         data = train_subset(data_uri, f"{out.uri}/data-{tag}", fraction, dc.seed)
-        train_images = read_manifest(data)["splits"]["train"]["images"]
+        train_images = read_manifest(data)["splits"].get("train", {}).get("images", 0)
+        if train_images < dc.global_batch:
+            raise InputError(f"downstream.fractions {fraction:g}: {train_images} training images under {data}, fewer "
+                             f"than one batch ({dc.global_batch})")
         results, probs = {}, {}
         for arm in dc.arms:
             progress(f"[downstream] {tag} ({train_images} training images): arm {arm}")
             status = pretrain(arm_config(cfg, arm, model), data, f"{out.uri}/runs/{arm}-{tag}", progress=progress)
             embeddings, probs[arm] = score(status["latest_checkpoint"], truth, dc.seed)
-            results[arm] = arm_metrics(embeddings, probs[arm], y, names)
+            results[arm] = arm_metrics(embeddings, probs[arm], y, names, truth.patients)
             progress(f"[downstream] {tag} {arm}: macro AUROC {results[arm]['macro_auroc']:.3f}, mAP@10 "
                      f"{results[arm]['retrieval']['ap@10']:.3f}, Recall@1 {results[arm]['retrieval']['hit@1']:.3f}")
         result["fractions"][tag] = {
