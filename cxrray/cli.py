@@ -531,17 +531,23 @@ def cmd_reproduce(args) -> int:
                           "device_removed": e["device_removal"]["removed_fraction"], "seconds": summary["seconds"]}))
         return 0
     if args.paper == "daug":
+        from cxrray.benchmarks.localisation import table_rows as localisation_rows
         from cxrray.pipelines.daug.reproduce import PRESETS as DAUG_PRESETS, reproduce_daug
 
         preset = DAUG_PRESETS[args.preset]
         cfg = load_config(args.config or args.preset, preset["overrides"] + list(args.overrides))
         _phantom_salt(cfg, "reproduce")
-        summary = reproduce_daug(cfg, workdir, args.n or preset["n"], shards)
+        def localise(c, data, output, ddpm, classifier):
+            from cxrray.benchmarks.localisation import run_localisation
+
+            return run_localisation(data, output, c, ddpm=ddpm, classifier=classifier)
+
+        summary = reproduce_daug(cfg, workdir, args.n or preset["n"], shards, localise)
         print(json.dumps({"report": str(workdir / "reproduce.html"),
                           "ap_by_t": {r["super_class"]: {k: v for k, v in r.items() if k.startswith("ap_t")}
                                       for r in summary["noisy_classifier"]},
-                          "heatmap_pixel_auroc": {r["heatmap"]: r["pixel_auroc"]["mean"]
-                                                  for r in summary["heatmap_localisation"]},
+                          "pixel_auroc": {f"{r['finding']}/{r['method']}": r["pixel AUROC"]
+                                          for r in localisation_rows(summary["localisation"])},
                           "seconds": summary["seconds"]}))
         return 0
     preset = PRESETS[args.preset]

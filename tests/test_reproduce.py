@@ -239,3 +239,18 @@ def test_reproduce_cheff_tiny_latent_model_follows_its_reports_under_guidance(ch
     assert len(guided) == 3 and all(r[f"auroc_{k}"] >= 0.8 for r in guided
                                     for k in ("effusion", "cardiomegaly", "pacemaker")), guided
     assert all(r["fid"] < sweep[1.0]["fid"] for r in guided), sweep
+
+
+@pytest.mark.parametrize("name", ["tiny", "paper"])
+def test_daug_presets_compose_an_unconditional_ddpm_at_the_shards_size_with_masks(name):
+    """`cxrray reproduce daug`: the pixel DDPM reads the ingested size, the phantoms carry masks for the
+    localisation stage, and the downstream arms' batch splits over the training workers."""
+    from cxrray.families import get_family
+    from cxrray.pipelines.daug.reproduce import PRESETS as DAUG
+
+    cfg = load_config(name, DAUG[name]["overrides"])
+    assert cfg.model.family == "ddpm" and not cfg.model.covariates and cfg.model.image_size == cfg.ingest.size
+    assert cfg.phantom.masks and set(cfg.augment.classes) <= {"cardiac", "pleural"}
+    assert cfg.downstream.global_batch % cfg.train.num_workers == 0
+    daug = get_family("daug").preset("tiny", image_size=cfg.ingest.size, **cfg.downstream.model)
+    assert cfg.ingest.size % 2 ** daug.blocks == 0 and set(daug.heatmaps) <= set(cfg.augment.classes)
