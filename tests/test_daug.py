@@ -219,7 +219,7 @@ def test_downstream_arms_on_ray_train_use_true_heatmaps_and_not_shuffled_ones(ra
     args = ["evaluate", "daug", "--data", f"file://{tmp_path}/aug", "--output", str(tmp_path / "ds"),
             "--set", "downstream.arms=[heatmaps,shuffled]", "--set", "downstream.fractions=[1.0]",
             "--set", "downstream.images=3200", "--set", "downstream.n_boot=500", "--set", "train.num_workers=1",
-            "--set", "train.strategy=ddp", "--set", 'downstream.model={"width": 8, "embed_dim": 32}']
+            "--set", 'downstream.model={"width": 8, "embed_dim": 32}']  # DeepSpeed, the default engine
     assert main(args) == 0
     result = json.loads((tmp_path / "ds" / "downstream.json").read_text())
     arms = result["fractions"]["f1"]["arms"]

@@ -40,11 +40,12 @@ class HybridEncoder(nn.Module):
         self.image_encoder = nn.Sequential(*layers)
         self.image_proj = nn.Linear(channels, cfg.embed_dim)
         self.prototypes = nn.Parameter(torch.randn(k, cfg.embed_dim) / math.sqrt(cfg.embed_dim))
-        self.class_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)))  # log of the scale
+        # logs of the scales, shape [1]: DeepSpeed's parameter broadcast cannot take a 0-dim tensor
+        self.class_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.temperature)))
         self.class_bias = nn.Parameter(torch.zeros(k))
         self.text = None
         if cfg.tokenizer:
-            self.text_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)))
+            self.text_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.temperature)))
             from transformers import BertConfig, BertModel
 
             self.text = BertModel(BertConfig(
