@@ -58,7 +58,7 @@ def main() -> None:
     from cxrray.config import load_config
     from cxrray.families import get_family
     from cxrray.io.checkpoint import save_weights
-    from cxrray.pipelines.cheff.latents import latents
+    from cxrray.pipelines.latents import latents
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-latents-"))
     cfg = load_config(args.preset, ["model.family=ldm"])

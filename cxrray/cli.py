@@ -193,10 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--classifier", default=None, help="noise-aware classifier (folder or guided checkpoint): guided")
     _add_config_args(e)
 
+    e = esub.add_parser("img2img", help="the attribution paper's img2img examined: strength x guidance sweep, the "
+                                        "ablation (no text / no image prior / neither / no fine-tune) as FID, zero-shot "
+                                        "and localised induction, judged by a classifier trained here")
+    e.add_argument("--data", required=True, help="shards URI with masks and healthy renders (phantom.masks=true)")
+    e.add_argument("--ldm", required=True, help="report-conditioned latent diffusion checkpoint (the fine-tuned one)")
+    e.add_argument("--base-ldm", default=None, help="the model before its fine-tune: the ablation's no-fine-tune row")
+    e.add_argument("--judge", required=True, help="a finding classifier folder trained on real images (`cxrray "
+                                                  "classifier`, or the localisation benchmark's classifier/)")
+    e.add_argument("--output", required=True, help="folder: img2img.json, report.html, grid.png")
+    _add_config_args(e)
+
     p = sub.add_parser("reproduce", help="a paper's headline experiment in miniature, one command")
-    p.add_argument("paper", choices=["cxr_ddpm", "cheff", "daug"],
+    p.add_argument("paper", choices=["cxr_ddpm", "cheff", "daug", "attribution"],
                    help="cxr_ddpm: synthetic cohorts (Streiffer et al.); cheff: the cascaded latent diffusion (Weber et "
-                        "al.); daug: classifier-guided heatmaps as input channels (Jin et al.)")
+                        "al.); daug: classifier-guided heatmaps as input channels (Jin et al.); attribution: latent-"
+                        "diffusion visual attribution by img2img healthy counterparts (Siddiqui et al.)")
     p.add_argument("--preset", choices=["tiny", "paper"], default="tiny",
                    help="tiny: a 2-core machine in <= 60 min; paper: the cluster configuration")
     p.add_argument("--workdir", default=None, help="phantoms, reports, summary.json (default reproduce_out/PAPER)")
@@ -239,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", required=True, help="`cxrray evaluate noisy-classifier` output folder")
     p.add_argument("--data", required=True, help="shards URI")
     p.add_argument("--output", required=True, help="output shards URI")
+    _add_config_args(p)
+
+    p = sub.add_parser("dreambooth", help="the attribution paper's fine-tune: DreamBooth with prior preservation on "
+                                          "class prompts (dreambooth.* settings), stage by stage on Ray Train")
+    p.add_argument("--checkpoint", required=True, help="report-conditioned latent diffusion checkpoint (the base)")
+    p.add_argument("--data", required=True, help="latent shards made by its autoencoder and tokenizer (`cxrray latents`)")
+    p.add_argument("--output", required=True, help="output URI: each stage's data and run, dreambooth.json")
     _add_config_args(p)
 
     p = sub.add_parser("classifier", help="train the finding classifier that Grad-CAM / integrated gradients explain")
@@ -388,7 +407,7 @@ def cmd_encode(args) -> int:
 
 
 def cmd_latents(args) -> int:
-    from cxrray.pipelines.cheff.latents import latents
+    from cxrray.pipelines.latents import latents
 
     manifest = latents(args.vae, args.data, args.output, load_config(args.config, args.overrides).latents)
     print(json.dumps({"samples": manifest["samples"], "shape": manifest["latents"]["shape"],
@@ -500,6 +519,14 @@ def cmd_evaluate(args) -> int:
         print(json.dumps({"output": args.output, "pixel_auroc": {f"{r['finding']}/{r['method']}": r["pixel AUROC"]
                                                                  for r in table_rows(result)}}))
         return 0
+    if args.evaluate_command == "img2img":
+        from cxrray.benchmarks.img2img import run_img2img_study
+
+        result = run_img2img_study(args.data, args.output, load_config(args.config, args.overrides), args.ldm, args.judge,
+                                   base_ldm=args.base_ldm)
+        print(json.dumps({"output": args.output, "ablation": {r["set"]: r["FID to real healthy"] for r in result["ablation"]},
+                          "induction": {r["induce"]: r["P after"] for r in result["induction"]}}))
+        return 0
     from cxrray.pipelines.cheff.evaluate import run_generation_eval
 
     result = run_generation_eval(args.ldm, args.data, args.output, load_config(args.config, args.overrides), sr=args.sr,
@@ -529,6 +556,30 @@ def cmd_reproduce(args) -> int:
                           "ldm_latent_std_ratio": e["ldm"]["latent_std"]["ratio"], "sr_start_sweep": e["sr_start_sweep"],
                           "laterality": {r["label"]: r.get("accuracy_generated") for r in e["laterality"]},
                           "device_removed": e["device_removal"]["removed_fraction"], "seconds": summary["seconds"]}))
+        return 0
+    if args.paper == "attribution":
+        from cxrray.pipelines.attribution.reproduce import PRESETS as ATTRIBUTION_PRESETS, reproduce_attribution
+
+        preset = ATTRIBUTION_PRESETS[args.preset]
+        _phantom_salt(load_config(args.config or args.preset, preset["common"] + list(args.overrides)), "reproduce")
+
+        def localise(c, data, output, ldm):
+            from cxrray.benchmarks.localisation import run_localisation
+
+            return run_localisation(data, output, c, ldm=ldm)
+
+        def study(c, data, output, ldm, judge, base):
+            from cxrray.benchmarks.img2img import run_img2img_study
+
+            return run_img2img_study(data, output, c, ldm, judge, base_ldm=base)
+
+        summary = reproduce_attribution(args.config or args.preset, list(args.overrides), preset, workdir,
+                                        args.n or preset["n"], shards, localise, study)
+        print(json.dumps({"report": str(workdir / "reproduce.html"), "pixel_auroc": {
+            f"{model}/{f}/{m}": v["pixel_auroc"]["mean"] for model, r in summary["localisation"].items()
+            for f, per in r["findings"].items() for m, v in per["methods"].items()},
+            "ablation_fid": {r["set"]: r["FID to real healthy"] for r in summary["img2img"]["ablation"]},
+            "seconds": summary["seconds"]}))
         return 0
     if args.paper == "daug":
         from cxrray.benchmarks.localisation import table_rows as localisation_rows
@@ -587,6 +638,15 @@ def cmd_attribute(args) -> int:
     print(json.dumps(attribute(method, args.checkpoint, companion, args.data, args.finding,
                                args.output, cfg, split=args.split, limit=args.limit, encodings=args.encodings),
                      indent=1))
+    return 0
+
+
+def cmd_dreambooth(args) -> int:
+    from cxrray.pipelines.attribution.dreambooth import dreambooth
+
+    record = dreambooth(args.checkpoint, args.data, args.output, load_config(args.config, args.overrides))
+    print(json.dumps({"checkpoint": record["checkpoint"], "stages": [
+        {k: s[k] for k in ("name", "instances", "checkpoint", "loss")} for s in record["stages"]]}))
     return 0
 
 
@@ -657,7 +717,7 @@ def cmd_serve(args) -> int:
 COMMANDS = {"config": cmd_config, "phantoms": cmd_phantoms, "ingest": cmd_ingest, "sources": cmd_sources, "deid": cmd_deid, "export": cmd_export,
             "pretrain": cmd_pretrain, "status": cmd_status, "demo": cmd_demo,
             "probe": cmd_probe, "encode": cmd_encode, "latents": cmd_latents, "explain": cmd_explain, "audit": cmd_audit,
-            "attribute": cmd_attribute, "classifier": cmd_classifier, "augment": cmd_augment,
+            "attribute": cmd_attribute, "classifier": cmd_classifier, "augment": cmd_augment, "dreambooth": cmd_dreambooth,
             "cohort": cmd_cohort, "generate": cmd_generate, "experiment": cmd_experiment, "audit-synthetic": cmd_audit_synthetic, "evaluate": cmd_evaluate,
             "reproduce": cmd_reproduce,
             "serve": cmd_serve}

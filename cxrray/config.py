@@ -19,10 +19,10 @@ from cxrray.errors import ConfigError
 from cxrray.families import FAMILIES, get_family
 from cxrray.pipelines.settings import (  # noqa: F401 (re-exported)
     AuditConfig, CounterfactualJudgeConfig, EncodeConfig, ExperimentConfig, ExplainConfig, GenerateConfig, GenerationEvalConfig, LatentsConfig,
-    AttributionConfig, AugmentConfig, DownstreamConfig, NoisyClassifierConfig, ProbeConfig, SaliencyConfig, SyntheticAuditConfig,
+    AttributionConfig, AugmentConfig, DreamBoothConfig, DownstreamConfig, NoisyClassifierConfig, ProbeConfig, SaliencyConfig, SyntheticAuditConfig,
 )
 from cxrray.attribute.settings import AttributeConfig  # noqa: F401 (re-exported)
-from cxrray.benchmarks.settings import LocalisationConfig  # noqa: F401 (re-exported)
+from cxrray.benchmarks.settings import Img2ImgStudyConfig, LocalisationConfig  # noqa: F401 (re-exported)
 from cxrray.serve.settings import ServeConfig  # noqa: F401 (re-exported)
 from cxrray.train.settings import TrainConfig  # noqa: F401 (re-exported)
 
@@ -60,10 +60,12 @@ class Config(StrictModel):
     generation_eval: GenerationEvalConfig = Field(default_factory=GenerationEvalConfig)
     saliency: SaliencyConfig = Field(default_factory=SaliencyConfig)
     attribution: AttributionConfig = Field(default_factory=AttributionConfig)
+    dreambooth: DreamBoothConfig = Field(default_factory=DreamBoothConfig)
     noisy_classifier: NoisyClassifierConfig = Field(default_factory=NoisyClassifierConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
     localisation: LocalisationConfig = Field(default_factory=LocalisationConfig)
+    img2img: Img2ImgStudyConfig = Field(default_factory=Img2ImgStudyConfig)
     attribute: AttributeConfig = Field(default_factory=AttributeConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 

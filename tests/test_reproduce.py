@@ -254,3 +254,23 @@ def test_daug_presets_compose_an_unconditional_ddpm_at_the_shards_size_with_mask
     assert cfg.downstream.global_batch % cfg.train.num_workers == 0
     daug = get_family("daug").preset("tiny", image_size=cfg.ingest.size, **cfg.downstream.model)
     assert cfg.ingest.size % 2 ** daug.blocks == 0 and set(daug.heatmaps) <= set(cfg.augment.classes)
+
+
+@pytest.mark.parametrize("name", ["tiny", "paper"])
+def test_attribution_presets_compose_a_latent_model_at_the_shards_size_with_a_zero_shot_finding_left(name):
+    """`cxrray reproduce attribution`: autoencoder and latent model at the ingested size, phantoms with masks and
+    healthy renders, the img2img prompt is the normal stage's, every fine-tuned finding is a phantom label, and
+    cardiomegaly (judged by the localisation benchmark and induced) is fine-tuned on by no stage: zero-shot."""
+    from cxrray.pipelines.attribution.reproduce import PRESETS
+
+    preset = PRESETS[name]
+    cfg = load_config(name, preset["common"])
+    stages = {k: load_config(name, preset["common"] + extra).model for k, extra in preset["stages"].items()}
+    assert [m.family for m in stages.values()] == ["vae", "ldm"] and stages["ldm"].text
+    assert stages["vae"].image_size == cfg.ingest.size and cfg.phantom.masks
+    normal = next(s for s in cfg.dreambooth.stages if s.finding is None)
+    assert cfg.attribution.prompt == normal.prompt and cfg.dreambooth.stages[0] is normal
+    fine_tuned = {s.finding for s in cfg.dreambooth.stages if s.finding}
+    assert fine_tuned and "cardiomegaly" not in fine_tuned and "cardiomegaly" in cfg.localisation.findings
+    assert {spec["finding"] for spec in cfg.img2img.induction} >= {"cardiomegaly", *fine_tuned}
+    assert cfg.dreambooth.lr == 5e-5  # the paper's

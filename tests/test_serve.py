@@ -516,7 +516,7 @@ def test_latent_diffusion_generates_from_a_report_prompt(ldm_server):
     from cxrray.families import GenerateRequest, get_family
 
     models = call(ldm_server, "GET", "/v1/models").json()
-    assert models["endpoints"] == ["generate", "inpaint", "outpaint"]
+    assert models["endpoints"] == ["attribute", "generate", "inpaint", "outpaint"]
     assert models["conditions"]["prompt"]["type"] == "string" and models["conditions"]["prompt"]["maxLength"] == 2000
     body = {"seed": 5, "n": 2, "steps": 3, "guidance": 2.0, "conditions": {"prompt": PROMPT}}
     r = call(ldm_server, "POST", "/v1/generate", json=body)
@@ -532,6 +532,48 @@ def test_latent_diffusion_generates_from_a_report_prompt(ldm_server):
     assert too_long.status_code == 422 and too_long.json()["error"] == "out_of_range", too_long.text
     not_text = call(ldm_server, "POST", "/v1/generate", json={**body, "conditions": {"prompt": 5}})
     assert not_text.status_code == 422 and "prompt must be a string" in not_text.json()["detail"]
+
+
+def test_latent_diffusion_attributes_by_img2img_as_the_attribute_job_does(ldm_server, artifacts):
+    """/v1/attribute on a report-conditioned latent diffusion model: the attribution paper's map |image - its
+    img2img counterpart toward the healthy prompt| (and the empty-prompt baseline) with the request's strength,
+    guidance and steps, the same as `cxrray attribute`'s Mapper on the same preprocessed image and seed, marked
+    derived; out-of-range settings and what the method does not take are refused with a reason."""
+    from cxrray.attribute.methods import Mapper
+    from cxrray.config import AttributionConfig, Config, load_config
+
+    models = call(ldm_server, "GET", "/v1/models").json()
+    assert models["attribute_methods"] == ["attribution", "empty_prompt"]
+    data = artifacts.images["dicom"]
+    maps = {}
+    for method in ("attribution", "empty_prompt"):
+        r = call(ldm_server, "POST", "/v1/attribute", files=upload(data, "application/dicom"),
+                 data={"method": method, "finding": "effusion", "steps": "4", "strength": "0.5", "guidance": "3"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["method"], body["steps"], body["strength"], body["guidance"]) == (method, 4, 0.5, 3.0)
+        assert body["prompt"] == load_config("tiny").attribution.prompt and body["probability"] is None
+        raw = base64.b64decode(body["map"]["data"])
+        text = png_provenance(raw)
+        assert text.startswith("SYNTHETIC") and f"{method} attribution map of 'effusion'" in text and "cxrray-ldm" in text
+        with Image.open(io.BytesIO(raw)) as img:
+            maps[method] = np.asarray(img, np.float64) / 65535 * body["map"]["scale"]
+        cfg = Config(attribution=AttributionConfig(**{**load_config("tiny").attribution.model_dump(), "steps": 4,
+                                                      "strength": 0.5, "guidance": 3.0}))
+        ref = Mapper(method, cfg, ldm=ldm_server.model).maps(preprocess(data)[None, None], "effusion")[0]
+        assert np.abs(maps[method] - ref).max() <= 1e-4 * max(ref.max(), 1e-6) + 1e-6
+    assert np.abs(maps["attribution"] - maps["empty_prompt"]).max() > 1e-4  # the prompt reaches the counterpart
+    default = call(ldm_server, "POST", "/v1/attribute", files=upload(data, "application/dicom"), data={"finding": "effusion"})
+    assert default.status_code == 200 and default.json()["method"] == "attribution"
+    assert default.json()["strength"] == load_config("tiny").attribution.strength
+    for fields, code in [({"finding": "effusion", "strength": "1.5"}, "out_of_range"),
+                         ({"finding": "effusion", "guidance": "lots"}, "invalid_field"),
+                         ({"finding": "effusion", "invert_steps": "2"}, "unsupported_field"),
+                         ({"finding": "Effusion!"}, "invalid_field"),
+                         ({"finding": "effusion", "method": "guided"}, "not_supported"),
+                         ({"finding": "effusion", "steps": "0"}, "out_of_range")]:
+        bad = call(ldm_server, "POST", "/v1/attribute", files=upload(artifacts.images["png"], "image/png"), data=fields)
+        assert bad.status_code == 422 and bad.json()["error"] == code, (fields, bad.text)
 
 
 def paint_upload(art, mask: np.ndarray, **fields) -> dict:

@@ -30,3 +30,22 @@ class LocalisationConfig(StrictModel):
     n_boot: int = Field(1000, ge=100)
     seed: int = 0
     grid_images: int = Field(6, ge=1)  # images per finding in the picture of maps
+
+
+class Img2ImgStudyConfig(StrictModel):
+    """`cxrray evaluate img2img` (`benchmarks.img2img`): the attribution paper's img2img examined where it works
+    and where it fails, judged by a classifier trained here on real images and by the phantoms' true healthy
+    renders and masks: the strength x guidance sweep, the paper's ablation (no text, no image prior, neither,
+    no fine-tune) as FID in the judge's feature space, and zero-shot / localised induction on healthy images."""
+
+    findings: list[str] = Field(default_factory=lambda: ["effusion", "cardiomegaly"])
+    images: int = Field(24, ge=2)  # test positives per finding in the sweep and the ablation; healthy ones induced
+    strengths: list[float] = Field(default_factory=lambda: [0.3, 0.55, 0.85], min_length=1)
+    guidances: list[float] = Field(default_factory=lambda: [1.0, 4.0, 7.5], min_length=1)
+    # healthy -> finding: the prompt and the judged finding; "side" (the patient's) for localised induction
+    induction: list[dict[str, str]] = Field(default_factory=lambda: [
+        {"name": "effusion", "prompt": "Pleural effusion.", "finding": "effusion"},
+        {"name": "cardiomegaly", "prompt": "Cardiomegaly.", "finding": "cardiomegaly"},
+        {"name": "left effusion", "prompt": "Large left pleural effusion.", "finding": "effusion", "side": "left"},
+        {"name": "right effusion", "prompt": "Large right pleural effusion.", "finding": "effusion", "side": "right"}])
+    seed: int = 0

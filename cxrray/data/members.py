@@ -39,6 +39,13 @@ def split_member(ext: str, where: str) -> tuple[str, str]:
     return name, kind
 
 
+def encode_npy(array: np.ndarray) -> bytes:
+    """An array -> the bytes of a NAME.npy member (no pickling: object arrays are refused by np.save here)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
 def decode_extra(kind: str, data: bytes, where: str):
     """Bytes of an extra member of `kind` -> its value (see module table)."""
     try:

@@ -4,7 +4,7 @@ model shares, and the feature spaces their image-quality figures are read in.
 `conv_trunk` (image -> features), `FindingJudge` (a multi-label classifier on that trunk), `train_epochs`
 (Adam with early stopping, the loop every judge and detector trains with), `apply_batched` (a judge over many
 images without gradients), `ScriptedFeatures` (a user's TorchScript feature network, e.g. FID's Inception,
-from a local path) and `image_quality` (FID and KID between sets from precomputed features).
+from a local path) and `image_quality` (FID and KID between sets from precomputed features), `frechet` (FID between two feature sets).
 """
 from __future__ import annotations
 
@@ -106,6 +106,16 @@ class _Precomputed(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return features
+
+
+def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The Frechet distance between two sets of features [N, F] (torchmetrics' FID on given features)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=_Precomputed(a.shape[1]), normalize=True)
+    fid.update(b.double(), real=True)
+    fid.update(a.double(), real=False)
+    return float(fid.compute())
 
 
 def image_quality(features: dict[str, torch.Tensor], cfg: SyntheticAuditConfig) -> dict:

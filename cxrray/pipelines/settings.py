@@ -288,6 +288,43 @@ class AttributionConfig(StrictModel):
     scheduler: Literal["ddim", "pndm"] = "ddim"  # each image's noise: attribute.seed and its key
 
 
+class DreamBoothStage(StrictModel):
+    """One fine-tuning stage: the train-split images of `finding` (None: images with no positive finding, the
+    normal class) under `prompt`, for `steps` optimizer steps."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    prompt: str = Field(min_length=1, max_length=500)
+    finding: str | None = None
+    steps: int = Field(ge=1)
+
+
+class DreamBoothConfig(StrictModel):
+    """The attribution paper's fine-tune (`pipelines.attribution.dreambooth`): DreamBooth (Ruiz et al.) with
+    prior preservation on class prompts, U-Net and text encoder trained, stages in order ("Normal chest scan"
+    for 1200 steps, then each disease for 500, lr 5e-5). The prior: `prior_images` samples of the base model
+    under `prior_prompt`, drawn once, trained beside every stage's instances with loss weight `prior_weight`."""
+
+    stages: list[DreamBoothStage] = Field(default_factory=lambda: [
+        DreamBoothStage(name="normal", prompt="Normal chest radiograph.", finding=None, steps=1200),
+        DreamBoothStage(name="effusion", prompt="Pleural effusion.", finding="effusion", steps=500)], min_length=1)
+    prior_prompt: str = "Chest radiograph."  # the class noun of DreamBooth: what every image here is
+    prior_images: int = Field(200, ge=0)
+    prior_weight: float = Field(1.0, ge=0.0)  # DreamBooth's lambda (1 in the paper and in diffusers' script)
+    prior_steps: int = Field(50, ge=1, le=1000)  # DDIM steps for the prior samples
+    instance_images: int | None = Field(None, ge=1)  # per stage, from the train split (None: all that qualify)
+    global_batch: int = Field(8, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    ema_decay: float = Field(0.99, ge=0, lt=1)  # a fine-tune of hundreds of steps: the EMA must follow it
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _distinct_stages(self) -> "DreamBoothConfig":
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"dreambooth.stages need distinct names, got {names}")
+        return self
+
+
 class NoisyClassifierConfig(StrictModel):
     """DAug's noise-aware classifier (`pipelines.daug.noisy_classifier`): trained on x_t at random t."""
 

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 
 import numpy as np
@@ -36,7 +37,10 @@ INFO_TTL_S = 30.0
 MAX_SEED = 2**63 - 1
 EXPLAIN_FIELDS = {"finding", "eps", "steps", "invert_steps", "format", "direction"}
 ATTRIBUTE_FIELDS = {"method", "finding", "steps", "invert_steps", "format", "strength", "guidance"}
-ATTRIBUTE_METHODS = ("counterfactual", "reconstruction", "guided")  # a DiffChest model's own, or DAug's (a guided DDPM)
+# a DiffChest model's own, DAug's (a guided DDPM), or the attribution paper's img2img (a report-conditioned LDM)
+ATTRIBUTE_METHODS = ("counterfactual", "reconstruction", "guided", "attribution", "empty_prompt")
+IMG2IMG = ("attribution", "empty_prompt")
+FINDING_LABEL = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 PAINT_FIELDS = {"seed", "steps", "guidance", "prompt"}
 REQUIRED_FIELDS = ("finding", "mask", "seed")  # of the multipart forms that have them
 MAX_GUIDANCE = 20.0
@@ -75,10 +79,16 @@ ATTRIBUTE_FORM = _form_schema({
                "description": "the model's first of /v1/models `attribute_methods` by default. counterfactual: "
                               "|counterfactual away from the finding - image|; reconstruction: |image - a seeded "
                               "stochastic decode of its own code|; guided (a pixel DDPM served with a noise-aware "
-                              "classifier): DAug's smoothed |guided - unguided| translation of the finding's super-class"},
+                              "classifier): DAug's smoothed |guided - unguided| translation of the finding's super-class; "
+                              "attribution / empty_prompt (a report-conditioned latent diffusion model): |image - its "
+                              "img2img counterpart| toward the healthy prompt / the empty report (SDEdit)"},
     "finding": {"type": "string", "description": "a fitted finding of /v1/models `findings`"},
     "steps": {"type": "integer", "minimum": 1, "description": "DDIM decode steps (at most serve.max_steps)"},
     "invert_steps": {"type": "integer", "minimum": 1, "description": "DDIM inversion steps (counterfactual)"},
+    "strength": {"type": "number", "minimum": 0, "maximum": 1,
+                 "description": "img2img: how far into the schedule the image's latent is noised (attribution.strength)"},
+    "guidance": {"type": "number", "minimum": 1, "maximum": 20,
+                 "description": "img2img: classifier-free guidance toward the prompt (attribution.guidance)"},
     "format": {"type": "string", "enum": ["png", "dicom"], "description": "the overlay's format"},
 })
 
@@ -206,6 +216,17 @@ def _conditions(given, schema: dict[str, dict]) -> dict:
         else:
             out[name] = _number(value, name, spec["minimum"], spec["maximum"])
     return out
+
+
+def _form_number(fields: dict, name: str, default: float, lo: float, hi: float) -> float:
+    """A number from a form field (text), `default` when absent; 422 with the reason otherwise."""
+    if name not in fields:
+        return float(default)
+    try:
+        value = float(fields[name])
+    except ValueError:
+        raise ApiError(422, "invalid_field", f"{name} must be a number, got {fields[name][:40]!r}") from None
+    return _number(value, name, lo, hi)
 
 
 def _choice(value: str, name: str, allowed: tuple[str, ...]) -> str:
@@ -347,6 +368,17 @@ def create_api(settings: dict, backend) -> FastAPI:
             raise ApiError(422, "unknown_finding", f"finding {finding[:60]!r} {why}; choose from {i['findings']}")
         return finding
 
+    def finding_label(fields: dict) -> str:
+        """The img2img methods' `finding`: what the map is named for (the healthy prompt is the same for every
+        finding, so no vocabulary constrains it): required, lower-case letters, digits and _."""
+        finding = fields.get("finding", "").strip()
+        if not finding:
+            raise ApiError(422, "missing_field", "form field `finding` is required")
+        if not FINDING_LABEL.match(finding):
+            raise ApiError(422, "invalid_field", f"finding {finding[:60]!r}: lower-case letters, digits and _, "
+                                                 "at most 40 (e.g. effusion)")
+        return finding
+
     def decode_steps(fields: dict) -> tuple[int, int]:
         """(steps, invert_steps) of the form, within the service's limits."""
         steps = _int(fields.get("steps", default_steps), "steps", 1, settings["max_steps"])
@@ -391,24 +423,31 @@ def create_api(settings: dict, backend) -> FastAPI:
         if method not in served:
             raise ApiError(422, "not_supported", f"attribution method {method!r}: this model serves {served}")
         for name in ("strength", "guidance"):  # the img2img methods' settings: refused, never ignored
-            if name in fields:
+            if name in fields and method not in IMG2IMG:
                 raise ApiError(422, "unsupported_field", f"{name} is a setting of the generative attribution methods, "
                                                          f"not of {method}")
         if method != "counterfactual" and "invert_steps" in fields:
             raise ApiError(422, "unsupported_field", f"invert_steps is the counterfactual's; {method} does not invert")
-        finding = fitted_finding(fields, i)
-        if method == "guided":  # the translation's steps default to augment's, as `cxrray attribute` makes them
-            fields = {"steps": min(settings["augment"]["steps"], settings["max_steps"]), **fields}
+        finding = finding_label(fields) if method in IMG2IMG else fitted_finding(fields, i)
+        if method in ("guided", *IMG2IMG):  # the steps default to the method's section, as `cxrray attribute` does
+            section = settings["augment" if method == "guided" else "attribution"]
+            fields = {"steps": min(section["steps"], settings["max_steps"]), **fields}
         steps, invert = decode_steps(fields)
         fmt = _choice(fields.get("format", "png"), "format", ("png", "dicom"))
         if method == "guided":
             cfg = {**settings["augment"], "steps": steps}
             invert = None
+        elif method in IMG2IMG:
+            cfg = {**settings["attribution"], "steps": steps,
+                   "strength": _form_number(fields, "strength", settings["attribution"]["strength"], 0.0, 1.0),
+                   "guidance": _form_number(fields, "guidance", settings["attribution"]["guidance"], 1.0, 20.0)}
+            invert = None
         else:
             cfg = ExplainConfig(**{**explain_defaults, "steps": steps, "invert_steps": invert}).model_dump(mode="json")
         image = await image_of(data, i)
         out = await _call(lambda: backend.attribute(image, method, finding, cfg, fmt))
-        return {"method": method, "finding": finding, "steps": steps, "invert_steps": invert, "format": fmt, **out}
+        extra = {k: cfg[k] for k in ("strength", "guidance", "prompt")} if method in IMG2IMG else {}
+        return {"method": method, "finding": finding, "steps": steps, "invert_steps": invert, "format": fmt, **extra, **out}
 
     @app.post("/v1/generate", openapi_extra=GENERATE_BODY,
               summary="Seeded synthetic images, under the model's conditions (covariates) where it has them")

@@ -34,6 +34,7 @@ def settings_from(cfg: Config) -> dict:
             "explain": cfg.explain.model_dump(mode="json"), "max_steps": s.max_steps,
             "augment": cfg.augment.model_dump(mode="json", include={"direction", "scale", "start_alpha_bar", "steps",
                                                                      "sigma", "seed"}),
+            "attribution": cfg.attribution.model_dump(mode="json"),
             "max_invert_steps": s.max_invert_steps, "max_generate": s.max_generate,
             "max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s,
             "tracking_uri": mlflow_uri}
@@ -107,6 +108,8 @@ def run_server(checkpoint: str, probe: str | None, cfg: Config, guide: str | Non
         if probe:
             family.require("encode")  # a probe reads z
         answers = endpoints_for(family, bool(probe))
+        if family.name == "ldm":  # a report-conditioned one attributes by img2img (its replicas check text and autoencoder)
+            answers = sorted({*answers, "attribute"})
     if probe:
         load_head(probe)
     if guide:  # fail here, clearly: a pixel DDPM and a readable noise-aware classifier

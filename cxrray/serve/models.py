@@ -76,6 +76,8 @@ class ModelService:
                 raise ValueError(f"a noise-aware classifier guides a pixel DDPM (family ddpm), not {self.family.name}")
             net, names = load_noisy_classifier(guide)
             self.guide = (net.to(self.device), names)
+        # the attribution paper's img2img: a report-conditioned latent diffusion model with its autoencoder
+        self.img2img = self.family.name == "ldm" and bool(self.cfg.text) and self.cfg.vae is not None
         self.fitted = [i for i, ok in enumerate(self.head.fitted) if ok] if self.head is not None else []
         self.model_ref = {"name": self.identity["name"], "version": self.identity["version"]}
         self.input_size = self.cfg.low_size if "upscale" in self.family.capabilities else self.cfg.image_size
@@ -84,12 +86,15 @@ class ModelService:
         """The /v1 operations this model can answer (by capability, and the probe where one is needed; a
         guided DDPM attributes too)."""
         names = endpoints_for(self.family, self.head is not None)
-        return sorted({*names, "attribute"}, key=list(ENDPOINTS).index) if self.guide else names
+        return sorted({*names, "attribute"}, key=list(ENDPOINTS).index) if self.guide or self.img2img else names
 
     def attribute_methods(self) -> list[str]:
-        """The `/v1/attribute` methods of this model: its own counterfactual / reconstruction, or DAug's."""
+        """The `/v1/attribute` methods of this model: its own counterfactual / reconstruction, DAug's, or the
+        attribution paper's img2img (and its empty-prompt baseline)."""
         if self.guide:
             return ["guided"]
+        if self.img2img:
+            return ["attribution", "empty_prompt"]
         return ["counterfactual", "reconstruction"] if "attribute" in self.endpoints() else []
 
     def _need(self, endpoint: str) -> None:
@@ -158,18 +163,21 @@ class ModelService:
 
     def attribute(self, image: np.ndarray, method: str, finding: str, cfg: dict, fmt: str) -> dict:
         """Where `finding` is in one model-range image [S, S]: `method` (counterfactual or reconstruction, this
-        model's own, or guided: DAug's, `cxrray.attribute.methods`) -> the raw map (16-bit PNG + its scale), the
-        overlay (PNG or a derived RGB Secondary Capture), P(finding) from the probe and the map's peak. `cfg`:
-        the explain settings the counterfactual decodes with, or the augment settings of the guided translation."""
+        model's own, guided: DAug's, or img2img: the attribution paper's; `cxrray.attribute.methods`) -> the raw
+        map (16-bit PNG + its scale), the overlay (PNG or a derived RGB Secondary Capture), P(finding) from the
+        probe (None without one) and the map's peak. `cfg`: the explain settings the counterfactual decodes with,
+        the augment settings of the guided translation, or the attribution settings of img2img."""
         from cxrray.attribute.methods import Mapper
         from cxrray.attribute.outputs import map_png, overlay_dicom, overlay_png, overlay_rgb
-        from cxrray.config import AugmentConfig, Config
+        from cxrray.config import AttributionConfig, AugmentConfig, Config
 
         self._need("attribute")
         if method not in self.attribute_methods():
             raise CapabilityError(f"attribution method {method!r}: this model serves {self.attribute_methods()}")
         if method == "guided":
             mapper = Mapper(method, Config(augment=AugmentConfig(**cfg)), guided=(self.model, *self.guide))
+        elif self.img2img:
+            mapper = Mapper(method, Config(attribution=AttributionConfig(**cfg)), ldm=self.model)
         else:
             mapper = Mapper(method, Config(explain=ExplainConfig(**cfg)), diffchest=(self.model, self.head))
         x0 = np.array(image, dtype=np.float32)[None, None]  # a copy: Ray's arrays are read-only

@@ -13,7 +13,7 @@ shards), `vocab_size` and `max_tokens` from the data, so all of it is saved with
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -24,6 +24,8 @@ class LDMConfig(BaseModel):
     """Architecture, schedule and conditioning of the latent diffusion model; saved beside the weights."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # how a run starts, not what it trains: a continued run may change it (cxrray.train.pretrain)
+    NOT_THE_MODEL: ClassVar[frozenset[str]] = frozenset({"init_from"})
 
     family: Literal["ldm"] = "ldm"
     image_size: int = Field(256, ge=16, le=4096)  # the autoencoder's image side (filled from `vae`)
@@ -57,6 +59,9 @@ class LDMConfig(BaseModel):
     # the frozen autoencoder: its checkpoint (weights copied in at the start of training) and config
     vae_checkpoint: str | None = None
     vae: VAEConfig | None = None
+    # a fine-tune (the attribution paper's DreamBooth): every weight copied in from this latent diffusion model,
+    # whose architecture, schedule, autoencoder and tokenizer the run takes over (prepare)
+    init_from: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "LDMConfig":

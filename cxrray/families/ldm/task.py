@@ -59,7 +59,11 @@ def loss(model: LatentDiffusion, batch: dict, generator: torch.Generator | None 
         ids = torch.where(drop[:, None], empty_report(b, ids.shape[1], device), ids)
     out = model(sched.add_noise(z0, noise, t), t, model.context(ids, b))
     target = noise if model.cfg.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
-    return F.mse_loss(out.float(), target.float())
+    per_row = (out.float() - target.float()).pow(2).flatten(1).mean(1)
+    if "weight" not in batch:
+        return per_row.mean()
+    # rows weighted (DreamBooth's prior preservation: instances 1, prior samples lambda): mean of w_i x MSE_i
+    return (torch.as_tensor(batch["weight"]).to(device).float().reshape(b) * per_row).mean()
 
 
 def prepare(cfg: LDMConfig, data_uri: str) -> LDMConfig:
@@ -71,6 +75,8 @@ def prepare(cfg: LDMConfig, data_uri: str) -> LDMConfig:
     from cxrray.families.vae.task import frozen_config
     from cxrray.io.checkpoint import resolve_checkpoint
 
+    if cfg.init_from:
+        cfg = fine_tune_config(cfg.init_from)
     if not cfg.vae_checkpoint:
         raise InputError("model.vae_checkpoint is required: the autoencoder whose latents this model learns")
     vae_cfg = frozen_config(cfg.vae_checkpoint, "model.vae_checkpoint")
@@ -85,6 +91,10 @@ def prepare(cfg: LDMConfig, data_uri: str) -> LDMConfig:
             raise InputError(f"{data_uri} holds latents of the autoencoder {made_by}, not of model.vae_checkpoint "
                              f"{ours}: rerun `cxrray latents` or point at that autoencoder")
     if cfg.text:
+        if cfg.init_from and section and section.get("tokenizer"):
+            if Storage(data_uri).read_bytes(section["tokenizer"]).decode() != cfg.tokenizer:
+                raise InputError(f"{data_uri} was tokenised by another tokenizer than model.init_from {cfg.init_from}'s: "
+                                 "a fine-tune trains on ids of its base model's vocabulary")
         if not section or not section.get("tokenizer"):
             raise InputError(f"{data_uri}: a report-conditioned model trains on latent shards with tokenised reports "
                              "(`cxrray latents`); set model.text=false for an unconditional model")
@@ -94,11 +104,26 @@ def prepare(cfg: LDMConfig, data_uri: str) -> LDMConfig:
     return LDMConfig(**{**cfg.model_dump(), **update, "vae": vae_cfg})
 
 
-def initialise(model: LatentDiffusion) -> None:
-    """Copy the frozen autoencoder's (EMA) weights in from `vae_checkpoint` (a fresh start only)."""
-    if model.vae is not None and model.cfg.vae_checkpoint:
-        from cxrray.io.checkpoint import read_weights
+def fine_tune_config(init_from: str) -> LDMConfig:
+    """The config of a fine-tune of the latent diffusion model at `init_from`: the base's own (architecture,
+    schedule, autoencoder, tokenizer), `init_from` as an absolute URI (workers resolve it elsewhere)."""
+    from cxrray.io.checkpoint import read_state, resolve_checkpoint
 
+    uri = resolve_checkpoint(init_from).uri
+    base = read_state(uri)["model"]
+    if base.get("family") != "ldm":
+        raise InputError(f"model.init_from {init_from} is a {base.get('family')!r} model, not a latent diffusion model")
+    return LDMConfig(**{**base, "init_from": uri})
+
+
+def initialise(model: LatentDiffusion) -> None:
+    """A fresh start: every (EMA) weight of `init_from` (a fine-tune), else the frozen autoencoder's from
+    `vae_checkpoint`."""
+    from cxrray.io.checkpoint import read_weights
+
+    if model.cfg.init_from:
+        model.load_state_dict(read_weights(model.cfg.init_from))
+    elif model.vae is not None and model.cfg.vae_checkpoint:
         model.vae.load_state_dict(read_weights(model.cfg.vae_checkpoint))
 
 

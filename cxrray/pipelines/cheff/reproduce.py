@@ -59,7 +59,7 @@ def reproduce_cheff(source: str, overrides: list[str], preset: dict, workdir: Pa
     from cxrray.data.ingest import ingest
     from cxrray.models.loading import read_state
     from cxrray.pipelines.cheff.evaluate import run_generation_eval
-    from cxrray.pipelines.cheff.latents import latents
+    from cxrray.pipelines.latents import latents
     from cxrray.train.pretrain import pretrain
 
     def config(stage: str | None = None, *extra: str):

@@ -1,4 +1,5 @@
-"""Latents job: image shards -> latent shards for latent diffusion (Cheff stage 2 trains on these).
+"""Latents job: image shards -> latent shards for latent diffusion (Cheff stage 2 and the attribution paper's
+fine-tune train on these: shared by both methods).
 
 Each output sample is its input sample (the 16-bit image, its metadata, its extra members) plus
 
@@ -28,6 +29,7 @@ import ray
 import torch
 
 from cxrray.data.imaging import decode_png16, png16_to_model
+from cxrray.data.members import encode_npy as npy
 from cxrray.data.report_tokens import encode_reports, load_tokenizer, train_tokenizer
 from cxrray.data.shards import (
     MANIFEST, dumps, load_part, read_manifest, read_tar, remove_stale, reusable_part, sha256, write_shard,
@@ -40,14 +42,6 @@ from cxrray.runtime import ensure_ray
 
 TOKENIZER = "tokenizer.json"
 TOKENIZER_RECORD = "_tokenizer.json"  # what the tokenizer was trained on (reuse on rerun)
-
-
-def npy(array: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
 
 
 @ray.remote(num_cpus=1)
