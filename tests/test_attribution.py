@@ -288,3 +288,15 @@ def test_img2img_study_sweeps_ablates_and_induces_judged_by_a_classifier_trained
     assert "Ablation" in (out / "report.html").read_text() and (out / "grid.png").stat().st_size > 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["ablation"]["neither"] == ablation["neither"]["FID to real healthy"]
+
+
+def test_the_share_of_a_change_on_the_patients_side_follows_the_radiographic_convention():
+    """The patient's left is the image's right: a change on the image's right half is all on the patient's left."""
+    from cxrray.benchmarks.img2img import side_share
+
+    change = np.zeros((2, 8, 8))
+    change[0, :, 4:] = 1.0  # image right
+    change[1, :, :4] = 2.0  # image left
+    assert side_share(change, "left").tolist() == [1.0, 0.0] and side_share(change, "right").tolist() == [0.0, 1.0]
+    change[0, :, :4] = 3.0  # a quarter of the change is on the image's right
+    assert side_share(change, "left")[0] == pytest.approx(0.25)

@@ -412,7 +412,7 @@ def test_dreambooth_fine_tunes_stage_by_stage_with_prior_preservation_and_reruns
     priors = []
     for stage, want in (("normal", lambda m: all(v == 0 for v in m["labels"])), ("effusion", lambda m: m["labels"][findings.index("effusion")] == 1)):
         prompt = "Normal chest radiograph." if stage == "normal" else "Pleural effusion."
-        rows = read_tar((out / "data" / stage / "instances-000000.tar").read_bytes(), extras=True)
+        rows = [r for tar in sorted((out / "data" / stage).glob("instances-*.tar")) for r in read_tar(tar.read_bytes(), extras=True)]
         train = [r for r in rows if r[2]["split"] == "train"]
         val = [r for r in rows if r[2]["split"] == "val"]
         assert len(train) == min(24, sum(1 for s in source if s[2]["split"] == "train" and want(s[2])))
@@ -423,8 +423,9 @@ def test_dreambooth_fine_tunes_stage_by_stage_with_prior_preservation_and_reruns
             assert list(load(extras["tokens.npy"])) == ids(prompt) and load(extras["weight.npy"]).item() == 1.0
         prior = read_tar((out / "data" / stage / "prior-000000.tar").read_bytes(), extras=True)
         assert len(prior) == 16
+        balanced = np.float32(0.5 * len(train) / 16)  # lambda x N_instances / N_prior: DreamBooth's ratio of the terms
         for key, png, meta, extras in prior:
-            assert list(load(extras["tokens.npy"])) == ids("Chest radiograph.") and load(extras["weight.npy"]).item() == 0.5
+            assert list(load(extras["tokens.npy"])) == ids("Chest radiograph.") and load(extras["weight.npy"]).item() == balanced
             assert Image.open(io.BytesIO(png)).text["cxrray:provenance"].startswith("SYNTHETIC") and meta["split"] == "train"
         priors.append([p[3]["latent.npy"] for p in prior])
     assert priors[0] == priors[1], "one prior, drawn once from the base model, beside every stage"
@@ -448,6 +449,13 @@ def test_dreambooth_fine_tunes_stage_by_stage_with_prior_preservation_and_reruns
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "data").rglob("*.tar")} == written
     assert json.loads((out / "dreambooth.json").read_text())["checkpoint"] == record["checkpoint"]
+    # the second stage's schedule changed: it alone trains anew (from the same first stage), in a run of its own
+    longer = stages.replace('"steps": 3', '"steps": 4')
+    assert main([*args, "--set", f"dreambooth.stages={longer}"]) == 0
+    again = json.loads((out / "dreambooth.json").read_text())
+    assert again["stages"][0]["checkpoint"] == normal["checkpoint"]
+    assert again["stages"][1]["init_from"] == normal["checkpoint"] and again["stages"][1]["images_shown"] == 32
+    assert again["checkpoint"] != record["checkpoint"]
     # refused before any work, with the reason
     for bad, why in (('dreambooth.stages=[{"name": "x", "prompt": "肺", "steps": 1}]', "vocabulary"),
                      ('dreambooth.stages=[{"name": "x", "prompt": "Normal.", "finding": "tumour", "steps": 1}]', "tumour")):

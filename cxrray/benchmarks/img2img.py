@@ -11,7 +11,9 @@ localisation benchmark's, `pipelines.saliency`), the phantoms' true healthy rend
   `attribution` settings: full, no text (empty prompt), no image prior (strength 1: a sample under the prompt),
   neither, and no fine-tune (the base model, when given), each set of counterparts of the abnormal images
   against the real healthy test images: FID in the judge's feature space (no Inception weights here), judge
-  P(finding), SSIM to the input. References: the abnormal images themselves and their true healthy renders.
+  P(finding), SSIM to the input. References: the abnormal images themselves, the same through the autoencoder
+  alone (strength 0: its blur is in every counterpart) and their true healthy renders. FID on tens of images
+  in a 64-wide feature space carries a large small-sample bias: compare rows, not with the paper's numbers.
 - **Induction** on healthy test images toward a finding's prompt (`img2img.induction`): judge P(finding)
   before and after; for a prompt naming a side, the share of the change on that side (the patient's left is
   the image's right).
@@ -44,6 +46,15 @@ def ssim_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
     ta, tb = (torch.as_tensor((np.asarray(x, np.float32) + 1) / 2)[:, None] for x in (a, b))
     return ssim(ta, tb, data_range=1.0, reduction="none").numpy()
+
+
+def side_share(change: np.ndarray, side: str) -> np.ndarray:
+    """Per image [n], the share of |change| [n, S, S] on the patient's `side` ("left" | "right"): the patient's left
+    is the image's right half (radiographic convention, as the phantoms draw it)."""
+    change = np.abs(np.asarray(change, np.float64))
+    half = change.shape[-1] // 2
+    on_image_right = change[..., half:].sum(axis=(1, 2)) / np.maximum(change.sum(axis=(1, 2)), 1e-12)
+    return on_image_right if side == "left" else 1 - on_image_right
 
 
 class Judge:
@@ -130,7 +141,10 @@ def run_img2img_study(data_uri: str, output_dir: str | Path, cfg: Config, ldm: s
                 "P(finding) on positives": float(p[positive].mean()),
                 "SSIM to input": float(ssim_pairs(x[abnormal], images).mean())}
 
+    floor = ac.model_copy(update={"strength": 0.0})  # D(E(x)): what the autoencoder alone does to the images
     ablation = [judged_set("abnormal (reference: unchanged)", x[abnormal]),
+                judged_set("abnormal through the autoencoder (reference: strength 0)",
+                           _counterparts(model, x[abnormal][:, None], ac.prompt, floor, keys(abnormal), seed)),
                 judged_set("true healthy renders (reference)", test.healthy[abnormal])]
     full_prior = ac.model_copy(update={"strength": 1.0})
     variants = [("full (text + image prior)", model, ac.prompt, ac), ("no text (empty prompt)", model, "", ac),
@@ -151,10 +165,7 @@ def run_img2img_study(data_uri: str, output_dir: str | Path, cfg: Config, ldm: s
                "P before": float(before.mean()),
                "P after": float(after.mean()), "judged positive after": float((after > 0.5).mean())}
         if spec.get("side"):
-            change = np.abs(made - x[calm])
-            half = change.shape[-1] // 2
-            on_image_right = change[..., half:].sum(axis=(1, 2)) / np.maximum(change.sum(axis=(1, 2)), 1e-12)
-            row["change on the named side"] = float((on_image_right if spec["side"] == "left" else 1 - on_image_right).mean())
+            row["change on the named side"] = float(side_share(made - x[calm], spec["side"]).mean())
         induction.append(row)
         progress(f"[img2img] induce {spec['name']}: P {row['P before']:.2f} -> {row['P after']:.2f}")
 

@@ -165,6 +165,30 @@ def build_manifest(parts: list[dict], meta_rejects: list[dict], *, dataset: str,
     return manifest, rejects
 
 
+def derived_manifest(manifest: dict, parts: list[dict], **extra) -> dict:
+    """The manifest of a shard set derived from another's (`manifest`: its vocabulary, preprocessing, latents
+    section): its own shards (the part records with samples), sample count, members, positives and per-split
+    images and patients from the part records (no rejects: the source's are its own), plus `extra` sections
+    saying how it was derived."""
+    splits: dict[str, dict] = {}
+    for part in parts:
+        for split, n in part["splits"].items():
+            entry = splits.setdefault(split, {"images": 0, "patients": set()})
+            entry["images"] += n
+            entry["patients"].update(part["patients"].get(split, ()))
+    shards = [{k: p[k] for k in ("name", "samples", "sha256", "bytes", "splits")} for p in parts if p["samples"]]
+    members = sorted({m for p in parts for m in p.get("members", ())})
+    positives: Counter = Counter()
+    for part in parts:
+        positives.update(part["positives"])
+    samples = sum(s["samples"] for s in shards)
+    return {**manifest, "shards": shards, "samples": samples, "inputs": samples, "rejected": 0, "rejects_by_reason": {},
+            "positives": {f: positives.get(f, 0) for f in manifest["label_vocabulary"]},
+            **({"members": members} if members else {}),
+            "splits": {s: {"images": v["images"], "patients": len(v["patients"])} for s, v in sorted(splits.items())},
+            **extra}
+
+
 def read_manifest(uri: str | Storage) -> dict:
     store = uri if isinstance(uri, Storage) else Storage(uri)
     try:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from cxrray.errors import InputError
+from cxrray.families.parts import masked_bce  # noqa: F401 (re-exported: the judges' loss)
 from cxrray.families.sr.network import resize
 from cxrray.pipelines.settings import SyntheticAuditConfig
 
@@ -165,6 +166,3 @@ class FindingJudge(nn.Module):
         return self.head(self.features(image))
 
 
-def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    known = ~torch.isnan(labels)
-    return nn.functional.binary_cross_entropy_with_logits(logits[known], labels[known])

@@ -98,6 +98,7 @@ def run_server(checkpoint: str, probe: str | None, cfg: Config, guide: str | Non
     import sys
 
     from cxrray.families import get_family
+    from cxrray.io.checkpoint import read_state
     from cxrray.models.loading import model_identity
     from cxrray.pipelines.diffchest.head import load_head
     from cxrray.runtime import ensure_ray
@@ -108,7 +109,8 @@ def run_server(checkpoint: str, probe: str | None, cfg: Config, guide: str | Non
         if probe:
             family.require("encode")  # a probe reads z
         answers = endpoints_for(family, bool(probe))
-        if family.name == "ldm":  # a report-conditioned one attributes by img2img (its replicas check text and autoencoder)
+        model = read_state(checkpoint)["model"]
+        if family.name == "ldm" and model.get("text") and model.get("vae"):  # img2img attribution (the paper's)
             answers = sorted({*answers, "attribute"})
     if probe:
         load_head(probe)

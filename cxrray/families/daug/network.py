@@ -12,8 +12,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from cxrray.data.report_tokens import PAD_ID, SPECIAL
+from cxrray.data.report_tokens import PAD_ID
 from cxrray.families.daug.config import DAugConfig
+from cxrray.families.parts import report_encoder
 
 
 def _block(channels: int, out: int) -> nn.Sequential:
@@ -46,13 +47,7 @@ class HybridEncoder(nn.Module):
         self.text = None
         if cfg.tokenizer:
             self.text_scale = nn.Parameter(torch.full((1,), math.log(1 / cfg.temperature)))
-            from transformers import BertConfig, BertModel
-
-            self.text = BertModel(BertConfig(
-                vocab_size=cfg.vocab_size or len(SPECIAL), hidden_size=cfg.text_width,
-                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-                intermediate_size=4 * cfg.text_width, max_position_embeddings=cfg.max_tokens,
-                pad_token_id=PAD_ID), add_pooling_layer=False)
+            self.text = report_encoder(cfg.vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.max_tokens)
             self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ Heatmap members are the raw 16-bit PNGs `cxrray augment` writes ([0, 65535] -> [
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from cxrray.families.base import Evaluation
 from cxrray.families.daug.config import DAugConfig
 from cxrray.families.daug.network import HybridEncoder
 from cxrray.families.daug.superclasses import super_labels
+from cxrray.families.parts import masked_bce, model_tokenizer
 
 
 def heatmap_member(name: str) -> str:
@@ -49,25 +49,11 @@ def class_targets(model: HybridEncoder, labels: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(y, device=labels.device)
 
 
-@lru_cache(maxsize=4)
-def _tokenizer(json_text: str, max_tokens: int):
-    from cxrray.data.report_tokens import load_tokenizer
-
-    return load_tokenizer(json_text, max_tokens)
-
-
 def report_ids(model: HybridEncoder, reports: list[str], device=None) -> torch.Tensor:
     from cxrray.data.report_tokens import encode_reports
 
-    ids = encode_reports(_tokenizer(model.cfg.tokenizer, model.cfg.max_tokens), reports)
+    ids = encode_reports(model_tokenizer(model.cfg.tokenizer, model.cfg.max_tokens), reports)
     return torch.as_tensor(ids, dtype=torch.long, device=device)
-
-
-def class_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    known = ~torch.isnan(targets)
-    if not known.any():
-        return logits.sum() * 0
-    return nn.functional.binary_cross_entropy_with_logits(logits[known], targets[known])
 
 
 def report_loss(model: HybridEncoder, images: torch.Tensor, reports: list[str]) -> torch.Tensor | None:
@@ -84,7 +70,7 @@ def report_loss(model: HybridEncoder, images: torch.Tensor, reports: list[str]) 
 def terms(model: HybridEncoder, batch: dict, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The loss's terms by name (class, report: where the batch has reports and the model a report encoder)."""
     emb = model.embed(stack(model, batch, generator))
-    out = {"class": class_loss(model.class_logits(emb), class_targets(model, batch["labels"]))}
+    out = {"class": masked_bce(model.class_logits(emb), class_targets(model, batch["labels"]))}
     text = report_loss(model, emb, list(batch.get("report") or []))
     if text is not None:
         out["report"] = text
@@ -160,7 +146,7 @@ def export(model: HybridEncoder, folder: Path) -> list[str]:
         from transformers import PreTrainedTokenizerFast
 
         model.text.save_pretrained(folder / "text_encoder", safe_serialization=True)
-        PreTrainedTokenizerFast(tokenizer_object=_tokenizer(model.cfg.tokenizer, model.cfg.max_tokens),
+        PreTrainedTokenizerFast(tokenizer_object=model_tokenizer(model.cfg.tokenizer, model.cfg.max_tokens),
                                 pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
                                 mask_token="[MASK]", model_max_length=model.cfg.max_tokens).save_pretrained(folder / "tokenizer")
     return ["image encoder, projections and class prototypes: no diffusers or transformers class holds them "

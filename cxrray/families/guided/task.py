@@ -5,25 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from cxrray.families.base import Evaluation
 from cxrray.families.daug.superclasses import super_labels
 from cxrray.families.guided.config import GuidedConfig
 from cxrray.families.guided.network import NoisyClassifier, noised
+from cxrray.families.parts import masked_bce
 
 
 def targets(model: NoisyClassifier, labels: torch.Tensor) -> torch.Tensor:
     """Labels [B, F] (NaN unknown) -> super-class targets [B, K] in {0, 1, NaN}."""
     y, _ = super_labels(labels.detach().cpu().numpy(), list(model.cfg.label_vocabulary))
     return torch.as_tensor(y, device=labels.device)
-
-
-def masked_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    known = ~torch.isnan(y)
-    if not known.any():
-        return logits.sum() * 0
-    return nn.functional.binary_cross_entropy_with_logits(logits[known], y[known])
 
 
 def loss(model: NoisyClassifier, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from torch import nn
 
 from cxrray.data.report_tokens import PAD_ID, SPECIAL
 from cxrray.families.ldm.config import LDMConfig
+from cxrray.families.parts import report_encoder
 from cxrray.families.vae.network import KLAutoencoder
 
 CLS_ID, SEP_ID = SPECIAL.index("[CLS]"), SPECIAL.index("[SEP]")
@@ -41,13 +42,7 @@ class LatentDiffusion(nn.Module):
             norm_num_groups=cfg.norm_groups, cross_attention_dim=cfg.text_width,
             attention_head_dim=tuple(ch // cfg.head_channels for ch in cfg.block_channels))
         if cfg.text:
-            from transformers import BertConfig, BertModel
-
-            self.text = BertModel(BertConfig(
-                vocab_size=cfg.vocab_size or len(SPECIAL), hidden_size=cfg.text_width,
-                num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-                intermediate_size=4 * cfg.text_width, max_position_embeddings=cfg.max_tokens,
-                pad_token_id=PAD_ID), add_pooling_layer=False)
+            self.text = report_encoder(cfg.vocab_size, cfg.text_width, cfg.text_layers, cfg.text_heads, cfg.max_tokens)
         else:
             self.null_context = nn.Parameter(torch.zeros(1, 1, cfg.text_width))
         self.vae = KLAutoencoder(cfg.vae) if cfg.vae is not None else None

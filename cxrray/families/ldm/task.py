@@ -8,7 +8,6 @@ with probability `cond_drop` (classifier-free guidance).
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from cxrray.errors import InputError
 from cxrray.families.base import Evaluation, Generated, GenerateRequest
 from cxrray.families.ldm.config import LDMConfig
 from cxrray.families.ldm.network import LatentDiffusion, empty_report
+from cxrray.families.parts import model_tokenizer
 
 
 def batch_latents(model: LatentDiffusion, batch: dict) -> torch.Tensor:
@@ -127,20 +127,13 @@ def initialise(model: LatentDiffusion) -> None:
         model.vae.load_state_dict(read_weights(model.cfg.vae_checkpoint))
 
 
-@lru_cache(maxsize=4)
-def _tokenizer(json_text: str, max_tokens: int):
-    from cxrray.data.report_tokens import load_tokenizer
-
-    return load_tokenizer(json_text, max_tokens)
-
-
 def prompt_ids(model: LatentDiffusion, prompts: list[str], device=None) -> torch.Tensor:
     """Report texts -> ids long [n, max_tokens] with the model's own tokenizer ("" = the empty report)."""
     from cxrray.data.report_tokens import encode_reports
 
     if not model.cfg.tokenizer:
         raise InputError("this model has no tokenizer: it was not trained on tokenised reports")
-    return torch.as_tensor(encode_reports(_tokenizer(model.cfg.tokenizer, model.cfg.max_tokens), prompts),
+    return torch.as_tensor(encode_reports(model_tokenizer(model.cfg.tokenizer, model.cfg.max_tokens), prompts),
                            device=device).long()
 
 
@@ -261,7 +254,7 @@ def export(model: LatentDiffusion, folder: Path) -> list[str]:
         from transformers import PreTrainedTokenizerFast
 
         model.text.save_pretrained(folder / "text_encoder", safe_serialization=True)
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=_tokenizer(model.cfg.tokenizer, model.cfg.max_tokens),
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=model_tokenizer(model.cfg.tokenizer, model.cfg.max_tokens),
                                             pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
                                             sep_token="[SEP]", mask_token="[MASK]",
                                             model_max_length=model.cfg.max_tokens) if model.cfg.tokenizer else None

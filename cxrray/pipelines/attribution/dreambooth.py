@@ -5,11 +5,15 @@ class prompts, over a report-conditioned latent diffusion model (Cheff's `ldm`),
    for their image member; they stand for what the model knew before any fine-tune.
 2. Each stage in order (`dreambooth.stages`: normal, then each disease) gets its own dataset under
    `{output}/data/{stage}`: the train-split latents of its images (no positive finding for the normal class,
-   else positive for `finding`) with their tokens replaced by the stage prompt's (loss weight 1), the val
-   split's likewise (the run's evaluation), and the prior samples (weight `prior_weight`). The latent model's
-   loss is the mean of w_i x MSE_i, i.e. DreamBooth's L_instance + lambda L_prior (halved) on a balanced batch.
+   else positive for `finding`; one shard per source shard) with their tokens replaced by the stage prompt's
+   (loss weight 1), the val split's likewise (the run's evaluation), and the prior samples, weighted
+   lambda x N_instances / N_prior: the latent model's loss is the mean of w_i x MSE_i over the stream, so the
+   two terms stand in DreamBooth's ratio L_instance + lambda L_prior whatever the two sets' sizes.
 3. The stage trains through `cxrray pretrain` (Ray Train) from the previous stage's checkpoint
-   (`model.init_from`; the base for the first) to `{output}/{stage}`.
+   (`model.init_from`; the base for the first) to `{output}/runs/{stage}-{fingerprint}`: the fingerprint covers
+   the stage's data, its starting checkpoint and its schedule, so a rerun with anything changed trains anew
+   and one with nothing changed answers "nothing to do". Runs register as `cxrray-ldm-dreambooth` (unless
+   `tracking.registered_model` is set), never as a new version of the base's name.
 
 `{output}/dreambooth.json` records the stages, their checkpoints and the known-answer measure: the eps (or v)
 loss of held-out instances under the stage's prompt and of the prior under the prior prompt, before and after
@@ -27,13 +31,15 @@ import torch
 from cxrray.data.members import encode_npy as npy
 from cxrray.data.report_tokens import SPECIAL, encode_reports, load_tokenizer
 from cxrray.data.shards import (
-    MANIFEST, dumps, load_part, read_manifest, read_tar, reusable_part, write_if_changed, write_shard,
+    MANIFEST, derived_manifest, dumps, load_part, read_manifest, read_tar, reusable_part, write_if_changed, write_shard,
 )
 from cxrray.data.storage import Storage
 from cxrray.errors import InputError
 from cxrray.pipelines.settings import DreamBoothConfig, DreamBoothStage
 
-PRIOR_SHARD, INSTANCE_SHARD = "prior-000000.tar", "instances-000000.tar"
+PRIOR_SHARD = "prior-000000.tar"
+REGISTERED = "cxrray-ldm-dreambooth"
+MEASURE_ROWS = 256  # held-out latents scored before / after a stage (a cap: the measure, not an evaluation)
 RECORD = "dreambooth.json"
 UNK_ID = SPECIAL.index("[UNK]")
 
@@ -58,29 +64,47 @@ def _order(key: str, seed: int) -> str:
     return hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).hexdigest()
 
 
-def instance_samples(data: Storage, manifest: dict, stage: DreamBoothStage, ids: np.ndarray, cap: int | None,
-                     seed: int) -> list[tuple]:
-    """The stage's train and val samples with their latent, the prompt's tokens and weight 1; the train split
-    capped at `cap` in a seeded per-key order."""
+def instance_name(index: int) -> str:
+    return f"instances-{index:06d}.tar"
+
+
+def instance_keys(data: Storage, manifest: dict, stage: DreamBoothStage, cap: int | None, seed: int
+                  ) -> tuple[dict[str, set[str]], int]:
+    """({source shard: keys of its samples that are the stage's instances}, how many are in the train split): the
+    train split's (capped at `cap` in a seeded per-key order over all shards) and the val split's (whole: the
+    runs' evaluation and the measure)."""
     findings = manifest["label_vocabulary"]
-    rows = {"train": [], "val": []}
+    found = {"train": [], "val": []}
     for shard in manifest["shards"]:
-        for key, png, meta, extras in read_tar(data.read_bytes(shard["name"]), shard["name"], extras=True):
-            if meta.get("split") in rows and selected(meta, stage, findings):
-                meta = {**meta, "report": stage.prompt, "dreambooth": {"stage": stage.name, "role": "instance"}}
-                rows[meta["split"]].append((key, png, meta, {"latent.npy": extras["latent.npy"], "tokens.npy": npy(ids),
-                                                             "weight.npy": npy(np.float32(1.0))}))
-    train = sorted(rows["train"], key=lambda s: _order(s[0], seed))[:cap]
+        for key, _, meta in read_tar(data.read_bytes(shard["name"]), shard["name"]):
+            if meta.get("split") in found and selected(meta, stage, findings):
+                found[meta["split"]].append((key, shard["name"]))
+    train = sorted(found["train"], key=lambda k: _order(k[0], seed))[:cap]
     if not train:
         raise InputError(f"stage {stage.name!r}: no train-split image is "
                          f"{'free of every finding' if stage.finding is None else 'positive for ' + stage.finding}")
-    return train + rows["val"]
+    keys: dict[str, set[str]] = {}
+    for key, shard in train + found["val"]:
+        keys.setdefault(shard, set()).add(key)
+    return keys, len(train)
+
+
+def instance_samples(data: Storage, shard: str, keys: set[str], stage: DreamBoothStage, ids: np.ndarray) -> list[tuple]:
+    """The samples `keys` of one source shard as the stage's instances: latent kept, tokens the prompt's, weight 1,
+    every other extra member (masks, renders) dropped, the report replaced by the prompt."""
+    return [(key, png, {**meta, "report": stage.prompt, "dreambooth": {"stage": stage.name, "role": "instance"}},
+             {"latent.npy": extras["latent.npy"], "tokens.npy": npy(ids), "weight.npy": npy(np.float32(1.0))})
+            for key, png, meta, extras in read_tar(data.read_bytes(shard), shard, extras=True) if key in keys]
+
+
+def weighted_prior(prior: list[tuple], weight: float) -> list[tuple]:
+    return [(key, png, meta, {**extras, "weight.npy": npy(np.float32(weight))}) for key, png, meta, extras in prior]
 
 
 @torch.no_grad()
 def prior_samples(base_uri: str, cfg: DreamBoothConfig, findings: list[str], tokenizer) -> list[tuple]:
     """`cfg.prior_images` samples of the base model under the prior prompt: (key, PNG with provenance, meta,
-    {latent, tokens, weight}) in the train split, labels unknown."""
+    {latent, tokens}) in the train split, labels unknown (each stage adds its weight)."""
     from cxrray.families.ldm.task import sample_latents
     from cxrray.models.loading import load_model
     from cxrray.pipelines.derived import png16, provenance
@@ -101,8 +125,7 @@ def prior_samples(base_uri: str, cfg: DreamBoothConfig, findings: list[str], tok
                     "covariates": {}, "report": cfg.prior_prompt, "source": {"provenance": text},
                     "dreambooth": {"role": "prior"}}
             out.append((key, png16(images[i], text), meta, {"latent.npy": npy(z[i].numpy().astype(np.float32)),
-                                                            "tokens.npy": npy(ids),
-                                                            "weight.npy": npy(np.float32(cfg.prior_weight))}))
+                                                            "tokens.npy": npy(ids)}))
     return out
 
 
@@ -117,17 +140,7 @@ def write_dataset(out: Storage, source: Storage, manifest: dict, shards: dict, f
     for name, samples in shards.items():
         if not reusable_part(out, name, fingerprint):
             write_shard(out, name, fingerprint, samples() if callable(samples) else samples, [], findings)
-    parts = [load_part(out, name) for name in shards]
-    splits: dict[str, dict] = {}
-    for part in parts:
-        for split, n in part["splits"].items():
-            entry = splits.setdefault(split, {"images": 0, "patients": set()})
-            entry["images"] += n
-            entry["patients"].update(part["patients"].get(split, ()))
-    written = {**manifest, "shards": [{k: p[k] for k in ("name", "samples", "sha256", "bytes", "splits")} for p in parts],
-               "samples": sum(p["samples"] for p in parts), "members": sorted({m for p in parts for m in p.get("members", ())}),
-               "splits": {s: {"images": v["images"], "patients": len(v["patients"])} for s, v in sorted(splits.items())},
-               "dreambooth": note}
+    written = derived_manifest(manifest, [load_part(out, name) for name in shards], dreambooth=note)
     write_if_changed(out, MANIFEST, dumps(written))
     return out.uri
 
@@ -144,7 +157,8 @@ def stage_config(cfg, stage: DreamBoothStage, init_from: str):
         "checkpoint_every": images, "eval_every": images, "log_every": max(images // 4, 1), "split": "train",
         "eval_split": "val"}})
     model = get_family("ldm").config(family="ldm", init_from=init_from)
-    return cfg.model_copy(update={"model": model, "train": train})
+    tracking = cfg.tracking.model_copy(update={"registered_model": cfg.tracking.registered_model or REGISTERED})
+    return cfg.model_copy(update={"model": model, "train": train, "tracking": tracking})
 
 
 @torch.no_grad()
@@ -155,14 +169,21 @@ def prompt_losses(uri: str, latents: np.ndarray, ids: np.ndarray, seed: int, rep
     from cxrray.models.loading import load_ema
 
     model = load_ema(uri)
-    values = [float(loss(model, {"latent": torch.from_numpy(latents), "tokens": torch.from_numpy(ids)},
-                         torch.Generator().manual_seed(seed + r))) for r in range(repeats)]
+    model.cfg.cond_drop = 0.0  # every row under its own prompt
+    values = []
+    for r in range(repeats):
+        generator = torch.Generator().manual_seed(seed + r)
+        for i in range(0, len(latents), 64):
+            chunk = {"latent": torch.from_numpy(latents[i:i + 64]), "tokens": torch.from_numpy(ids[i:i + 64])}
+            values += [float(loss(model, chunk, generator))] * len(chunk["latent"])
     return float(np.mean(values))
 
 
-def _columns(data: Storage, name: str, split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(latents float32 [n, C, s, s], token ids int64 [n, L]) of one shard's samples in `split` (None: all)."""
-    samples = [s for s in read_tar(data.read_bytes(name), name, extras=True) if split is None or s[2]["split"] == split]
+def _columns(data: Storage, names: list[str], split: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(latents float32 [n, C, s, s], token ids int64 [n, L]) of the shards' samples in `split` (None: all), at
+    most MEASURE_ROWS."""
+    samples = [s for name in names for s in read_tar(data.read_bytes(name), name, extras=True)
+               if split is None or s[2]["split"] == split][:MEASURE_ROWS]
     if not samples:
         return np.zeros((0,), np.float32), np.zeros((0,), np.int64)
     load = lambda b: np.load(io.BytesIO(b), allow_pickle=False)  # noqa: E731
@@ -211,25 +232,34 @@ def dreambooth(checkpoint: str, data_uri: str, output_uri: str, cfg, progress=pr
     record = {"base": identity, "data": data.uri, "settings": db.model_dump(), "stages": []}
     previous = base
     for number, stage in enumerate(db.stages, 1):
-        stage_uri = f"{out.uri}/data/{stage.name}"
+        stage_store = Storage(f"{out.uri}/data/{stage.name}")
         fingerprint = hashlib.sha256(dumps({"data": [s["sha256"] for s in manifest["shards"]], "prior": prior_print,
                                             "stage": stage.model_dump(), "cap": db.instance_images,
-                                            "seed": db.seed})).hexdigest()[:12]
+                                            "seed": db.seed, "layout": "one instance shard per source shard"}
+                                           )).hexdigest()[:12]
         ids = prompt_tokens(tokenizer, stage.prompt)
-        shards = {INSTANCE_SHARD: lambda: instance_samples(data, manifest, stage, ids, db.instance_images, db.seed)}
+        keys, n_train = instance_keys(data, manifest, stage, db.instance_images, db.seed)
+        names = {shard["name"]: instance_name(i) for i, shard in enumerate(manifest["shards"]) if shard["name"] in keys}
+        shards = {name: (lambda source=source: instance_samples(data, source, keys[source], stage, ids))
+                  for source, name in names.items()}
+        prior_weight = db.prior_weight * n_train / db.prior_images if db.prior_images else None
         if prior_bytes is not None:
-            shards[PRIOR_SHARD] = lambda: read_tar(prior_bytes, PRIOR_SHARD, extras=True)
-        write_dataset(Storage(stage_uri), data, manifest, shards, fingerprint,
+            shards[PRIOR_SHARD] = lambda: weighted_prior(read_tar(prior_bytes, PRIOR_SHARD, extras=True), prior_weight)
+        write_dataset(stage_store, data, manifest, shards, fingerprint,
                       {"stage": stage.model_dump(), "base": base, "prior": prior_print})
-        counts = load_part(Storage(stage_uri), INSTANCE_SHARD)["splits"]
+        counts = {split: sum(load_part(stage_store, n)["splits"].get(split, 0) for n in names.values())
+                  for split in ("train", "val")}
+        train_cfg = stage_config(cfg, stage, previous)
+        run_print = hashlib.sha256(dumps({"data": fingerprint, "init_from": previous,
+                                          "train": train_cfg.train.model_dump(mode="json")})).hexdigest()[:12]
         progress(f"[dreambooth] {number}/{len(db.stages)} {stage.name}: {counts.get('train', 0)} instances under "
                  f"{stage.prompt!r} + {db.prior_images} prior samples, {stage.steps} steps from {previous}")
-        run = pretrain(stage_config(cfg, stage, previous), stage_uri, f"{out.uri}/{stage.name}", progress=progress)
+        run = pretrain(train_cfg, stage_store.uri, f"{out.uri}/runs/{stage.name}-{run_print}", progress=progress)
         stage_record = {"name": stage.name, "prompt": stage.prompt, "finding": stage.finding, "steps": stage.steps,
-                        "instances": counts, "init_from": previous, "checkpoint": run["latest_checkpoint"],
+                        "instances": counts, "prior_row_weight": prior_weight, "init_from": previous, "checkpoint": run["latest_checkpoint"],
                         "images_shown": run["images_shown"]}
-        stage_record["loss"] = _stage_losses(Storage(stage_uri), previous, run["latest_checkpoint"], ids, tokenizer,
-                                             db, prior_bytes is not None)
+        stage_record["loss"] = _stage_losses(stage_store, list(names.values()), previous, run["latest_checkpoint"], ids,
+                                             db.seed, prior_bytes is not None)
         record["stages"].append(stage_record)
         previous = run["latest_checkpoint"]
     record["checkpoint"] = previous
@@ -237,20 +267,20 @@ def dreambooth(checkpoint: str, data_uri: str, output_uri: str, cfg, progress=pr
     return record
 
 
-def _stage_losses(stage_data: Storage, before: str, after: str, ids: np.ndarray, tokenizer, db: DreamBoothConfig,
+def _stage_losses(stage_data: Storage, instances: list[str], before: str, after: str, ids: np.ndarray, seed: int,
                   with_prior: bool) -> dict:
     """The known-answer measure of one stage: held-out (val, else train) instance latents under the stage prompt
     and the prior under the prior prompt, before and after, on the same (t, noise) draws."""
-    latents, _ = _columns(stage_data, INSTANCE_SHARD, "val")
+    latents, _ = _columns(stage_data, instances, "val")
     held_out = bool(len(latents))
     if not held_out:
-        latents, _ = _columns(stage_data, INSTANCE_SHARD, "train")
+        latents, _ = _columns(stage_data, instances, "train")
     prompt = np.stack([ids] * len(latents)).astype(np.int64)
-    result = {f"instances_{when}": prompt_losses(uri, latents, prompt, db.seed) for when, uri in
+    result = {f"instances_{when}": prompt_losses(uri, latents, prompt, seed) for when, uri in
               (("before", before), ("after", after))}
     result["held_out"] = held_out
     if with_prior:
-        prior, prior_ids = _columns(stage_data, PRIOR_SHARD)
-        result.update({f"prior_{when}": prompt_losses(uri, prior, prior_ids, db.seed) for when, uri in
+        prior, prior_ids = _columns(stage_data, [PRIOR_SHARD])
+        result.update({f"prior_{when}": prompt_losses(uri, prior, prior_ids, seed) for when, uri in
                        (("before", before), ("after", after))})
     return result

@@ -2,7 +2,7 @@
 
 phantoms with reports, masks and healthy renders -> ingest at the latent model's size -> KL autoencoder ->
 latent shards + tokenizer -> report-conditioned latent diffusion (the Stable Diffusion stand-in) -> DreamBooth
-with prior preservation on class prompts (normal, then effusion; cardiomegaly left out for zero-shot) ->
+with prior preservation on class prompts (normal, then effusion; cardiomegaly left out: the paper's zero-shot) ->
 where the maps are, against the masks, beside Grad-CAM, integrated gradients, the empty-prompt baseline, the
 oracle and chance, for the fine-tuned model and for the base -> the img2img study (strength x guidance
 sweep, the paper's ablation as FID, zero-shot and localised induction) -> one HTML page with the paper's
@@ -104,7 +104,7 @@ def reproduce_attribution(source: str, overrides: list[str], preset: dict, workd
                "localisation": {"fine_tuned": {k: where[k] for k in ("findings", "seconds")},
                                 "base": {k: where_base[k] for k in ("findings", "seconds")}},
                "img2img": {**{k: examined[k] for k in ("sweep", "ablation", "seconds")}, "induction": [
-                   {**r, "zero-shot": r["finding"] not in fine_tuned}
+                   {**r, "not fine-tuned on": r["finding"] not in fine_tuned}
                    for r in examined["induction"]]},
                "attribution": cfg.attribution.model_dump(mode="json"), "paper": PAPER, "seconds": seconds}
     page = write_report(workdir, summary, _page(summary))
@@ -148,7 +148,8 @@ def _page(summary: dict) -> str:
         (f"Ablation (paper, FID with Inception: full ~{paper['ablation_fid']['full']}, neither "
          f"~{paper['ablation_fid']['neither']}; ours in the judge's feature space)",
          html.table(im["ablation"], list(im["ablation"][0]))),
-        ("Induction on healthy images (zero-shot: a finding no stage fine-tuned on)",
+        ("Induction on healthy images ('not fine-tuned on': no DreamBooth stage trained on the finding, the paper's "
+         "zero-shot; our base model did read it in reports, which the paper's Stable Diffusion had not)",
          html.table(im["induction"], list(dict.fromkeys(c for r in im["induction"] for c in r)))),
         ("Stage times (s)", html.table([summary["seconds"]], list(summary["seconds"]), 1)),
         ("Details", '<p><a href="localisation/report.html">localisation report</a> · '

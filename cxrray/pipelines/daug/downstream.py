@@ -23,7 +23,7 @@ import numpy as np
 
 from cxrray.config import Config
 from cxrray.data.shards import (
-    MANIFEST, dumps, load_part, read_manifest, read_tar, reusable_part, write_if_changed, write_shard,
+    MANIFEST, derived_manifest, dumps, load_part, read_manifest, read_tar, reusable_part, write_if_changed, write_shard,
 )
 from cxrray.data.storage import Storage
 from cxrray.errors import InputError
@@ -54,17 +54,8 @@ def train_subset(data_uri: str, output_uri: str, fraction: float, seed: int) -> 
         samples = [s for s in read_tar(source.read_bytes(shard["name"]), shard["name"], extras=True)
                    if s[2]["split"] != "train" or _kept(s[2]["patient"], fraction, seed)]
         write_shard(out, shard["name"], fingerprint, samples, [], manifest["label_vocabulary"])
-    parts = [load_part(out, s["name"]) for s in manifest["shards"]]
-    shards = [{k: p[k] for k in ("name", "samples", "sha256", "bytes", "splits")} for p in parts if p["samples"]]
-    splits = {}
-    for part in parts:
-        for split, n in part["splits"].items():
-            entry = splits.setdefault(split, {"images": 0, "patients": set()})
-            entry["images"] += n
-            entry["patients"].update(part["patients"].get(split, ()))
-    subset = {**manifest, "shards": shards, "samples": sum(s["samples"] for s in shards),
-              "splits": {s: {"images": v["images"], "patients": len(v["patients"])} for s, v in sorted(splits.items())},
-              "subset": {"source": source.uri, "train_fraction": fraction, "seed": seed, "fingerprint": fingerprint}}
+    subset = derived_manifest(manifest, [load_part(out, s["name"]) for s in manifest["shards"]], subset={
+        "source": source.uri, "train_fraction": fraction, "seed": seed, "fingerprint": fingerprint})
     write_if_changed(out, MANIFEST, dumps(subset))
     return out.uri
 
