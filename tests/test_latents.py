@@ -348,6 +348,13 @@ def test_img2img_attribution_is_the_autoencoder_at_strength_zero_and_follows_the
     signed, well = attribution_maps(model, images, "Normal chest radiograph.", half, [5, 6, 7, 8])
     again, _ = attribution_maps(model, images[2:], "Normal chest radiograph.", half, [7, 8])
     assert np.array_equal(signed[2:], again) and np.allclose(signed, images[:, 0] - well)  # batching changes nothing
+    # against the reconstruction, strength 0 leaves nothing (the autoencoder's error is not the finding)
+    zero, _ = attribution_maps(model, images, "", AttributionConfig(strength=0.0, reference="reconstruction"), [1, 2, 3, 4])
+    floor_map, _ = attribution_maps(model, images, "", AttributionConfig(strength=0.0), [1, 2, 3, 4])
+    assert np.abs(zero).max() == 0.0 and np.abs(floor_map).max() > 1e-3
+    recon, _ = attribution_maps(model, images, "Normal chest radiograph.", half.model_copy(update={"reference": "reconstruction"}),
+                                [5, 6, 7, 8])
+    assert np.allclose(recon, signed - floor_map, atol=1e-5)  # (D(E(x)) - c) = (x - c) - (x - D(E(x)))
     # strength 1 is a sample from noise: it no longer depends on the image, only on the seed
     a = healthy_counterparts(model, x[:1], "", AttributionConfig(strength=1.0, steps=5), gen())
     b = healthy_counterparts(model, x[1:2], "", AttributionConfig(strength=1.0, steps=5), gen())

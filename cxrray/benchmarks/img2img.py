@@ -3,7 +3,8 @@ works and where it fails, with judges it did not train: a finding classifier tra
 localisation benchmark's, `pipelines.saliency`), the phantoms' true healthy renders and their masks.
 
 - **Sweep** strength x guidance (the paper states both 0.55 / 4 and 0.85 / 7.5) on the test positives of each
-  finding: the map's pixel AUROC and pointing game against the mask; the counterpart's judge P(finding)
+  finding: the map's pixel AUROC (|image - counterpart|, and |D(E(x)) - counterpart|: without the autoencoder's
+  own error) and pointing game against the mask; the counterpart's judge P(finding)
   (should fall), the mean |change| of the judge's other labels (should stay), its error to the true healthy
   render over the mask relative to the image's own (< 1: closer to the truth than the image was), SSIM to the
   image (the paper's ~0.80) and SSIM outside the mask (what should not change).
@@ -33,7 +34,7 @@ from cxrray.config import Config
 from cxrray.errors import InputError
 from cxrray.eval import html
 from cxrray.eval.localisation import pixel_auroc, pointing_game, ssim_outside
-from cxrray.pipelines.attribution.img2img import attribution_maps
+from cxrray.pipelines.attribution.img2img import attribution_maps, reference_images
 from cxrray.pipelines.judges import apply_batched, frechet
 from cxrray.pipelines.saliency.classifier import load_classifier
 from cxrray.pipelines.seeds import item_seeds
@@ -110,6 +111,7 @@ def run_img2img_study(data_uri: str, output_dir: str | Path, cfg: Config, ldm: s
         masks, truth = test.masks[finding][rows], test.healthy[rows]
         before = judged.probabilities(x[rows])
         truth_error = np.abs(x[rows] - truth)[masks].mean()
+        recon = reference_images(model, x[rows][:, None], ac.model_copy(update={"reference": "reconstruction"}))
         for strength in st.strengths:
             for guidance in st.guidances:
                 settings = ac.model_copy(update={"strength": strength, "guidance": guidance})
@@ -118,6 +120,7 @@ def run_img2img_study(data_uri: str, output_dir: str | Path, cfg: Config, ldm: s
                 after = judged.probabilities(well)
                 sweep.append({"finding": finding, "strength": strength, "guidance": guidance, "images": int(len(rows)),
                               "pixel AUROC": float(np.nanmean(pixel_auroc(change, masks))),
+                              "pixel AUROC vs D(E(x))": float(np.nanmean(pixel_auroc(np.abs(recon - well), masks))),
                               "pointing": float(np.mean(pointing_game(change, masks, cfg.localisation.tolerance_px))),
                               "P before": float(before[:, j].mean()), "P after": float(after[:, j].mean()),
                               "other labels |dP|": float(np.abs(after[:, others] - before[:, others]).mean()),

@@ -286,6 +286,9 @@ class AttributionConfig(StrictModel):
     guidance: float = Field(4.0, ge=1.0, le=20.0)  # classifier-free guidance toward the prompt
     steps: int = Field(50, ge=1, le=1000)  # sampler steps over the whole schedule (strength x steps run)
     scheduler: Literal["ddim", "pndm"] = "ddim"  # each image's noise: attribute.seed and its key
+    # what the counterpart is subtracted from: the image (the paper), or its autoencoder reconstruction D(E(x))
+    # (ours: the autoencoder's own error, in every counterpart, then leaves the map)
+    reference: Literal["image", "reconstruction"] = "image"
 
 
 class DreamBoothStage(StrictModel):

@@ -43,11 +43,22 @@ def healthy_counterparts(model, images: torch.Tensor, prompt: str, cfg: Attribut
 
 def attribution_maps(model, images: np.ndarray, prompt: str, cfg: AttributionConfig, seeds: list[int]
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """(signed maps image - counterpart, counterparts) [n, S, S]; image i's noise from `seeds[i]` alone (one
-    image per call: a map never depends on its batch)."""
+    """(signed maps reference - counterpart, counterparts) [n, S, S], the reference being the image or its
+    reconstruction D(E(x)) (`cfg.reference`); image i's noise from `seeds[i]` alone (one image per call: a map
+    never depends on its batch)."""
     healthy = []
     for image, seed in zip(np.asarray(images, np.float32), seeds):
         x = torch.from_numpy(image[None])
         healthy.append(healthy_counterparts(model, x, prompt, cfg, torch.Generator().manual_seed(seed))[:, 0].cpu().numpy())
     well = np.concatenate(healthy).astype(np.float32)
-    return np.asarray(images, np.float32)[:, 0] - well, well
+    return reference_images(model, images, cfg) - well, well
+
+
+def reference_images(model, images: np.ndarray, cfg: AttributionConfig) -> np.ndarray:
+    """[n, S, S]: the images themselves, or (reference="reconstruction") D(E(x)) on their grid."""
+    images = np.asarray(images, np.float32)
+    if cfg.reference == "image":
+        return images[:, 0]
+    floor = cfg.model_copy(update={"strength": 0.0})
+    return np.concatenate([healthy_counterparts(model, torch.from_numpy(image[None]), "", floor, torch.Generator())[:, 0]
+                           .cpu().numpy() for image in images]).astype(np.float32)

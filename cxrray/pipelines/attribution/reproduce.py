@@ -4,7 +4,8 @@ phantoms with reports, masks and healthy renders -> ingest at the latent model's
 latent shards + tokenizer -> report-conditioned latent diffusion (the Stable Diffusion stand-in) -> DreamBooth
 with prior preservation on class prompts (normal, then effusion; cardiomegaly left out: the paper's zero-shot) ->
 where the maps are, against the masks, beside Grad-CAM, integrated gradients, the empty-prompt baseline, the
-oracle and chance, for the fine-tuned model and for the base -> the img2img study (strength x guidance
+oracle and chance, for the fine-tuned model, for the base, and against D(E(x)) rather than the image (the
+autoencoder's own error out of the map) -> the img2img study (strength x guidance
 sweep, the paper's ablation as FID, zero-shot and localised induction) -> one HTML page with the paper's
 figures beside ours.
 
@@ -93,6 +94,10 @@ def reproduce_attribution(source: str, overrides: list[str], preset: dict, workd
     where = localise(_with_methods(cfg, methods), uri["real"], workdir / "localisation", tuned["checkpoint"])
     where_base = localise(_with_methods(cfg, ["oracle", "attribution", "empty_prompt"]), uri["real"],
                           workdir / "localisation_base", base)
+    # the lever: the counterpart against D(E(x)), not the image, so the autoencoder's own error leaves the map
+    recon = _with_methods(cfg, ["oracle", "attribution", "empty_prompt"])
+    recon = recon.model_copy(update={"attribution": recon.attribution.model_copy(update={"reference": "reconstruction"})})
+    where_recon = localise(recon, uri["real"], workdir / "localisation_reconstruction", tuned["checkpoint"])
     lap("localisation")
     progress("[reproduce attribution] 7/7 img2img: sweep, ablation, induction")
     examined = study(cfg, uri["real"], workdir / "img2img", tuned["checkpoint"], str(workdir / "localisation" / "classifier"),
@@ -102,7 +107,8 @@ def reproduce_attribution(source: str, overrides: list[str], preset: dict, workd
     summary = {"real": uri["real"], "ldm": base, "dreambooth": {"checkpoint": tuned["checkpoint"], "stages": [
                    {k: s[k] for k in ("name", "prompt", "finding", "steps", "instances", "loss")} for s in tuned["stages"]]},
                "localisation": {"fine_tuned": {k: where[k] for k in ("findings", "seconds")},
-                                "base": {k: where_base[k] for k in ("findings", "seconds")}},
+                                "base": {k: where_base[k] for k in ("findings", "seconds")},
+                                "fine_tuned_vs_reconstruction": {k: where_recon[k] for k in ("findings", "seconds")}},
                "img2img": {**{k: examined[k] for k in ("sweep", "ablation", "seconds")}, "induction": [
                    {**r, "not fine-tuned on": r["finding"] not in fine_tuned}
                    for r in examined["induction"]]},
@@ -125,7 +131,9 @@ def _where_rows(result: dict, model: str) -> list[dict]:
 
 def _page(summary: dict) -> str:
     where = (_where_rows(summary["localisation"]["fine_tuned"], "fine-tuned")
-             + [r for r in _where_rows(summary["localisation"]["base"], "base") if r["method"] != "oracle"])
+             + [r for r in _where_rows(summary["localisation"]["base"], "base") if r["method"] != "oracle"]
+             + [r for r in _where_rows(summary["localisation"]["fine_tuned_vs_reconstruction"], "fine-tuned, D(E(x)) - "
+                                       "counterpart") if r["method"] != "oracle"])
     paired = [{"finding": f, "a": p["a"], "b": p["b"], "diff": p["pixel_auroc"]["diff"], "CI": p["pixel_auroc"]["ci"],
                "p": p["pixel_auroc"]["p_value"]}
               for f, r in summary["localisation"]["fine_tuned"]["findings"].items() for p in r["paired"]
