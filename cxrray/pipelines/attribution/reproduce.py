@@ -92,10 +92,10 @@ def reproduce_attribution(source: str, overrides: list[str], preset: dict, workd
     progress("[reproduce attribution] 6/7 where the maps are, against the masks (fine-tuned, then the base model)")
     methods = ["oracle", "random", "gradcam", "integrated_gradients", "attribution", "empty_prompt"]
     where = localise(_with_methods(cfg, methods), uri["real"], workdir / "localisation", tuned["checkpoint"])
-    where_base = localise(_with_methods(cfg, ["oracle", "attribution", "empty_prompt"]), uri["real"],
-                          workdir / "localisation_base", base)
+    # the base model's maps and the D(E(x)) lever: the paper's method alone (its baselines are in the first run)
+    where_base = localise(_with_methods(cfg, ["oracle", "attribution"]), uri["real"], workdir / "localisation_base", base)
     # the lever: the counterpart against D(E(x)), not the image, so the autoencoder's own error leaves the map
-    recon = _with_methods(cfg, ["oracle", "attribution", "empty_prompt"])
+    recon = _with_methods(cfg, ["oracle", "attribution"])
     recon = recon.model_copy(update={"attribution": recon.attribution.model_copy(update={"reference": "reconstruction"})})
     where_recon = localise(recon, uri["real"], workdir / "localisation_reconstruction", tuned["checkpoint"])
     lap("localisation")
