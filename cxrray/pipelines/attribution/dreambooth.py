@@ -256,8 +256,8 @@ def dreambooth(checkpoint: str, data_uri: str, output_uri: str, cfg, progress=pr
                  f"{stage.prompt!r} + {db.prior_images} prior samples, {stage.steps} steps from {previous}")
         run = pretrain(train_cfg, stage_store.uri, f"{out.uri}/runs/{stage.name}-{run_print}", progress=progress)
         stage_record = {"name": stage.name, "prompt": stage.prompt, "finding": stage.finding, "steps": stage.steps,
-                        "instances": counts, "prior_row_weight": prior_weight, "init_from": previous, "checkpoint": run["latest_checkpoint"],
-                        "images_shown": run["images_shown"]}
+                        "instances": counts, "prior_row_weight": prior_weight, "init_from": previous,
+                        "checkpoint": run["latest_checkpoint"], "images_shown": run["images_shown"]}
         stage_record["loss"] = _stage_losses(stage_store, list(names.values()), previous, run["latest_checkpoint"], ids,
                                              db.seed, prior_bytes is not None)
         record["stages"].append(stage_record)
