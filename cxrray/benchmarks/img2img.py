@@ -160,10 +160,11 @@ def run_img2img_study(data_uri: str, output_dir: str | Path, cfg: Config, ldm: s
 
     induction = []
     calm = healthy_rows[:st.images]
+    calm_before = judged.probabilities(x[calm])
     for spec in st.induction:
         j = test.findings.index(spec["finding"])
         made = _counterparts(model, x[calm][:, None], spec["prompt"], ac, keys(calm), seed)
-        before, after = judged.probabilities(x[calm])[:, j], judged.probabilities(made)[:, j]
+        before, after = calm_before[:, j], judged.probabilities(made)[:, j]
         row = {"induce": spec["name"], "prompt": spec["prompt"], "finding": spec["finding"], "images": int(len(calm)),
                "P before": float(before.mean()),
                "P after": float(after.mean()), "judged positive after": float((after > 0.5).mean())}

@@ -23,12 +23,11 @@ matches and pretraining answers "nothing to do".
 from __future__ import annotations
 
 import hashlib
-import io
 
 import numpy as np
 import torch
 
-from cxrray.data.members import encode_npy as npy
+from cxrray.data.members import decode_extra, encode_npy as npy
 from cxrray.data.report_tokens import SPECIAL, encode_reports, load_tokenizer
 from cxrray.data.shards import (
     MANIFEST, derived_manifest, dumps, load_part, read_manifest, read_tar, reusable_part, write_if_changed, write_shard,
@@ -162,14 +161,12 @@ def stage_config(cfg, stage: DreamBoothStage, init_from: str):
 
 
 @torch.no_grad()
-def prompt_losses(uri: str, latents: np.ndarray, ids: np.ndarray, seed: int, repeats: int = 4) -> float:
-    """Mean eps (or v) MSE of the EMA model at `uri` on latents [n, C, s, s] under report ids [n, L], over
-    `repeats` draws of (t, noise) fixed by `seed`: the same draws for every model compared."""
+def prompt_losses(model, latents: np.ndarray, ids: np.ndarray, seed: int, repeats: int = 4) -> float:
+    """Mean eps (or v) MSE of a latent diffusion model (its conditioning drop-out off) on latents [n, C, s, s]
+    under report ids [n, L], over `repeats` draws of (t, noise) fixed by `seed`: the same draws for every model
+    compared."""
     from cxrray.families.ldm.task import loss
-    from cxrray.models.loading import load_ema
 
-    model = load_ema(uri)
-    model.cfg.cond_drop = 0.0  # every row under its own prompt
     values = []
     for r in range(repeats):
         generator = torch.Generator().manual_seed(seed + r)
@@ -186,9 +183,9 @@ def _columns(data: Storage, names: list[str], split: str | None = None) -> tuple
                if split is None or s[2]["split"] == split][:MEASURE_ROWS]
     if not samples:
         return np.zeros((0,), np.float32), np.zeros((0,), np.int64)
-    load = lambda b: np.load(io.BytesIO(b), allow_pickle=False)  # noqa: E731
-    return (np.stack([load(s[3]["latent.npy"]) for s in samples]).astype(np.float32),
-            np.stack([load(s[3]["tokens.npy"]) for s in samples]).astype(np.int64))
+    column = lambda member: np.stack([decode_extra("npy", s[3][member], f"{s[0]}.{member}")  # noqa: E731
+                                      for s in samples])
+    return column("latent.npy").astype(np.float32), column("tokens.npy").astype(np.int64)
 
 
 def dreambooth(checkpoint: str, data_uri: str, output_uri: str, cfg, progress=print) -> dict:
@@ -275,12 +272,15 @@ def _stage_losses(stage_data: Storage, instances: list[str], before: str, after:
     held_out = bool(len(latents))
     if not held_out:
         latents, _ = _columns(stage_data, instances, "train")
+    from cxrray.models.loading import load_ema
+
     prompt = np.stack([ids] * len(latents)).astype(np.int64)
-    result = {f"instances_{when}": prompt_losses(uri, latents, prompt, seed) for when, uri in
-              (("before", before), ("after", after))}
-    result["held_out"] = held_out
-    if with_prior:
-        prior, prior_ids = _columns(stage_data, [PRIOR_SHARD])
-        result.update({f"prior_{when}": prompt_losses(uri, prior, prior_ids, seed) for when, uri in
-                       (("before", before), ("after", after))})
+    prior, prior_ids = _columns(stage_data, [PRIOR_SHARD]) if with_prior else (None, None)
+    result = {"held_out": held_out}
+    for when, uri in (("before", before), ("after", after)):  # each model loaded once
+        model = load_ema(uri)
+        model.cfg.cond_drop = 0.0  # every row under its own prompt
+        result[f"instances_{when}"] = prompt_losses(model, latents, prompt, seed)
+        if with_prior:
+            result[f"prior_{when}"] = prompt_losses(model, prior, prior_ids, seed)
     return result
