@@ -79,9 +79,12 @@ def test_classifier_guidance_moves_the_translation_toward_the_class_and_the_heat
     assert abs(start_fraction(0.08) - 0.5) < 0.1  # the linear schedule's alpha_bar 0.08 is near t = 500
     images, y = _squares(16, 3)
     x = torch.from_numpy(images)
-    up, plain = translate(ddpm, net, x, 0, 20.0, 0.3, 10, seed=0)
-    down, plain_again = translate(ddpm, net, x, 0, -20.0, 0.3, 10, seed=0)
+    seeds = list(range(16))
+    up, plain = translate(ddpm, net, x, 0, 20.0, 0.3, 10, seeds)
+    down, plain_again = translate(ddpm, net, x, 0, -20.0, 0.3, 10, seeds)
     assert torch.equal(plain, plain_again)  # the same noise: the unguided arm repeats
+    up_alone, _ = translate(ddpm, net, x[5:7], 0, 20.0, 0.3, 10, seeds[5:7])
+    assert (up_alone - up[5:7]).abs().max() < 1e-4  # an image's translation does not depend on its batch
     p = {name: torch.sigmoid(net(v, torch.zeros(len(v), dtype=torch.long))[:, 0]).mean().item()
          for name, v in (("up", up), ("plain", plain), ("down", down))}
     assert p["down"] < p["plain"] < p["up"], p  # the sign of guidance, both ways (ordering only: a random DDPM)

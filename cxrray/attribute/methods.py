@@ -185,7 +185,8 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def _guided_maps(images: np.ndarray, finding: str, guided: tuple, cfg: Config, seeds: list[int]) -> np.ndarray:
-    """One translation per image from its own seed, as `cxrray augment` makes a heatmap."""
+    """Each image's translation from its own seed, `augment.batch_size` at a time, as `cxrray augment` makes a
+    heatmap."""
     from cxrray.families.daug.superclasses import super_class_of
     from cxrray.pipelines.daug.augment import unobserved
     from cxrray.pipelines.daug.translate import heatmaps, translate
@@ -194,18 +195,19 @@ def _guided_maps(images: np.ndarray, finding: str, guided: tuple, cfg: Config, s
     ac, k = cfg.augment, names.index(super_class_of(finding))
     conditions, sign = unobserved(ddpm), 1.0 if cfg.augment.direction == "toward" else -1.0
     out = []
-    for image, seed in zip(images, seeds):
-        x = torch.from_numpy(image[None]).float().to(_device(ddpm))
-        guided_x, plain = translate(ddpm, classifier, x, k, sign * ac.scale, ac.start_alpha_bar, ac.steps, seed,
-                                    None if conditions is None else conditions[:1].to(x.device))
-        out.append(heatmaps(guided_x, plain, ac.sigma)[0])
-    return np.stack(out).astype(np.float32)
+    for start in range(0, len(images), ac.batch_size):
+        x = torch.from_numpy(images[start:start + ac.batch_size]).float().to(_device(ddpm))
+        guided_x, plain = translate(ddpm, classifier, x, k, sign * ac.scale, ac.start_alpha_bar, ac.steps,
+                                    seeds[start:start + ac.batch_size], conditions)
+        out.append(heatmaps(guided_x, plain, ac.sigma))
+    return np.concatenate(out).astype(np.float32)
 
 
 def _diffchest_maps(method: str, images: np.ndarray, finding: str, diffchest, cfg: Config, seeds: list[int]
                     ) -> np.ndarray:
     from cxrray.diffusion.ddim import ddim_sample
     from cxrray.pipelines.diffchest.counterfactual import counterfactuals
+    from cxrray.pipelines.seeds import item_noise
 
     model, head = diffchest
     if method == "counterfactual" and head is None:
@@ -216,8 +218,7 @@ def _diffchest_maps(method: str, images: np.ndarray, finding: str, diffchest, cf
         if method == "counterfactual":
             change = counterfactuals(model, head, x0, finding, ec, toward=-1)["difference"]
         else:
-            noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(s))
-                                 for s in seeds[start:start + ec.batch_size]]).to(device)
+            noise = item_noise(seeds[start:start + ec.batch_size], x0.shape[1:]).to(device)
             with torch.no_grad():
                 change = ddim_sample(model, model.encode(x0).float(), noise, ec.steps, clip=True) - x0
         out.append(change.abs()[:, 0].cpu().numpy())

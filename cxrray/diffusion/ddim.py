@@ -61,11 +61,12 @@ def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, 
           clip: bool = False, guidance: float = 1.0, null: torch.Tensor | None = None, start: float = 1.0,
           generator: torch.Generator | None = None, known: tuple[torch.Tensor, torch.Tensor] | None = None,
           span: float = 1.0, record: list | None = None,
-          blend: tuple[list[torch.Tensor], torch.Tensor] | None = None, guide=None, **step_kwargs) -> torch.Tensor:
+          blend: tuple[list[torch.Tensor], torch.Tensor] | None = None, guide=None, noise: torch.Tensor | None = None,
+          **step_kwargs) -> torch.Tensor:
     """Run one sampler over `steps` steps ("ddim": x_T -> x0, "ddim_inverse": x0 -> x_T, "ddpm":
     ancestral x_T -> x0, "pndm": PLMS x_T -> x0) under the model's own schedule (`model.schedule`; default linear T = 1000, eps prediction).
-    `start` < 1 (ddim, pndm): `x` is a clean image, noised to the first timestep <= start * T with noise
-    from `generator`, and only the remaining steps run (SDEdit / Diff-AE's stochastic encoding); at 1, `x` is
+    `start` < 1 (ddim, pndm): `x` is a clean image, noised to the first timestep <= start * T with `noise`
+    (x's shape; default drawn from `generator`), and only the remaining steps run (SDEdit / Diff-AE's stochastic encoding); at 1, `x` is
     taken as x_T itself.
     `known` = (x0 of the same shape as x, keep mask broadcastable to it, 1 = known): before the first step and
     after each one, where keep is 1 the sample is replaced by x0 forward-noised (fresh noise from `generator`)
@@ -96,8 +97,11 @@ def walk(model, kind: str, x: torch.Tensor, z: torch.Tensor | None, steps: int, 
         if kind == "pndm":  # PLMS warms up on its second timestep twice ([t0, t1, t1, t2, ...], as set_timesteps
             kept = torch.unique_consecutive(timesteps)  # lays it out); rebuild that layout for the kept part
             timesteps = torch.cat([kept[:1], kept[1:2], kept[1:]]) if len(kept) > 1 else kept
-        noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
-        x = sched.add_noise(x, noise.to(x.device), timesteps[:1].expand(x.shape[0]))
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
+        elif noise.shape != x.shape:
+            raise ValueError(f"noise {tuple(noise.shape)} must have the image's shape {tuple(x.shape)}")
+        x = sched.add_noise(x, noise.to(x.device).float(), timesteps[:1].expand(x.shape[0]))
     if kind == "ddpm":
         step_kwargs["generator"] = generator
     paste = _paster(sched, known, generator) if known is not None else None

@@ -13,3 +13,12 @@ def key_seed(seed: int, key: str) -> int:
 def item_seeds(seed: int, keys: list[str] | None, n: int) -> list[int]:
     """One seed per item: from its key, or from its position when there are no keys."""
     return [key_seed(seed, k) for k in keys] if keys is not None else [key_seed(seed, str(i)) for i in range(n)]
+
+
+def item_noise(seeds: list[int], shape: tuple[int, ...]):
+    """float32 [len(seeds), *shape]: row i is N(0, I) from a CPU generator seeded with seeds[i] alone, so an
+    item's noise is the same in any batch (a deterministic sampler then gives it the same result, up to
+    floating-point summation order)."""
+    import torch
+
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])

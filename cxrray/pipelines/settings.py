@@ -373,3 +373,4 @@ class AugmentConfig(ActorPoolConfig):
     steps: int = Field(25, ge=1, le=1000)  # DDIM steps over the whole schedule (those below the start run)
     sigma: float = Field(1.0, ge=0.0)  # the heatmap's Gaussian smoothing, pixels
     seed: int = 0
+    batch_size: int = Field(16, ge=1, le=1024)  # images of a shard translated together

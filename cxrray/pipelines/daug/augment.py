@@ -3,8 +3,9 @@
 Each output sample is its input sample (image, metadata, extra members) plus `heatmap_<class>.png` per
 super-class of `augment.classes`: the smoothed |guided - unguided| change of a classifier-guided translation
 (`translate`), 16-bit, scaled to [0, 1] per image — the channels the downstream model stacks with the image.
-The noise of every translation is seeded by (augment.seed, the sample's key), so a sample's heatmaps do not
-depend on the shard it sits in or the batch it runs in. One input shard is one unit of the fan-out; its output
+The noise of every translation is seeded by (augment.seed, the sample's key) and DDIM runs at eta 0, so a
+sample's heatmaps do not depend on the shard it sits in or the batch it is walked in (`augment.batch_size`
+images at once) beyond floating-point summation order. One input shard is one unit of the fan-out; its output
 shard and part record are written atomically, a rerun skips finished shards (a killed job, rerun, writes each
 shard exactly once) and the manifest, naming the models, is written last.
 """
@@ -46,20 +47,26 @@ class ShardHeatmaps:
         self.conditions = unobserved(self.ddpm)
         self.data, self.out, self.findings = Storage(data_uri), Storage(output_uri), findings
 
-    def maps(self, key: str, image: np.ndarray) -> dict[str, bytes]:
-        x = torch.from_numpy(png16_to_model(image))[None, None].to(next(self.ddpm.parameters()).device)
-        sign = 1.0 if self.cfg.direction == "toward" else -1.0
-        guided, plain = translate(self.ddpm, self.classifier, x, self.classes, sign * self.cfg.scale,
-                                  self.cfg.start_alpha_bar, self.cfg.steps, key_seed(self.cfg.seed, key),
-                                  None if self.conditions is None else self.conditions[:1])  # unguided walked once
-        return {f"heatmap_{name}.png": encode_png16(heatmaps(g, plain, self.cfg.sigma)[0])
-                for name, g in zip(self.cfg.classes, guided)}
+    def maps(self, keys: list[str], images: np.ndarray) -> list[dict[str, bytes]]:
+        """Each image's heatmap members, `augment.batch_size` images a walk, image i's noise from its key."""
+        device, sign = next(self.ddpm.parameters()).device, 1.0 if self.cfg.direction == "toward" else -1.0
+        out = []
+        for i in range(0, len(images), self.cfg.batch_size):
+            x = torch.from_numpy(images[i:i + self.cfg.batch_size])[:, None].to(device)
+            seeds = [key_seed(self.cfg.seed, key) for key in keys[i:i + self.cfg.batch_size]]
+            guided, plain = translate(self.ddpm, self.classifier, x, self.classes, sign * self.cfg.scale,
+                                      self.cfg.start_alpha_bar, self.cfg.steps, seeds, self.conditions)
+            maps = {name: heatmaps(g, plain, self.cfg.sigma) for name, g in zip(self.cfg.classes, guided)}
+            out += [{f"heatmap_{name}.png": encode_png16(m[j]) for name, m in maps.items()} for j in range(len(x))]
+        return out
 
     def __call__(self, batch: dict) -> dict:
         rows = []
         for shard, fingerprint in zip(batch["shard"], batch["fingerprint"]):
             samples = read_tar(self.data.read_bytes(shard), source=shard, extras=True)
-            out = [(key, png, meta, {**extras, **self.maps(key, decode_png16(png))}) for key, png, meta, extras in samples]
+            images = np.stack([png16_to_model(decode_png16(png)) for _, png, _, _ in samples]) if samples else None
+            heat = self.maps([key for key, *_ in samples], images) if samples else []
+            out = [(key, png, meta, {**extras, **h}) for (key, png, meta, extras), h in zip(samples, heat)]
             write_shard(self.out, shard, fingerprint, out, [], self.findings)
             rows.append(len(out))
         return {"rows": np.asarray(rows)}

@@ -24,7 +24,7 @@ from cxrray.pipelines.recipes import phantoms_once, write_report
 
 PRESETS = {
     "tiny": {"n": 1200, "overrides": [
-        "phantom.masks=true", "phantom.size=96", "ingest.size=32",
+        "phantom.masks=true", "phantom.size=96", "ingest.size=32", "ingest.shard_samples=256",  # augment: 2 actors
         'ingest.split_fractions={"train": 0.6, "val": 0.1, "test": 0.3}',
         "model.family=ddpm", "model.image_size=32", "model.base_channels=32", "model.channel_mult=[1,2,2]",
         "train.images=24000", "train.global_batch=32", "train.checkpoint_every=8000", "train.eval_every=12000",

@@ -23,14 +23,22 @@ def start_fraction(start_alpha_bar: float, schedule: dict | None = None) -> floa
 
 
 def translate(ddpm, classifier, images: torch.Tensor, k: int | list[int], scale: float, start_alpha_bar: float,
-              steps: int, seed: int, conditions: torch.Tensor | None = None):
-    """(guided, unguided) translations of `images` (same noise, seed `seed`); `classifier` is a
-    `NoisyClassifier`, `k` its super-class, `scale` the guidance scale (negative: away from k). With a list of
-    classes `k`, guided is a list (one translation per class) and the unguided one is walked once for all."""
+              steps: int, seeds: list[int], conditions: torch.Tensor | None = None):
+    """(guided, unguided) translations of `images` [n, 1, S, S], image i from the noise of `seeds[i]` alone
+    (the same noise for both, and for it in any batch: the classifier's log p is per image); `classifier` is a
+    `NoisyClassifier`, `k` its super-class, `scale` the guidance scale (negative: away from k), `conditions`
+    [1 or n, width] the DDPM's. With a list of classes `k`, guided is a list (one translation per class) and
+    the unguided one is walked once for all."""
     from cxrray.diffusion.ddim import walk
+    from cxrray.pipelines.seeds import item_noise
 
+    if len(seeds) != len(images):
+        raise ValueError(f"one seed per image: {len(seeds)} seeds for {len(images)} images")
     device = next(ddpm.parameters()).device
     x0 = images.to(device).float()
+    noise = item_noise(seeds, tuple(x0.shape[1:])).to(device)
+    if conditions is not None:
+        conditions = conditions.to(device).expand(len(x0), -1)
     start = min(start_fraction(start_alpha_bar, getattr(ddpm, "schedule", {})), 0.999)  # < 1: walk noises x0
 
     def guide_toward(k: int):
@@ -43,9 +51,8 @@ def translate(ddpm, classifier, images: torch.Tensor, k: int | list[int], scale:
         return guide
 
     def run(guide) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
-        return walk(ddpm, "ddim", x0, conditions, steps, None, clip=True, start=start, generator=generator,
-                    guide=guide, eta=0.0).clamp(-1, 1)
+        return walk(ddpm, "ddim", x0, conditions, steps, None, clip=True, start=start, noise=noise, guide=guide,
+                    eta=0.0).clamp(-1, 1)
 
     classes = k if isinstance(k, list) else [k]
     guided = [run(guide_toward(c)) for c in classes]
