@@ -5,7 +5,7 @@ with classifier-free guidance against the empty report (DDIM or PNDM, diffusers'
 strength 0 returns D(E(x)) (the autoencoder's reconstruction: the floor of any map), strength 1 samples from
 noise under the prompt. Images are float32 [n, 1, S, S] in [-1, 1]; maps float32 [n, S, S]. Image i's noise
 comes from its own seed and both samplers are deterministic after it (DDIM at eta 0, PLMS), so a counterpart
-does not depend on the batch it is walked in (up to floating-point summation order, ~1e-6).
+does not depend on the batch it is walked in beyond floating-point summation order (<= 1e-5 on a CPU).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def healthy_counterparts(model, images: torch.Tensor, prompt: str, cfg: Attribut
         raise ValueError(f"one seed per image: {len(seeds)} seeds for {len(images)} images")
     device = next(model.unet.parameters()).device
     z = model.latents(images.to(device).float())
-    noise = item_noise(seeds, tuple(z.shape[1:])).to(device)
+    noise = item_noise(seeds, tuple(z.shape[1:])).to(device) if cfg.strength > 0.0 else None
     if cfg.strength >= 1.0:  # all the way: a sample from noise under the prompt (walk takes x as x_T at 1)
         z = noise
     if cfg.strength > 0.0:

@@ -97,7 +97,8 @@ def augment(ddpm: str, classifier: str, data_uri: str, output_uri: str, cfg: Aug
     out.remove_partial()
     named = classifier_fingerprint(classifier)
     settings = {"ddpm": identity["checkpoint"], "classifier": named["uri"], "classifier_sha256": named["sha256"],
-                "augment": cfg.model_dump(mode="json", exclude={"actors", "min_actors", "use_gpu", "actor_resources"}),
+                "augment": cfg.model_dump(mode="json", exclude={"actors", "min_actors", "use_gpu", "actor_resources",
+                                                                 "batch_size"}),
                 "data": {s["name"]: s["sha256"] for s in manifest["shards"]}}
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     shard_names = [s["name"] for s in manifest["shards"]]
