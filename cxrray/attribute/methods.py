@@ -83,7 +83,8 @@ class Mapper:
     def maps(self, images: np.ndarray, finding: str, keys: list[str] | None = None) -> np.ndarray:
         """images float32 [n, 1, S, S] in [-1, 1] -> maps float32 [n, S, S]; the stochastic methods draw each
         image's noise from (attribute.seed, its key) (`pipelines.seeds`) and the samplers are deterministic after it,
-        so batching changes a map by float rounding only (<= 1e-4 measured on a CPU; GPU kernels may differ more)."""
+        so batching changes a map by float rounding only, carried through the walk (`bench/img2img.py`: img2img
+        1.5e-6, DAug's guided heatmaps 2.3e-3 of their [0, 1] scale; GPU kernels may differ more)."""
         from cxrray.pipelines.seeds import item_seeds
 
         seeds = item_seeds(self.cfg.attribute.seed, keys, len(images))

@@ -28,7 +28,9 @@ PRESETS = {
         'ingest.split_fractions={"train": 0.6, "val": 0.1, "test": 0.3}',
         "model.family=ddpm", "model.image_size=32", "model.base_channels=32", "model.channel_mult=[1,2,2]",
         "train.images=24000", "train.global_batch=32", "train.checkpoint_every=8000", "train.eval_every=12000",
-        "train.log_every=4000", "noisy_classifier.epochs=30", "augment.steps=25", "downstream.images=8000",
+        "train.log_every=4000", "noisy_classifier.epochs=30",
+        "noisy_classifier.patience=30",  # its val BCE can plateau ~15 epochs before it falls (2026-12-06 run)
+        "augment.steps=25", "downstream.images=8000",
         "downstream.model={\"width\": 16, \"embed_dim\": 64}"]},
     "paper": {"n": 200_000, "overrides": [
         "phantom.masks=true", "phantom.size=320", "ingest.size=256", "model.family=ddpm", "model.image_size=256",
