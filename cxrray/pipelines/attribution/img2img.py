@@ -54,9 +54,7 @@ def attribution_maps(model, images: np.ndarray, prompt: str, cfg: AttributionCon
     """(signed maps reference - counterpart, counterparts) [n, S, S], the reference being the image or its
     reconstruction D(E(x)) (`cfg.reference`); image i's noise from `seeds[i]` alone, `batch` images a walk."""
     images = np.asarray(images, np.float32)
-    well = np.concatenate([
-        healthy_counterparts(model, torch.from_numpy(images[i:i + batch]), prompt, cfg, seeds[i:i + batch])[:, 0]
-        .cpu().numpy() for i in range(0, len(images), batch)]).astype(np.float32)
+    well = _counterparts_batched(model, images, prompt, cfg, seeds, batch)
     return reference_images(model, images, cfg, batch) - well, well
 
 
@@ -65,7 +63,12 @@ def reference_images(model, images: np.ndarray, cfg: AttributionConfig, batch: i
     images = np.asarray(images, np.float32)
     if cfg.reference == "image":
         return images[:, 0]
-    floor = cfg.model_copy(update={"strength": 0.0})
-    return np.concatenate([healthy_counterparts(model, torch.from_numpy(images[i:i + batch]), "", floor,
-                                                [0] * len(images[i:i + batch]))[:, 0].cpu().numpy()
-                           for i in range(0, len(images), batch)]).astype(np.float32)
+    return _counterparts_batched(model, images, "", cfg.model_copy(update={"strength": 0.0}), [0] * len(images), batch)
+
+
+def _counterparts_batched(model, images: np.ndarray, prompt: str, cfg: AttributionConfig, seeds: list[int],
+                          batch: int) -> np.ndarray:
+    """`healthy_counterparts` over float32 [n, 1, S, S], `batch` images a call -> float32 [n, S, S]."""
+    return np.concatenate([
+        healthy_counterparts(model, torch.from_numpy(images[i:i + batch]), prompt, cfg, seeds[i:i + batch])[:, 0]
+        .cpu().numpy() for i in range(0, len(images), batch)]).astype(np.float32)
